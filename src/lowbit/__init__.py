@@ -1,0 +1,11 @@
+"""lowbit: low-precision number formats, emulated bit-exactly, and the tools to put models in them."""
+from .emulate import Encoded, decode, encode, quantize
+from .formats import (BlockFormat, Codebook, ElementFormat, FloatFormat, Format, FormatError, IntFormat,
+                      block, codebook, format)
+from .rounding import OVERFLOW_POLICIES, ROUNDING_MODES
+
+__version__ = "0.1.0"
+
+__all__ = ["quantize", "encode", "decode", "Encoded", "format", "block", "codebook", "Format",
+           "ElementFormat", "FloatFormat", "IntFormat", "Codebook", "BlockFormat", "FormatError",
+           "ROUNDING_MODES", "OVERFLOW_POLICIES"]

@@ -1,0 +1,237 @@
+"""The user-facing emulation API: ``quantize`` (values in, representable values out), and the packed
+path ``encode`` (integer codes + scales) / ``decode``, bit-identical to ``quantize``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import kernels
+from .formats import BlockFormat, Codebook, ElementFormat, FloatFormat, Format, FormatError, IntFormat, format
+from .kernels import reference
+from .rounding import STOCHASTIC_MODES, check_overflow, check_rounding, make_generator
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized tensor, exactly. Backward: the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, q):  # noqa: D401
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _check_overflow_for(fmt: Format, overflow: str) -> None:
+    if overflow == "saturate":
+        return
+    if not isinstance(fmt, FloatFormat):
+        kind = "block formats saturate their elements (OCP MX)" if isinstance(fmt, BlockFormat) \
+            else f"{fmt} has no inf or nan"
+        raise ValueError(f"overflow={overflow!r} is not possible for {fmt}: {kind}; use overflow='saturate'")
+    if overflow == "inf" and not (fmt.has_inf or fmt.has_nan):
+        raise ValueError(f"{fmt} has neither inf nor nan to signal overflow; use overflow='saturate'")
+    if overflow == "nan" and not fmt.has_nan:
+        raise ValueError(f"{fmt} has no nan; use overflow='saturate' or 'inf'")
+
+
+def _check_fits(fmt: ElementFormat, dtype: torch.dtype) -> None:
+    """Refuse formats whose values the tensor's dtype cannot hold (the result would be silently
+    rounded a second time)."""
+    info = torch.finfo(dtype)
+    man = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}.get(dtype)
+    too_precise = isinstance(fmt, FloatFormat) and man is not None and fmt.man > man
+    if isinstance(fmt, IntFormat):
+        too_precise = man is not None and fmt.width - 1 > man + 1
+    if fmt.max > info.max or too_precise or (fmt.min_subnormal < info.smallest_normal * info.eps):
+        raise ValueError(
+            f"the values of {fmt} do not all fit in {dtype}; quantize a float32 or float64 tensor "
+            f"(x.float()) instead"
+        )
+
+
+def _as_torch(x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return x, None
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
+            raise TypeError(f"quantize expects a float16/32/64 array, got numpy {x.dtype}; convert with "
+                            "x.astype(np.float32)")
+        return torch.from_numpy(np.ascontiguousarray(x)), "numpy"
+    if type(x).__module__.startswith("jax"):
+        raise TypeError("for JAX arrays use lowbit.jax.quantize (jit- and grad-compatible)")
+    raise TypeError(f"quantize expects a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _check_tensor(x: torch.Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}; convert with x.float()")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"quantize accepts float16, bfloat16, float32 and float64 tensors, got {x.dtype}")
+
+
+def _check_axis(x: torch.Tensor, axis: int) -> int:
+    if not -x.dim() <= axis < max(x.dim(), 1):
+        raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return axis % max(x.dim(), 1)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def quantize(
+    x: ArrayLike,
+    fmt,
+    rounding: str = "nearest_even",
+    overflow: str = "saturate",
+    *,
+    scale=None,
+    axis: int = -1,
+    generator: Union[None, int, torch.Generator] = None,
+    sr_bits: Optional[int] = None,
+    ste: bool = False,
+    backend: str = "auto",
+) -> ArrayLike:
+    """Round ``x`` to the values of ``fmt``; same type, dtype and shape out.
+
+    fmt: a format or its name (``"e4m3"``, ``"int4"``, ``"mxfp4"``, ``"nvfp4"``, ``"nf4"`` ...).
+    rounding: nearest_even, nearest_away, nearest_zero, toward_zero, up, down, odd, stochastic,
+        stochastic_half. overflow: saturate (default), inf, nan.
+    scale: for element formats, quantize ``x / scale`` and multiply back (float32 arithmetic, float64
+        for float64 inputs). Block formats compute their own scales per block along ``axis``.
+    generator: torch.Generator or int seed for the stochastic modes (reproducible).
+    sr_bits: stochastic rounding with this many random bits, as hardware does.
+    ste: straight-through gradient (identity) so the call can sit inside training.
+    """
+    t, kind = _as_torch(x)
+    _check_tensor(t)
+    f = format(fmt)
+    mode = check_rounding(rounding)
+    check_overflow(overflow)
+    _check_overflow_for(f, overflow)
+    if sr_bits is not None and (mode != "stochastic" or not 1 <= int(sr_bits) <= 52):
+        raise ValueError("sr_bits (1..52) applies to rounding='stochastic' only")
+    gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
+    if t.numel() and not t.dim():
+        t_in = t.reshape(1)
+    else:
+        t_in = t
+    with torch.no_grad():
+        if isinstance(f, BlockFormat):
+            if scale is not None:
+                raise ValueError(f"{f} computes its own block scales; do not pass scale=")
+            ax = _check_axis(t_in, axis)
+            q = kernels.quantize_block(t_in.detach(), f, mode, ax, gen, sr_bits, backend)
+        else:
+            if scale is None:
+                _check_fits(f, t.dtype)
+                q = kernels.quantize_element(t_in.detach(), f, mode, overflow, gen, sr_bits, backend)
+            else:
+                cd = _compute_dtype(t)
+                s = torch.as_tensor(scale, dtype=cd, device=t.device)
+                y = t_in.detach().to(cd) / s
+                q = (kernels.quantize_element(y, f, mode, overflow, gen, sr_bits, backend) * s).to(t.dtype)
+    q = q.reshape(t.shape)
+    if ste:
+        q = _StraightThrough.apply(t, q)
+    return q.numpy() if kind == "numpy" else q
+
+
+# --- packed path ----------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """Integer codes of a quantized tensor, with what is needed to decode it exactly.
+
+    codes: one code per element, x's shape (uint8 up to 8 bits, int32 up to 31, int64 above).
+    scales: block formats: scale-format codes, x's shape with ``axis`` divided by the block size;
+        element formats with a user scale: that scale (float), else None.
+    tensor_scale: NVFP4's per-tensor float32 scale, else None.
+    """
+
+    format: Format
+    codes: torch.Tensor
+    dtype: torch.dtype
+    axis: int = -1
+    scales: Optional[torch.Tensor] = None
+    tensor_scale: Optional[torch.Tensor] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Storage of a bit-packed layout: codes at their bit width, plus scales."""
+        f = self.format
+        elem = f.element if isinstance(f, BlockFormat) else f
+        n = (self.codes.numel() * elem.bits + 7) // 8
+        if self.scales is not None:
+            sbits = f.scale.bits if isinstance(f, BlockFormat) else 8 * self.scales.element_size()
+            n += (self.scales.numel() * sbits + 7) // 8
+        if self.tensor_scale is not None:
+            n += 4
+        return n
+
+
+def _code_dtype(bits: int) -> torch.dtype:
+    if bits <= 8:
+        return torch.uint8
+    return torch.int32 if bits <= 31 else torch.int64
+
+
+def _encode_element_values(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    if isinstance(fmt, (FloatFormat, IntFormat, Codebook)):
+        if torch.isnan(v).any() and not getattr(fmt, "has_nan", False):
+            raise ValueError(f"{fmt} has no nan code, but the tensor holds nan")
+        return fmt.encode_values(v).to(_code_dtype(fmt.bits))
+    raise FormatError(f"no encoder for {type(fmt).__name__}")
+
+
+def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *,
+           scale=None, axis: int = -1, generator=None, sr_bits: Optional[int] = None) -> Encoded:
+    """Quantize ``x`` and return its integer codes (+ scales); ``decode`` gives back ``quantize``'s bits."""
+    t, _ = _as_torch(x)
+    _check_tensor(t)
+    f = format(fmt)
+    mode = check_rounding(rounding)
+    check_overflow(overflow)
+    _check_overflow_for(f, overflow)
+    gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
+    t = t.detach()
+    if isinstance(f, BlockFormat):
+        if scale is not None:
+            raise ValueError(f"{f} computes its own block scales; do not pass scale=")
+        ax = _check_axis(t, axis)
+        _, q, s, ts = reference.quantize_block(t, f, mode, ax, gen, sr_bits)
+        xt_shape = t.movedim(ax, -1).shape
+        codes = _encode_element_values(q.reshape(xt_shape), f.element).movedim(-1, ax)
+        scodes = _encode_element_values(s, f.scale).movedim(-1, ax)
+        return Encoded(f, codes, t.dtype, ax, scodes, ts)
+    if scale is None:
+        v = quantize(t, f, mode, overflow, generator=gen, sr_bits=sr_bits).double()
+        return Encoded(f, _encode_element_values(v, f), t.dtype)
+    cd = _compute_dtype(t)
+    s = torch.as_tensor(scale, dtype=cd, device=t.device)
+    y = t.to(cd) / s
+    q = kernels.quantize_element(y, f, mode, overflow, gen, sr_bits).double()
+    return Encoded(f, _encode_element_values(q, f), t.dtype, scales=s)
+
+
+def decode(enc: Encoded) -> torch.Tensor:
+    """Values of an ``Encoded`` tensor, in its original dtype; identical to ``quantize``'s output."""
+    f = enc.format
+    if isinstance(f, BlockFormat):
+        q = f.element.decode_codes(enc.codes.to(torch.int64)).movedim(enc.axis, -1)
+        q = q.reshape(*q.shape[:-1], -1, f.size)
+        s = f.scale.decode_codes(enc.scales.to(torch.int64)).movedim(enc.axis, -1)
+        vals = reference.block_values(q, s, f, enc.tensor_scale)
+        out_shape = enc.codes.movedim(enc.axis, -1).shape
+        return vals.reshape(out_shape).movedim(-1, enc.axis).to(enc.dtype)
+    v = f.decode_codes(enc.codes.to(torch.int64))
+    if enc.scales is not None:
+        return (v.to(enc.scales.dtype) * enc.scales).to(enc.dtype)
+    return v.to(enc.dtype)
