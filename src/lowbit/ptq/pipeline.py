@@ -1,0 +1,221 @@
+"""Block-by-block post-training quantization of a model.
+
+One block at a time: run it on its captured inputs while hooks accumulate each linear layer's input
+Hessian, quantize its linears (RTN or GPTQ), then run the quantized block to produce the next
+block's inputs. Memory holds one block's activations; finished blocks are saved to a progress
+folder so an interrupted run resumes from the last finished block.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..quant.linear import QuantLinear
+from ..quant.plan import Plan
+from ..quant.spec import QuantSpec
+from ..quant.weight import WeightQuantizer
+from .gptq import HessianAccumulator, gptq
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class LayerResult:
+    name: str
+    weight_spec: Optional[str]
+    act_spec: Optional[str]
+    shape: tuple
+    groups: str
+    bits_per_weight: float
+    rel_error: float          # ||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class QuantizationResult:
+    method: str
+    plan: dict
+    layers: List[LayerResult] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def bits_per_weight(self) -> float:
+        """Weighted over the quantized layers."""
+        n = sum(l.shape[0] * l.shape[1] for l in self.layers if l.weight_spec)
+        b = sum(l.bits_per_weight * l.shape[0] * l.shape[1] for l in self.layers if l.weight_spec)
+        return b / n if n else 16.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "plan": self.plan, "seconds": self.seconds,
+                "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    D = (W.float() - Q.float())
+    num = torch.einsum("ij,jk,ik->", D, H, D)
+    den = torch.einsum("ij,jk,ik->", W.float(), H, W.float())
+    return float(num / den) if den > 0 else float("nan")
+
+
+def quantize_model(
+    model: nn.Module,
+    plan: Plan,
+    batches: List[dict],
+    method: str = "gptq",
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    progress_dir: Optional[Path] = None,
+    on_layer: Optional[Callable[[LayerResult], None]] = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every linear layer the plan names, in place; returns per-layer results."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    t0 = time.time()
+    blocks_path, blocks = find_blocks(model)
+    result = QuantizationResult(method, plan.to_dict())
+    done = _load_progress(progress_dir, model, result) if progress_dir else -1
+
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    hidden = [inp.hidden for inp in inputs]
+    if done >= 0:
+        hidden = _load_hidden(progress_dir, len(hidden))
+
+    bar = _progress_bar(len(blocks), progress, initial=done + 1)
+    with torch.inference_mode():
+        for bi in range(done + 1, len(blocks)):
+            block = blocks[bi]
+            prefix = f"{blocks_path}.{bi}"
+            layers = linear_layers(block, prefix)
+            todo = {}
+            for name, lin in layers.items():
+                wspec = plan.weight_spec(name)
+                if wspec is None:
+                    continue
+                why = WeightQuantizer(wspec).check(tuple(lin.weight.shape))
+                if why:
+                    warnings.warn(f"{name} left in full precision: {why}", stacklevel=2)
+                    result.skipped[name] = why
+                    continue
+                todo[name] = (lin, wspec)
+            hess = {n: HessianAccumulator(l.in_features, l.weight.device) for n, (l, _) in todo.items()}
+            hooks = [lin.register_forward_hook(lambda m, a, o, n=n: hess[n].add(a[0]))
+                     for n, (lin, _) in todo.items()]
+            try:
+                for inp, h in zip(inputs, hidden):
+                    run_block(block, inp, h)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name, (lin, wspec) in todo.items():
+                ts = time.time()
+                q = WeightQuantizer(wspec)
+                W = lin.weight.detach().float()
+                if method == "gptq":
+                    res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                    Q, note = res.weight, (f"damping {res.damping:g}" if res.damping > percdamp else "")
+                else:
+                    Q, _ = q.rtn(W)
+                    note = ""
+                if not torch.isfinite(Q).all():
+                    raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
+                aspec = plan.act_spec(name)
+                _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
+                lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
+                                 q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]),
+                                 _relative_error(W, Q, hess[name].H), time.time() - ts, note)
+                result.layers.append(lr)
+                if on_layer:
+                    on_layer(lr)
+            # activation-only layers (weight kept) still get their input quantizer
+            for name, lin in layers.items():
+                if name not in todo and plan.act_spec(name) is not None and plan.weight_spec(name) is None:
+                    _replace_module(model, name, QuantLinear.from_linear(lin, lin.weight, None, plan.act_spec(name)))
+            hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)]
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise FloatingPointError(f"block {prefix} produced nan/inf after quantization")
+            if progress_dir:
+                _save_progress(progress_dir, bi, block, prefix, hidden, result)
+            bar.update(1)
+    bar.close()
+    result.seconds = time.time() - t0
+    return result
+
+
+# --- progress / resume -------------------------------------------------------------------------
+
+def _progress_bar(total: int, enabled: bool, initial: int = 0):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="blocks", disable=not enabled, leave=False)
+    except ImportError:  # tqdm is optional
+        class _Null:
+            def update(self, n): ...
+            def close(self): ...
+        return _Null()
+
+
+def _save_progress(d: Path, bi: int, block: nn.Module, prefix: str, hidden, result: QuantizationResult) -> None:
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    state = {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in block.state_dict().items()}
+    save_file(state, str(d / f"block_{bi:04d}.safetensors"))
+    save_file({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}, str(d / "hidden.tmp"))
+    (d / "hidden.tmp").replace(d / "hidden.safetensors")
+    meta = {"done": bi, "result": result.to_dict()}
+    (d / "progress.tmp").write_text(json.dumps(meta))
+    (d / "progress.tmp").replace(d / "progress.json")
+
+
+def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int:
+    from safetensors.torch import load_file
+
+    meta_path = d / "progress.json"
+    if not meta_path.is_file():
+        return -1
+    meta = json.loads(meta_path.read_text())
+    if meta["result"]["plan"] != result.plan or meta["result"]["method"] != result.method:
+        warnings.warn(f"{d} holds progress of another plan/method; starting over", stacklevel=3)
+        return -1
+    for lr in meta["result"]["layers"]:
+        lr["shape"] = tuple(lr["shape"])
+        layer = LayerResult(**lr)
+        result.layers.append(layer)
+        lin = model.get_submodule(layer.name)
+        wspec = QuantSpec.parse(layer.weight_spec)
+        aspec = QuantSpec.parse(layer.act_spec) if layer.act_spec else None
+        _replace_module(model, layer.name, QuantLinear.from_linear(lin, lin.weight, wspec, aspec))
+    result.skipped.update(meta["result"]["skipped"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for bi in range(meta["done"] + 1):
+            for k, v in load_file(str(d / f"block_{bi:04d}.safetensors")).items():
+                if k in params:
+                    params[k].copy_(v)
+    return int(meta["done"])
+
+
+def _load_hidden(d: Path, n: int):
+    from safetensors.torch import load_file
+
+    state = load_file(str(d / "hidden.safetensors"))
+    return [state[f"h{i}"] for i in range(n)]

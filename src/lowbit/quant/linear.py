@@ -1,0 +1,43 @@
+"""QuantLinear: a drop-in nn.Linear whose weight holds quantized values and whose input is
+fake-quantized on the fly; the model stays an ordinary nn.Module."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activation import quantize_activation
+from .spec import QuantSpec
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with quantized weight values (stored dequantized, float) and optional input
+    quantization. ``weight_spec``/``act_spec`` record what the layer emulates."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 weight_spec: Optional[QuantSpec] = None, act_spec: Optional[QuantSpec] = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_spec = weight_spec
+        self.act_spec = act_spec
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, weight_spec: Optional[QuantSpec],
+                    act_spec: Optional[QuantSpec]) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(weight.to(q.weight.dtype))
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_spec is not None:
+            x = quantize_activation(x, self.act_spec)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight={self.weight_spec}, act={self.act_spec}"

@@ -1,0 +1,185 @@
+"""Fitting a weight matrix to a QuantSpec: scales per tensor / channel / group / block, and the fake
+quantization they imply. Pure functions on tensors; GPTQ and RTN both call these.
+
+A weight is (rows, cols) with groups running along cols (the input features). A group size that
+does not divide cols leaves a shorter last group (576 = 4 x 128 + 64); block formats require their
+block size to divide cols.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..formats import BlockFormat, IntFormat, format
+from ..kernels import reference
+from .spec import QuantSpec
+
+MSE_GRID = 24  # candidate clipping ratios for the MSE scale search
+MSE_MIN_RATIO = 0.5
+
+
+@dataclass
+class GroupParams:
+    """Scale (and zero point) of one group of columns; tensors of shape (rows, 1)."""
+
+    scale: torch.Tensor
+    zero: Optional[torch.Tensor] = None
+
+
+class WeightQuantizer:
+    """Quantizes (rows, cols) weights to ``spec``; scales are rounded to ``scale_dtype`` so what is
+    emulated is exactly what is stored."""
+
+    def __init__(self, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16):
+        self.spec = spec
+        self.fmt = format(spec.format)
+        self.scale_dtype = scale_dtype
+        self.tensor_scale: Optional[torch.Tensor] = None
+        if not spec.symmetric:
+            assert isinstance(self.fmt, IntFormat)
+            self.grid = IntFormat(self.fmt.width, is_signed=False)
+        else:
+            self.grid = self.fmt
+
+    # --- layout ------------------------------------------------------------------------------
+    def group_size(self, cols: int) -> int:
+        if self.spec.granularity in ("group", "block"):
+            return int(self.spec.group_size)
+        return cols
+
+    def check(self, shape) -> Optional[str]:
+        """Why a weight of this shape cannot take the spec, or None if it can."""
+        if len(shape) != 2:
+            return f"expected a 2-D weight, got shape {tuple(shape)}"
+        if isinstance(self.fmt, BlockFormat) and shape[1] % self.fmt.size:
+            return f"{self.fmt} needs the input width ({shape[1]}) to be a multiple of {self.fmt.size}"
+        return None
+
+    def groups(self, cols: int) -> List[slice]:
+        g = self.group_size(cols)
+        return [slice(i, min(i + g, cols)) for i in range(0, cols, g)]
+
+    def describe_groups(self, cols: int) -> str:
+        g = self.group_size(cols)
+        if self.spec.granularity == "tensor":
+            return "one scale for the whole tensor"
+        if g >= cols:
+            return "one scale per output channel"
+        n, last = divmod(cols, g)
+        if last:
+            return f"{n} groups of {g} and a last group of {last} along the {cols} input features"
+        return f"{n} groups of {g} along the {cols} input features"
+
+    # --- scales ------------------------------------------------------------------------------
+    def prepare(self, W: torch.Tensor) -> None:
+        """Whole-tensor state: the per-tensor scale of NVFP4-like formats or of 'tensor' granularity."""
+        if isinstance(self.fmt, BlockFormat) and self.fmt.tensor_scale:
+            self.tensor_scale = reference.tensor_scale(W.detach().double(), self.fmt)
+        elif self.spec.granularity == "tensor":
+            self._tensor_params = self._fit(W.detach().reshape(1, -1))
+
+    def params(self, w: torch.Tensor) -> GroupParams:
+        """Scale (and zero) for a slab of columns w: (rows, k)."""
+        if isinstance(self.fmt, BlockFormat):
+            xb = w.detach().double().reshape(w.shape[0], 1, w.shape[1])
+            return GroupParams(reference.block_scales(xb, self.fmt, self.tensor_scale))
+        if self.spec.granularity == "tensor":
+            p = self._tensor_params
+            return GroupParams(p.scale.expand(w.shape[0], 1),
+                               None if p.zero is None else p.zero.expand(w.shape[0], 1))
+        return self._fit(w.detach())
+
+    def _range(self, w: torch.Tensor):
+        x = w.float()
+        if self.spec.scale_method == "percentile" and self.spec.percentile < 100:
+            q = self.spec.percentile / 100
+            if self.spec.symmetric:
+                a = torch.quantile(x.abs(), q, dim=1, keepdim=True)
+                return -a, a
+            return (torch.quantile(x, 1 - q, dim=1, keepdim=True), torch.quantile(x, q, dim=1, keepdim=True))
+        if self.spec.symmetric:
+            a = x.abs().amax(dim=1, keepdim=True)
+            return -a, a
+        return x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+
+    def _scale_for(self, lo: torch.Tensor, hi: torch.Tensor) -> GroupParams:
+        if self.spec.symmetric:
+            s = hi / self.fmt.max
+            zero = None
+        else:
+            lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+            s = (hi - lo) / self.grid.qmax
+        s = s.to(self.scale_dtype).float()
+        s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+        if not self.spec.symmetric:
+            zero = torch.clamp(torch.round(-lo / s), 0, self.grid.qmax)
+        return GroupParams(s, zero)
+
+    def _fit(self, w: torch.Tensor) -> GroupParams:
+        lo, hi = self._range(w)
+        best = self._scale_for(lo, hi)
+        if self.spec.scale_method != "mse":
+            return best
+        best_err = self._err(w, best)
+        for r in torch.linspace(1.0, MSE_MIN_RATIO, MSE_GRID)[1:].tolist():
+            cand = self._scale_for(lo * r, hi * r)
+            err = self._err(w, cand)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best.scale = torch.where(better, cand.scale, best.scale)
+            if best.zero is not None:
+                best.zero = torch.where(better, cand.zero, best.zero)
+        return best
+
+    def _err(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        return (self.fake(w, p) - w.float()).pow(2).sum(dim=1, keepdim=True)
+
+    # --- quantization ------------------------------------------------------------------------
+    def levels(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        """Element values on the format's grid (before the scale is applied), float64."""
+        mode = self.spec.rounding
+        if isinstance(self.fmt, BlockFormat):
+            xb = w.double().reshape(w.shape[0], 1, w.shape[1])
+            q = reference.block_elements(xb, p.scale, self.fmt, self.tensor_scale, mode, None, None)
+            return q.reshape(w.shape)
+        y = w.float() / p.scale
+        if p.zero is not None:
+            y = y + p.zero
+        return reference.round_element(y.double(), self.grid, mode, "saturate")
+
+    def dequant(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        if isinstance(self.fmt, BlockFormat):
+            qb = q.double().reshape(q.shape[0], 1, q.shape[1])
+            return reference.block_values(qb, p.scale, self.fmt, self.tensor_scale).reshape(q.shape).float()
+        if p.zero is not None:
+            return (q.float() - p.zero) * p.scale
+        return q.float() * p.scale
+
+    def fake(self, w: torch.Tensor, p: GroupParams) -> torch.Tensor:
+        """Quantize-dequantize a slab of columns with given parameters (float32 out)."""
+        return self.dequant(self.levels(w, p), p)
+
+    def rtn(self, W: torch.Tensor):
+        """Round-to-nearest of a whole weight: (quantized float32 weight, params per group)."""
+        self.prepare(W)
+        out = torch.empty_like(W, dtype=torch.float32)
+        plist = []
+        for sl in self.groups(W.shape[1]):
+            p = self.params(W[:, sl])
+            out[:, sl] = self.fake(W[:, sl], p)
+            plist.append(p)
+        return out, plist
+
+    def bits_per_weight(self, cols: int) -> float:
+        """True storage bits per weight: codes, scales (and zero points) amortised."""
+        if isinstance(self.fmt, BlockFormat):
+            return self.fmt.bits
+        if self.spec.granularity == "tensor":
+            return float(self.fmt.bits)
+        n_groups = math.ceil(cols / self.group_size(cols))
+        scale_bits = torch.finfo(self.scale_dtype).bits
+        extra = scale_bits + (0 if self.spec.symmetric else self.fmt.bits)
+        return self.fmt.bits + extra * n_groups / cols
