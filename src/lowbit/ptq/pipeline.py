@@ -22,6 +22,7 @@ from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
+from ..export.packing import pack_weight, unpack_weight
 from .gptq import HessianAccumulator, gptq
 
 METHODS = ("rtn", "gptq")
@@ -47,6 +48,7 @@ class QuantizationResult:
     layers: List[LayerResult] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    packed: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def bits_per_weight(self) -> float:
         """Weighted over the quantized layers."""
@@ -130,12 +132,14 @@ def quantize_model(
                 W = lin.weight.detach().float()
                 if method == "gptq":
                     res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
-                    Q, note = res.weight, (f"damping {res.damping:g}" if res.damping > percdamp else "")
+                    Q, params = res.weight, res.params
+                    note = f"damping {res.damping:g}" if res.damping > percdamp else ""
                 else:
-                    Q, _ = q.rtn(W)
+                    Q, params = q.rtn(W)
                     note = ""
                 if not torch.isfinite(Q).all():
                     raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
+                result.packed[name] = pack_weight(Q, q, params)
                 aspec = plan.act_spec(name)
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
@@ -152,7 +156,7 @@ def quantize_model(
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"block {prefix} produced nan/inf after quantization")
             if progress_dir:
-                _save_progress(progress_dir, bi, block, prefix, hidden, result)
+                _save_progress(progress_dir, bi, hidden, result, todo)
             bar.update(1)
     bar.close()
     result.seconds = time.time() - t0
@@ -173,20 +177,21 @@ def _progress_bar(total: int, enabled: bool, initial: int = 0):
         return _Null()
 
 
-def _save_progress(d: Path, bi: int, block: nn.Module, prefix: str, hidden, result: QuantizationResult) -> None:
+def _save_progress(d: Path, bi: int, hidden, result: QuantizationResult, names) -> None:
     from safetensors.torch import save_file
 
     d.mkdir(parents=True, exist_ok=True)
-    state = {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in block.state_dict().items()}
+    state = {f"{n}.weight.{k}": v.contiguous() for n in names for k, v in result.packed[n].items()}
     save_file(state, str(d / f"block_{bi:04d}.safetensors"))
     save_file({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}, str(d / "hidden.tmp"))
     (d / "hidden.tmp").replace(d / "hidden.safetensors")
-    meta = {"done": bi, "result": result.to_dict()}
+    meta = {"done": bi, "result": {k: v for k, v in result.to_dict().items() if k != "seconds"}}
     (d / "progress.tmp").write_text(json.dumps(meta))
     (d / "progress.tmp").replace(d / "progress.json")
 
 
 def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int:
+    """Restore the finished blocks' quantized layers; returns the last finished block (-1: none)."""
     from safetensors.torch import load_file
 
     meta_path = d / "progress.json"
@@ -196,21 +201,20 @@ def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int
     if meta["result"]["plan"] != result.plan or meta["result"]["method"] != result.method:
         warnings.warn(f"{d} holds progress of another plan/method; starting over", stacklevel=3)
         return -1
+    packed = {}
+    for bi in range(meta["done"] + 1):
+        packed.update(load_file(str(d / f"block_{bi:04d}.safetensors")))
     for lr in meta["result"]["layers"]:
         lr["shape"] = tuple(lr["shape"])
         layer = LayerResult(**lr)
         result.layers.append(layer)
-        lin = model.get_submodule(layer.name)
+        prefix = f"{layer.name}.weight."
+        result.packed[layer.name] = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
         wspec = QuantSpec.parse(layer.weight_spec)
         aspec = QuantSpec.parse(layer.act_spec) if layer.act_spec else None
-        _replace_module(model, layer.name, QuantLinear.from_linear(lin, lin.weight, wspec, aspec))
+        W = unpack_weight(result.packed[layer.name], wspec, layer.shape)
+        _replace_module(model, layer.name, QuantLinear.from_linear(model.get_submodule(layer.name), W, wspec, aspec))
     result.skipped.update(meta["result"]["skipped"])
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for bi in range(meta["done"] + 1):
-            for k, v in load_file(str(d / f"block_{bi:04d}.safetensors")).items():
-                if k in params:
-                    params[k].copy_(v)
     return int(meta["done"])
 
 

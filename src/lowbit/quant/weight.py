@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from ..formats import BlockFormat, IntFormat, format
+from .. import kernels
 from ..kernels import reference
 from .spec import QuantSpec
 
@@ -148,7 +149,10 @@ class WeightQuantizer:
         y = w.float() / p.scale
         if p.zero is not None:
             y = y + p.zero
-        return reference.round_element(y.double(), self.grid, mode, "saturate")
+        if isinstance(self.grid, IntFormat) and self.grid.frac == 0 and mode == "nearest_even":
+            # same bits as the reference (torch.round is round-half-even), without its generality
+            return torch.clamp(torch.round(y), self.grid.qmin, self.grid.qmax).double()
+        return kernels.quantize_element(y, self.grid, mode, "saturate").double()
 
     def dequant(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
         if isinstance(self.fmt, BlockFormat):
@@ -163,11 +167,26 @@ class WeightQuantizer:
         return self.dequant(self.levels(w, p), p)
 
     def rtn(self, W: torch.Tensor):
-        """Round-to-nearest of a whole weight: (quantized float32 weight, params per group)."""
+        """Round-to-nearest of a whole weight: (quantized float32 weight, params per group).
+
+        Full groups are fitted together as rows of one (rows * n_groups, g) matrix; a ragged last
+        group is fitted on its own."""
         self.prepare(W)
-        out = torch.empty_like(W, dtype=torch.float32)
-        plist = []
-        for sl in self.groups(W.shape[1]):
+        rows, cols = W.shape
+        g = self.group_size(cols)
+        n_full = cols // g
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        plist: List[GroupParams] = []
+        if n_full:
+            slab = W[:, : n_full * g].reshape(rows * n_full, g)
+            p = self.params(slab)
+            out[:, : n_full * g] = self.fake(slab, p).reshape(rows, n_full * g)
+            scale = p.scale.reshape(rows, n_full)
+            zero = None if p.zero is None else p.zero.reshape(rows, n_full)
+            plist = [GroupParams(scale[:, i : i + 1], None if zero is None else zero[:, i : i + 1])
+                     for i in range(n_full)]
+        if n_full * g < cols:
+            sl = slice(n_full * g, cols)
             p = self.params(W[:, sl])
             out[:, sl] = self.fake(W[:, sl], p)
             plist.append(p)

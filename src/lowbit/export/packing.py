@@ -1,0 +1,96 @@
+"""Packed storage of quantized weights: integer codes at their bit width, scales, zero points.
+
+``pack_weight`` turns a quantized weight (its values, the quantizer and the group parameters that
+produced them) into plain tensors for safetensors; ``unpack_weight`` gives back the identical float
+weight. Codes of any width 1..16 are bit-packed little-endian into bytes.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from ..formats import BlockFormat
+from ..quant.spec import QuantSpec
+from ..quant.weight import GroupParams, WeightQuantizer
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flatten integer codes (each < 2**bits) into a uint8 tensor of ceil(n * bits / 8) bytes."""
+    if not 1 <= bits <= 16:
+        raise ValueError(f"can pack codes of 1..16 bits, got {bits}")
+    c = codes.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return c.to(torch.uint8)
+    bit_matrix = (c.unsqueeze(1) >> torch.arange(bits)) & 1
+    flat = bit_matrix.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
+    weights = (2 ** torch.arange(8)).to(torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``n`` codes as int64."""
+    p = packed.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return p[:n]
+    flat = ((p.unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[: n * bits]
+    return (flat.reshape(n, bits) << torch.arange(bits)).sum(dim=1)
+
+
+def pack_weight(Q: torch.Tensor, quantizer: WeightQuantizer, params: List[GroupParams]) -> Dict[str, torch.Tensor]:
+    """Codes and scales of a quantized weight ``Q`` (rows, cols) fitted with ``params``."""
+    rows, cols = Q.shape
+    groups = quantizer.groups(cols)
+    levels = torch.empty(rows, cols, dtype=torch.float64)
+    for sl, p in zip(groups, params):
+        levels[:, sl] = quantizer.levels(Q[:, sl], p)
+    fmt = quantizer.fmt
+    elem = fmt.element if isinstance(fmt, BlockFormat) else quantizer.grid
+    codes = elem.encode_values(levels)
+    out = {"codes": pack_bits(codes, elem.bits)}
+    scales = torch.cat([p.scale for p in params], dim=1)
+    if isinstance(fmt, BlockFormat):
+        out["scale_codes"] = fmt.scale.encode_values(scales).to(torch.uint8)
+        if quantizer.tensor_scale is not None:
+            out["tensor_scale"] = quantizer.tensor_scale.reshape(1).float()
+    else:
+        out["scales"] = scales.to(quantizer.scale_dtype)
+        if params[0].zero is not None:
+            zeros = torch.cat([p.zero for p in params], dim=1)
+            out["zeros"] = pack_bits(zeros.to(torch.int64), quantizer.grid.bits)
+    back = unpack_weight(out, quantizer.spec, (rows, cols))
+    if not torch.equal(back, Q.float()):
+        bad = (back != Q.float()).sum().item()
+        raise AssertionError(f"packed weight does not decode to the quantized weight ({bad} values differ)")
+    return out
+
+
+def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape) -> torch.Tensor:
+    """The float32 weight stored by ``pack_weight``."""
+    rows, cols = shape
+    q = WeightQuantizer(spec)
+    fmt = q.fmt
+    elem = fmt.element if isinstance(fmt, BlockFormat) else q.grid
+    levels = elem.decode_codes(unpack_bits(t["codes"], elem.bits, rows * cols)).reshape(rows, cols)
+    groups = q.groups(cols)
+    if isinstance(fmt, BlockFormat):
+        q.tensor_scale = t["tensor_scale"].reshape(()) if "tensor_scale" in t else None
+        scales = fmt.scale.decode_codes(t["scale_codes"].to(torch.int64))
+        zeros = None
+    else:
+        scales = t["scales"].float()
+        zeros = None
+        if "zeros" in t:
+            zeros = unpack_bits(t["zeros"], q.grid.bits, rows * len(groups)).reshape(rows, len(groups)).float()
+    W = torch.empty(rows, cols, dtype=torch.float32)
+    for gi, sl in enumerate(groups):
+        p = GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
+        W[:, sl] = q.dequant(levels[:, sl], p)
+    return W
+
+
+def packed_nbytes(t: Dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())
