@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .formats import BlockFormat, FormatError, format, known_names
@@ -53,6 +54,40 @@ def cmd_formats(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .jobs import EvalSettings, run_quantize
+    from .quant.plan import Plan
+    from .report import summary_table
+
+    plan = Plan.load(args.plan) if args.plan else None
+    settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
+    report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
+                          seq_len=args.seq_len, settings=settings, act_order=args.act_order,
+                          percdamp=args.damp, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(summary_table(report))
+        if args.out:
+            print(f"wrote {args.out}/report.json, {args.out}/layer_error.png and the checkpoint {args.out}/model.safetensors")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .jobs import EvalSettings, run_eval
+
+    settings = None
+    if args.eval_tokens is not None or args.context is not None:
+        settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context or 512)
+    res = run_eval(args.dir, settings, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {_fmt_num(v)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Low-precision formats, emulation and quantization")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,6 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", nargs="?", help="a format name, e.g. e4m3, mxfp4, int4, nf4")
     f.add_argument("--all", action="store_true", help="list every value, however many")
     f.set_defaults(func=cmd_formats)
+
+    q = sub.add_parser("quantize", help="quantize a model (default: SmolLM2-135M), evaluate it, write a checkpoint")
+    q.add_argument("model", nargs="?", default=None,
+                   help="smollm2 (default), minilm, a Hugging Face model directory or a .gguf file")
+    q.add_argument("--scheme", default="w3g64",
+                   help="named scheme (w4g64, w3g64, w2g64, w4g128, fp4g32, mxfp4, nvfp4, w4a8, fp8, ...) or a "
+                        "quant spec like int4:g64:asym, optionally WEIGHT+ACT (default w3g64)")
+    q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
+    q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
+    q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    q.add_argument("--eval-tokens", type=int, default=16384,
+                   help="held-out tokens for perplexity (default 16384; 0 = the whole evaluation split)")
+    q.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
+    q.add_argument("--sentences", type=int, default=256, help="held-out sentences for encoders (default 256)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="load a quantized checkpoint and measure it as `quantize` did")
+    e.add_argument("dir")
+    e.add_argument("--eval-tokens", type=int, default=None)
+    e.add_argument("--context", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print the quantized fields as JSON")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
@@ -68,9 +132,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FormatError, ValueError, TypeError, FileNotFoundError) as e:
+    except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted; finished blocks are kept in OUT/.progress and a rerun "
+              "with the same arguments resumes there", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float):
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
-        damp *= 10
+        damp = max(damp * 10, 1e-4)
     raise FloatingPointError(f"Hessian is not positive definite even with damping {damp:g}")
 
 

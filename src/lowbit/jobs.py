@@ -1,0 +1,229 @@
+"""The main job, end to end: load a model, calibrate, quantize (RTN or GPTQ), evaluate against the
+baseline, write the checkpoint and the report. ``lowbit quantize`` and ``lowbit eval`` call these."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .quant.plan import Plan
+
+DEFAULT_CALIB = 128
+DEFAULT_SEQ_LEN = 512
+DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_CONTEXT = 512
+DEFAULT_SENTENCES = 256
+
+
+@dataclass
+class EvalSettings:
+    eval_tokens: Optional[int] = DEFAULT_EVAL_TOKENS   # None: the whole held-out split
+    context: int = DEFAULT_CONTEXT
+    sentences: int = DEFAULT_SENTENCES
+
+    def describe(self, kind: str) -> dict:
+        if kind == "causal_lm":
+            return {"metric": "perplexity", "split": "evaluation", "tokens": self.eval_tokens,
+                    "context": self.context, "stride": self.context,
+                    "windows": "non-overlapping windows of `context` tokens; every token after the "
+                               "first of each window is predicted"}
+        return {"metric": "embedding fidelity", "sentences": self.sentences,
+                "pooling": "mean over the attention mask"}
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def evaluate_model(model, tokenizer, kind: str, settings: EvalSettings, reference=None, progress=False) -> dict:
+    """The metrics of one model: perplexity (causal LM) or fidelity to ``reference`` (encoder)."""
+    from .data.corpus import evaluation_sentences, evaluation_tokens
+
+    if kind == "causal_lm":
+        from .evaluate import perplexity
+
+        tokens = evaluation_tokens(tokenizer, settings.eval_tokens)
+        t = time.time()
+        ppl = perplexity(model, tokens, context=settings.context, progress=progress)
+        return {"perplexity": ppl, "eval_tokens": int(tokens.numel()), "eval_seconds": time.time() - t}
+    from .evaluate.embedding import embedding_fidelity
+
+    sentences = evaluation_sentences(settings.sentences)
+    if reference is None:
+        return {"cosine_mean": 1.0, "cosine_min": 1.0, "spearman": 1.0, "sentences": len(sentences)}
+    fid = embedding_fidelity(reference, model, tokenizer, sentences)
+    return {**{k: float(v) for k, v in fid.items()}, "sentences": len(sentences)}
+
+
+def _baseline_cache_key(loaded, settings: EvalSettings) -> str:
+    from .data.corpus import stdlib_corpus
+
+    h = hashlib.sha256()
+    h.update(json.dumps([loaded.name, loaded.source, settings.describe(loaded.kind),
+                         stdlib_corpus().sha256, torch.__version__], sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _cached_baseline(loaded, settings: EvalSettings, quiet: bool) -> dict:
+    """The baseline metrics, computed once per model and evaluation setting and cached on disk."""
+    if loaded.kind != "causal_lm":
+        return evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings)
+    from .data.corpus import cache_dir
+
+    path = Path(cache_dir()) / f"baseline-{_baseline_cache_key(loaded, settings)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    _log("evaluating the baseline model ...", quiet)
+    res = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, progress=not quiet)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+    return res
+
+
+def calibration_batches(loaded, n: int, seq_len: int, batch_size: int = 8, seed: int = 0):
+    from .data.corpus import calibration_batches as windows
+
+    ids = windows(loaded.tokenizer, n, seq_len, seed)
+    return [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
+
+
+def dense_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.state_dict().values())
+
+
+def run_quantize(
+    model: Optional[str] = None,
+    scheme: Optional[str] = "w3g64",
+    method: str = "gptq",
+    out: Optional[str] = None,
+    *,
+    plan: Optional[Plan] = None,
+    calib: int = DEFAULT_CALIB,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    settings: Optional[EvalSettings] = None,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    quiet: bool = False,
+    loaded=None,
+) -> dict:
+    """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
+    with ``out``, writes the checkpoint, report.json and layer_error.png there."""
+    from .export.checkpoint import save_quantized
+    from .models.loader import load_model
+    from .ptq.pipeline import quantize_model
+    from .report import plot_layer_errors
+
+    settings = settings or EvalSettings()
+    if calib < 1 or seq_len < 2:
+        raise ValueError(f"need at least one calibration sequence of 2+ tokens, got {calib} x {seq_len}")
+    t_start = time.time()
+    plan = plan or Plan.from_scheme(scheme)
+    if loaded is None:
+        _log(f"loading {model or 'smollm2'} ...", quiet)
+        loaded = load_model(model)
+    reference = None
+    if loaded.kind == "encoder":
+        import copy
+
+        reference = copy.deepcopy(loaded.model)
+    baseline = _cached_baseline(loaded, settings, quiet)
+    base_bytes = dense_bytes(loaded.model)
+    _log(f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus; {method} with {plan.describe()}", quiet)
+    batches = calibration_batches(loaded, calib, seq_len)
+    progress_dir = Path(out) / ".progress" if out else None
+    t_q = time.time()
+    res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
+                         progress_dir=progress_dir, progress=not quiet)
+    q_seconds = time.time() - t_q
+    _log("evaluating the quantized model ...", quiet)
+    quant = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, reference, progress=not quiet)
+    report = {
+        "model": loaded.name,
+        "model_source": loaded.source,
+        "kind": loaded.kind,
+        "scheme": plan.describe(),
+        "plan": plan.to_dict(),
+        "method": method,
+        "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
+        "calibration": {"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
+                        "seed": 0},
+        "evaluation": settings.describe(loaded.kind),
+        "baseline": {**baseline, "size_bytes": base_bytes,
+                     "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
+        "quantized": {**quant, "bits_per_weight": res.bits_per_weight(), "quantize_seconds": q_seconds},
+        "layers": [vars(l) for l in res.layers],
+        "skipped": res.skipped,
+        "groups": sorted({l.groups for l in res.layers}),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    try:
+        from .data.corpus import stdlib_corpus
+
+        report["corpus"] = stdlib_corpus().describe()
+    except Exception as e:  # the report stays useful without the corpus summary
+        report["corpus"] = {"error": str(e)}
+    if out:
+        spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
+        meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
+                "method": method, "evaluation": vars(settings)}
+        size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
+                              extra=meta)
+        report["quantized"]["size_bytes"] = size
+        report["quantized"]["checkpoint"] = str(Path(out) / "model.safetensors")
+        plot_layer_errors(res.layers, Path(out) / "layer_error.png", title=f"{loaded.name} {plan.describe()} {method}")
+    else:
+        report["quantized"]["size_bytes"] = _estimated_bytes(loaded.model, res)
+    report["seconds"] = time.time() - t_start
+    if out:
+        (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
+        _clear_progress(progress_dir)
+    return report
+
+
+def _estimated_bytes(model, res) -> int:
+    from .export.packing import packed_nbytes
+
+    quantized = {f"{n}.weight" for n in res.packed}
+    seen, total = set(), 0
+    for name, t in model.state_dict().items():
+        if name in quantized or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total + sum(packed_nbytes(p) for p in res.packed.values())
+
+
+def _clear_progress(d: Optional[Path]) -> None:
+    if d and d.is_dir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = False) -> dict:
+    """Load a checkpoint written by ``run_quantize`` and measure it with the same settings."""
+    from .export.checkpoint import load_quantized
+
+    model, tokenizer, meta = load_quantized(path)
+    if settings is None:
+        settings = EvalSettings(**meta.get("evaluation", {}))
+    reference = None
+    if meta["kind"] == "encoder":
+        from .models.loader import load_model
+
+        reference = load_model(meta.get("model_spec")).model
+    res = evaluate_model(model, tokenizer, meta["kind"], settings, reference, progress=not quiet)
+    rep_path = Path(path) / "report.json"
+    bits = None
+    if rep_path.is_file():
+        bits = json.loads(rep_path.read_text())["quantized"].get("bits_per_weight")
+    res["bits_per_weight"] = bits
+    res["size_bytes"] = os.path.getsize(Path(path) / "model.safetensors")
+    return res
