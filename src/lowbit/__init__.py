@@ -3,6 +3,7 @@ from .emulate import Encoded, decode, encode, quantize
 from .formats import (BlockFormat, Codebook, ElementFormat, FloatFormat, Format, FormatError, IntFormat,
                       block, codebook, format)
 from .rounding import OVERFLOW_POLICIES, ROUNDING_MODES
+from . import arith  # noqa: E402  (emulated arithmetic; lowbit.jax stays lazy: import lowbit.jax)
 
 __version__ = "0.1.0"
 
