@@ -16,27 +16,67 @@ def _fmt_num(v) -> str:
     return str(v)
 
 
+def _exact_num(v) -> str:
+    """Shortest string that reads back as the same float (format values are exact binary numbers)."""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+    return _fmt_num(v)
+
+
+def _table(cols, rows) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _kind(f) -> str:
+    from .formats import Codebook, FloatFormat, IntFormat
+
+    if isinstance(f, FloatFormat):
+        return "float" + ("" if f.special == "ieee" else "/" + f.special) + ("" if f.subnormals else "/ftz")
+    if isinstance(f, IntFormat):
+        return ("" if f.is_signed else "u") + ("fixed" if f.frac else "int") + ("/narrow" if f.narrow else "")
+    if isinstance(f, Codebook):
+        return "codebook"
+    return type(f).__name__
+
+
 def cmd_formats(args) -> int:
     if not args.name:
-        cols = ["name", "bits", "max", "min_normal", "min_subnormal", "epsilon", "inf", "nan"]
-        rows = []
+        cols = ["name", "canonical", "kind", "bits", "max", "min_normal", "min_subnormal", "epsilon", "inf", "nan"]
+        rows, blocks = [], []
         for n in known_names():
             f = format(n)
-            d = f.describe()
             if isinstance(f, BlockFormat):
-                e = f.element.describe()
-                d = {**e, "name": n, "bits": f.bits, "max": f.max}
-            rows.append([_fmt_num(d.get(c, "")) for c in cols])
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-        print("\nAlso accepted: any eXmY[fn|fnuz|fnu|f][_bBIAS][_ftz], intN/uintN/intNn, fixedW.F, "
-              "p3109_kKpP, codebook(...), bfpN_bK, block(ELEMENT,SCALE,SIZE[,tensor]).")
+                blocks.append([n, str(f.element), str(f.scale), str(f.size), _fmt_num(f.tensor_scale),
+                               _fmt_num(f.bits), _fmt_num(float(f.max)),
+                               "2^(floor(log2 amax) - emax_elem)" if f.pow2_scale else "amax / max_elem"])
+                continue
+            d = f.describe()
+            canon = str(f) if str(f) != n else "-"
+            rows.append([n, canon, _kind(f)] + [_fmt_num(d.get(c, "")) for c in cols[3:]])
+        print("Element formats\n")
+        _table(cols, rows)
+        print("\nBlock formats (element values times a shared scale per block; max = max_elem * max_scale)\n")
+        _table(["name", "element", "scale", "block", "tensor_scale", "bits/elem", "max", "scale rule"], blocks)
+        print("\nAlso accepted: any eXmY[fn|fnuz|fnu|f|fnan][_bBIAS][_ftz], intN/uintN/intNn, fixedW.F, "
+              "p3109_kKpP, codebook(v1,...), bfpN_bK, block(ELEMENT,SCALE,SIZE[,tensor]). "
+              "`lowbit formats NAME` details one (see docs/formats.md).")
         return 0
     f = format(args.name)
-    for k, v in f.describe().items():
-        print(f"{k:>14}: {_fmt_num(v)}")
+    d = f.describe()
+    if str(f) != args.name.strip():
+        d["name"] = f"{d['name']}  (from {args.name.strip()!r})"
+    if not isinstance(f, BlockFormat):
+        d = {"name": d.pop("name"), "kind": _kind(f), **d}
+    from .formats import FloatFormat
+
+    if isinstance(f, FloatFormat):
+        d.update(bias=f.bias, emin=f.emin, emax=f.emax, subnormals=f.subnormals and f.special != "fnu",
+                 negative_zero=f.has_negative_zero)
+    for k, v in d.items():
+        print(f"{k:>14}: {_exact_num(v)}")
     elem = f.element if isinstance(f, BlockFormat) else f
     try:
         vals = elem.values()
@@ -46,11 +86,11 @@ def cmd_formats(args) -> int:
     shown = vals.tolist()
     label = "element values" if isinstance(f, BlockFormat) else "values"
     if len(shown) > 64 and not args.all:
-        head = ", ".join(_fmt_num(v) for v in shown[:16])
-        tail = ", ".join(_fmt_num(v) for v in shown[-16:])
+        head = ", ".join(_exact_num(v) for v in shown[:16])
+        tail = ", ".join(_exact_num(v) for v in shown[-16:])
         print(f"{label:>14}: {len(shown)} finite values: {head}, ..., {tail}  (--all lists every one)")
     else:
-        print(f"{label:>14}: " + ", ".join(_fmt_num(v) for v in shown))
+        print(f"{label:>14}: {len(shown)} finite values: " + ", ".join(_exact_num(v) for v in shown))
     return 0
 
 
