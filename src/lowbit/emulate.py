@@ -49,6 +49,9 @@ def _check_fits(fmt: ElementFormat, dtype: torch.dtype) -> None:
     too_precise = isinstance(fmt, FloatFormat) and man is not None and fmt.man > man
     if isinstance(fmt, IntFormat):
         too_precise = man is not None and fmt.width - 1 > man + 1
+    if isinstance(fmt, Codebook):  # arbitrary table values: check each one
+        vals = fmt.values()
+        too_precise = not torch.equal(vals.to(dtype).double(), vals)
     if fmt.max > info.max or too_precise or (fmt.min_subnormal < info.smallest_normal * info.eps):
         raise ValueError(
             f"the values of {fmt} do not all fit in {dtype}; quantize a float32 or float64 tensor "

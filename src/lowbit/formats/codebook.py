@@ -17,8 +17,9 @@ NF4_VALUES = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
-# bitsandbytes' FP4: magnitudes 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1 with a sign bit (one zero kept).
-_FP4_BNB_MAG = (1 / 192, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0)
+# bitsandbytes' FP4: magnitudes 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1 with a sign bit (one zero kept), as
+# the float32 constants of bitsandbytes' table (so a float32 tensor holds every value exactly).
+_FP4_BNB_MAG = tuple(torch.tensor([1 / 192, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0], dtype=torch.float32).tolist())
 FP4_BNB_VALUES = tuple(sorted([-m for m in _FP4_BNB_MAG] + [0.0] + list(_FP4_BNB_MAG)))
 
 NAMED_CODEBOOKS = {"nf4": NF4_VALUES, "fp4_bnb": FP4_BNB_VALUES}

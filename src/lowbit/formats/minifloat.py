@@ -128,7 +128,8 @@ class FloatFormat(ElementFormat):
 
     @property
     def epsilon(self) -> float:
-        return float(2.0**-self.man)
+        # 1.0 is normal (spacing 2**-man) unless emin > 0, where it lies among the subnormals
+        return float(2.0 ** (max(0, self.emin) - self.man))
 
     @property
     def emax(self) -> int:

@@ -90,16 +90,22 @@ def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None) ->
     xc = torch.clamp(x, table[0], table[-1])
     lo_i = torch.clamp(torch.searchsorted(table, xc.contiguous(), right=True) - 1, 0, n - 2)
     lo, hi = table[lo_i], table[lo_i + 1]
-    d_lo, d_hi = xc - lo, hi - xc
-    inexact = d_lo > 0
-    tie = d_lo == d_hi
+    inexact = xc > lo
+    # Compare x with the midpoint exactly: lo + hi == s + err (TwoSum), and 2x - s is exact near the
+    # midpoint (Sterbenz), so x > (lo + hi) / 2 iff 2x - s > err. (Distances xc - lo, hi - xc would
+    # round in float64 and turn near-ties of arbitrary table values into false ties.)
+    s = lo + hi
+    bb = s - lo
+    err = (lo - (s - bb)) + (hi - bb)
+    d = 2 * xc - s
+    nearer_hi, tie = d > err, d == err
     hi_is_away = xc > 0  # the neighbour farther from zero
     if mode == "nearest_even":
-        pick_hi = (d_hi < d_lo) | (tie & (lo_i % 2 == 1))
+        pick_hi = nearer_hi | (tie & (lo_i % 2 == 1))
     elif mode == "nearest_away":
-        pick_hi = (d_hi < d_lo) | (tie & hi_is_away)
+        pick_hi = nearer_hi | (tie & hi_is_away)
     elif mode == "nearest_zero":
-        pick_hi = (d_hi < d_lo) | (tie & ~hi_is_away)
+        pick_hi = nearer_hi | (tie & ~hi_is_away)
     elif mode == "toward_zero":
         pick_hi = inexact & (xc < 0)
     elif mode == "up":
@@ -109,7 +115,7 @@ def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None) ->
     elif mode == "odd":
         pick_hi = inexact & (lo_i % 2 == 0)
     else:
-        frac = d_lo / (hi - lo)
+        frac = (xc - lo) / (hi - lo)
         pick_hi = round_up(mode, frac, lo_i % 2 == 1, torch.zeros_like(inexact), _random(x, mode, generator))
     out = torch.where(pick_hi | (xc == table[-1]), hi, lo)
     return torch.where(torch.isnan(x), x, out)
