@@ -146,3 +146,36 @@ def test_offline_environment_is_set(tmp_path):
     load_model(str(tmp_path / "m"))
     import os
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+
+
+def test_gguf_dense_copy_cache(tmp_path, monkeypatch):
+    """The cache of dequantized GGUF models: keyed by the file's size/mtime, hit on the next load,
+    one copy per source file."""
+    import os
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "tiny.gguf"
+    src.write_bytes(gguf_header("llama"))  # header only: loading it for real would fail
+    model, tok = tiny_llama(seed=5), word_tokenizer()
+    first = loader_mod._gguf_cache_dir(str(src))
+    loader_mod._write_cache(model, tok, first, str(src))
+    loaded = load_model(str(src))  # served from the cached dense copy, the GGUF is not parsed
+    assert loaded.cached and first in loaded.source and loaded.name == "tiny" and loaded.kind == "causal_lm"
+    assert loaded.tokenizer("a b a").input_ids == [1, 2, 1]
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed: new key
+    second = loader_mod._gguf_cache_dir(str(src))
+    assert second != first
+    loader_mod._write_cache(model, tok, second, str(src))
+    assert os.path.isdir(second) and not os.path.exists(first)  # the stale copy is gone
+    with pytest.raises(ModelLoadError, match="incomplete GGUF"):  # cache=False reads the (fake) file
+        load_model(str(src), cache=False)

@@ -258,15 +258,19 @@ GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalL
 _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # type id -> bytes
 
 
-def gguf_architecture(path: str) -> str:
-    """The ``general.architecture`` value of a GGUF file, read from its header alone (it is normally
-    the first key, so this reads a few hundred bytes)."""
+def gguf_header(path: str) -> Dict[str, Any]:
+    """A GGUF file's header: ``{"version", "n_tensors", "metadata"}`` where ``metadata`` maps every
+    key to its value for scalars and strings (arrays, e.g. the tokenizer's vocabulary, are skipped
+    and mapped to None). Reads the header only, never tensor data."""
     with open(path, "rb") as fh:
         def take(n):
             b = fh.read(n)
             if len(b) != n:
                 raise ValueError("truncated header")
             return b
+
+        def read_str():
+            return take(struct.unpack("<Q", take(8))[0]).decode("utf-8")
 
         def skip_value(vtype):
             if vtype == 8:
@@ -285,16 +289,30 @@ def gguf_architecture(path: str) -> str:
 
         if take(4) != b"GGUF":
             raise ValueError("no GGUF magic bytes")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", take(20))
+        version, n_tensors, n_kv = struct.unpack("<IQQ", take(20))
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old (2 or later is read)")
+        metadata: Dict[str, Any] = {}
         for _ in range(n_kv):
-            key = take(struct.unpack("<Q", take(8))[0]).decode("utf-8")
+            key = read_str()
             vtype = struct.unpack("<I", take(4))[0]
-            if key == "general.architecture" and vtype == 8:
-                return take(struct.unpack("<Q", take(8))[0]).decode("utf-8")
-            skip_value(vtype)
-    raise ValueError("no general.architecture key")
+            if vtype == 8:
+                metadata[key] = read_str()
+            elif vtype in _GGUF_SCALAR:
+                fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+                metadata[key] = struct.unpack("<" + fmt[vtype], take(_GGUF_SCALAR[vtype]))[0]
+            else:
+                skip_value(vtype)
+                metadata[key] = None
+    return {"version": version, "n_tensors": n_tensors, "metadata": metadata}
+
+
+def gguf_architecture(path: str) -> str:
+    """The ``general.architecture`` value of a GGUF file (from its header)."""
+    arch = gguf_header(path)["metadata"].get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError("no general.architecture key")
+    return arch
 
 
 def _gguf_cache_dir(path: str) -> str:
@@ -318,6 +336,7 @@ def _load_gguf(path: str, dtype: torch.dtype, cache: bool):
         except Exception:  # damaged cache: rebuild it below
             shutil.rmtree(cached, ignore_errors=True)
     try:
+        header = gguf_header(path)
         arch = gguf_architecture(path)
     except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({e})") from e
@@ -325,6 +344,12 @@ def _load_gguf(path: str, dtype: torch.dtype, cache: bool):
         raise UnsupportedArchitectureError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported GGUF architectures: "
             f"{', '.join(GGUF_ARCHITECTURES)} ({_supported_text()})")
+    # Without these transformers would build a default-sized model (billions of parameters).
+    needed = [f"{arch}.embedding_length", f"{arch}.block_count"]
+    missing = [k for k in needed if k not in header["metadata"]]
+    if header["n_tensors"] == 0 or missing:
+        raise ModelLoadError(f"{path}: incomplete GGUF file ({header['n_tensors']} tensors"
+                             f"{'; missing ' + ', '.join(missing) if missing else ''})")
     kind = "causal_lm"
     directory, fname = os.path.split(os.path.abspath(path))
     qcfg = tf.GgufConfig(gguf_file=fname, dequantize=True)
@@ -356,8 +381,27 @@ def _write_cache(model, tokenizer, cached: str, source: str) -> None:
             os.replace(tmp, cached)  # atomic; fails if another process got there first
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale_copies(cached, source)
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)  # caching is an optimisation, never a failure
+
+
+def _remove_stale_copies(current: str, source: str) -> None:
+    """Delete older cached copies of the same GGUF file (another size/mtime or transformers version),
+    so the cache holds one dense copy per file."""
+    parent, name = os.path.split(current)
+    stem = name.rsplit("-", 1)[0]
+    for other in os.listdir(parent):
+        path = os.path.join(parent, other)
+        if path == current or other.endswith(".tmp") or other.rsplit("-", 1)[0] != stem:
+            continue
+        try:
+            with open(os.path.join(path, "lowbit_cache.json")) as fh:
+                same = json.load(fh).get("source") == os.path.abspath(source)
+        except (OSError, ValueError):
+            continue
+        if same:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
