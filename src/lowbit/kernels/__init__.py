@@ -1,6 +1,16 @@
 """Backends that do the arithmetic. ``reference`` is the oracle; faster backends must match its bits
 for every deterministic rounding mode. Dispatch is by device and format; users never choose by hand
-unless they pass ``backend=``."""
+unless they pass ``backend=``.
+
+backends:
+  auto       CUDA tensors -> ``triton`` when Triton imports; CPU tensors -> ``cpu_fast``; each falls
+             back to the reference for work it does not claim (float64 tensors, codebooks, fnu
+             formats, formats whose values float32 cannot hold exactly).
+  reference  the float64 oracle (kernels/reference.py), any device.
+  cpu_fast   float32 bit arithmetic in torch (kernels/cpu_fast.py), compiled with torch.compile for
+             large tensors; falls back to the reference for what it does not claim.
+  triton     fused Triton kernels (kernels/triton_quant.py); CUDA tensors only, raises elsewhere.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,23 +18,68 @@ from typing import Optional
 import torch
 
 from ..formats import BlockFormat, ElementFormat
-from . import reference
+from . import cpu_fast, reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cpu_fast", "triton")
+
+_triton_state = {"mod": None, "error": None}
+
+
+def triton_backend():
+    """The Triton module, imported on first use (never on machines without Triton and CUDA)."""
+    if _triton_state["mod"] is None and _triton_state["error"] is None:
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            from . import triton_quant
+            _triton_state["mod"] = triton_quant
+        except Exception as e:  # ImportError, no driver, ...
+            _triton_state["error"] = f"{type(e).__name__}: {e}"
+    return _triton_state["mod"]
+
+
+def _triton_or_raise():
+    mod = triton_backend()
+    if mod is None:
+        raise RuntimeError(f"backend='triton' is not available here ({_triton_state['error']}); "
+                           "it needs a CUDA device and the triton package. Use backend='auto'.")
+    return mod
 
 
 def quantize_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str, generator=None,
                      sr_bits: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Round every element of float tensor ``x`` to ``fmt``; same dtype out."""
     _check_backend(backend)
-    return reference.round_element(x.double(), fmt, mode, overflow, generator, sr_bits).to(x.dtype)
+    out = None
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        mod = _triton_or_raise() if backend == "triton" else triton_backend()
+        if backend == "triton" and not x.is_cuda:
+            raise RuntimeError("backend='triton' needs a CUDA tensor; move it with x.cuda() or use backend='auto'")
+        if mod is not None:
+            out = mod.quantize_element(x, fmt, mode, overflow, generator, sr_bits)
+    elif backend in ("auto", "cpu_fast"):
+        out = cpu_fast.quantize_element(x, fmt, mode, overflow, generator, sr_bits)
+    if out is None:
+        out = reference.round_element(x.double(), fmt, mode, overflow, generator, sr_bits).to(x.dtype)
+    return out
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
                    sr_bits: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     _check_backend(backend)
-    out, _, _, _ = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits)
-    return out.to(x.dtype)
+    out = None
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        mod = _triton_or_raise() if backend == "triton" else triton_backend()
+        if backend == "triton" and not x.is_cuda:
+            raise RuntimeError("backend='triton' needs a CUDA tensor; move it with x.cuda() or use backend='auto'")
+        if mod is not None:
+            out = mod.quantize_block(x, fmt, mode, axis, generator, sr_bits)
+    elif backend in ("auto", "cpu_fast"):
+        out = cpu_fast.quantize_block(x, fmt, mode, axis, generator, sr_bits)
+    if out is None:
+        out, _, _, _ = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits)
+        out = out.to(x.dtype)
+    return out
 
 
 def _check_backend(backend: str) -> None:
