@@ -429,11 +429,12 @@ def run_lowbit(x64: np.ndarray, fmt, mode: str, overflow: str, dtype, backend=("
 
 def assert_bits_equal(actual, expected, x, label: str, mask=None) -> None:
     """Bit-identical float64 arrays (any nan equals any nan; the sign of zero counts)."""
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    e = np.asarray(expected, dtype=np.float64).ravel()
+    x = np.asarray(x).ravel()
     same = (a.view(np.int64) == e.view(np.int64)) | (np.isnan(a) & np.isnan(e))
     if mask is not None:
-        same |= ~mask
+        same |= ~np.asarray(mask).ravel()
     if not same.all():
         bad = np.flatnonzero(~same)
         shown = ", ".join(f"x={x[k]!r}: got {a[k]!r} want {e[k]!r}" for k in bad[:8])

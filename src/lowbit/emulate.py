@@ -53,10 +53,9 @@ def _check_fits(fmt: ElementFormat, dtype: torch.dtype) -> None:
         vals = fmt.values()
         too_precise = not torch.equal(vals.to(dtype).double(), vals)
     if fmt.max > info.max or too_precise or (fmt.min_subnormal < info.smallest_normal * info.eps):
-        raise ValueError(
-            f"the values of {fmt} do not all fit in {dtype}; quantize a float32 or float64 tensor "
-            f"(x.float()) instead"
-        )
+        wider = "float64 tensor (x.double())" if dtype in (torch.float32, torch.float64) \
+            else "float32 or float64 tensor (x.float())"
+        raise ValueError(f"the values of {fmt} do not all fit in {dtype}; quantize a {wider} instead")
 
 
 def _as_torch(x) -> tuple:
@@ -83,6 +82,35 @@ def _check_axis(x: torch.Tensor, axis: int) -> int:
     if not -x.dim() <= axis < max(x.dim(), 1):
         raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
     return axis % max(x.dim(), 1)
+
+
+def _check_sr_bits(mode: str, sr_bits) -> None:
+    if sr_bits is None:
+        return
+    if mode != "stochastic":
+        raise ValueError(f"sr_bits (1..52) applies to rounding='stochastic' only, not {mode!r}")
+    if isinstance(sr_bits, bool) or not isinstance(sr_bits, (int, np.integer)) or not 1 <= sr_bits <= 52:
+        raise ValueError(f"sr_bits must be an integer 1..52 (random bits per rounding), got {sr_bits!r}")
+
+
+def _as_scale(scale, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A user scale as a tensor that broadcasts to x, positive and finite."""
+    try:
+        s = torch.as_tensor(scale, dtype=dtype, device=t.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"scale must be a number or a tensor of numbers, got {type(scale).__name__}") from None
+    try:
+        shape = torch.broadcast_shapes(s.shape, t.shape)
+    except RuntimeError:
+        shape = None
+    if shape != t.shape:
+        raise ValueError(
+            f"scale of shape {tuple(s.shape)} does not broadcast to x's shape {tuple(t.shape)}; for one "
+            "scale per channel keep x's number of dimensions with size 1 along the others, e.g. (rows, 1)"
+        )
+    if s.numel() and not bool(((s > 0) & torch.isfinite(s)).all()):
+        raise ValueError("scale must be positive and finite (give an all-zero group the scale 1, not 0)")
+    return s
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -112,6 +140,14 @@ def quantize(
     generator: torch.Generator or int seed for the stochastic modes (reproducible).
     sr_bits: stochastic rounding with this many random bits, as hardware does.
     ste: straight-through gradient (identity) so the call can sit inside training.
+
+    Special values. nan stays nan (also for formats without a nan code; ``encode`` refuses those).
+    +-inf follows ``overflow``: saturate gives +-max, inf keeps +-inf (nan where the format has no
+    inf), nan gives nan. With overflow="inf" finite values past max become +-inf (nan without inf),
+    except that modes rounding the magnitude down (toward_zero; down for positives, up for
+    negatives) give +-max, as IEEE 754 does. Integers, codebooks and block elements always saturate;
+    a block holding nan or +-inf is all nan. E8M0 (unsigned, no zero): negatives are nan, 0 and tiny
+    values give its smallest value 2**-127.
     """
     t, kind = _as_torch(x)
     _check_tensor(t)
@@ -119,8 +155,7 @@ def quantize(
     mode = check_rounding(rounding)
     check_overflow(overflow)
     _check_overflow_for(f, overflow)
-    if sr_bits is not None and (mode != "stochastic" or not 1 <= int(sr_bits) <= 52):
-        raise ValueError("sr_bits (1..52) applies to rounding='stochastic' only")
+    _check_sr_bits(mode, sr_bits)
     gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
     if t.numel() and not t.dim():
         t_in = t.reshape(1)
@@ -130,6 +165,8 @@ def quantize(
         if isinstance(f, BlockFormat):
             if scale is not None:
                 raise ValueError(f"{f} computes its own block scales; do not pass scale=")
+            if not t.dim():
+                raise ValueError(f"{f} quantizes blocks of {f.size} values along an axis; got a 0-d tensor")
             ax = _check_axis(t_in, axis)
             q = kernels.quantize_block(t_in.detach(), f, mode, ax, gen, sr_bits, backend)
         else:
@@ -138,7 +175,7 @@ def quantize(
                 q = kernels.quantize_element(t_in.detach(), f, mode, overflow, gen, sr_bits, backend)
             else:
                 cd = _compute_dtype(t)
-                s = torch.as_tensor(scale, dtype=cd, device=t.device)
+                s = _as_scale(scale, t_in, cd)
                 y = t_in.detach().to(cd) / s
                 q = (kernels.quantize_element(y, f, mode, overflow, gen, sr_bits, backend) * s).to(t.dtype)
     q = q.reshape(t.shape)
@@ -203,13 +240,29 @@ def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str =
     mode = check_rounding(rounding)
     check_overflow(overflow)
     _check_overflow_for(f, overflow)
+    _check_sr_bits(mode, sr_bits)
     gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
     t = t.detach()
     if isinstance(f, BlockFormat):
         if scale is not None:
             raise ValueError(f"{f} computes its own block scales; do not pass scale=")
+        if not t.dim():
+            raise ValueError(f"{f} encodes blocks of {f.size} values along an axis; got a 0-d tensor")
         ax = _check_axis(t, axis)
-        _, q, s, ts = reference.quantize_block(t, f, mode, ax, gen, sr_bits)
+        if mode in STOCHASTIC_MODES:
+            # the default backend draws its own random numbers: make the very call quantize makes,
+            # then read the element values back under the block scales (which use no randomness),
+            # so that decode(encode(x)) is quantize(x) bit for bit
+            vals = kernels.quantize_block(t, f, mode, ax, gen, sr_bits)
+            xd = t.double()
+            ts = reference.tensor_scale(xd, f) if f.tensor_scale else None
+            s = reference.block_scales(reference._blocks(xd, f.size, ax), f, ts)
+            q = reference.block_elements_of_values(reference._blocks(vals.double(), f.size, ax), s, f, ts)
+        else:
+            _, q, s, ts = reference.quantize_block(t, f, mode, ax, gen, sr_bits)
+        # a block holding nan/inf is nan through its scale; its element codes are 0 (the element
+        # format may have no nan code)
+        q = torch.where(torch.isnan(s).unsqueeze(-1), torch.zeros_like(q), q)
         xt_shape = t.movedim(ax, -1).shape
         codes = _encode_element_values(q.reshape(xt_shape), f.element).movedim(-1, ax)
         scodes = _encode_element_values(s, f.scale).movedim(-1, ax)
@@ -218,7 +271,7 @@ def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str =
         v = quantize(t, f, mode, overflow, generator=gen, sr_bits=sr_bits).double()
         return Encoded(f, _encode_element_values(v, f), t.dtype)
     cd = _compute_dtype(t)
-    s = torch.as_tensor(scale, dtype=cd, device=t.device)
+    s = _as_scale(scale, t, cd)
     y = t.to(cd) / s
     q = kernels.quantize_element(y, f, mode, overflow, gen, sr_bits).double()
     return Encoded(f, _encode_element_values(q, f), t.dtype, scales=s)
@@ -226,10 +279,12 @@ def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str =
 
 def decode(enc: Encoded) -> torch.Tensor:
     """Values of an ``Encoded`` tensor, in its original dtype; identical to ``quantize``'s output."""
+    if not isinstance(enc, Encoded):
+        raise TypeError(f"decode expects the Encoded that lowbit.encode returns, got {type(enc).__name__}")
     f = enc.format
     if isinstance(f, BlockFormat):
         q = f.element.decode_codes(enc.codes.to(torch.int64)).movedim(enc.axis, -1)
-        q = q.reshape(*q.shape[:-1], -1, f.size)
+        q = q.reshape(*q.shape[:-1], q.shape[-1] // f.size, f.size)
         s = f.scale.decode_codes(enc.scales.to(torch.int64)).movedim(enc.axis, -1)
         vals = reference.block_values(q, s, f, enc.tensor_scale)
         out_shape = enc.codes.movedim(enc.axis, -1).shape

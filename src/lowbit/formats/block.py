@@ -2,6 +2,7 @@
 per-tensor fp32 scale on top (NVFP4)."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from .base import ElementFormat, FormatError
@@ -73,4 +74,8 @@ def block(element, scale="e8m0", size: int = 32, tensor_scale: bool = False) -> 
     sc = parse(scale) if isinstance(scale, str) else scale
     if isinstance(elem, BlockFormat) or isinstance(sc, BlockFormat):
         raise FormatError("block formats cannot be nested")
-    return BlockFormat(elem, sc, int(size), bool(tensor_scale))
+    try:
+        size = operator.index(size)
+    except TypeError:
+        raise FormatError(f"block size must be an integer, got {size!r}") from None
+    return BlockFormat(elem, sc, size, bool(tensor_scale))

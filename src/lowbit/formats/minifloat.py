@@ -45,6 +45,14 @@ class FloatFormat(ElementFormat):
                 f"e{self.exp}m{self.man} with policy {self.special!r} has no normal numbers; "
                 "use more exponent bits or a finite policy (suffix fn/f)"
             )
+        low = self.emin - (self.man if self.subnormals and self.special != "fnu" else 0)
+        high = self._top_field() - self.bias
+        if high > 1023 or low < -1074:
+            raise FormatError(
+                f"e{self.exp}m{self.man} with bias {self.bias} spans 2**{low} .. 2**{high + 1}, beyond "
+                "float64 (2**-1074 .. 2**1024), in which lowbit computes; choose a bias closer to "
+                f"{2 ** (self.exp - 1) - 1}"
+            )
 
     # --- layout --------------------------------------------------------------------------------
     @property

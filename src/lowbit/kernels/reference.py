@@ -148,8 +148,12 @@ def _blocks(x: torch.Tensor, size: int, axis: int) -> torch.Tensor:
 
 
 def tensor_scale(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-    """NVFP4's per-tensor fp32 scale: amax / (max_elem * max_scale); 1 for an all-zero tensor."""
-    amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    """NVFP4's per-tensor fp32 scale: amax / (max_elem * max_scale); 1 for an all-zero tensor.
+    The amax is over the finite values: a nan or inf makes its own block nan (block_scales), it must
+    not change the scale of every other block."""
+    a = x.abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    amax = a.amax().float() if x.numel() else torch.zeros((), device=x.device)
     s = amax / torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
     good = torch.isfinite(s) & (s > 0)
     return torch.where(good, s, torch.ones_like(s))
@@ -195,6 +199,20 @@ def block_values(q: torch.Tensor, scale: torch.Tensor, fmt: BlockFormat, ts) -> 
         return q * scale.unsqueeze(-1)
     d = scale.float() if ts is None else scale.float() * ts
     return (q.float() * d.unsqueeze(-1)).double()
+
+
+def block_elements_of_values(vb: torch.Tensor, scale: torch.Tensor, fmt: BlockFormat, ts) -> torch.Tensor:
+    """The inverse of block_values: element values (float64) of dequantized blocks ``vb`` under their
+    scales (the division undoes block_values' product; rounding to the element grid removes the
+    float32 rounding of that product in the amax-rule case)."""
+    if fmt.pow2_scale:
+        y = vb / scale.unsqueeze(-1)
+    else:
+        d = scale.float() if ts is None else scale.float() * ts
+        y = (vb.float() / d.unsqueeze(-1)).double()
+    y = torch.where(scale.unsqueeze(-1) > 0, y, torch.zeros_like(y))
+    q = round_element(y, fmt.element, "nearest_even", "saturate")
+    return torch.where(torch.isnan(scale).unsqueeze(-1), NAN, q)
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
