@@ -411,7 +411,8 @@ def load_model(spec: Union[str, os.PathLike, nn.Module, None] = None, dtype=torc
                tokenizer=None, cache: bool = True, progress: bool = False) -> LoadedModel:
     """Load a model for quantization or evaluation, offline; see the module docstring for specs.
 
-    The model is returned in eval mode on the CPU in ``dtype``. ``tokenizer`` is used as the
+    The model is returned in eval mode on the CPU in ``dtype`` (an ``nn.Module`` spec is returned
+    as it is, neither cast nor moved). ``tokenizer`` is used as the
     tokenizer when given (useful with an ``nn.Module`` spec, or a directory without tokenizer
     files, whose tokenizer is otherwise None). Raises :class:`MissingModelPackageError` (with the
     pip command) when a packaged model's package is missing, :class:`ModelNotFoundError` for a
@@ -429,6 +430,7 @@ def load_model(spec: Union[str, os.PathLike, nn.Module, None] = None, dtype=torc
     spec_str = os.fspath(spec)
     cached_dir = None
     entry = PACKAGED_MODELS.get(spec_str.lower())
+    _transformers()  # a clear error if it is missing, and the offline switches set before import
     with _quiet(progress):
         if entry is not None:
             path = _package_path(entry)
