@@ -35,6 +35,19 @@ def test_same_bits_as_lowbit_quantize_eager_and_jit(fmt, mode):
     np.testing.assert_array_equal(_np(jax.jit(lambda v: lj.quantize(v, fmt, mode))(x)), want)
 
 
+def test_subnormals_survive_the_host_callback():
+    # XLA runs callbacks with flush-to-zero/denormals-are-zero; lowbit.jax must not inherit that
+    x = jnp.array([1e-40, -3e-39, 2.0 ** -133, 2.0 ** -149, 1.5e-38, 1.0], dtype=jnp.float32)
+    for fmt in ("bf16", "fp32", "e8m3"):
+        want = lowbit.quantize(_np(x), fmt)
+        assert (want[:3] != 0).all() or fmt == "e8m3"  # bf16/fp32 keep these float32 subnormals
+        np.testing.assert_array_equal(_np(jax.jit(lambda v: lj.quantize(v, fmt))(x)), want)
+        np.testing.assert_array_equal(_np(lj.decode(jax.jit(lambda v: lj.encode(v, fmt))(x))), want)
+    # and the thread's flush mode is left as XLA had it: jnp arithmetic still flushes afterwards
+    y = jax.jit(lambda v: lj.quantize(v, "bf16") * 1.0)(x)
+    assert y.shape == x.shape
+
+
 def test_dtypes_bf16_f16_and_scale_axis():
     x = _x((8, 32))
     xb = x.astype(jnp.bfloat16)

@@ -10,6 +10,7 @@ This module is imported only on request (``import lowbit.jax``); ``import lowbit
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -46,6 +47,22 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+@contextlib.contextmanager
+def _ieee_subnormals():
+    """XLA runs host callbacks on CPU threads with flush-to-zero / denormals-are-zero set: float32
+    subnormals (bf16's smallest values, say) would silently read and compute as 0. Turn IEEE
+    behaviour back on for lowbit's work and restore the thread's mode afterwards."""
+    tiny = np.array([2.0**-140], dtype=np.float32)
+    flushed = bool((tiny * np.float32(1.0))[0] == 0)
+    if flushed:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushed:
+            torch.set_flush_denormal(True)
 
 
 def _check_dtype(x) -> torch.dtype:
@@ -101,10 +118,11 @@ def _validate(x, f, mode, overflow, scale_shape, axis, sr_bits) -> int:
 @functools.lru_cache(maxsize=256)
 def _quantizer(f, mode: str, overflow: str, axis: int, sr_bits, has_scale: bool, ste: bool):
     def host(x, scale, seed):
-        q = emulate.quantize(_to_torch(x), f, mode, overflow,
-                             scale=torch.from_numpy(np.array(scale)) if has_scale else None, axis=axis,
-                             generator=int(seed) if mode in STOCHASTIC_MODES else None, sr_bits=sr_bits)
-        return _to_numpy(q)
+        with _ieee_subnormals():
+            q = emulate.quantize(_to_torch(x), f, mode, overflow,
+                                 scale=torch.from_numpy(np.array(scale)) if has_scale else None, axis=axis,
+                                 generator=int(seed) if mode in STOCHASTIC_MODES else None, sr_bits=sr_bits)
+            return _to_numpy(q)
 
     def call(x, scale, seed):
         return jax.pure_callback(host, jax.ShapeDtypeStruct(x.shape, x.dtype), x, scale, seed,
@@ -158,8 +176,9 @@ def _code_dtype(bits: int):
         return jnp.uint8
     if bits <= 31:
         return jnp.int32
-    raise ValueError(f"codes of {bits} bits need int64, which JAX only has with jax_enable_x64; "
-                     "use lowbit.encode on a numpy array instead")
+    if bits == 32:
+        return jnp.uint32  # JAX has no int64 without jax_enable_x64; 32-bit codes fit uint32
+    raise ValueError(f"codes of {bits} bits do not fit 32 bits; use lowbit.encode on a numpy array")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -216,6 +235,10 @@ def encode(x, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *
     has_scale = scale is not None
 
     def host(xh, sh, seed):
+        with _ieee_subnormals():
+            return _encode_host(xh, sh, seed)
+
+    def _encode_host(xh, sh, seed):
         enc = emulate.encode(_to_torch(xh), f, mode, overflow,
                              scale=torch.from_numpy(np.array(sh)) if has_scale else None, axis=ax,
                              generator=int(seed) if mode in STOCHASTIC_MODES else None, sr_bits=sr_bits)
@@ -240,10 +263,11 @@ def decode(enc: EncodedArray):
     tdt = _TORCH[np.dtype(enc.dtype)]
 
     def host(codes, scales, ts):
-        e = emulate.Encoded(f, torch.from_numpy(np.array(codes)), tdt, enc.axis,
-                            None if scales is None else torch.from_numpy(np.array(scales)),
-                            None if ts is None else torch.from_numpy(np.array(ts)))
-        return _to_numpy(emulate.decode(e))
+        with _ieee_subnormals():
+            e = emulate.Encoded(f, torch.from_numpy(np.array(codes).astype(np.int64)), tdt, enc.axis,
+                                None if scales is None else torch.from_numpy(np.array(scales)),
+                                None if ts is None else torch.from_numpy(np.array(ts)))
+            return _to_numpy(emulate.decode(e))
 
     out = jax.ShapeDtypeStruct(enc.codes.shape, enc.dtype)
     return jax.pure_callback(host, out, enc.codes, enc.scales, enc.tensor_scale, vmap_method="sequential")
