@@ -290,7 +290,7 @@ def test_accumulation_facts_stagnation_and_wide_accumulators():
     assert errs[1] > 0.02 and errs[4] < 1e-5
     # and with larger chunks (fewer roundings)
     errs_k = [abs(float(arith.sum(x, "bf16", accum_every=k)) - exact) for k in (1, 10, 100, None)]
-    assert errs_k[0] > 100 * errs_k[1] and errs_k[1] >= errs_k[2] >= errs_k[3]
+    assert errs_k[0] > 10 * errs_k[1] and errs_k[1] >= errs_k[2] >= errs_k[3]
     assert errs_k[3] <= 1.0  # k = n: only the final rounding, half an ulp of bf16 at 2**8..2**9
 
 
