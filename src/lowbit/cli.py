@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
     q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--eval-tokens", type=int, default=16384,
-                   help="held-out tokens for perplexity (default 16384; 0 = the whole evaluation split)")
+    q.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens for perplexity (default 8192; 0 = the whole evaluation split of 34k)")
     q.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     q.add_argument("--sentences", type=int, default=256, help="held-out sentences for encoders (default 256)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
