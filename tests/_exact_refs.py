@@ -57,10 +57,17 @@ ML_FORMATS = {
 ML_OVERFLOW = {name: "inf" for name in ML_FORMATS}
 ML_OVERFLOW.update({"e3m2fn": "saturate", "e2m3fn": "saturate", "e2m1fn": "saturate"})
 
-# The formats torch implements, with the overflow behaviour of its CPU cast (measured on torch 2.13:
-# float8_e4m3fn saturates, including +-inf -> +-448; the others give inf or nan).
+def _torch_e4m3fn_overflow() -> str:
+    """torch's CPU cast to float8_e4m3fn saturates (+-inf and finite overflow -> +-448) in torch 2.13
+    but gives nan in torch 2.11: measure it rather than assume a version."""
+    big = torch.tensor([1e6]).to(torch.float8_e4m3fn).float()
+    return "inf" if torch.isnan(big).all() else "saturate"
+
+
+# The formats torch implements, with the overflow behaviour of its CPU cast (the others give inf or
+# nan in every version seen).
 TORCH_FORMATS = {
-    "e4m3fn": (torch.float8_e4m3fn, "saturate"),
+    "e4m3fn": (torch.float8_e4m3fn, _torch_e4m3fn_overflow()),
     "e5m2": (torch.float8_e5m2, "inf"),
     "e4m3fnuz": (torch.float8_e4m3fnuz, "inf"),
     "e5m2fnuz": (torch.float8_e5m2fnuz, "inf"),
@@ -414,8 +421,9 @@ def backend_params():
         dev = backend_device(b)
         marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")] if dev == "cuda" else []
         params.append(pytest.param((b, dev), id=f"{b}-{dev}", marks=marks))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # dispatch by device, and the oracle itself on the GPU
         params.append(pytest.param(("auto", "cuda"), id="auto-cuda"))
+        params.append(pytest.param(("reference", "cuda"), id="reference-cuda"))
     return params
 
 

@@ -9,6 +9,16 @@ import torch
 MAX_ENUMERABLE_BITS = 24
 
 
+def exact_ldexp(x: torch.Tensor, e) -> torch.Tensor:
+    """``x * 2**e`` exactly, on every device (``e`` integer-valued, 2**e a float64 number: -1074..1023).
+
+    torch.ldexp multiplies by ``pow(2, e)``, which CUDA computes inexactly for some exponents (a
+    float64 2**-4 a hair too small, say); ``exp2`` is exact for integers.
+    """
+    e = torch.as_tensor(e, dtype=torch.float64, device=x.device)
+    return x * torch.exp2(e)
+
+
 class FormatError(ValueError):
     """A format name or parameter that lowbit cannot represent."""
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ElementFormat, FormatError
+from .base import ElementFormat, FormatError, exact_ldexp
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,7 +70,7 @@ class IntFormat(ElementFormat):
 
     def encode_values(self, v: torch.Tensor) -> torch.Tensor:
         """Exactly representable values to their bit patterns (two's complement when signed)."""
-        k = torch.ldexp(v.double(), torch.tensor(float(self.frac), dtype=torch.float64))
+        k = exact_ldexp(v.double(), float(self.frac))
         return torch.remainder(k.to(torch.int64), 2**self.width)
 
     @property

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .base import ElementFormat, FormatError
+from .base import ElementFormat, FormatError, exact_ldexp
 
 POLICIES = ("ieee", "fn", "finite", "fnuz", "fnu", "p3109")
 
@@ -181,11 +181,11 @@ class FloatFormat(ElementFormat):
         mant = c & m_mask
         negative = (c & self._sign_bit) != 0 if self.signed else torch.zeros_like(c, dtype=torch.bool)
         if self.special == "fnu":
-            mag = torch.ldexp((mant + (1 << self.man)).double(), (field - self.bias - self.man).double())
+            mag = exact_ldexp((mant + (1 << self.man)).double(), (field - self.bias - self.man).double())
         else:
-            normal = torch.ldexp((mant + (1 << self.man)).double(), (field - self.bias - self.man).double())
+            normal = exact_ldexp((mant + (1 << self.man)).double(), (field - self.bias - self.man).double())
             sub_mant = mant if self.subnormals else torch.zeros_like(mant)
-            sub = torch.ldexp(sub_mant.double(), torch.full_like(c, self.emin - self.man).double())
+            sub = exact_ldexp(sub_mant.double(), torch.full_like(c, self.emin - self.man).double())
             mag = torch.where(field == 0, sub, normal)
         val = torch.where(negative, -mag, mag)
         nan = torch.tensor(float("nan"), dtype=torch.float64)
@@ -218,7 +218,7 @@ class FloatFormat(ElementFormat):
             is_normal = e >= self.emin
         e_n = torch.where(is_normal, e, torch.full_like(e, self.emin))
         field = torch.where(is_normal, e_n + self.bias, torch.zeros_like(e))
-        scaled = torch.ldexp(safe, (self.man - e_n).double())
+        scaled = exact_ldexp(safe, (self.man - e_n).double())
         mant = torch.where(is_normal, scaled - 2**self.man, scaled).to(torch.int64)
         code = (field << self.man) | mant
         code = torch.where(finite_pos, code, torch.zeros_like(code))

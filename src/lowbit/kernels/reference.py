@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..formats import BlockFormat, Codebook, ElementFormat, FloatFormat, FormatError, IntFormat
+from ..formats.base import exact_ldexp
 from ..rounding import STOCHASTIC_MODES, round_up, rounds_toward_zero, uniform
 
 NAN = float("nan")
@@ -37,14 +38,14 @@ def round_float(x: torch.Tensor, fmt: FloatFormat, mode: str, overflow: str, gen
         tiny = e < fmt.emin
         e = torch.clamp(e, min=fmt.emin)
         ulp_exp = torch.where(tiny, e, e - man)
-    y = torch.ldexp(safe, (-ulp_exp).double())
+    y = exact_ldexp(safe, (-ulp_exp).double())
     lo = torch.floor(y)
     frac = y - lo
     # parity of lo's code: code = (e + bias - 1) * 2**man + lo, so only man == 0 needs the exponent
     parity = lo.to(torch.int64) + ((e + fmt.bias - 1) if man == 0 else 0)
     lo_odd = (parity % 2) == 1
     up = round_up(mode, frac, lo_odd, negative, _random(x, mode, generator), sr_bits)
-    mag = torch.ldexp(lo + up.double(), ulp_exp.double())
+    mag = exact_ldexp(lo + up.double(), ulp_exp.double())
     mag = torch.where(positive, mag, torch.where(torch.isnan(a), a, torch.zeros_like(a)))
 
     # overflow (finite inputs rounded past max) and infinite inputs
@@ -71,7 +72,7 @@ def round_float(x: torch.Tensor, fmt: FloatFormat, mode: str, overflow: str, gen
 
 def round_int(x: torch.Tensor, fmt: IntFormat, mode: str, generator=None, sr_bits=None) -> torch.Tensor:
     """Round float64 ``x`` to fixed-point/integer values of ``fmt`` (always saturating)."""
-    y = torch.ldexp(x, torch.tensor(float(fmt.frac), dtype=torch.float64))
+    y = exact_ldexp(x, float(fmt.frac))
     negative = torch.signbit(y)
     a = y.abs()
     lo = torch.floor(a)
@@ -79,7 +80,7 @@ def round_int(x: torch.Tensor, fmt: IntFormat, mode: str, generator=None, sr_bit
     up = round_up(mode, frac, (lo % 2) == 1, negative, _random(x, mode, generator), sr_bits)
     k = torch.where(negative, -(lo + up.double()), lo + up.double())
     k = torch.clamp(k, fmt.qmin, fmt.qmax) + 0.0  # + 0.0 turns -0 into +0
-    return torch.ldexp(k, torch.tensor(float(-fmt.frac), dtype=torch.float64))
+    return exact_ldexp(k, float(-fmt.frac))
 
 
 def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None) -> torch.Tensor:
@@ -170,7 +171,7 @@ def block_scales(xb: torch.Tensor, fmt: BlockFormat, ts: Optional[torch.Tensor])
         shared = torch.frexp(safe).exponent.double() - 1 - fmt.element.emax
         shared = torch.where((amax > 0) & ~bad, shared, torch.full_like(shared, sc.emin))
         shared = torch.clamp(shared, sc.emin, sc.emax)
-        scale = torch.ldexp(torch.ones_like(shared), shared)
+        scale = exact_ldexp(torch.ones_like(shared), shared)
         return torch.where(bad, NAN, scale)
     # amax rule, computed in float32 as hardware recipes do
     s32 = amax.float() / torch.tensor(fmt.element.max, dtype=torch.float32)
