@@ -141,6 +141,26 @@ def test_sr_bits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_sr_bits_integers_and_codebooks(backend):
+    """Integers are sign-magnitude like floats: the magnitude's fraction is truncated to k bits.
+    Codebooks are not (their modes act in value order): the fraction from the lower neighbour is."""
+    n = 2**16
+    v = lowbit.format("nf4").values().tolist()
+    for fmt, lo, hi in [("int4", 2.0, 3.0), ("int4", -3.0, -2.0), ("nf4", v[8], v[9]), ("nf4", v[2], v[3])]:
+        for k, f in [(2, 0.2), (2, 0.6), (3, 0.99)]:
+            x = torch.full((n,), lo + f * (hi - lo), dtype=torch.float64)
+            f = float((x[0] - lo) / (hi - lo))
+            if fmt == "int4" and hi <= 0:  # sign-magnitude: P(lo, the larger magnitude) from 1 - f
+                p_hi = 1 - math.floor((1 - f) * 2**k) / 2**k
+            else:
+                p_hi = math.floor(f * 2**k) / 2**k
+            q = sr(x, fmt, backend, generator=4, sr_bits=k).double()
+            assert ((q == lo) | (q == hi)).all()
+            frac_hi = float((q == hi).double().mean())
+            assert abs(frac_hi - p_hi) <= 6 * math.sqrt(p_hi * (1 - p_hi) / n), (fmt, lo, k, f, frac_hi, p_hi)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stochastic_half(backend):
     """50/50 between the neighbours whatever the distance; exact values stay."""
     n = 2**18

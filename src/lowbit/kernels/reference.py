@@ -83,7 +83,7 @@ def round_int(x: torch.Tensor, fmt: IntFormat, mode: str, generator=None, sr_bit
     return exact_ldexp(k, float(-fmt.frac))
 
 
-def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None) -> torch.Tensor:
+def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None, sr_bits=None) -> torch.Tensor:
     """Round float64 ``x`` to codebook entries (saturating at both ends). Codebooks are not
     sign-magnitude, so modes act in value order: ties of nearest_even/odd go by the index parity."""
     table = fmt.values().to(x.device)
@@ -117,7 +117,8 @@ def round_codebook(x: torch.Tensor, fmt: Codebook, mode: str, generator=None) ->
         pick_hi = inexact & (lo_i % 2 == 0)
     else:
         frac = (xc - lo) / (hi - lo)
-        pick_hi = round_up(mode, frac, lo_i % 2 == 1, torch.zeros_like(inexact), _random(x, mode, generator))
+        pick_hi = round_up(mode, frac, lo_i % 2 == 1, torch.zeros_like(inexact), _random(x, mode, generator),
+                           sr_bits)
     out = torch.where(pick_hi | (xc == table[-1]), hi, lo)
     return torch.where(torch.isnan(x), x, out)
 
@@ -130,7 +131,7 @@ def round_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str,
     if isinstance(fmt, IntFormat):
         return round_int(x, fmt, mode, generator, sr_bits)
     if isinstance(fmt, Codebook):
-        return round_codebook(x, fmt, mode, generator)
+        return round_codebook(x, fmt, mode, generator, sr_bits)
     raise FormatError(f"no rounding rule for {type(fmt).__name__}")
 
 
