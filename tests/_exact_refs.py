@@ -199,7 +199,9 @@ class Ref:
 
     @property
     def min_pos(self) -> float:
-        return float(self.values[self.values > 0][0])
+        """Smallest nonzero magnitude."""
+        mags = np.abs(self.values)
+        return float(mags[mags > 0].min())
 
     @property
     def top_ulp(self) -> float:
@@ -235,6 +237,9 @@ def int_refs() -> dict:
         "uint4": Ref("uint4", py_int_table(4, signed=False), "int"),
         "int8": Ref("int8", py_int_table(8), "int"),
         "fixed8.4": Ref("fixed8.4", py_int_table(8, frac=4), "int"),
+        "fixed8.-3": Ref("fixed8.-3", py_int_table(8, frac=-3), "int"),
+        "ufixed6.2": Ref("ufixed6.2", py_int_table(6, signed=False, frac=2), "int"),
+        "int1": Ref("int1", py_int_table(1), "int"),
     }
 
 
@@ -383,7 +388,8 @@ def make_points(ref: Ref, dtype=np.float32, n_random: int = 20000, seed: int = 0
     V = ref.values
     mids = (V[:-1] + V[1:]) / 2
     pts = [V, mids]
-    hi_end = [ref.max + ref.top_ulp * f for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)] if ref.man is not None else []
+    step = ref.top_ulp if ref.kind in ("float", "unsigned") else float(V[-1] - V[-2])
+    hi_end = [ref.max + step * f for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
     span = float(V[-1] - V[0]) or 1.0
     hi_end += [ref.max * 2, ref.max * 1e3, ref.max + span, 1e30, 3.0e38]
     lo_end = [ref.min - span, ref.min * 2 if ref.min < 0 else -1.0]

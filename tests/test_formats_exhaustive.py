@@ -72,7 +72,8 @@ def test_properties_match_the_table(name):
     pos = vals[vals > 0]
     assert fmt.max == vals[-1]
     assert fmt.min == vals[0]
-    assert fmt.min_subnormal == pos[0]
+    if len(pos):
+        assert fmt.min_subnormal == pos[0]
     assert fmt.has_inf == ref.has_inf
     # integers have no nan (the unused code of a narrow range decodes as nan but is never produced)
     assert fmt.has_nan == (ref.has_nan and ref.kind != "int")

@@ -77,6 +77,8 @@ def round_int(x: torch.Tensor, fmt: IntFormat, mode: str, generator=None, sr_bit
     a = y.abs()
     lo = torch.floor(a)
     frac = a - lo
+    # a negative ``frac`` (steps above 1) can scale a float64 subnormal x to 0: it is still inexact
+    frac = torch.where((a == 0) & (x != 0), torch.full_like(frac, 2.0**-1074), frac)
     up = round_up(mode, frac, (lo % 2) == 1, negative, _random(x, mode, generator), sr_bits)
     k = torch.where(negative, -(lo + up.double()), lo + up.double())
     k = torch.clamp(k, fmt.qmin, fmt.qmax) + 0.0  # + 0.0 turns -0 into +0
