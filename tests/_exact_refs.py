@@ -226,6 +226,11 @@ def exotic_refs() -> dict:
         "p3109_k8p4": Ref("p3109_k8p4", py_float_table(4, 3, "p3109"), "float", 3),
         "e1m2fn": Ref("e1m2fn", py_float_table(1, 2, "finite"), "float", 2),
         "e5m0": Ref("e5m0", py_float_table(5, 0, "ieee"), "float", 0),
+        "e2m0": Ref("e2m0", py_float_table(2, 0, "ieee"), "float", 0),
+        "e3m0fnan": Ref("e3m0fnan", py_float_table(3, 0, "fn"), "float", 0),
+        "e3m2_b-2": Ref("e3m2_b-2", py_float_table(3, 2, "ieee", bias=-2), "float", 2),
+        "e4m3fn_b10": Ref("e4m3fn_b10", py_float_table(4, 3, "fn", bias=10), "float", 3),
+        "e2m1fn_ftz": Ref("e2m1fn_ftz", py_float_table(2, 1, "finite", subnormals=False), "float", 1, ftz=True),
     }
 
 

@@ -41,6 +41,8 @@ def round_float(x: torch.Tensor, fmt: FloatFormat, mode: str, overflow: str, gen
     y = exact_ldexp(safe, (-ulp_exp).double())
     lo = torch.floor(y)
     frac = y - lo
+    # where the grid is coarser than 1 (ulp_exp > 0), a float64 subnormal x can scale to 0: still inexact
+    frac = torch.where(positive & (y == 0), torch.full_like(frac, 2.0**-1074), frac)
     # parity of lo's code: code = (e + bias - 1) * 2**man + lo, so only man == 0 needs the exponent
     parity = lo.to(torch.int64) + ((e + fmt.bias - 1) if man == 0 else 0)
     lo_odd = (parity % 2) == 1
