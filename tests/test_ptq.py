@@ -277,3 +277,21 @@ def test_nan_weights_stop_the_run_naming_the_layer(tiny):
         m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="up_proj"):
         quantize_model(m, Plan.from_scheme("w4g64"), batches, "rtn", progress=False)
+
+
+def test_layers_fed_the_same_input_share_one_hessian(tiny):
+    from lowbit.models.blocks import capture_block_inputs, linear_layers
+    from lowbit.ptq.pipeline import _collect_hessians
+
+    model, ids, batches = tiny
+    block = model.model.layers[0]
+    inputs = capture_block_inputs(model, block, batches)
+    with torch.inference_mode():
+        hess = _collect_hessians(block, inputs, [i.hidden for i in inputs], linear_layers(block, "b"))
+    attn = "b.self_attn."
+    assert hess[attn + "q_proj"] is hess[attn + "k_proj"] is hess[attn + "v_proj"]
+    assert hess["b.mlp.gate_proj"] is hess["b.mlp.up_proj"]
+    assert hess[attn + "o_proj"] is not hess[attn + "q_proj"]
+    # and the shared accumulator holds the real statistic of that input
+    x = torch.cat([model.model.layers[0].input_layernorm(i.hidden) for i in inputs]).reshape(-1, 64)
+    assert torch.allclose(hess[attn + "q_proj"].H, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)

@@ -61,6 +61,36 @@ class QuantizationResult:
                 "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
 
 
+def _cpu(p):
+    return type(p)(p.scale.cpu(), None if p.zero is None else p.zero.cpu())
+
+
+def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
+    """Run the block on every batch, accumulating each layer's input Hessian. Layers fed the very
+    same input tensor (q/k/v, gate/up) share one accumulator: X^T X is computed once."""
+    hess: Dict[str, HessianAccumulator] = {}
+    last = {"x": None, "name": None}
+
+    def hook(name, x):
+        if x is last["x"]:
+            hess[name] = hess[last["name"]]
+            return
+        last["x"], last["name"] = x, name
+        if name not in hess:
+            hess[name] = HessianAccumulator(x.shape[-1], x.device)
+        hess[name].add(x)
+
+    hooks = [lin.register_forward_hook(lambda m, a, o, n=n: hook(n, a[0])) for n, lin in layers.items()]
+    try:
+        for inp, h in zip(inputs, hidden):
+            run_block(block, inp, h)
+            last["x"] = None
+    finally:
+        for h in hooks:
+            h.remove()
+    return hess
+
+
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -117,15 +147,7 @@ def quantize_model(
                     result.skipped[name] = why
                     continue
                 todo[name] = (lin, wspec)
-            hess = {n: HessianAccumulator(l.in_features, l.weight.device) for n, (l, _) in todo.items()}
-            hooks = [lin.register_forward_hook(lambda m, a, o, n=n: hess[n].add(a[0]))
-                     for n, (lin, _) in todo.items()]
-            try:
-                for inp, h in zip(inputs, hidden):
-                    run_block(block, inp, h)
-            finally:
-                for h in hooks:
-                    h.remove()
+            hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()})
             for name, (lin, wspec) in todo.items():
                 ts = time.time()
                 q = WeightQuantizer(wspec)
@@ -139,7 +161,7 @@ def quantize_model(
                     note = ""
                 if not torch.isfinite(Q).all():
                     raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
-                result.packed[name] = pack_weight(Q, q, params)
+                result.packed[name] = pack_weight(Q.cpu(), q, [_cpu(p) for p in params])
                 aspec = plan.act_spec(name)
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
