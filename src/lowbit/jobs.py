@@ -95,7 +95,9 @@ def calibration_batches(loaded, n: int, seq_len: int, batch_size: int = 8, seed:
 
 
 def dense_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    """Bytes of the model's tensors, tied ones (lm_head = embeddings) counted once."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values())
 
 
 def run_quantize(
