@@ -33,6 +33,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -112,6 +113,7 @@ def _grid_numbers(min_sub: float, k_tiny: int) -> tuple:
             f32_bits(2.0**d1), f32_bits(2.0**(d - d1)))
 
 
+@lru_cache(maxsize=1024)
 def element_spec(fmt, mode: str, overflow: str = "saturate", sr_bits: Optional[int] = None) -> Optional[Spec]:
     """The Spec of an element format, or None where the float32 bit path does not apply."""
     k_main = 23 if sr_bits is None else min(int(sr_bits), 23)
@@ -165,9 +167,37 @@ def random_bits(idx: torch.Tensor, seed_a, seed_b) -> torch.Tensor:
     return _mix32(_mix32(idx + seed_a) ^ seed_b)
 
 
+def _to_int32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - 2**32 if v >= 2**31 else v
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
 def draw_seeds(generator, device) -> tuple:
-    """Two signed 32-bit seeds from the caller's generator (or torch's global one)."""
-    dev = generator.device if generator is not None else device
+    """Two signed 32-bit seeds from the caller's generator (or torch's global one for ``device``).
+
+    CUDA generators keep their (seed, offset) state on the host: read it and step the offset as a
+    draw would, without waiting for the device (a device-to-host read would stall the stream).
+    Elsewhere, draw two numbers from the generator."""
+    dev = torch.device(generator.device if generator is not None else device)
+    if dev.type == "cuda":
+        g = generator
+        if g is None:
+            idx = dev.index if dev.index is not None else torch.cuda.current_device()
+            g = torch.cuda.default_generators[idx]
+        st = g.get_state()
+        if st.numel() == 16 and st.dtype == torch.uint8:
+            seed, offset = struct.unpack("<QQ", bytes(st.tolist()))
+            new = torch.tensor(list(struct.pack("<QQ", seed, offset + 4)), dtype=torch.uint8)
+            g.set_state(new)
+            z = _splitmix64(_splitmix64(seed) ^ offset)
+            return _to_int32(z), _to_int32(z >> 32)
     s = torch.randint(-(2**31), 2**31 - 1, (2,), generator=generator, dtype=torch.int64, device=dev)
     a, b = s.tolist()
     return int(a), int(b)
@@ -402,6 +432,7 @@ def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts, *, static):
     return q * d
 
 
+@lru_cache(maxsize=1024)
 def block_claims(fmt: BlockFormat, mode: str, sr_bits=None) -> Optional[tuple]:
     """(element Spec, scale Spec or None) when the bit path handles this block format."""
     espec = element_spec(fmt.element, mode, "saturate", sr_bits)

@@ -1,0 +1,189 @@
+"""The Triton kernels (kernels/triton_quant.py) against the reference oracle, bit for bit, on CUDA.
+
+Same vectors as the CPU kernel tests (tests/test_kernels_common.py): every code point, midpoint,
+float32 ulp neighbours, overflow, specials, random values; every claimed element format under every
+deterministic mode and overflow policy; every block format (MX, NVFP4, BFP, user blocks) with the
+block reduction fused. Stochastic rounding: statistics, reproducibility with a seed, independence.
+Skipped, with the reason, where there is no CUDA device or no Triton.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import kernels
+from lowbit.formats import FloatFormat
+from test_kernels_common import (BLOCK_FORMATS, DETERMINISTIC, ELEMENT_FORMATS, assert_same_bits,
+                                 block_vectors, element_vectors, reference_block, reference_element)
+
+_REASON = None
+if not torch.cuda.is_available():
+    _REASON = "needs a CUDA device (the Triton kernels run on NVIDIA GPUs only)"
+elif importlib.util.find_spec("triton") is None:
+    _REASON = "needs the triton package"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+
+@pytest.fixture(scope="module")
+def tq():
+    mod = kernels.triton_backend()
+    assert mod is not None, kernels._triton_state["error"]
+    return mod
+
+
+def _overflows(fmt):
+    if not isinstance(fmt, FloatFormat):
+        return ("saturate",)
+    out = ["saturate"]
+    if fmt.has_inf or fmt.has_nan:
+        out.append("inf")
+    if fmt.has_nan:
+        out.append("nan")
+    return tuple(out)
+
+
+@pytest.mark.parametrize("name", ELEMENT_FORMATS)
+def test_element_formats_bit_exact(tq, name):
+    fmt = lowbit.format(name)
+    x = element_vectors(fmt)
+    xc = x.cuda()
+    for overflow in _overflows(fmt):
+        for mode in DETERMINISTIC:
+            got = tq.quantize_element(xc, fmt, mode, overflow)
+            assert got is not None, f"{name} is not claimed by the Triton path"
+            assert_same_bits(got, reference_element(x, fmt, mode, overflow), x, f"{name} {mode} {overflow}")
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_block_formats_bit_exact(tq, name):
+    fmt = lowbit.format(name)
+    x = block_vectors(fmt)
+    xc = x.cuda()
+    for mode in DETERMINISTIC:
+        got = tq.quantize_block(xc, fmt, mode, -1)
+        assert got is not None, f"{name} {mode} is not claimed by the Triton path"
+        assert_same_bits(got, reference_block(x, fmt, mode), x, f"{name} {mode}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["e4m3fn", "e5m2", "e2m1fn", "int4", "mxfp4", "nvfp4"])
+def test_half_precision_inputs(tq, name, dtype):
+    fmt = lowbit.format(name)
+    for mode in ("nearest_even", "toward_zero", "up"):
+        if name in ("mxfp4", "nvfp4"):
+            x = block_vectors(fmt, n_blocks=128).to(dtype)
+            got = tq.quantize_block(x.cuda(), fmt, mode, -1)
+            want = reference_block(x, fmt, mode)
+        else:
+            x = element_vectors(fmt, n_random=4000).to(dtype)
+            got = tq.quantize_element(x.cuda(), fmt, mode, "saturate")
+            want = reference_element(x, fmt, mode)
+        assert got.dtype == dtype
+        assert_same_bits(got, want, x, f"{name} {mode} {dtype}")
+
+
+def test_blocks_along_another_axis(tq):
+    fmt = lowbit.format("mxfp8_e4m3")
+    x = block_vectors(fmt, n_blocks=64)
+    xt = x[: (x.shape[0] // 4) * 4].reshape(-1, 4, fmt.size).permute(2, 0, 1)
+    got = lowbit.quantize(xt.cuda(), fmt, axis=0)
+    assert_same_bits(got, reference_block(xt, fmt, "nearest_even", 0), xt, "axis 0")
+
+
+def test_large_tensors_match_the_cpu_fast_path(tq, monkeypatch):
+    """Several launches' worth of random data (tails of the grid included): GPU == CPU bits."""
+    monkeypatch.setenv("LOWBIT_CPU_COMPILE", "0")
+    x = torch.randn(3 * 2**20 + 123) * 10
+    for name in ("e4m3fn", "e2m1fn", "int8"):
+        assert_same_bits(lowbit.quantize(x.cuda(), name), lowbit.quantize(x, name), x, name)
+    xb = torch.randn(2**20 + 32 * 7) * 3
+    for name in ("mxfp4", "mxfp8_e5m2", "nvfp4"):
+        assert_same_bits(lowbit.quantize(xb.cuda(), name), lowbit.quantize(xb, name), xb, name)
+
+
+def test_auto_dispatch_uses_triton_on_cuda(tq, monkeypatch):
+    calls = []
+    real = tq.quantize_element
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tq, "quantize_element", spy)
+    lowbit.quantize(torch.randn(100, device="cuda"), "e4m3")
+    assert calls == [True]
+    # unclaimed work (a codebook) still runs, on the reference
+    x = torch.randn(100, device="cuda")
+    assert torch.equal(lowbit.quantize(x, "nf4").cpu(), lowbit.quantize(x.cpu(), "nf4"))
+
+
+# --- stochastic --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["e4m3fn", "e2m1fn", "int4", "e5m2"])
+def test_stochastic_unbiased_and_proportional(tq, name):
+    fmt = lowbit.format(name)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    vals = fmt.values()
+    pos = vals[vals > 0]
+    a, b = float(pos[len(pos) // 2]), float(pos[len(pos) // 2 + 1])
+    tiny = float(pos[0])
+    pts = torch.tensor([a + 0.3 * (b - a), -(a + 0.9 * (b - a)), 0.25 * tiny, -0.7 * tiny,
+                        a + 0.5 * (b - a)], dtype=torch.float32)
+    n = 1_000_000
+    x = pts.repeat_interleave(n)
+    q = tq.quantize_element(x.cuda(), fmt, "stochastic", "saturate", g).cpu()
+    lo = reference_element(x, fmt, "down")
+    hi = reference_element(x, fmt, "up")
+    assert bool(((q == lo) | (q == hi)).all())
+    q = q.double().view(len(pts), n)
+    lo, hi = lo.double().view(len(pts), n)[:, 0], hi.double().view(len(pts), n)[:, 0]
+    p_hi = (pts.double() - lo) / (hi - lo)
+    freq = (q == hi[:, None]).double().mean(1)
+    sd = torch.sqrt(p_hi * (1 - p_hi) / n)
+    assert bool(((freq - p_hi).abs() <= 5 * sd + 1e-7).all()), (freq, p_hi)
+
+
+def test_stochastic_reproducible_and_independent(tq):
+    x = torch.full((1_000_000,), 1.0 + 2**-5, device="cuda")   # e4m3fn: p(up) = 0.25
+    q1 = lowbit.quantize(x, "e4m3fn", "stochastic", generator=123)
+    q2 = lowbit.quantize(x, "e4m3fn", "stochastic", generator=123)
+    q3 = lowbit.quantize(x, "e4m3fn", "stochastic", generator=124)
+    assert torch.equal(q1, q2) and not torch.equal(q1, q3)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    a1 = lowbit.quantize(x, "e4m3fn", "stochastic", generator=g)
+    a2 = lowbit.quantize(x, "e4m3fn", "stochastic", generator=g)       # the generator advanced
+    g.manual_seed(11)
+    assert not torch.equal(a1, a2) and torch.equal(a1, lowbit.quantize(x, "e4m3fn", "stochastic", generator=g))
+    torch.manual_seed(3)
+    d1 = lowbit.quantize(x, "e4m3fn", "stochastic")                      # torch's global CUDA generator
+    torch.manual_seed(3)
+    assert torch.equal(d1, lowbit.quantize(x, "e4m3fn", "stochastic"))
+    up = (q1 > 1).double().cpu()
+    assert abs(up.mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / len(up))
+    for lag in (1, 3, 1024, 4096):   # inside one Philox word group, across quarters, across programs
+        c = torch.corrcoef(torch.stack([up[:-lag], up[lag:]]))[0, 1].item()
+        assert abs(c) < 5 / math.sqrt(len(up)), (lag, c)
+    xb = torch.full((2**16, 32), 1.0 + 2**-5, device="cuda")
+    b1 = lowbit.quantize(xb, "mxfp8_e4m3", "stochastic", generator=5)
+    assert torch.equal(b1, lowbit.quantize(xb, "mxfp8_e4m3", "stochastic", generator=5))
+    assert abs((b1 > 1).double().mean().item() - 0.25) < 0.01
+
+
+def test_sr_bits_and_stochastic_half(tq):
+    n = 1_000_000
+    x = torch.full((n,), 1 + 0.3 * 0.125, device="cuda")
+    for k in (1, 2, 3):
+        q = tq.quantize_element(x, lowbit.format("e4m3fn"), "stochastic", "saturate",
+                                torch.Generator(device="cuda").manual_seed(k), sr_bits=k)
+        p = math.floor(0.3 * 2**k) / 2**k
+        assert abs((q > 1).double().mean().item() - p) <= 5 * math.sqrt(max(p * (1 - p), 1e-3) / n)
+    q = tq.quantize_element(x, lowbit.format("e4m3fn"), "stochastic_half", "saturate",
+                            torch.Generator(device="cuda").manual_seed(1))
+    assert abs((q > 1).double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
+    v = lowbit.format("e2m1fn").values().float().cuda().repeat(1000)
+    assert torch.equal(tq.quantize_element(v, lowbit.format("e2m1fn"), "stochastic", "saturate"), v)
