@@ -137,8 +137,9 @@ def run_quantize(
         reference = copy.deepcopy(loaded.model)
     baseline = _cached_baseline(loaded, settings, quiet)
     base_bytes = dense_bytes(loaded.model)
-    _log(f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus; {method} with {plan.describe()}", quiet)
-    batches = calibration_batches(loaded, calib, seq_len)
+    data = f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus" if method == "gptq" else "no data needed"
+    _log(f"{method} with {plan.describe()}: {data}", quiet)
+    batches = calibration_batches(loaded, calib, seq_len) if method == "gptq" else []
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
@@ -154,8 +155,10 @@ def run_quantize(
         "plan": plan.to_dict(),
         "method": method,
         "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
-        "calibration": {"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
-                        "seed": 0},
+        "calibration": ({"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
+                         "seed": 0} if method == "gptq" else None),
+        "layer_error": ("output space on the calibration data: ||X(W-Q)^T||^2 / ||XW^T||^2"
+                        if method == "gptq" else "weight space: ||W-Q||^2 / ||W||^2"),
         "evaluation": settings.describe(loaded.kind),
         "baseline": {**baseline, "size_bytes": base_bytes,
                      "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
@@ -179,7 +182,8 @@ def run_quantize(
                               extra=meta)
         report["quantized"]["size_bytes"] = size
         report["quantized"]["checkpoint"] = str(Path(out) / "model.safetensors")
-        plot_layer_errors(res.layers, Path(out) / "layer_error.png", title=f"{loaded.name} {plan.describe()} {method}")
+        plot_layer_errors(res.layers, Path(out) / "layer_error.png", title=f"{loaded.name} {plan.describe()} {method}",
+                          output_space=method == "gptq")
     else:
         report["quantized"]["size_bytes"] = _estimated_bytes(loaded.model, res)
     report["seconds"] = time.time() - t_start

@@ -31,7 +31,7 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_layer_errors(layers: List, path, title: str = "") -> None:
+def plot_layer_errors(layers: List, path, title: str = "", output_space: bool = True) -> None:
     """Bar chart of each quantized layer's relative output error on the calibration data."""
     import matplotlib
 
@@ -46,7 +46,8 @@ def plot_layer_errors(layers: List, path, title: str = "") -> None:
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
     ax.bar(range(len(errs)), errs, color=[colors[s.split(".")[-1]] for s in short], width=0.85)
     ax.set_yscale("log")
-    ax.set_ylabel("relative output error  ||X(W-Q)ᵀ||² / ||XWᵀ||²")
+    ax.set_ylabel("relative output error  ||X(W-Q)ᵀ||² / ||XWᵀ||²" if output_space
+                  else "relative weight error  ||W-Q||² / ||W||²")
     ax.set_xlabel("layer (in order)")
     ax.set_title(title)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[k]) for k in kinds]

@@ -36,7 +36,8 @@ class LayerResult:
     shape: tuple
     groups: str
     bits_per_weight: float
-    rel_error: float          # ||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs
+    rel_error: float          # GPTQ: ||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs;
+                              # RTN (no data): ||W - Q||^2 / ||W||^2
     seconds: float
     note: str = ""
 
@@ -97,8 +98,11 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -> float:
+    """Output-space error ||X(W-Q)^T||^2 / ||XW^T||^2 through H = 2X^T X/n; weight-space without H."""
     D = (W.float() - Q.float())
+    if H is None:
+        return float(D.pow(2).sum() / W.float().pow(2).sum())
     num = torch.einsum("ij,jk,ik->", D, H, D)
     den = torch.einsum("ij,jk,ik->", W.float(), H, W.float())
     return float(num / den) if den > 0 else float("nan")
@@ -125,9 +129,11 @@ def quantize_model(
     result = QuantizationResult(method, plan.to_dict())
     done = _load_progress(progress_dir, model, result) if progress_dir else -1
 
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    # RTN needs no data: only GPTQ runs the blocks (and so reports output-space error)
+    calibrated = method == "gptq"
+    inputs = capture_block_inputs(model, blocks[0], batches) if calibrated else []
     hidden = [inp.hidden for inp in inputs]
-    if done >= 0:
+    if done >= 0 and calibrated:
         hidden = _load_hidden(progress_dir, len(hidden))
 
     bar = _progress_bar(len(blocks), progress, initial=done + 1)
@@ -147,7 +153,8 @@ def quantize_model(
                     result.skipped[name] = why
                     continue
                 todo[name] = (lin, wspec)
-            hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()})
+            hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
+                if calibrated else {}
             for name, (lin, wspec) in todo.items():
                 ts = time.time()
                 q = WeightQuantizer(wspec)
@@ -166,7 +173,8 @@ def quantize_model(
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
                                  q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]),
-                                 _relative_error(W, Q, hess[name].H), time.time() - ts, note)
+                                 _relative_error(W, Q, hess[name].H if calibrated else None),
+                                 time.time() - ts, note)
                 result.layers.append(lr)
                 if on_layer:
                     on_layer(lr)
@@ -174,7 +182,7 @@ def quantize_model(
             for name, lin in layers.items():
                 if name not in todo and plan.act_spec(name) is not None and plan.weight_spec(name) is None:
                     _replace_module(model, name, QuantLinear.from_linear(lin, lin.weight, None, plan.act_spec(name)))
-            hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)]
+            hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)] if calibrated else []
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"block {prefix} produced nan/inf after quantization")
             if progress_dir:
