@@ -123,10 +123,16 @@ def main(argv=None) -> int:
             add(f"lowbit {short} {mode}", "lowbit", lb(fmt, mode), op=f"{short}/{mode}")
     if dev == "cuda":
         from lowbit.kernels import triton_quant
-        triton_quant.N_ROUNDS = 7
-        add("lowbit e4m3 stochastic (Philox 7 rounds)", "lowbit-variant", lb("e4m3fn", "stochastic"),
-            op="e4m3/stochastic")
+        rounds = triton_quant.N_ROUNDS
         triton_quant.N_ROUNDS = 10
+        add("lowbit e4m3 stochastic (Philox 10 rounds)", "lowbit-variant", lb("e4m3fn", "stochastic"),
+            op="e4m3/stochastic")
+        triton_quant.N_ROUNDS = rounds
+        nv = lowbit.format("nvfp4")
+        amax = x.abs().amax().float()
+        add("lowbit nvfp4 nearest_even (tensor amax given: one pass)", "lowbit-variant",
+            lambda: triton_quant.quantize_block(x, nv, "nearest_even", -1, tensor_amax=amax),
+            op="nvfp4/nearest_even")
     if dev == "cpu":
         notes.append(f"lowbit CPU rows include torch.compile warm-up outside the timing "
                      f"(first calls took {time.time() - t0:.0f} s in all, cached on disk afterwards)")

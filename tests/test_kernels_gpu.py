@@ -187,3 +187,12 @@ def test_sr_bits_and_stochastic_half(tq):
     assert abs((q > 1).double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)
     v = lowbit.format("e2m1fn").values().float().cuda().repeat(1000)
     assert torch.equal(tq.quantize_element(v, lowbit.format("e2m1fn"), "stochastic", "saturate"), v)
+
+
+def test_nvfp4_with_a_given_tensor_amax_is_the_same(tq):
+    x = torch.randn(2**16, device="cuda") * 5
+    x[7] = float("nan")
+    amax = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+    fmt = lowbit.format("nvfp4")
+    assert_same_bits(tq.quantize_block(x, fmt, "nearest_even", -1, tensor_amax=amax),
+                     tq.quantize_block(x, fmt, "nearest_even", -1), x, "nvfp4 given amax")

@@ -46,7 +46,7 @@ C_INFF = tl.constexpr(float("inf"))     # (a nan constexpr would fail Triton's g
 
 BLOCK = 4096        # elements per program (element kernels)
 TILE = 4096         # elements per program (block kernels): TILE // block_size rows
-N_ROUNDS = 10       # Philox rounds
+N_ROUNDS = 7        # Philox4x32 rounds: 7 passes BigCrush (Salmon et al. 2011); 10 is Random123's margin
 AMAX_ITERS = 8      # tiles per program in the per-tensor amax pass (one atomic per program)
 
 
@@ -206,25 +206,42 @@ def _nan_where(cond, v):
 
 
 @triton.jit
-def _block_offsets(pid, nrows, size, ROWS: tl.constexpr, SIZE: tl.constexpr, STOCH: tl.constexpr):
-    """Element offsets of this program's rows, and their mask: (ROWS, SIZE), or (ROWS, SIZE/4, 4)
-    for the stochastic modes (the last axis holds the four words of one Philox call)."""
-    if STOCH:
-        rows = pid * ROWS + tl.arange(0, ROWS)[:, None, None]
-        grp = tl.arange(0, SIZE // 4)[None, :, None]
-        lane = tl.arange(0, 4)[None, None, :]
-        cols = grp * 4 + lane
+def _block_offsets(pid, nrows, size, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
+    """Element offsets of this program's ROWS blocks and their mask, in one of three tile shapes:
+    0: (ROWS, SIZE), the deterministic modes;
+    1: (ROWS, SIZE/4, 4), stochastic modes, any block size (last axis: the four words of one
+       Philox call);
+    2: (ROWS*SIZE/4, 4), stochastic modes when the block size is SIZE: quads of consecutive
+       elements, laid out like the element kernel's tile (coalesced loads, no shuffles)."""
+    if LAYOUT == 2:
+        q = tl.arange(0, ROWS * SIZE // 4)[:, None]
+        lane = tl.arange(0, 4)[None, :]
+        rows = pid * ROWS + q // (SIZE // 4)
+        offs = pid * (ROWS * SIZE) + q * 4 + lane
+        m = (rows < nrows) & (lane < 4)
     else:
-        rows = pid * ROWS + tl.arange(0, ROWS)[:, None]
-        cols = tl.arange(0, SIZE)[None, :]
-    m = (rows < nrows) & (cols < size)
-    return rows * size + cols, m
+        if LAYOUT == 1:
+            rows = pid * ROWS + tl.arange(0, ROWS)[:, None, None]
+            grp = tl.arange(0, SIZE // 4)[None, :, None]
+            lane = tl.arange(0, 4)[None, None, :]
+            cols = grp * 4 + lane
+        else:
+            rows = pid * ROWS + tl.arange(0, ROWS)[:, None]
+            cols = tl.arange(0, SIZE)[None, :]
+        m = (rows < nrows) & (cols < size)
+        offs = rows * size + cols
+    return offs, m
 
 
 @triton.jit
-def _block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, STOCH: tl.constexpr,
+def _block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr,
                   NR: tl.constexpr):
-    if STOCH:
+    if LAYOUT == 2:
+        q = tl.arange(0, ROWS * SIZE // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * (ROWS * SIZE // 4) + q, NR)
+        lane = tl.arange(0, 4)[None, :]
+        return _pick4(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane)
+    elif LAYOUT == 1:
         rows = pid * ROWS + tl.arange(0, ROWS)[:, None]
         grp = tl.arange(0, SIZE // 4)[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, rows * (SIZE // 4) + grp, NR)
@@ -235,9 +252,14 @@ def _block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, STOCH: tl.c
 
 
 @triton.jit
-def _block_amax(ab, STOCH: tl.constexpr):
-    """Largest pattern of each row, shaped to broadcast against the tile."""
-    if STOCH:
+def _block_amax(ab, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
+    """Largest pattern of each block, shaped to broadcast against the tile."""
+    if LAYOUT == 2:
+        aq = tl.max(ab, axis=1)                                       # per quad
+        am = tl.max(tl.reshape(aq, (ROWS, SIZE // 4)), axis=1)        # per block
+        back = tl.reshape(tl.broadcast_to(am[:, None], (ROWS, SIZE // 4)), (ROWS * SIZE // 4,))
+        return back[:, None]
+    elif LAYOUT == 1:
         return tl.max(tl.max(ab, axis=2), axis=1)[:, None, None]
     else:
         return tl.max(ab, axis=1)[:, None]
@@ -248,14 +270,14 @@ def _mx_kernel(x_ptr, out_ptr, nrows, size, P, seed, emax_elem, sc_emin, sc_emax
                MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
                MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
                ZERO_SHIFT: tl.constexpr, STOCH: tl.constexpr, ROWS: tl.constexpr,
-               SIZE: tl.constexpr, NR: tl.constexpr):
+               SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """Power-of-two (E8M0-style) shared scale: amax reduction, exponent arithmetic, elements."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, STOCH)
-    rb = _block_random(pid, seed, ROWS, SIZE, STOCH, NR)
+    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax = _block_amax(ab, STOCH)
+    amax = _block_amax(ab, ROWS, SIZE, LAYOUT)
     shared = tl.minimum(tl.maximum((amax >> 23) - 127 - emax_elem, sc_emin), sc_emax)
     s1 = shared >> 1                 # floor(shared / 2)
     s2 = shared - s1
@@ -288,15 +310,15 @@ def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den
                       ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
                       S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
                       STOCH: tl.constexpr, HAS_TS: tl.constexpr, ROWS: tl.constexpr,
-                      SIZE: tl.constexpr, NR: tl.constexpr):
+                      SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """Scale = amax / max_elem [/ tensor scale], rounded to the scale format (NVFP4: E4M3), in
     float32 with correctly rounded division as the reference does it."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, STOCH)
-    rb = _block_random(pid, seed, ROWS, SIZE, STOCH, NR)
+    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax_bits = _block_amax(ab, STOCH)
+    amax_bits = _block_amax(ab, ROWS, SIZE, LAYOUT)
     amax = amax_bits.to(tl.float32, bitcast=True)
     s32 = tl.math.div_rn(amax, tl.zeros_like(amax) + elem_max)
     if HAS_TS:
@@ -372,7 +394,11 @@ def _pow2ceil(n: int) -> int:
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits: Optional[int] = None) -> Optional[torch.Tensor]:
+                   sr_bits: Optional[int] = None, tensor_amax: Optional[torch.Tensor] = None
+                   ) -> Optional[torch.Tensor]:
+    """``tensor_amax`` (NVFP4-style formats only): the tensor's largest finite magnitude, float32,
+    on x's device, when the caller already has it (delayed scaling): the amax pass is skipped and
+    the quantization is one pass over the tensor."""
     if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - TILE:
         return None
     claim = block_claims(fmt, mode, sr_bits)
@@ -395,13 +421,18 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
     P = _params(espec, x.device)
     seed = _seed(espec, generator, x.device)
     fl = _flags(espec)
+    layout = 0 if not espec.stochastic else (2 if SIZE == size else 1)
     if sspec is None:
         el = fmt.element
         _mx_kernel[grid](xb, out, nrows, size, P, seed, int(el.emax), int(fmt.scale.emin),
-                         int(fmt.scale.emax), ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, num_warps=8, **fl)
+                         int(fmt.scale.emax), ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout,
+                         num_warps=8, **fl)
     else:
-        amax_t = torch.zeros(1, dtype=torch.int32, device=x.device)
-        if fmt.tensor_scale:
+        if tensor_amax is not None and fmt.tensor_scale:
+            amax_t = tensor_amax.to(device=x.device, dtype=torch.float32).reshape(1).view(torch.int32)
+        else:
+            amax_t = torch.zeros(1, dtype=torch.int32, device=x.device)
+        if fmt.tensor_scale and tensor_amax is None:
             _amax_bits_kernel[(triton.cdiv(n, BLOCK * AMAX_ITERS),)](xb, amax_t, n, BLOCK=BLOCK,
                                                                      ITERS=AMAX_ITERS, num_warps=8)
         ts_den, elem_max = _amax_rule_constants(fmt)
@@ -409,7 +440,7 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
             xb, out, nrows, size, P, _params(sspec, x.device), seed, elem_max, ts_den, amax_t,
             S_HAS_INF=sspec.has_inf, S_NEG_ZERO=sspec.neg_zero, S_MAN0=sspec.man0,
             S_VAR_SHIFT=sspec.var_shift, S_ZERO_SHIFT=sspec.s_lo == 0, HAS_TS=bool(fmt.tensor_scale),
-            ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, num_warps=8, **fl)
+            ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout, num_warps=8, **fl)
     return out.movedim(-1, axis)
 
 
