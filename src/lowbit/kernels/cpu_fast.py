@@ -32,6 +32,7 @@ import math
 import os
 import struct
 import threading
+import types
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -328,6 +329,17 @@ def _want_compile(n: int) -> bool:
     return n >= COMPILE_MIN
 
 
+def _fresh_function(fn, static: tuple, tag: int):
+    """``fn`` with ``static`` bound, as a function with its own code object: torch.compile keeps
+    its compiled variants per code object (at most torch._dynamo.config.recompile_limit of them),
+    so every static configuration gets a code object of its own."""
+    def bound(*a):
+        return fn(*a, static=static)
+    code = bound.__code__.replace(co_name=f"lowbit_{fn.__name__.strip('_')}_{tag}")
+    return types.FunctionType(code, bound.__globals__, code.co_name, bound.__defaults__,
+                              bound.__closure__)
+
+
 def _run(kind: str, fn, static: tuple, args: tuple, n: int):
     """Run ``fn(*args, static=...)`` compiled (cached per kind and static key) or eagerly."""
     if _want_compile(n):
@@ -335,9 +347,8 @@ def _run(kind: str, fn, static: tuple, args: tuple, n: int):
         with _lock:
             cfn = _compiled.get(key)
             if cfn is None:
-                def bound(*a, _fn=fn, _st=static):
-                    return _fn(*a, static=_st)
-                cfn = torch.compile(bound, dynamic=True, fullgraph=True)
+                cfn = torch.compile(_fresh_function(fn, static, len(_compiled)), dynamic=True,
+                                    fullgraph=True)
                 _compiled[key] = cfn
         try:
             out = cfn(*args)
