@@ -74,8 +74,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true", help="skip qtorch, pychop and torchao")
     ap.add_argument("--no-eager", action="store_true", help="CPU: skip the eager (uncompiled) lowbit rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU; default: torch's)")
+    ap.add_argument("--formats", default=None,
+                    help="comma-separated subset of e4m3,e5m2,e2m1,e3m2,mxfp8,mxfp4,nvfp4 (default all)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.formats:
+        keep = set(args.formats.split(","))
+        ELEMENT[:] = [e for e in ELEMENT if e[0] in keep]
+        BLOCKS[:] = [b for b in BLOCKS if b[0] in keep]
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu")
@@ -143,12 +152,13 @@ def main(argv=None) -> int:
                      f"(first calls took {time.time() - t0:.0f} s in all, cached on disk afterwards)")
         if not args.no_eager:
             os.environ["LOWBIT_CPU_COMPILE"] = "0"
-            for short, fmt, _, _ in ELEMENT[:1]:
+            for short, fmt, _, _ in ELEMENT[:1]:  # the first element format only
                 for mode, _, _ in MODES:
                     add(f"lowbit {short} {mode} (eager, no compile)", "lowbit-eager", lb(fmt, mode),
                         repeat=3, op=f"{short}/{mode}")
-            add("lowbit mxfp4 nearest_even (eager, no compile)", "lowbit-eager",
-                lb("mxfp4", "nearest_even"), repeat=3, op="mxfp4/nearest_even")
+            if any(b[0] == "mxfp4" for b in BLOCKS):
+                add("lowbit mxfp4 nearest_even (eager, no compile)", "lowbit-eager",
+                    lb("mxfp4", "nearest_even"), repeat=3, op="mxfp4/nearest_even")
             os.environ.pop("LOWBIT_CPU_COMPILE")
 
     # --- peers ---------------------------------------------------------------------------------------

@@ -280,3 +280,13 @@ def test_compiled_path_matches_eager(monkeypatch):
     assert_same_bits(cpu_fast.quantize_block(xb, lowbit.format("mxfp4"), "nearest_even", -1), eager_mx,
                      xb, "compiled mxfp4")
     assert_same_bits(comp, reference_element(x, fmt, "nearest_even"), x, "compiled vs reference")
+    # the other compiled functions: the amax-rule blocks (NVFP4), integer blocks, a directed mode
+    for name, mode in (("nvfp4", "nearest_even"), ("bfp8_b16", "up")):
+        f = lowbit.format(name)
+        xv = block_vectors(f, n_blocks=128)
+        assert_same_bits(cpu_fast.quantize_block(xv, f, mode, -1), reference_block(xv, f, mode), xv,
+                         f"compiled {name} {mode}")
+    f = lowbit.format("int8")
+    xi = element_vectors(f, n_random=5000)
+    assert_same_bits(cpu_fast.quantize_element(xi, f, "odd", "saturate"), reference_element(xi, f, "odd"),
+                     xi, "compiled int8 odd")

@@ -347,9 +347,13 @@ def _run(kind: str, fn, static: tuple, args: tuple, n: int):
         with _lock:
             cfn = _compiled.get(key)
             if cfn is None:
-                cfn = torch.compile(_fresh_function(fn, static, len(_compiled)), dynamic=True,
-                                    fullgraph=True)
+                # elements: any length (dynamic); blocks: any number of blocks, the block size
+                # fixed (static: the reduction over it is unrolled and vectorised)
+                cfn = torch.compile(_fresh_function(fn, static, len(_compiled)),
+                                    dynamic=True if kind == "elem" else None, fullgraph=True)
                 _compiled[key] = cfn
+        if kind != "elem" and args[0].shape[0] > 1:
+            torch._dynamo.mark_dynamic(args[0], 0)
         try:
             out = cfn(*args)
             _compile_ok[0] = True
@@ -406,7 +410,10 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     """OCP MX: shared exponent from the block's largest magnitude, elements in the element domain."""
     st, stochastic = static
     ab = xb.view(torch.int32) & ABS
-    amax = ab.amax(dim=1, keepdim=True)
+    # float max of |x| (inductor vectorises it; an int32 max reduction is ~10x slower): positive
+    # floats order like their patterns; a nan propagates, possibly as x86's default nan, which has
+    # the sign bit set: clear it
+    amax = xb.abs().amax(dim=1, keepdim=True).view(torch.int32) & ABS
     bad = amax >= INF_BITS
     shared = torch.clamp((amax >> 23) - 127 - emax_elem, sc_emin, sc_emax)
     s1 = torch.div(shared, 2, rounding_mode="floor")
@@ -421,16 +428,21 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     return torch.where(bad, float("nan"), out)
 
 
-def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts, *, static):
+def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, *, static):
     """Scales by the amax rule (NVFP4 and any non-power-of-two scale), float32 arithmetic as in the
-    reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts])."""
+    reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts]).
+    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number."""
     st, st_scale, stochastic, has_ts = static
-    amax = (xb.view(torch.int32) & ABS).amax(dim=1, keepdim=True).view(torch.float32)
+    a = xb.abs()
+    if has_ts:
+        t = torch.where(torch.isfinite(a), a, 0.0).amax() / ts_den
+        ts = torch.where(torch.isfinite(t) & (t > 0), t, 1.0)
+    amax = a.amax(dim=1, keepdim=True)
     s32 = amax / elem_max
     if has_ts:
         s32 = s32 / ts
     scale = round_bits(s32, st_scale, Ps)
-    scale = torch.where(amax.view(torch.int32) >= INF_BITS, float("nan"), scale)
+    scale = torch.where(torch.isfinite(amax), scale, float("nan"))
     d = scale * ts if has_ts else scale
     y = xb / d
     y = torch.where(scale > 0, y, 0.0)
@@ -461,17 +473,6 @@ def block_claims(fmt: BlockFormat, mode: str, sr_bits=None) -> Optional[tuple]:
     return espec, sspec
 
 
-def tensor_scale32(x32: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
-    """NVFP4's per-tensor scale, as reference.tensor_scale computes it (float32 0-d tensor): the
-    amax over the finite values (a nan/inf block is nan by its own scale)."""
-    ab = x32.view(torch.int32) & ABS
-    ab = torch.where(ab >= INF_BITS, 0, ab)
-    amax = ab.max().view(torch.float32) if x32.numel() else torch.zeros((), dtype=torch.float32)
-    s = amax / torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
-    good = torch.isfinite(s) & (s > 0)
-    return torch.where(good, s, torch.ones_like(s))
-
-
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
                    sr_bits: Optional[int] = None) -> Optional[torch.Tensor]:
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() >= 2**31:
@@ -494,9 +495,9 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         out = _run("mx", _block_pow2_fn, (espec.static_key(), espec.stochastic), args, xb.numel())
     else:
         Ps = torch.tensor(sspec.numbers(), dtype=torch.int32)
-        ts = tensor_scale32(xb, fmt) if fmt.tensor_scale else torch.ones((), dtype=torch.float32)
+        ts_den = torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
         elem_max = torch.tensor(fmt.element.max, dtype=torch.float32)
-        args = (xb, P, Ps, seeds, elem_max, ts)
+        args = (xb, P, Ps, seeds, elem_max, ts_den)
         static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale))
         out = _run("amax", _block_amax_fn, static, args, xb.numel())
     return out.view(xt.shape).movedim(-1, axis).to(x.dtype)
