@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false")
     ap.add_argument("--json", default=None, help="write every row here (appended as each finishes)")
     args = ap.parse_args()
     settings = EvalSettings(eval_tokens=args.eval_tokens or None)
@@ -34,7 +35,8 @@ def main() -> None:
             loaded = load_model(args.model)
             t = time.time()
             rep = run_quantize(args.model, scheme, method, None, calib=args.calib, seq_len=args.seq_len,
-                               settings=settings, quiet=True, loaded=loaded)
+                               settings=settings, quiet=True, loaded=loaded,
+                               act_order=args.act_order)
             q, b = rep["quantized"], rep["baseline"]
             metric = q.get("perplexity", q.get("cosine_mean"))
             base = b.get("perplexity", 1.0)

@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tokens for perplexity (default 8192; 0 = the whole evaluation split of 34k)")
     q.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     q.add_argument("--sentences", type=int, default=256, help="held-out sentences for encoders (default 256)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
+                        "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")
     q.add_argument("--quiet", action="store_true")

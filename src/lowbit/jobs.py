@@ -110,7 +110,7 @@ def run_quantize(
     calib: int = DEFAULT_CALIB,
     seq_len: int = DEFAULT_SEQ_LEN,
     settings: Optional[EvalSettings] = None,
-    act_order: bool = False,
+    act_order: bool = True,
     percdamp: float = 0.01,
     quiet: bool = False,
     loaded=None,
