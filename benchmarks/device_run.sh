@@ -16,12 +16,12 @@ if [ "$what" != tests ]; then
   QPID=$!
 fi
 if [ "$what" != bench ]; then
-  echo "== pytest -n 6 tests/test_kernels_gpu.py"
-  timeout 280 python3 -m pytest -q -n 6 tests/test_kernels_gpu.py -p no:cacheprovider -rs 2>&1 | tee $OUT/gpu_tests.log | tail -25 &
+  echo "== pytest -v -n 6 tests/test_kernels_gpu.py (log: gpu_tests.log); pytest -n 6 tests -k \"triton or cuda\" (log: formats_tests_gpu.log)"
+  timeout 280 python3 -m pytest -v -n 6 tests/test_kernels_gpu.py -p no:cacheprovider -rs > $OUT/gpu_tests.log 2>&1 &
   TPID=$!
-  timeout 280 python3 -m pytest -q -n 6 tests -k "triton or cuda" --ignore=tests/test_kernels_gpu.py -p no:cacheprovider 2>&1 > $OUT/formats_tests_gpu.log
+  timeout 280 python3 -m pytest -q -n 6 tests -k "triton or cuda" --ignore=tests/test_kernels_gpu.py -p no:cacheprovider > $OUT/formats_tests_gpu.log 2>&1
   echo "== formats tests, triton/cuda parameters: $(tail -1 $OUT/formats_tests_gpu.log)"
-  wait $TPID
+  wait $TPID; echo "== tests/test_kernels_gpu.py: $(tail -1 $OUT/gpu_tests.log)"
 fi
 if [ "$what" != tests ]; then
   wait $QPID; tail -2 $OUT/qtorch_build.log

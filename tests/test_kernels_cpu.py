@@ -290,3 +290,16 @@ def test_compiled_path_matches_eager(monkeypatch):
     xi = element_vectors(f, n_random=5000)
     assert_same_bits(cpu_fast.quantize_element(xi, f, "odd", "saturate"), reference_element(xi, f, "odd"),
                      xi, "compiled int8 odd")
+
+
+def test_triton_is_never_imported_without_cuda():
+    """The Triton module is imported lazily, on CUDA tensors only: CPU work never loads it."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, lowbit; lowbit.quantize(torch.randn(64), 'e4m3'); "
+            "lowbit.quantize(torch.randn(64), 'mxfp4'); "
+            "print('lowbit.kernels.triton_quant' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LOWBIT_CPU_COMPILE": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout
