@@ -116,7 +116,7 @@ def quantize_model(
     *,
     block_size: int = 128,
     percdamp: float = 0.01,
-    act_order: bool = False,
+    act_order: bool = True,
     progress_dir: Optional[Path] = None,
     on_layer: Optional[Callable[[LayerResult], None]] = None,
     progress: bool = True,
