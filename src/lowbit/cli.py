@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
