@@ -117,6 +117,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _prepare(x, fmt, rounding, overflow, generator, sr_bits):
+    """Validate the arguments shared by quantize and encode: (tensor, kind, format, mode, generator)."""
+    t, kind = _as_torch(x)
+    _check_tensor(t)
+    f = format(fmt)
+    mode = check_rounding(rounding)
+    check_overflow(overflow)
+    _check_overflow_for(f, overflow)
+    _check_sr_bits(mode, sr_bits)
+    gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
+    return t, kind, f, mode, gen
+
+
 def quantize(
     x: ArrayLike,
     fmt,
@@ -149,14 +162,7 @@ def quantize(
     a block holding nan or +-inf is all nan. E8M0 (unsigned, no zero): negatives are nan, 0 and tiny
     values give its smallest value 2**-127.
     """
-    t, kind = _as_torch(x)
-    _check_tensor(t)
-    f = format(fmt)
-    mode = check_rounding(rounding)
-    check_overflow(overflow)
-    _check_overflow_for(f, overflow)
-    _check_sr_bits(mode, sr_bits)
-    gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
+    t, kind, f, mode, gen = _prepare(x, fmt, rounding, overflow, generator, sr_bits)
     if t.numel() and not t.dim():
         t_in = t.reshape(1)
     else:
@@ -234,14 +240,7 @@ def _encode_element_values(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
 def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *,
            scale=None, axis: int = -1, generator=None, sr_bits: Optional[int] = None) -> Encoded:
     """Quantize ``x`` and return its integer codes (+ scales); ``decode`` gives back ``quantize``'s bits."""
-    t, _ = _as_torch(x)
-    _check_tensor(t)
-    f = format(fmt)
-    mode = check_rounding(rounding)
-    check_overflow(overflow)
-    _check_overflow_for(f, overflow)
-    _check_sr_bits(mode, sr_bits)
-    gen = make_generator(generator, t.device) if mode in STOCHASTIC_MODES else None
+    t, _, f, mode, gen = _prepare(x, fmt, rounding, overflow, generator, sr_bits)
     t = t.detach()
     if isinstance(f, BlockFormat):
         if scale is not None:
