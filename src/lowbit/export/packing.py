@@ -43,6 +43,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def pack_weight(Q: torch.Tensor, quantizer: WeightQuantizer, params: List[GroupParams]) -> Dict[str, torch.Tensor]:
     """Codes and scales of a quantized weight ``Q`` (rows, cols) fitted with ``params``."""
     rows, cols = Q.shape
+    if quantizer.tensor_scale is not None:  # packing runs on the CPU wherever GPTQ ran
+        quantizer.tensor_scale = quantizer.tensor_scale.to(Q.device)
     groups = quantizer.groups(cols)
     levels = torch.empty(rows, cols, dtype=torch.float64)
     for sl, p in zip(groups, params):
