@@ -8,13 +8,11 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from .loader import UnsupportedArchitectureError
+
 # Where known families keep their repeated blocks.
 BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "encoder.layer",
                "bert.encoder.layer", "layers")
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def _get(obj, path: str):
@@ -35,7 +33,7 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     if lists:
         name, blocks = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
         return name, blocks
-    raise UnsupportedModelError(
+    raise UnsupportedArchitectureError(
         f"found no repeated blocks in {type(model).__name__}; supported: transformer models whose blocks "
         f"sit in an nn.ModuleList ({', '.join(BLOCK_PATHS)}), e.g. Llama/Mistral/Qwen2 decoders and BERT encoders"
     )
@@ -77,7 +75,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: List
     finally:
         h.remove()
     if len(captured) != len(batches):
-        raise UnsupportedModelError("the model did not call its first block on every batch")
+        raise UnsupportedArchitectureError("the model did not call its first block on every batch")
     return captured
 
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from ..formats import BlockFormat, FloatFormat, FormatError, IntFormat, format
+from ..formats import BlockFormat, FormatError, IntFormat, format
 from ..rounding import check_rounding
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "block")
@@ -117,22 +117,6 @@ class QuantSpec:
             return cls(**kw)
         except FormatError as e:
             raise ValueError(f"in quant spec {text!r}: {e}") from None
-
-    def bits_per_value(self, group_len: Optional[int] = None, scale_bits: int = 16) -> float:
-        """Storage bits per element: codes + scale (+ zero point) amortised over its group."""
-        fmt = self.fmt
-        if isinstance(fmt, BlockFormat):
-            return fmt.bits
-        bits = float(fmt.bits)
-        if group_len:
-            bits += scale_bits / group_len
-            if not self.symmetric:
-                bits += fmt.bits / group_len
-        return bits
-
-
-def is_float_like(spec: QuantSpec) -> bool:
-    return isinstance(spec.fmt, FloatFormat)
 
 
 # Named schemes: weight spec, input-activation spec (None = unquantized).
