@@ -46,19 +46,27 @@ def _triton_or_raise():
     return mod
 
 
+def _fast_backend(x: torch.Tensor, backend: str):
+    """The module that should try first (triton_quant, cpu_fast) or None for the reference only."""
+    _check_backend(backend)
+    if backend == "triton" or (backend == "auto" and x.is_cuda):
+        if backend == "triton":
+            mod = _triton_or_raise()
+            if not x.is_cuda:
+                raise RuntimeError("backend='triton' needs a CUDA tensor; move it with x.cuda() or use backend='auto'")
+            return mod
+        return triton_backend()
+    if backend in ("auto", "cpu_fast"):
+        return cpu_fast
+    return None
+
+
 def quantize_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str, generator=None,
                      sr_bits: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
-    """Round every element of float tensor ``x`` to ``fmt``; same dtype out."""
-    _check_backend(backend)
-    out = None
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
-        mod = _triton_or_raise() if backend == "triton" else triton_backend()
-        if backend == "triton" and not x.is_cuda:
-            raise RuntimeError("backend='triton' needs a CUDA tensor; move it with x.cuda() or use backend='auto'")
-        if mod is not None:
-            out = mod.quantize_element(x, fmt, mode, overflow, generator, sr_bits)
-    elif backend in ("auto", "cpu_fast"):
-        out = cpu_fast.quantize_element(x, fmt, mode, overflow, generator, sr_bits)
+    """Round every element of float tensor ``x`` to ``fmt``; same dtype out. A fast backend returns
+    None for what it does not claim, and the reference answers instead."""
+    mod = _fast_backend(x, backend)
+    out = mod.quantize_element(x, fmt, mode, overflow, generator, sr_bits) if mod is not None else None
     if out is None:
         out = reference.round_element(x.double(), fmt, mode, overflow, generator, sr_bits).to(x.dtype)
     return out
@@ -66,19 +74,11 @@ def quantize_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: s
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
                    sr_bits: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
-    _check_backend(backend)
-    out = None
-    if backend == "triton" or (backend == "auto" and x.is_cuda):
-        mod = _triton_or_raise() if backend == "triton" else triton_backend()
-        if backend == "triton" and not x.is_cuda:
-            raise RuntimeError("backend='triton' needs a CUDA tensor; move it with x.cuda() or use backend='auto'")
-        if mod is not None:
-            out = mod.quantize_block(x, fmt, mode, axis, generator, sr_bits)
-    elif backend in ("auto", "cpu_fast"):
-        out = cpu_fast.quantize_block(x, fmt, mode, axis, generator, sr_bits)
+    """Block-format quantize along ``axis``; same dtype out."""
+    mod = _fast_backend(x, backend)
+    out = mod.quantize_block(x, fmt, mode, axis, generator, sr_bits) if mod is not None else None
     if out is None:
-        out, _, _, _ = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits)
-        out = out.to(x.dtype)
+        out = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits)[0].to(x.dtype)
     return out
 
 
