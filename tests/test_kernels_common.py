@@ -65,6 +65,18 @@ def element_vectors(fmt, n_random: int = 20000, seed: int = 0, max_codes: int = 
     return torch.from_numpy(allv)
 
 
+def overflow_policies(fmt) -> tuple:
+    """The overflow policies a format accepts (saturate always; inf/nan where it can signal them)."""
+    if not isinstance(fmt, FloatFormat):
+        return ("saturate",)
+    out = ["saturate"]
+    if fmt.has_inf or fmt.has_nan:
+        out.append("inf")
+    if fmt.has_nan:
+        out.append("nan")
+    return tuple(out)
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise: identical float32 bits, or both nan (nan payloads are not part of the contract)."""
     a32, b32 = a.float(), b.float()

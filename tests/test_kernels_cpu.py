@@ -19,7 +19,7 @@ import lowbit
 from lowbit import kernels
 from lowbit.formats import BlockFormat, FloatFormat, IntFormat
 from lowbit.kernels import cpu_fast
-from test_kernels_common import (BLOCK_FORMATS, DETERMINISTIC, ELEMENT_FORMATS, assert_same_bits,
+from test_kernels_common import (overflow_policies, BLOCK_FORMATS, DETERMINISTIC, ELEMENT_FORMATS, assert_same_bits,
                                  block_vectors, element_vectors, reference_block, reference_element)
 
 
@@ -34,24 +34,13 @@ def _one_thread_eager(monkeypatch):
     torch.set_num_threads(n)
 
 
-def _overflows(fmt):
-    if not isinstance(fmt, FloatFormat):
-        return ("saturate",)
-    out = ["saturate"]
-    if fmt.has_inf or fmt.has_nan:
-        out.append("inf")
-    if fmt.has_nan:
-        out.append("nan")
-    return tuple(out)
-
-
 # --- deterministic modes: bit-exact ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ELEMENT_FORMATS)
 def test_element_formats_bit_exact(name):
     fmt = lowbit.format(name)
     x = element_vectors(fmt)
-    for overflow in _overflows(fmt):
+    for overflow in overflow_policies(fmt):
         for mode in DETERMINISTIC:
             assert cpu_fast.element_spec(fmt, mode, overflow) is not None, f"{name} is no longer claimed"
             got = cpu_fast.quantize_element(x, fmt, mode, overflow)

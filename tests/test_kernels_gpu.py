@@ -17,7 +17,7 @@ import torch
 import lowbit
 from lowbit import kernels
 from lowbit.formats import FloatFormat
-from test_kernels_common import (BLOCK_FORMATS, DETERMINISTIC, ELEMENT_FORMATS, assert_same_bits,
+from test_kernels_common import (overflow_policies, BLOCK_FORMATS, DETERMINISTIC, ELEMENT_FORMATS, assert_same_bits,
                                  block_vectors, element_vectors, reference_block, reference_element)
 
 _REASON = None
@@ -35,23 +35,12 @@ def tq():
     return mod
 
 
-def _overflows(fmt):
-    if not isinstance(fmt, FloatFormat):
-        return ("saturate",)
-    out = ["saturate"]
-    if fmt.has_inf or fmt.has_nan:
-        out.append("inf")
-    if fmt.has_nan:
-        out.append("nan")
-    return tuple(out)
-
-
 @pytest.mark.parametrize("name", ELEMENT_FORMATS)
 def test_element_formats_bit_exact(tq, name):
     fmt = lowbit.format(name)
     x = element_vectors(fmt)
     xc = x.cuda()
-    for overflow in _overflows(fmt):
+    for overflow in overflow_policies(fmt):
         for mode in DETERMINISTIC:
             got = tq.quantize_element(xc, fmt, mode, overflow)
             assert got is not None, f"{name} is not claimed by the Triton path"

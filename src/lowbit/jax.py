@@ -156,15 +156,7 @@ def quantize(x, fmt, rounding: str = "nearest_even", overflow: str = "saturate",
     ste: the gradient with respect to x is the identity (straight-through, the default); with
         ``ste=False`` it is zero, as for ``jnp.round``.
     """
-    x = jnp.asarray(x)
-    f = parse_format(fmt)
-    mode = check_rounding(rounding)
-    check_overflow(overflow)
-    if scale is not None and isinstance(f, BlockFormat):
-        raise ValueError(f"{f} computes its own block scales; do not pass scale=")
-    sdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    s = jnp.ones((), sdt) if scale is None else jnp.asarray(scale, dtype=sdt)
-    ax = _validate(x, f, mode, overflow, None if scale is None else tuple(s.shape), axis, sr_bits)
+    x, f, mode, s, sdt, ax = _prepare(x, fmt, rounding, overflow, scale, axis, sr_bits)
     fn = _quantizer(f, mode, overflow, ax, sr_bits, scale is not None, bool(ste))
     return fn(x, s, _seed(key, mode))
 
@@ -219,9 +211,8 @@ def _layout(shape, f, ax: int, scale_shape, sdt) -> _Layout:
     return _Layout(jax.ShapeDtypeStruct(shape, _code_dtype(f.bits)), sc, None)
 
 
-def encode(x, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *, scale=None,
-           axis: int = -1, key=None, sr_bits: Optional[int] = None) -> EncodedArray:
-    """Integer codes of ``quantize(x, fmt, ...)`` (jit-compatible); ``decode`` gives back its bits."""
+def _prepare(x, fmt, rounding, overflow, scale, axis, sr_bits):
+    """Checks shared by quantize and encode: (x, format, mode, scale array, scale dtype, axis)."""
     x = jnp.asarray(x)
     f = parse_format(fmt)
     mode = check_rounding(rounding)
@@ -231,6 +222,13 @@ def encode(x, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *
     sdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
     s = jnp.ones((), sdt) if scale is None else jnp.asarray(scale, dtype=sdt)
     ax = _validate(x, f, mode, overflow, None if scale is None else tuple(s.shape), axis, sr_bits)
+    return x, f, mode, s, sdt, ax
+
+
+def encode(x, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *, scale=None,
+           axis: int = -1, key=None, sr_bits: Optional[int] = None) -> EncodedArray:
+    """Integer codes of ``quantize(x, fmt, ...)`` (jit-compatible); ``decode`` gives back its bits."""
+    x, f, mode, s, sdt, ax = _prepare(x, fmt, rounding, overflow, scale, axis, sr_bits)
     lay = _layout(tuple(x.shape), f, ax, None if scale is None else tuple(s.shape), sdt)
     has_scale = scale is not None
 
