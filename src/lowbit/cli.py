@@ -103,7 +103,7 @@ def cmd_quantize(args) -> int:
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
-                          percdamp=args.damp, quiet=args.quiet)
+                          percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args))
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -111,6 +111,15 @@ def cmd_quantize(args) -> int:
         if args.out:
             print(f"wrote {args.out}/report.json, {args.out}/layer_error.png and the checkpoint {args.out}/model.safetensors")
     return 0
+
+
+def _retain_config(args):
+    """RetainConfig from --retain/--retain-format/--retain-alloc/--retain-saliency, or None."""
+    if args.retain is None:
+        return None
+    from .ptq.retention import RetainConfig, parse_ratio
+
+    return RetainConfig(parse_ratio(args.retain), args.retain_format, args.retain_saliency, args.retain_alloc)
 
 
 def cmd_eval(args) -> int:
@@ -155,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
                         "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--retain", help="keep this fraction of high-impact weights (e.g. 1%% or 0.01) in a sparse "
+                   "side tensor at --retain-format; counted in bits/weight")
+    q.add_argument("--retain-format", default="int8",
+                   help="format of retained weights: int8 (fp16 scale per row), int8:tensor, e4m3fn, fp16, ...")
+    q.add_argument("--retain-alloc", default="fixed", choices=["fixed", "optimized"],
+                   help="one ratio everywhere, or per-layer ratios from an integer program at the same bits")
+    q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher"],
+                   help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
+                   "fisher w^2 E[g^2] (causal LMs)")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)

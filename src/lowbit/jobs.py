@@ -114,6 +114,7 @@ def run_quantize(
     percdamp: float = 0.01,
     quiet: bool = False,
     loaded=None,
+    retain=None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json and layer_error.png there."""
@@ -139,11 +140,13 @@ def run_quantize(
     base_bytes = dense_bytes(loaded.model)
     data = f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus" if method == "gptq" else "no data needed"
     _log(f"{method} with {plan.describe()}: {data}", quiet)
-    batches = calibration_batches(loaded, calib, seq_len) if method == "gptq" else []
+    if retain is not None:
+        data += f"; retaining {retain.ratio:.2%} of weights ({retain.alloc} ratios) at {retain.fmt}"
+    batches = calibration_batches(loaded, calib, seq_len) if method == "gptq" or retain is not None else []
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
-                         progress_dir=progress_dir, progress=not quiet)
+                         progress_dir=progress_dir, progress=not quiet, retain=retain)
     q_seconds = time.time() - t_q
     _log("evaluating the quantized model ...", quiet)
     quant = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, reference, progress=not quiet)
@@ -156,7 +159,8 @@ def run_quantize(
         "method": method,
         "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
         "calibration": ({"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
-                         "seed": 0} if method == "gptq" else None),
+                         "seed": 0} if batches else None),
+        "retain": retain.to_dict() if retain is not None else None,
         "layer_error": ("output space on the calibration data: ||X(W-Q)^T||^2 / ||XW^T||^2"
                         if method == "gptq" else "weight space: ||W-Q||^2 / ||W||^2"),
         "evaluation": settings.describe(loaded.kind),
@@ -177,7 +181,8 @@ def run_quantize(
     if out:
         spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
-                "method": method, "evaluation": vars(settings)}
+                "method": method, "evaluation": vars(settings),
+                **({"retain": retain.to_dict()} if retain is not None else {})}
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
                               extra=meta)
         report["quantized"]["size_bytes"] = size

@@ -48,6 +48,8 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
             "act": str(mod.act_spec) if mod.act_spec else None,
             "shape": list(mod.weight.shape),
         }
+        if getattr(mod, "retain", None):  # high-impact weights stored beside the codes
+            layers[name]["retain"] = mod.retain
     act_only = {n: str(m.act_spec) for n, m in model.named_modules()
                 if isinstance(m, QuantLinear) and n not in packed and m.act_spec is not None}
     meta = {"lowbit_checkpoint": CHECKPOINT_VERSION, "kind": kind, "layers": layers,
@@ -89,9 +91,10 @@ def load_quantized(path, dtype=torch.float32):
         tensors = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         wspec = QuantSpec.parse(info["weight"])
         aspec = QuantSpec.parse(info["act"]) if info["act"] else None
-        W = unpack_weight(tensors, wspec, tuple(info["shape"]))
+        W = unpack_weight(tensors, wspec, tuple(info["shape"]), retain=info.get("retain"))
         lin = model.get_submodule(name)
         q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, wspec, aspec)
+        q.retain = info.get("retain")
         _replace(model, name, q)
         state[f"{name}.weight"] = W.to(dtype)
     for name, spec in meta.get("act_only", {}).items():

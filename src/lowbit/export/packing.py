@@ -70,8 +70,9 @@ def pack_weight(Q: torch.Tensor, quantizer: WeightQuantizer, params: List[GroupP
     return out
 
 
-def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape) -> torch.Tensor:
-    """The float32 weight stored by ``pack_weight``."""
+def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape, retain=None) -> torch.Tensor:
+    """The float32 weight stored by ``pack_weight``; with ``retain`` (a retain format name) the
+    retained high-impact values stored beside the codes are written over their positions."""
     rows, cols = shape
     q = WeightQuantizer(spec)
     fmt = q.fmt
@@ -91,6 +92,10 @@ def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape) -> torch.T
     for gi, sl in enumerate(groups):
         p = GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
         W[:, sl] = q.dequant(levels[:, sl], p)
+    if retain:
+        from ..ptq.retention import RetainFormat, apply_retained
+
+        W = apply_retained(W, t, RetainFormat.parse(retain))
     return W
 
 

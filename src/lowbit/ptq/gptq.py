@@ -78,6 +78,7 @@ def gptq(
     block_size: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    keep: Optional[torch.Tensor] = None,
 ) -> GPTQResult:
     """Quantize weight W (rows, cols) given the Hessian H (cols, cols) of its inputs.
 
@@ -85,6 +86,11 @@ def gptq(
     weights as already updated by earlier errors); with ``act_order`` columns go in order of
     decreasing H diagonal and groups are fitted up front on the original weights (static groups),
     so every group keeps one scale whatever the order.
+
+    ``keep`` (bool, W's shape) marks weights retained outside the low-bit grid (see ptq.retention):
+    they are left out of every scale fit, and at their turn take their current, error-updated value
+    unrounded (Q[keep] = W_current[keep]), so they feed back zero error; rounding them to the retain
+    format is the caller's job.
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -98,7 +104,11 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    quantizer.prepare(W)
+    if keep is not None:
+        if keep.shape != W.shape:
+            raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not match weight of shape {tuple(W.shape)}")
+        keep = keep.to(W.device, torch.bool)
+    quantizer.prepare(W if keep is None else W.masked_fill(keep, 0.0))
     groups = quantizer.groups(cols)
     group_of = torch.empty(cols, dtype=torch.long)
     for gi, sl in enumerate(groups):
@@ -106,23 +116,25 @@ def gptq(
     params: List[Optional[GroupParams]] = [None] * len(groups)
     if act_order:
         for gi, sl in enumerate(groups):
-            params[gi] = quantizer.params(W[:, sl])
+            params[gi] = quantizer.params(W[:, sl] if keep is None else W[:, sl].masked_fill(keep[:, sl], 0.0))
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
+    keep = None if keep is None else keep[:, perm]
     Hinv, damp = _inverse_cholesky(H, percdamp)
     if damp > percdamp:
         warnings.warn(f"GPTQ: Hessian needed damping {damp:g} (asked {percdamp:g})", stacklevel=2)
 
     with _one_thread():
-        Q = _column_loop(W, Hinv, quantizer, groups, group_of, params, perm.tolist(), block_size, act_order)
+        Q = _column_loop(W, Hinv, quantizer, groups, group_of, params, perm.tolist(), block_size, act_order,
+                         keep)
     inv = torch.argsort(perm)
     return GPTQResult(Q[:, inv], params, damp, int(dead.sum()))
 
 
-def _column_loop(W, Hinv, quantizer, groups, group_of, params, perm_list, block_size, act_order):
+def _column_loop(W, Hinv, quantizer, groups, group_of, params, perm_list, block_size, act_order, keep=None):
     """The error-feedback loop over (permuted) columns; fills ``params`` of dynamic groups."""
     cols = W.shape[1]
     Q = torch.zeros_like(W)
@@ -139,9 +151,13 @@ def _column_loop(W, Hinv, quantizer, groups, group_of, params, perm_list, block_
                 sl = groups[gi]
                 # the group's columns: this one (being updated in W1) and the ones after it
                 slab = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : sl.stop - sl.start]
+                if keep is not None:
+                    slab = slab.masked_fill(keep[:, i1 + i : i1 + i + slab.shape[1]], 0.0)
                 params[gi] = quantizer.params(slab)
             w = W1[:, i : i + 1]
             q = quantizer.fake(w, params[gi])
+            if keep is not None:
+                q = torch.where(keep[:, i1 + i : i1 + i + 1], w, q)
             Q[:, i1 + i] = q[:, 0]
             err = (w[:, 0] - q[:, 0]) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)

@@ -40,6 +40,7 @@ class LayerResult:
                               # RTN (no data): ||W - Q||^2 / ||W||^2
     seconds: float
     note: str = ""
+    retain: Optional[dict] = None  # high-impact retention: format, ratio, kept count, side bits
 
 
 @dataclass
@@ -120,6 +121,7 @@ def quantize_model(
     progress_dir: Optional[Path] = None,
     on_layer: Optional[Callable[[LayerResult], None]] = None,
     progress: bool = True,
+    retain=None,
 ) -> QuantizationResult:
     """Quantize every linear layer the plan names, in place; returns per-layer results."""
     if method not in METHODS:
@@ -127,10 +129,13 @@ def quantize_model(
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
+    if retain is not None:  # a different retention must not resume from this progress
+        result.plan = {**result.plan, "retain": {k: v for k, v in retain.to_dict().items() if k != "allocation"}}
     done = _load_progress(progress_dir, model, result) if progress_dir else -1
 
-    # RTN needs no data: only GPTQ runs the blocks (and so reports output-space error)
-    calibrated = method == "gptq"
+    # RTN needs no data: only GPTQ (or retention's saliency) runs the blocks
+    calibrated = method == "gptq" or retain is not None
+    scores = _prepare_retention(model, plan, batches, retain, progress) if retain is not None else None
     inputs = capture_block_inputs(model, blocks[0], batches) if calibrated else []
     hidden = [inp.hidden for inp in inputs]
     if done >= 0 and calibrated:
@@ -159,7 +164,14 @@ def quantize_model(
                 ts = time.time()
                 q = WeightQuantizer(wspec)
                 W = lin.weight.detach().float()
-                if method == "gptq":
+                if retain is not None:
+                    from .retention import retain_layer
+
+                    Q, params, packed, extra_bits, rinfo = retain_layer(
+                        name, W, hess[name].H, q, retain, method, scores,
+                        dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
+                    note = ""
+                elif method == "gptq":
                     res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
                     Q, params = res.weight, res.params
                     note = f"damping {res.damping:g}" if res.damping > percdamp else ""
@@ -168,13 +180,19 @@ def quantize_model(
                     note = ""
                 if not torch.isfinite(Q).all():
                     raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
-                result.packed[name] = pack_weight(Q.cpu(), q, [_cpu(p) for p in params])
+                if retain is None:
+                    result.packed[name] = pack_weight(Q.cpu(), q, [_cpu(p) for p in params])
+                    extra_bits, rinfo = 0.0, None
+                else:
+                    result.packed[name] = packed
                 aspec = plan.act_spec(name)
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
+                if rinfo is not None:
+                    model.get_submodule(name).retain = rinfo["format"]
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
-                                 q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]),
+                                 q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]) + extra_bits,
                                  _relative_error(W, Q, hess[name].H if calibrated else None),
-                                 time.time() - ts, note)
+                                 time.time() - ts, note, rinfo)
                 result.layers.append(lr)
                 if on_layer:
                     on_layer(lr)
@@ -191,6 +209,25 @@ def quantize_model(
     bar.close()
     result.seconds = time.time() - t0
     return result
+
+
+def _prepare_retention(model, plan, batches, retain, progress):
+    """Before any layer changes: Fisher scores (if asked) and the optimised per-layer ratios."""
+    from .retention import fisher_saliency
+
+    scores = None
+    if retain.saliency == "fisher":
+        names = [n for n, _ in model.named_modules() if plan.weight_spec(n) is not None
+                 and isinstance(model.get_submodule(n), nn.Linear)]
+        scores = fisher_saliency(model, batches, names)
+    if retain.alloc == "optimized" and retain.ratios is None:
+        from .retain_alloc import optimize_ratios
+
+        alloc = optimize_ratios(model, plan, batches, retain.fmt, retain.ratio, retain.saliency,
+                                retain.sens_batches, progress, scores)
+        retain.ratios = alloc.ratios
+        retain.allocation = alloc.to_dict()
+    return scores
 
 
 # --- progress / resume -------------------------------------------------------------------------
@@ -242,8 +279,11 @@ def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int
         result.packed[layer.name] = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
         wspec = QuantSpec.parse(layer.weight_spec)
         aspec = QuantSpec.parse(layer.act_spec) if layer.act_spec else None
-        W = unpack_weight(result.packed[layer.name], wspec, layer.shape)
+        retain_fmt = layer.retain["format"] if layer.retain else None
+        W = unpack_weight(result.packed[layer.name], wspec, layer.shape, retain=retain_fmt)
         _replace_module(model, layer.name, QuantLinear.from_linear(model.get_submodule(layer.name), W, wspec, aspec))
+        if retain_fmt:
+            model.get_submodule(layer.name).retain = retain_fmt
     result.skipped.update(meta["result"]["skipped"])
     return int(meta["done"])
 

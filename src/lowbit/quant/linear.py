@@ -22,6 +22,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_spec = weight_spec
         self.act_spec = act_spec
+        # retain format of high-impact weights kept beside the low-bit codes (None: none); the
+        # weight already holds them at their positions, so forward needs nothing more
+        self.retain: Optional[str] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, weight_spec: Optional[QuantSpec],
@@ -40,4 +43,5 @@ class QuantLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight={self.weight_spec}, act={self.act_spec}"
+        extra = f", retain={self.retain}" if self.retain else ""
+        return f"{super().extra_repr()}, weight={self.weight_spec}, act={self.act_spec}{extra}"
