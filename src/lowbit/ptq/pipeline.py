@@ -224,7 +224,7 @@ def _prepare_retention(model, plan, batches, retain, progress):
         from .retain_alloc import optimize_ratios
 
         alloc = optimize_ratios(model, plan, batches, retain.fmt, retain.ratio, retain.saliency,
-                                retain.sens_batches, progress, scores)
+                                retain.sens_seqs, progress, scores)
         retain.ratios = alloc.ratios
         retain.allocation = alloc.to_dict()
     return scores

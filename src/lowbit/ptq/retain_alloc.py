@@ -92,6 +92,35 @@ def layer_curve(name: str, W: torch.Tensor, H: torch.Tensor, spec, rfmt: RetainF
     return LayerCurve(name, (rows, cols), low, list(grid), errs, bits)
 
 
+def _first_rows(x, b: int, n: int):
+    """x with every tensor whose leading dim is the batch size b cut to its first n rows."""
+    if torch.is_tensor(x):
+        return x[:n] if x.dim() and x.shape[0] == b else x
+    if isinstance(x, tuple):
+        return tuple(_first_rows(v, b, n) for v in x)
+    if isinstance(x, list):
+        return [_first_rows(v, b, n) for v in x]
+    if isinstance(x, dict):
+        return {k: _first_rows(v, b, n) for k, v in x.items()}
+    return x
+
+
+def _sensitivity_slice(inputs, hidden, n_seq: int):
+    """The first n_seq calibration sequences (the block sensitivities need few)."""
+    from ..models.blocks import BlockInput
+
+    out_in, out_h, left = [], [], n_seq
+    for inp, h in zip(inputs, hidden):
+        if left <= 0:
+            break
+        b = h.shape[0]
+        n = min(b, left)
+        out_in.append(BlockInput(h[:n], _first_rows(inp.args, b, n), _first_rows(inp.kwargs, b, n)))
+        out_h.append(h[:n])
+        left -= n
+    return out_in, out_h
+
+
 def _block_rel_err(block, inputs, hidden, ref) -> float:
     num = den = 0.0
     for inp, h, y in zip(inputs, hidden, ref):
@@ -102,7 +131,7 @@ def _block_rel_err(block, inputs, hidden, ref) -> float:
 
 
 def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainFormat, base_ratio: float,
-                   saliency: str = "obs", sens_batches: int = 4, progress: bool = True,
+                   saliency: str = "obs", sens_seqs: int = 4, progress: bool = True,
                    scores: Optional[Dict[str, torch.Tensor]] = None):
     """(curves, pairs): per-layer error curves with block-output sensitivities, and the measured
     correlation of neighbouring layers' block-output errors. The model is left unchanged."""
@@ -121,7 +150,8 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                       if plan.weight_spec(n) is not None
                       and WeightQuantizer(plan.weight_spec(n)).check(tuple(l.weight.shape)) is None}
             hess = _collect_hessians(block, inputs, hidden, layers)
-            ref = [run_block(block, i, h) for i, h in zip(inputs[:sens_batches], hidden[:sens_batches])]
+            s_in, s_h = _sensitivity_slice(inputs, hidden, sens_seqs)
+            ref = [run_block(block, i, h) for i, h in zip(s_in, s_h)]
             rtn = {}
             block_curves = []
             for n, lin in layers.items():
@@ -134,13 +164,13 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
             orig = {n: lin.weight.data for n, lin in layers.items()}
             for c in block_curves:
                 layers[c.name].weight.data = rtn[c.name]
-                alone[c.name] = _block_rel_err(block, inputs, hidden, ref)
+                alone[c.name] = _block_rel_err(block, s_in, s_h, ref)
                 layers[c.name].weight.data = orig[c.name]
                 c.sensitivity = alone[c.name] / c.errors[0] if c.errors[0] > 0 else 0.0
             names = [c.name for c in block_curves]
             for a, b in zip(names, names[1:]):
                 layers[a].weight.data, layers[b].weight.data = rtn[a], rtn[b]
-                both = _block_rel_err(block, inputs, hidden, ref)
+                both = _block_rel_err(block, s_in, s_h, ref)
                 layers[a].weight.data, layers[b].weight.data = orig[a], orig[b]
                 denom = 2 * math.sqrt(alone[a] * alone[b])
                 rho = (both - alone[a] - alone[b]) / denom if denom > 0 else 0.0
@@ -228,12 +258,27 @@ def solve_allocation(curves: List[LayerCurve], pairs: List[Tuple[str, str, float
 
 
 def optimize_ratios(model: nn.Module, plan, batches: List[dict], rfmt: RetainFormat, base_ratio: float,
-                    saliency: str = "obs", sens_batches: int = 4, progress: bool = True,
+                    saliency: str = "obs", sens_seqs: int = 4, progress: bool = True,
                     scores: Optional[Dict[str, torch.Tensor]] = None) -> Allocation:
     """Measure the curves on ``batches`` and solve the program (see module doc)."""
     t0 = time.time()
-    curves, pairs = measure_curves(model, plan, batches, rfmt, base_ratio, saliency, sens_batches,
+    curves, pairs = measure_curves(model, plan, batches, rfmt, base_ratio, saliency, sens_seqs,
                                    progress, scores)
     alloc = solve_allocation(curves, pairs, base_ratio)
     alloc.seconds = time.time() - t0
     return alloc
+
+
+def matching_ratio(shapes: Sequence[Tuple[int, int]], fmt_a: RetainFormat, ratio_a: float,
+                   fmt_b: RetainFormat) -> float:
+    """The largest ratio at which retaining in ``fmt_b`` costs no more bits over these layers than
+    ``ratio_a`` in ``fmt_a`` (e.g. the fp16 ratio that matches 1% at int8)."""
+    def total(fmt, r):
+        return sum(retained_bits(m, n, int(round(r * m * n)), fmt) for m, n in shapes)
+
+    budget = total(fmt_a, ratio_a)
+    lo, hi = 0.0, 0.5
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(fmt_b, mid) <= budget else (lo, mid)
+    return lo

@@ -120,8 +120,9 @@ class RetainFormat:
 # --- saliency ----------------------------------------------------------------------------------
 
 def inverse_hessian_diag(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """diag(H^-1) of the damped Hessian (as GPTQ damps it); dead inputs get H_jj = 1."""
-    H = H.detach().double().clone()
+    """diag(H^-1) of the damped Hessian (as GPTQ damps it); dead inputs get H_jj = 1. float32 as in
+    GPTQ: the damping keeps H well conditioned and a score needs no more precision."""
+    H = H.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     damp = percdamp * torch.mean(torch.diag(H))
@@ -307,7 +308,7 @@ class RetainConfig:
     saliency: str = "obs"
     alloc: str = "fixed"
     ratios: Optional[Dict[str, float]] = None  # per layer, filled by the allocation program
-    sens_batches: int = 4                      # calibration sequences for the block sensitivities
+    sens_seqs: int = 4                         # calibration sequences for the block sensitivities
     allocation: Optional[dict] = None          # the program's summary, for the report
 
     def __post_init__(self):
