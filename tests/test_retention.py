@@ -262,3 +262,19 @@ def test_cli_parses_the_retain_flags():
     cfg = _retain_config(args)
     assert cfg.ratio == pytest.approx(0.01) and str(cfg.fmt) == "e4m3fn" and cfg.alloc == "optimized"
     assert _retain_config(build_parser().parse_args(["quantize", "minilm"])) is None
+
+
+def test_run_block_does_not_reuse_the_kv_cache_between_calls(tiny):
+    # transformers 5 hands blocks a ``cache``; reused, a second call would attend to the first call's
+    # keys/values, and the block sensitivities (and GPTQ's next-block inputs) would miss k/v changes
+    from lowbit.models.blocks import capture_block_inputs, find_blocks, run_block
+
+    model, ids, batches = tiny
+    m = copy.deepcopy(model)
+    _, blocks = find_blocks(m)
+    inp = capture_block_inputs(m, blocks[0], batches[:1])[0]
+    with torch.inference_mode():
+        y1 = run_block(blocks[0], inp, inp.hidden)
+        blocks[0].self_attn.v_proj.weight.mul_(0.5)
+        y2 = run_block(blocks[0], inp, inp.hidden)
+    assert (y1 - y2).abs().max() > 1e-3
