@@ -4,6 +4,10 @@ per-layer ratios from the integer program} x schemes, and int8 vs fp16 retention
     python benchmarks/retention_quality.py --model minilm --calib 32 --seq-len 128
     python benchmarks/retention_quality.py --model smollm2 --schemes w3g64,w2g64 --calib 16 \
         --seq-len 512 --eval-tokens 4096
+    python benchmarks/retention_quality.py --merge a.json b.json ...   # one table from several runs
+
+The int8-vs-fp16 comparison (--compare-fp16 SCHEMES) adds an fp16 row at the ratio whose bits match
+--ratio at --format; compare it with that scheme's "fixed" row.
 
 Every row reports its true bits/weight (codes, scales, retained values, their positions and scales).
 The fixed and optimised rows spend the same retention bits; the fp16 row keeps as many weights as
@@ -79,17 +83,19 @@ def main() -> None:
 
     schemes = args.schemes.split(",")
     for scheme in schemes:
-        for label in args.rows.split(","):
+        for label in [x for x in args.rows.split(",") if x]:
             retain = None if label == "gptq" else RetainConfig(ratio, args.format, args.saliency, label)
             run(scheme, label, retain)
     fp16_schemes = [s for s in args.compare_fp16.split(",") if s]
     for scheme in fp16_schemes:
         shapes = _shapes(load_model(args.model).model, scheme)
         r16 = matching_ratio(shapes, RetainFormat.parse(args.format), ratio, RetainFormat("fp16"))
-        if not any(r["scheme"] == scheme and r["row"] == "fixed" for r in rows):
-            run(scheme, "fixed", RetainConfig(ratio, args.format, args.saliency, "fixed"))
         run(scheme, f"fixed fp16 {r16:.3%}", RetainConfig(r16, "fp16", args.saliency, "fixed"))
 
+    print_table(rows, args, schemes, fp16_schemes)
+
+
+def print_table(rows, args, schemes, fp16_schemes) -> None:
     name = "perplexity" if "perplexity" in rows[0] or rows[0]["baseline"] != 1.0 else "cosine to fp32"
     print(f"\n{rows[0]['model']}: baseline {name} {rows[0]['baseline']:.4g}; calibration {args.calib}x"
           f"{args.seq_len}; retain {args.ratio} at {args.format} ({args.saliency} saliency); eval "
@@ -112,5 +118,24 @@ def main() -> None:
                       f"{r['bits_per_weight']:.4f} bits/weight, metric {r['metric']:.4g}")
 
 
+def merge(paths) -> None:
+    """Print one table from the JSON files of several runs (e.g. one per row, run in parallel)."""
+    rows, args = [], None
+    for p in paths:
+        d = json.load(open(p))
+        rows += d["rows"]
+        args = args or argparse.Namespace(**d["args"])
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    fp16 = list(dict.fromkeys(r["scheme"] for r in rows if r["row"].startswith("fixed fp16")))
+    order = {label: i for i, label in enumerate(ROWS)}
+    rows.sort(key=lambda r: (order.get(r["row"], 99), schemes.index(r["scheme"])))
+    print_table(rows, args, schemes, fp16)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        merge(sys.argv[2:])
+    else:
+        main()
