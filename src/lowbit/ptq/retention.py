@@ -340,6 +340,23 @@ def parse_ratio(text) -> float:
         raise ValueError(f"retain ratio {text!r} is not a number or a percentage (e.g. 1% or 0.01)") from None
 
 
+def gptq_retained(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, quantizer: WeightQuantizer,
+                  rfmt: RetainFormat, **gptq_options) -> RetainedLayer:
+    """GPTQ of the non-kept weights with scales fitted without the kept ones; kept ones take their
+    error-updated value rounded to the retain format.
+
+    GPTQ runs on W with the kept weights zeroed, so no scale (group, block, tensor) sees them. This
+    changes nothing else: a kept weight feeds back no error whatever its value, so the updates every
+    weight receives are the same, and the kept weight's updated value is W + (its updated zero)."""
+    from .gptq import gptq
+
+    W = W.detach().float()
+    keep = keep.to(W.device)
+    res = gptq(W.masked_fill(keep, 0.0), H, quantizer, keep=keep, **gptq_options)
+    Q = torch.where(keep, W + res.weight, res.weight)
+    return finish_retained(Q, keep, rfmt, res.params)
+
+
 def retain_layer(name: str, W: torch.Tensor, H: torch.Tensor, quantizer: WeightQuantizer, cfg: RetainConfig,
                  method: str, scores: Optional[Dict[str, torch.Tensor]], gptq_options: dict):
     """Quantize one layer with retention: (weight, params, packed tensors, side bits per weight, info)."""
@@ -351,8 +368,7 @@ def retain_layer(name: str, W: torch.Tensor, H: torch.Tensor, quantizer: WeightQ
                                                                       cfg.saliency, gptq_options.get("percdamp", 0.01))
     keep = top_mask(score, ratio)
     if method == "gptq":
-        res = gptq(W, H, quantizer, keep=keep, **gptq_options)
-        layer = finish_retained(res.weight, keep, cfg.fmt, res.params)
+        layer = gptq_retained(W, H, keep, quantizer, cfg.fmt, **gptq_options)
     else:
         layer = rtn_retained(W, keep, quantizer, cfg.fmt)
     params = [type(p)(p.scale.cpu(), None if p.zero is None else p.zero.cpu()) for p in layer.params]
