@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
+from .. import kernels
+from ..formats import BlockFormat
 from ..quant.weight import GroupParams, WeightQuantizer
+from ..rounding import STOCHASTIC_MODES
 
 
 class HessianAccumulator:
@@ -78,6 +81,7 @@ def gptq(
     block_size: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    keep: Optional[torch.Tensor] = None,
 ) -> GPTQResult:
     """Quantize weight W (rows, cols) given the Hessian H (cols, cols) of its inputs.
 
@@ -85,66 +89,250 @@ def gptq(
     weights as already updated by earlier errors); with ``act_order`` columns go in order of
     decreasing H diagonal and groups are fitted up front on the original weights (static groups),
     so every group keeps one scale whatever the order.
+
+    ``keep``: optional bool mask shaped like W; those weights are not rounded (Q holds their
+    current, error-updated value) and feed back no error.
     """
-    W = W.detach().float().clone()
+    return gptq_shared([W], H, [quantizer], block_size, percdamp, act_order,
+                       None if keep is None else [keep])[0]
+
+
+LOOPS = ("auto", "fused", "plain")
+
+
+def gptq_shared(
+    Ws: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    quantizers: Sequence[WeightQuantizer],
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    keeps: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    loop: str = "auto",
+) -> List[GPTQResult]:
+    """GPTQ of several weights fed the same inputs (q/k/v, gate/up), hence one Hessian: one
+    damping, one column order, one inverse and one column loop over their rows stacked. Rows never
+    interact in GPTQ, so each result equals that of ``gptq`` on the weight alone; each quantizer
+    keeps its own whole-tensor state (NVFP4's tensor scale) and group parameters.
+
+    ``loop``: "fused" runs the column loop on per-column divisors and zero points (a Triton kernel
+    per block on CUDA, a lean torch loop elsewhere); "plain" calls the quantizer per column (any
+    format, any rounding mode); "auto" takes the fused loop wherever the format allows it.
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"unknown GPTQ loop {loop!r}; accepted: {', '.join(LOOPS)}")
+    if len(Ws) != len(quantizers) or not Ws:
+        raise ValueError(f"gptq_shared needs one quantizer per weight, got {len(Ws)} weights "
+                         f"and {len(quantizers)} quantizers")
+    cols = Ws[0].shape[1]
+    for W in Ws:
+        if W.dim() != 2 or W.shape[1] != cols:
+            raise ValueError(f"weights sharing a Hessian need one input width; got shapes "
+                             f"{[tuple(x.shape) for x in Ws]}")
+    specs = {str(q.spec) for q in quantizers}
+    if len(specs) > 1:
+        raise ValueError(f"weights quantized in one loop need one spec, got {sorted(specs)}")
     H = H.detach().float().clone()
-    rows, cols = W.shape
     if H.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match weight of shape {tuple(W.shape)}")
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match weight of shape {tuple(Ws[0].shape)}")
     if not torch.isfinite(H).all():
         raise FloatingPointError("Hessian holds nan/inf: the calibration activations overflowed")
+    W = torch.cat([x.detach().float() for x in Ws], dim=0) if len(Ws) > 1 else Ws[0].detach().float().clone()
+    W = W.to(H.device)
+    parts = []
+    r0 = 0
+    for x in Ws:
+        parts.append(slice(r0, r0 + x.shape[0]))
+        r0 += x.shape[0]
+    K = None
+    if keeps is not None and any(k is not None for k in keeps):
+        K = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        for sl, k, x in zip(parts, keeps, Ws):
+            if k is None:
+                continue
+            if k.shape != x.shape:
+                raise ValueError(f"keep mask of shape {tuple(k.shape)} does not match weight of shape {tuple(x.shape)}")
+            K[sl] = k.to(device=W.device, dtype=torch.bool)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    quantizer.prepare(W)
-    groups = quantizer.groups(cols)
+    for q, sl in zip(quantizers, parts):
+        q.prepare(W[sl])
+    groups = quantizers[0].groups(cols)
     group_of = torch.empty(cols, dtype=torch.long)
     for gi, sl in enumerate(groups):
         group_of[sl] = gi
-    params: List[Optional[GroupParams]] = [None] * len(groups)
+    params: List[Optional[List[GroupParams]]] = [None] * len(groups)
     if act_order:
         for gi, sl in enumerate(groups):
-            params[gi] = quantizer.params(W[:, sl])
+            params[gi] = [q.params(W[rs, sl]) for q, rs in zip(quantizers, parts)]
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
-        perm = torch.arange(cols)
+        perm = torch.arange(cols, device=H.device)
     W = W[:, perm]
+    if K is not None:
+        K = K[:, perm]
     H = H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, percdamp)
     if damp > percdamp:
         warnings.warn(f"GPTQ: Hessian needed damping {damp:g} (asked {percdamp:g})", stacklevel=2)
 
+    state = _LoopState(quantizers, parts, groups, group_of.tolist(), params, perm.tolist(), act_order)
+    fused = loop == "fused" or (loop == "auto" and _fused_ok(quantizers, params, W))
+    if loop == "fused" and not _fused_ok(quantizers, params, W):
+        raise ValueError(f"the fused GPTQ loop cannot run {quantizers[0].spec}: use loop='plain' or 'auto'")
     with _one_thread():
-        Q = _column_loop(W, Hinv, quantizer, groups, group_of, params, perm.tolist(), block_size, act_order)
-    inv = torch.argsort(perm)
-    return GPTQResult(Q[:, inv], params, damp, int(dead.sum()))
+        if fused:
+            Q = _fused_loop(W, Hinv, K, state, block_size)
+        else:
+            Q = _column_loop(W, Hinv, K, state, block_size)
+    Q = Q[:, torch.argsort(perm)]
+    return [GPTQResult(Q[sl], [p[k] for p in params], damp, int(dead.sum())) for k, sl in enumerate(parts)]
 
 
-def _column_loop(W, Hinv, quantizer, groups, group_of, params, perm_list, block_size, act_order):
-    """The error-feedback loop over (permuted) columns; fills ``params`` of dynamic groups."""
+class _LoopState:
+    """What both column loops share: the parts (row slices and their quantizers), the groups and
+    their parameters, filled up front (static groups) or as the loop reaches each group."""
+
+    def __init__(self, quantizers, parts, groups, group_of, params, perm_list, static):
+        self.quantizers, self.parts, self.groups = quantizers, parts, groups
+        self.group_of, self.params, self.perm, self.static = group_of, params, perm_list, static
+        self.starts = {sl.start for sl in groups}
+
+    def fit(self, gi: int, slab: torch.Tensor) -> None:
+        self.params[gi] = [q.params(slab[rs]) for q, rs in zip(self.quantizers, self.parts)]
+
+    def fake(self, w: torch.Tensor, gi: int) -> torch.Tensor:
+        ps = self.params[gi]
+        if len(self.parts) == 1:
+            return self.quantizers[0].fake(w, ps[0])
+        return torch.cat([q.fake(w[rs], p) for q, rs, p in zip(self.quantizers, self.parts, ps)])
+
+    def affine(self, gi: int):
+        """(d, z) of group gi over all rows; z None without zero points."""
+        dz = [q.column_affine(p) for q, p in zip(self.quantizers, self.params[gi])]
+        d = torch.cat([x[0] for x in dz])
+        z = None if dz[0][1] is None else torch.cat([x[1] for x in dz])
+        return d, z
+
+
+def _column_loop(W, Hinv, K, st: _LoopState, block_size):
+    """The error-feedback loop over (permuted) columns, the quantizer called per column; fills the
+    parameters of dynamic groups."""
     cols = W.shape[1]
     Q = torch.zeros_like(W)
-    starts = {sl.start for sl in groups}
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = perm_list[i1 + i]
-            gi = int(group_of[col])
-            if not act_order and col in starts:
-                sl = groups[gi]
+            col = st.perm[i1 + i]
+            gi = st.group_of[col]
+            if not st.static and col in st.starts:
+                sl = st.groups[gi]
                 # the group's columns: this one (being updated in W1) and the ones after it
-                slab = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : sl.stop - sl.start]
-                params[gi] = quantizer.params(slab)
+                st.fit(gi, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : sl.stop - sl.start])
             w = W1[:, i : i + 1]
-            q = quantizer.fake(w, params[gi])
+            q = st.fake(w, gi)
+            if K is not None:
+                q = torch.where(K[:, i1 + i : i1 + i + 1], w, q)
             Q[:, i1 + i] = q[:, 0]
             err = (w[:, 0] - q[:, 0]) / Hinv1[i, i]
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return Q
+
+
+# --- the fused loop --------------------------------------------------------------------------------
+
+def _column_grid(q: WeightQuantizer):
+    return q.fmt.element if isinstance(q.fmt, BlockFormat) else q.grid
+
+
+def _fused_ok(quantizers, params, W) -> bool:
+    """The fused loop needs fake == (round(w / d + z) - z) * d (every format but block formats in
+    directed/stochastic modes) and, on CUDA, an element grid the Triton kernel rounds."""
+    q = quantizers[0]
+    if q.spec.rounding in STOCHASTIC_MODES:
+        return False  # the plain loop's random draws are what the spec means; keep them
+    if isinstance(q.fmt, BlockFormat) and not q._fast_block():
+        return False
+    if W.is_cuda:
+        tg = _triton_gptq()
+        return tg is not None and tg.claims(_column_grid(q), q.spec.rounding)
+    return True
+
+
+def _triton_gptq():
+    if kernels.triton_backend() is None:
+        return None
+    from ..kernels import triton_gptq
+    return triton_gptq
+
+
+def _fused_loop(W, Hinv, K, st: _LoopState, block_size):
+    """The same loop on per-column divisors D and zero points Z (rows, cols): on CUDA one Triton
+    launch per block (per group segment with dynamic groups), elsewhere a torch loop of a dozen
+    ops per column. W is updated in place."""
+    rows, cols = W.shape
+    q0 = st.quantizers[0]
+    D = torch.empty_like(W)
+    Z = None
+    if st.static:
+        dz = [st.affine(gi) for gi in range(len(st.groups))]
+        idx = torch.tensor([st.group_of[c] for c in st.perm], device=W.device)
+        D = torch.cat([d for d, _ in dz], dim=1)[:, idx].contiguous()
+        if dz[0][1] is not None:
+            Z = torch.cat([z for _, z in dz], dim=1)[:, idx].contiguous()
+    elif q0.spec.symmetric is False:
+        Z = torch.empty_like(W)
+    K8 = None if K is None else K.to(torch.int8).contiguous()
+    Q = torch.zeros_like(W)
+    tg = _triton_gptq() if W.is_cuda else None
+    if tg is not None and block_size > tg.BLOCK_COLS:
+        block_size = tg.BLOCK_COLS
+    W = W.contiguous()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        E1 = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
+        cuts = [i1] + ([] if st.static else [c for c in range(i1 + 1, i2) if c in st.starts]) + [i2]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if not st.static and a in st.starts:
+                gi = st.group_of[a]
+                sl = st.groups[gi]
+                st.fit(gi, W[:, a : sl.stop])
+                d, z = st.affine(gi)
+                D[:, sl] = d
+                if Z is not None:
+                    Z[:, sl] = z
+            if tg is not None:
+                tg.block_loop(W[:, i1:i2], Q[:, i1:i2], E1, Hinv[i1:i2, i1:i2], D[:, i1:i2],
+                              None if Z is None else Z[:, i1:i2], None if K8 is None else K8[:, i1:i2],
+                              _column_grid(q0), q0.spec.rounding, a - i1, b - i1)
+            else:
+                _torch_segment(W, Q, E1, Hinv, D, Z, K, q0, i1, i2, a, b)
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+def _torch_segment(W, Q, E1, Hinv, D, Z, K, quantizer, i1, i2, a, b):
+    """Columns a..b-1 of block i1..i2, in place on W: the plain loop's arithmetic op for op."""
+    zero = torch.zeros((), device=W.device)
+    for j in range(a, b):
+        w = W[:, j]
+        d = D[:, j]
+        y = torch.where(d > 0, w / d, zero)
+        if Z is not None:
+            y = y + Z[:, j]
+        q = quantizer.round_scaled(y)
+        q = (q - Z[:, j]) * d if Z is not None else q * d
+        if K is not None:
+            q = torch.where(K[:, j], w, q)
+        Q[:, j] = q
+        err = (w - q) / Hinv[j, j]
+        W[:, j:i2].addr_(err, Hinv[j, j:i2], alpha=-1)
+        E1[:, j - i1] = err

@@ -143,19 +143,57 @@ class WeightQuantizer:
         """Element values on the format's grid (before the scale is applied), float64."""
         mode = self.spec.rounding
         if isinstance(self.fmt, BlockFormat):
+            if self._fast_block():
+                d, _ = self.column_affine(p)
+                y = torch.where(d > 0, w.float() / d, torch.zeros((), device=w.device))
+                q = self.round_scaled(y).double()
+                return torch.where(torch.isnan(p.scale), p.scale, q)
             xb = w.double().reshape(w.shape[0], 1, w.shape[1])
             q = reference.block_elements(xb, p.scale, self.fmt, self.tensor_scale, mode, None, None)
             return q.reshape(w.shape)
         y = w.float() / p.scale
         if p.zero is not None:
             y = y + p.zero
-        if isinstance(self.grid, IntFormat) and self.grid.frac == 0 and mode == "nearest_even":
+        return self.round_scaled(y).double()
+
+    def round_scaled(self, y: torch.Tensor) -> torch.Tensor:
+        """Round float32 ``y`` (weights already divided by their scale, zero point added) to the
+        element grid, saturating; float32 out."""
+        mode = self.spec.rounding
+        grid = self.fmt.element if isinstance(self.fmt, BlockFormat) else self.grid
+        if isinstance(grid, IntFormat) and grid.frac == 0 and mode == "nearest_even":
             # same bits as the reference (torch.round is round-half-even), without its generality
-            return torch.clamp(torch.round(y), self.grid.qmin, self.grid.qmax).double()
-        return kernels.quantize_element(y, self.grid, mode, "saturate").double()
+            return torch.clamp(torch.round(y), grid.qmin, grid.qmax)
+        return kernels.quantize_element(y, grid, mode, "saturate")
+
+    def _fast_block(self) -> bool:
+        """Block formats: whether float32 arithmetic gives the reference's bits. The per-block
+        division is exact in float32 (a power of two) or done in float32 by the reference itself
+        (amax rule); the one gap, a quotient below float32's normal range, rounds to 0 in any
+        nearest mode but not in the directed ones."""
+        return self.spec.rounding.startswith("nearest")
+
+    def column_affine(self, p: GroupParams):
+        """(d, z), float32 (rows, 1) each (z None when there is no zero point), such that
+        ``fake(w, p) == (round_scaled(y) - z) * d`` with ``y = w / d + z`` (y = 0 where d == 0);
+        None where fake is not computed that way (block formats in directed or stochastic modes).
+        GPTQ's fused loops run on (d, z) alone."""
+        if isinstance(self.fmt, BlockFormat):
+            if not self._fast_block():
+                return None
+            d = p.scale.float()
+            if not self.fmt.pow2_scale and self.tensor_scale is not None:
+                d = d * self.tensor_scale.to(d.device)
+            return d, None
+        return p.scale.float(), None if p.zero is None else p.zero.float()
 
     def dequant(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
         if isinstance(self.fmt, BlockFormat):
+            # float32 product == the reference's float64 product rounded to float32 (the power-of-
+            # two case is exact; the amax rule multiplies in float32 in the reference too)
+            d, _ = self.column_affine(p) if self._fast_block() else (None, None)
+            if d is not None:
+                return q.float() * d
             qb = q.double().reshape(q.shape[0], 1, q.shape[1])
             return reference.block_values(qb, p.scale, self.fmt, self.tensor_scale).reshape(q.shape).float()
         if p.zero is not None:
