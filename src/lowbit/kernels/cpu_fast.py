@@ -428,14 +428,16 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     return torch.where(bad, float("nan"), out)
 
 
-def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, *, static):
+def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, amax_given, *, static):
     """Scales by the amax rule (NVFP4 and any non-power-of-two scale), float32 arithmetic as in the
     reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts]).
-    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number."""
-    st, st_scale, stochastic, has_ts = static
+    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number;
+    with ``given`` the caller's amax (``amax_given``, float32) replaces the tensor's own."""
+    st, st_scale, stochastic, has_ts, given = static
     a = xb.abs()
     if has_ts:
-        t = torch.where(torch.isfinite(a), a, 0.0).amax() / ts_den
+        t_amax = amax_given if given else torch.where(torch.isfinite(a), a, 0.0).amax()
+        t = t_amax / ts_den
         ts = torch.where(torch.isfinite(t) & (t > 0), t, 1.0)
     amax = a.amax(dim=1, keepdim=True)
     s32 = amax / elem_max
@@ -474,7 +476,9 @@ def block_claims(fmt: BlockFormat, mode: str, sr_bits=None) -> Optional[tuple]:
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits: Optional[int] = None) -> Optional[torch.Tensor]:
+                   sr_bits: Optional[int] = None, tensor_amax: Optional[float] = None
+                   ) -> Optional[torch.Tensor]:
+    """``tensor_amax``: a float32 number replacing the tensor's own amax in the tensor scale."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() >= 2**31:
         return None
     claim = block_claims(fmt, mode, sr_bits)
@@ -497,7 +501,9 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         Ps = torch.tensor(sspec.numbers(), dtype=torch.int32)
         ts_den = torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
         elem_max = torch.tensor(fmt.element.max, dtype=torch.float32)
-        args = (xb, P, Ps, seeds, elem_max, ts_den)
-        static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale))
+        given = bool(fmt.tensor_scale) and tensor_amax is not None
+        amax_given = torch.tensor(tensor_amax if given else 0.0, dtype=torch.float32)
+        args = (xb, P, Ps, seeds, elem_max, ts_den, amax_given)
+        static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale), given)
         out = _run("amax", _block_amax_fn, static, args, xb.numel())
     return out.view(xt.shape).movedim(-1, axis).to(x.dtype)
