@@ -143,7 +143,11 @@ def test_compiled_encode_matches_eager(monkeypatch):
     if cpu_fast._compile_ok[0] is False:
         pytest.skip("torch.compile does not work on this machine (no C++ toolchain?)")
     _assert_same_encoding(comp, eager, x, "compiled e4m3fn")
-    _assert_same_encoding(lowbit.encode(xb, "nvfp4", "up"), eager_b, xb, "compiled nvfp4")
+    comp_b = lowbit.encode(xb, "nvfp4", "up")
+    _assert_same_encoding(comp_b, eager_b, xb, "compiled nvfp4")
+    # the compiled table decoder
+    assert_same_bits(lowbit.decode(comp), lowbit.decode(eager, backend="reference"), x, "compiled decode")
+
 
 
 # --- NVFP4's given tensor amax (delayed scaling) ------------------------------------------------------

@@ -105,13 +105,13 @@ def codes_of_bits(q: torch.Tensor, C: torch.Tensor, static: tuple) -> torch.Tens
 # --- CPU encode ---------------------------------------------------------------------------------------
 
 def _elem_encode_fn(x, P, C, seeds, *, static):
-    st, cst, stochastic = static
+    st, cst, stochastic, cdt = static
     rb = None
     if stochastic:
         idx = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
         rb = cpu_fast.random_bits(idx, seeds[0], seeds[1])
     q = cpu_fast.round_bits(x, st, P, rb)
-    return codes_of_bits(q, C, cst), torch.isnan(x).any()
+    return codes_of_bits(q, C, cst).to(cdt), torch.isnan(x).any()
 
 
 def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=None,
@@ -130,14 +130,14 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
     P = torch.tensor(spec.numbers(), dtype=torch.int32)
     C = torch.tensor(cs.numbers(), dtype=torch.int32)
     seeds = cpu_fast._seed_tensor(spec, generator, x.device)
-    static = (spec.static_key(), cs.static_key(), spec.stochastic)
+    static = (spec.static_key(), cs.static_key(), spec.stochastic, code_dtype(cs.bits))
     codes, has_nan = cpu_fast._run("enc", _elem_encode_fn, static, (x32.view(-1), P, C, seeds), x32.numel())
-    return codes.to(code_dtype(cs.bits)).view(x.shape), bool(has_nan)
+    return codes.view(x.shape), bool(has_nan)
 
 
 def _block_pow2_encode_fn(xb, P, C, seeds, emax_elem, sc_emin, sc_emax, sc_bias, sc_nan, *, static):
     """OCP MX encode: cpu_fast._block_pow2_fn's arithmetic, element and scale codes out."""
-    st, cst, stochastic = static
+    st, cst, stochastic, cdt = static
     ab = xb.view(torch.int32) & ABS
     amax = xb.abs().amax(dim=1, keepdim=True).view(torch.int32) & ABS
     bad = amax >= INF_BITS
@@ -152,13 +152,13 @@ def _block_pow2_encode_fn(xb, P, C, seeds, emax_elem, sc_emin, sc_emax, sc_bias,
     q = cpu_fast.round_bits(y, st, P, rb, nonzero=ab > 0)
     codes = torch.where(bad, 0, codes_of_bits(q, C, cst))
     scodes = torch.where(bad, sc_nan, shared + sc_bias)
-    return codes, scodes.view(-1)
+    return codes.to(cdt), scodes.view(-1).to(torch.uint8)
 
 
 def _block_amax_encode_fn(xb, P, Ps, C, Cs, seeds, elem_max, ts_den, amax_given, *, static):
     """Amax-rule encode (NVFP4, ...): cpu_fast._block_amax_fn's arithmetic, codes out, and the
     tensor scale."""
-    st, st_scale, cst, cst_scale, stochastic, has_ts, given = static
+    st, st_scale, cst, cst_scale, stochastic, has_ts, given, cdt = static
     a = xb.abs()
     ts = torch.ones((), dtype=torch.float32)
     if has_ts:
@@ -179,7 +179,7 @@ def _block_amax_encode_fn(xb, P, Ps, C, Cs, seeds, elem_max, ts_den, amax_given,
         rb = cpu_fast.random_bits(idx, seeds[0], seeds[1])
     q = cpu_fast.round_bits(y, st, P, rb)
     codes = torch.where(torch.isnan(scale), 0, codes_of_bits(q, C, cst))
-    return codes, codes_of_bits(scale, Cs, cst_scale).view(-1), ts
+    return codes.to(cdt), codes_of_bits(scale, Cs, cst_scale).view(-1).to(torch.uint8), ts
 
 
 @lru_cache(maxsize=256)
@@ -220,7 +220,7 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
     if sspec is None:
         el, sc = fmt.element, fmt.scale
         args = (xb, P, C, seeds, int(el.emax), int(sc.emin), int(sc.emax), int(sc.bias), int(sc.nan_code))
-        static = (espec.static_key(), cs.static_key(), espec.stochastic)
+        static = (espec.static_key(), cs.static_key(), espec.stochastic, code_dtype(cs.bits))
         codes, scodes = cpu_fast._run("mx_enc", _block_pow2_encode_fn, static, args, xb.numel())
     else:
         given = bool(fmt.tensor_scale) and tensor_amax is not None
@@ -230,11 +230,11 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
                 torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32),
                 torch.tensor(tensor_amax if given else 0.0, dtype=torch.float32))
         static = (espec.static_key(), sspec.static_key(), cs.static_key(), css.static_key(),
-                  espec.stochastic, bool(fmt.tensor_scale), given)
+                  espec.stochastic, bool(fmt.tensor_scale), given, code_dtype(cs.bits))
         codes, scodes, ts = cpu_fast._run("amax_enc", _block_amax_encode_fn, static, args, xb.numel())
         ts = ts.reshape(()) if fmt.tensor_scale else None
-    codes = codes.to(code_dtype(cs.bits)).view(xt.shape).movedim(-1, axis)
-    scodes = scodes.to(torch.uint8).view(xt.shape[:-1] + (xt.shape[-1] // fmt.size,)).movedim(-1, axis)
+    codes = codes.view(xt.shape).movedim(-1, axis)
+    scodes = scodes.view(xt.shape[:-1] + (xt.shape[-1] // fmt.size,)).movedim(-1, axis)
     return codes, scodes, ts
 
 
@@ -266,6 +266,10 @@ def table(fmt, device) -> Optional[torch.Tensor]:
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _decode_fn(c, tab, *, static):
+    return tab[c.to(torch.int64)].to(static)
+
+
 def decode_element(codes: torch.Tensor, fmt, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """Values of element codes (CPU), or None where the table path does not apply."""
     if codes.device.type != "cpu" or dtype not in _OUT_DTYPES:
@@ -273,7 +277,18 @@ def decode_element(codes: torch.Tensor, fmt, dtype: torch.dtype) -> Optional[tor
     tab = table(fmt, codes.device)
     if tab is None:
         return None
-    return tab[codes.to(torch.int64)].to(dtype)
+    if not codes.numel():
+        return torch.empty(codes.shape, dtype=dtype)
+    out = cpu_fast._run("dec", _decode_fn, dtype, (codes.reshape(-1), tab), codes.numel())
+    return out.view(codes.shape)
+
+
+def _block_decode_fn(c, sc, etab, stab, ts, *, static):
+    has_ts, dtype = static
+    d = stab[sc.to(torch.int64)]
+    if has_ts:
+        d = d * ts
+    return (etab[c.to(torch.int64)] * d.unsqueeze(-1)).to(dtype)
 
 
 def decode_block(codes: torch.Tensor, scodes: torch.Tensor, ts: Optional[torch.Tensor], fmt: BlockFormat,
@@ -286,10 +301,11 @@ def decode_block(codes: torch.Tensor, scodes: torch.Tensor, ts: Optional[torch.T
     if et is None or st is None or (fmt.pow2_scale and fmt.tensor_scale):
         return None
     ct = codes.movedim(axis, -1)
-    q = et[ct.to(torch.int64)]
-    q = q.view(*q.shape[:-1], q.shape[-1] // fmt.size, fmt.size)
-    d = st[scodes.movedim(axis, -1).to(torch.int64)]
-    if not fmt.pow2_scale and ts is not None:
-        d = d * ts.float()
-    out = (q * d.unsqueeze(-1)).view(ct.shape)
-    return out.movedim(-1, axis).to(dtype)
+    if not ct.numel():
+        return torch.empty(codes.shape, dtype=dtype)
+    c2 = ct.reshape(-1, fmt.size)
+    sc = scodes.movedim(axis, -1).reshape(-1)
+    has_ts = ts is not None and not fmt.pow2_scale
+    tsv = ts.float().reshape(()) if has_ts else torch.ones(())
+    out = cpu_fast._run("bdec", _block_decode_fn, (has_ts, dtype), (c2, sc, et, st, tsv), c2.numel())
+    return out.view(ct.shape).movedim(-1, axis)
