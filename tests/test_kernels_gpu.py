@@ -278,3 +278,17 @@ def test_encode_stochastic_round_trip_and_nan(tq):
         with pytest.raises(ValueError, match="has no nan code"):
             lowbit.encode(xn, name)
     assert int(lowbit.encode(xn, "e4m3fn").codes[5000]) == 0x7F
+
+
+def test_encode_user_scale_codebooks_and_wide_formats_on_cuda(tq):
+    """Work the fused kernels do not claim (codebooks, 19-bit tf32 decode) and a user scale: CUDA
+    tensors in, the reference's codes and values out."""
+    x = torch.randn(16, 64) * 3
+    s = torch.rand(16, 1) + 0.1
+    for fmt, kw in (("e4m3fn", {"scale": s}), ("int4", {"scale": 0.37}), ("nf4", {}), ("fp4_bnb", {}),
+                    ("tf32", {}), ("block(nf4,e8m0,16)", {})):
+        kwc = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        got = lowbit.encode(x.cuda(), fmt, **kwc)
+        want = lowbit.encode(x, fmt, backend="reference", **kw)
+        assert torch.equal(got.codes.cpu(), want.codes), fmt
+        assert_same_bits(lowbit.decode(got), lowbit.quantize(x, fmt, backend="reference", **kw), x, fmt)
