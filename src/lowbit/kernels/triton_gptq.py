@@ -76,13 +76,17 @@ def claims(grid, mode: str) -> bool:
 
 
 def _row_tile(rows: int) -> int:
-    """Rows per program: enough programs to fill the GPU (each runs the whole column loop)."""
-    return 8 if rows <= 2048 else 16
+    """Rows per program. Each program runs the whole column loop, so the launch takes as long as
+    one program's 128 steps: few rows per program keep each step short and fill the GPU (measured
+    on an H200, 128 columns: about 100 us per launch with 2-4 rows and 4 warps for 576 to 3072
+    rows, 500 us with 16-32 rows)."""
+    return 4
 
 
 def block_loop(W1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor, Hinv1: torch.Tensor,
                D1: torch.Tensor, Z1: Optional[torch.Tensor], K1: Optional[torch.Tensor], grid,
-               mode: str, c0: int, c1: int) -> None:
+               mode: str, c0: int, c1: int, rows_per_program: Optional[int] = None,
+               num_warps: int = 4) -> None:
     """Run columns c0..c1-1 of one block in place. W1, Q1, D1, Z1 (float32) and K1 (int8) are
     (rows, ncols) views sharing one row stride (columns contiguous); E1 (rows, ncols) float32;
     Hinv1 (ncols, ncols) float32 with contiguous columns."""
@@ -96,9 +100,9 @@ def block_loop(W1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor, Hinv1: torc
     assert W1.stride(1) == 1 and E1.stride(1) == 1 and Hinv1.stride(1) == 1
     fl = _flags(spec)
     fl.pop("STOCH")
-    BR = _row_tile(rows)
+    BR = rows_per_program or _row_tile(rows)
     BC = max(16, triton.next_power_of_2(ncols))
     _gptq_block_kernel[(triton.cdiv(rows, BR),)](
         W1, Q1, E1, Hinv1, D1, D1 if Z1 is None else Z1, D1 if K1 is None else K1,
         _params(spec, W1.device), rows, ncols, c0, c1, ld, E1.stride(0), Hinv1.stride(0),
-        HAS_Z=Z1 is not None, HAS_K=K1 is not None, BR=BR, BC=BC, num_warps=4, **fl)
+        HAS_Z=Z1 is not None, HAS_K=K1 is not None, BR=BR, BC=BC, num_warps=num_warps, **fl)

@@ -98,6 +98,7 @@ def gptq(
 
 
 LOOPS = ("auto", "fused", "plain")
+DEFAULT_LOOP = "auto"   # what gptq_shared(loop=None) takes (benchmarks set "plain" for the baseline)
 
 
 def gptq_shared(
@@ -108,7 +109,7 @@ def gptq_shared(
     percdamp: float = 0.01,
     act_order: bool = False,
     keeps: Optional[Sequence[Optional[torch.Tensor]]] = None,
-    loop: str = "auto",
+    loop: Optional[str] = None,
 ) -> List[GPTQResult]:
     """GPTQ of several weights fed the same inputs (q/k/v, gate/up), hence one Hessian: one
     damping, one column order, one inverse and one column loop over their rows stacked. Rows never
@@ -117,8 +118,10 @@ def gptq_shared(
 
     ``loop``: "fused" runs the column loop on per-column divisors and zero points (a Triton kernel
     per block on CUDA, a lean torch loop elsewhere); "plain" calls the quantizer per column (any
-    format, any rounding mode); "auto" takes the fused loop wherever the format allows it.
+    format, any rounding mode); "auto" takes the fused loop wherever the format allows it; None
+    means DEFAULT_LOOP.
     """
+    loop = DEFAULT_LOOP if loop is None else loop
     if loop not in LOOPS:
         raise ValueError(f"unknown GPTQ loop {loop!r}; accepted: {', '.join(LOOPS)}")
     if len(Ws) != len(quantizers) or not Ws:
@@ -176,6 +179,7 @@ def gptq_shared(
         K = K[:, perm]
     H = H[perm][:, perm]
     Hinv, damp = _inverse_cholesky(H, percdamp)
+    Hinv = Hinv.contiguous()  # both loops (and the kernel) read it row-major: same matmuls, same bits
     if damp > percdamp:
         warnings.warn(f"GPTQ: Hessian needed damping {damp:g} (asked {percdamp:g})", stacklevel=2)
 
@@ -220,31 +224,33 @@ class _LoopState:
 
 def _column_loop(W, Hinv, K, st: _LoopState, block_size):
     """The error-feedback loop over (permuted) columns, the quantizer called per column; fills the
-    parameters of dynamic groups."""
-    cols = W.shape[1]
-    Q = torch.zeros_like(W)
+    parameters of dynamic groups. Runs on the transposed weight (a column is a contiguous row), in
+    the same layout as the fused torch loop, so that on the CPU both do the very same float
+    arithmetic (torch's addr_ rounds differently on strided views)."""
+    WT = W.t().contiguous()
+    KT = None if K is None else K.t().contiguous()
+    cols = WT.shape[0]
+    QT = torch.zeros_like(WT)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = st.perm[i1 + i]
+        ET = torch.zeros(i2 - i1, WT.shape[1], dtype=WT.dtype, device=WT.device)
+        for j in range(i1, i2):
+            col = st.perm[j]
             gi = st.group_of[col]
             if not st.static and col in st.starts:
                 sl = st.groups[gi]
-                # the group's columns: this one (being updated in W1) and the ones after it
-                st.fit(gi, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : sl.stop - sl.start])
-            w = W1[:, i : i + 1]
-            q = st.fake(w, gi)
-            if K is not None:
-                q = torch.where(K[:, i1 + i : i1 + i + 1], w, q)
-            Q[:, i1 + i] = q[:, 0]
-            err = (w[:, 0] - q[:, 0]) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q
+                # the group's columns as updated so far: this one and the ones after it
+                st.fit(gi, WT[j : j + sl.stop - sl.start].t())
+            w = WT[j]
+            q = st.fake(w[:, None], gi)[:, 0]
+            if KT is not None:
+                q = torch.where(KT[j], w, q)
+            QT[j] = q
+            err = (w - q) / Hinv[j, j]
+            WT[j:i2].addr_(Hinv[j, j:i2], err, alpha=-1)
+            ET[j - i1] = err
+        WT[i2:] -= Hinv[i1:i2, i2:].t() @ ET
+    return QT.t()
 
 
 # --- the fused loop --------------------------------------------------------------------------------
@@ -290,49 +296,84 @@ def _fused_loop(W, Hinv, K, st: _LoopState, block_size):
             Z = torch.cat([z for _, z in dz], dim=1)[:, idx].contiguous()
     elif q0.spec.symmetric is False:
         Z = torch.empty_like(W)
+    tg = _triton_gptq() if W.is_cuda else None
+    if tg is None:
+        return _fused_loop_torch(W, Hinv, D, Z, K, st, block_size)
     K8 = None if K is None else K.to(torch.int8).contiguous()
     Q = torch.zeros_like(W)
-    tg = _triton_gptq() if W.is_cuda else None
-    if tg is not None and block_size > tg.BLOCK_COLS:
-        block_size = tg.BLOCK_COLS
+    block_size = min(block_size, tg.BLOCK_COLS)
     W = W.contiguous()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         E1 = torch.zeros(rows, i2 - i1, dtype=W.dtype, device=W.device)
-        cuts = [i1] + ([] if st.static else [c for c in range(i1 + 1, i2) if c in st.starts]) + [i2]
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in _segments(st, i1, i2):
             if not st.static and a in st.starts:
-                gi = st.group_of[a]
-                sl = st.groups[gi]
-                st.fit(gi, W[:, a : sl.stop])
-                d, z = st.affine(gi)
-                D[:, sl] = d
-                if Z is not None:
-                    Z[:, sl] = z
-            if tg is not None:
-                tg.block_loop(W[:, i1:i2], Q[:, i1:i2], E1, Hinv[i1:i2, i1:i2], D[:, i1:i2],
-                              None if Z is None else Z[:, i1:i2], None if K8 is None else K8[:, i1:i2],
-                              _column_grid(q0), q0.spec.rounding, a - i1, b - i1)
-            else:
-                _torch_segment(W, Q, E1, Hinv, D, Z, K, q0, i1, i2, a, b)
+                _fit_dynamic(st, W[:, a : st.groups[st.group_of[a]].stop], D, Z, a, transposed=False)
+            tg.block_loop(W[:, i1:i2], Q[:, i1:i2], E1, Hinv[i1:i2, i1:i2], D[:, i1:i2],
+                          None if Z is None else Z[:, i1:i2], None if K8 is None else K8[:, i1:i2],
+                          _column_grid(q0), q0.spec.rounding, a - i1, b - i1)
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
     return Q
 
 
-def _torch_segment(W, Q, E1, Hinv, D, Z, K, quantizer, i1, i2, a, b):
-    """Columns a..b-1 of block i1..i2, in place on W: the plain loop's arithmetic op for op."""
-    zero = torch.zeros((), device=W.device)
-    for j in range(a, b):
-        w = W[:, j]
-        d = D[:, j]
-        y = torch.where(d > 0, w / d, zero)
+def _segments(st: _LoopState, i1: int, i2: int):
+    """Block i1..i2 cut at the starts of dynamic groups (their parameters are fitted in between)."""
+    cuts = [i1] + ([] if st.static else [c for c in range(i1 + 1, i2) if c in st.starts]) + [i2]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _fit_dynamic(st: _LoopState, slab, D, Z, a: int, transposed: bool) -> None:
+    """Fit the dynamic group starting at column a to ``slab`` (its columns as updated so far) and
+    write its (d, z) into D, Z."""
+    gi = st.group_of[a]
+    sl = st.groups[gi]
+    st.fit(gi, slab.t() if transposed else slab)
+    d, z = st.affine(gi)
+    if transposed:
+        D[sl] = d.t()
         if Z is not None:
-            y = y + Z[:, j]
+            Z[sl] = z.t()
+    else:
+        D[:, sl] = d
+        if Z is not None:
+            Z[:, sl] = z
+
+
+def _fused_loop_torch(W, Hinv, D, Z, K, st: _LoopState, block_size):
+    """The fused loop in torch, on transposed copies so that each column is contiguous."""
+    q0 = st.quantizers[0]
+    WT = W.t().contiguous()
+    DT = D.t().contiguous()
+    ZT = None if Z is None else Z.t().contiguous()
+    KT = None if K is None else K.t().contiguous()
+    QT = torch.zeros_like(WT)
+    cols, rows = WT.shape
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        ET = torch.zeros(i2 - i1, rows, dtype=WT.dtype, device=WT.device)
+        for a, b in _segments(st, i1, i2):
+            if not st.static and a in st.starts:
+                _fit_dynamic(st, WT[a : st.groups[st.group_of[a]].stop], DT, ZT, a, transposed=True)
+            _torch_segment(WT, QT, ET, Hinv, DT, ZT, KT, q0, i1, i2, a, b)
+        WT[i2:] -= Hinv[i1:i2, i2:].t() @ ET
+    return QT.t()
+
+
+def _torch_segment(WT, QT, ET, Hinv, DT, ZT, KT, quantizer, i1, i2, a, b):
+    """Columns a..b-1 of block i1..i2, in place on the transposed weights WT (cols, rows), where a
+    column is a contiguous row: the plain loop's arithmetic op for op."""
+    zero = torch.zeros((), device=WT.device)
+    for j in range(a, b):
+        w = WT[j]
+        d = DT[j]
+        y = torch.where(d > 0, w / d, zero)
+        if ZT is not None:
+            y = y + ZT[j]
         q = quantizer.round_scaled(y)
-        q = (q - Z[:, j]) * d if Z is not None else q * d
-        if K is not None:
-            q = torch.where(K[:, j], w, q)
-        Q[:, j] = q
+        q = (q - ZT[j]) * d if ZT is not None else q * d
+        if KT is not None:
+            q = torch.where(KT[j], w, q)
+        QT[j] = q
         err = (w - q) / Hinv[j, j]
-        W[:, j:i2].addr_(err, Hinv[j, j:i2], alpha=-1)
-        E1[:, j - i1] = err
+        WT[j:i2].addr_(Hinv[j, j:i2], err, alpha=-1)
+        ET[j - i1] = err

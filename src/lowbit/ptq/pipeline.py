@@ -23,7 +23,7 @@ from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_weight, unpack_weight
-from .gptq import HessianAccumulator, gptq
+from .gptq import HessianAccumulator, gptq_shared
 
 METHODS = ("rtn", "gptq")
 
@@ -60,10 +60,6 @@ class QuantizationResult:
     def to_dict(self) -> dict:
         return {"method": self.method, "plan": self.plan, "seconds": self.seconds,
                 "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
-
-
-def _cpu(p):
-    return type(p)(p.scale.cpu(), None if p.zero is None else p.zero.cpu())
 
 
 def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
@@ -155,12 +151,14 @@ def quantize_model(
                 todo[name] = (lin, wspec)
             hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
                 if calibrated else {}
+            shared = _gptq_shared_groups(todo, hess, block_size, percdamp, act_order) if method == "gptq" else {}
             for name, (lin, wspec) in todo.items():
                 ts = time.time()
                 q = WeightQuantizer(wspec)
                 W = lin.weight.detach().float()
                 if method == "gptq":
-                    res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                    res, q, took = shared[name]
+                    ts -= took
                     Q, params = res.weight, res.params
                     note = f"damping {res.damping:g}" if res.damping > percdamp else ""
                 else:
@@ -168,7 +166,8 @@ def quantize_model(
                     note = ""
                 if not torch.isfinite(Q).all():
                     raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
-                result.packed[name] = pack_weight(Q.cpu(), q, [_cpu(p) for p in params])
+                # packed where Q is (on a GPU that is where the time is saved), stored on the CPU
+                result.packed[name] = {k: v.cpu() for k, v in pack_weight(Q, q, params).items()}
                 aspec = plan.act_spec(name)
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
@@ -191,6 +190,23 @@ def quantize_model(
     bar.close()
     result.seconds = time.time() - t0
     return result
+
+
+def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
+    """GPTQ of the block's layers, those sharing a Hessian and a spec (q/k/v, gate/up) in one loop
+    over their stacked rows: name -> (result, quantizer, seconds, split evenly over the group)."""
+    groups: Dict[tuple, List[str]] = {}
+    for name, (_, wspec) in todo.items():
+        groups.setdefault((id(hess[name]), str(wspec)), []).append(name)
+    out = {}
+    for names in groups.values():
+        ts = time.time()
+        qs = [WeightQuantizer(todo[n][1]) for n in names]
+        res = gptq_shared([todo[n][0].weight.detach().float() for n in names], hess[names[0]].H, qs,
+                          block_size=block_size, percdamp=percdamp, act_order=act_order)
+        took = (time.time() - ts) / len(names)
+        out.update({n: (r, q, took) for n, r, q in zip(names, res, qs)})
+    return out
 
 
 # --- progress / resume -------------------------------------------------------------------------
