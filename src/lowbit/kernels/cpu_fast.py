@@ -316,6 +316,10 @@ _compiled: dict = {}
 _compile_ok = [None]   # None: untried, True/False after the first attempt
 _lock = threading.Lock()
 COMPILE_MIN = 1 << 20
+# compiled with every size dynamic (elementwise work, and the table decoders whose inputs have
+# sizes tied to each other); the other kinds keep the block size static and the number of blocks
+# dynamic
+FLAT_KINDS = ("elem", "enc", "dec", "bdec")
 
 
 def _want_compile(n: int) -> bool:
@@ -350,9 +354,9 @@ def _run(kind: str, fn, static: tuple, args: tuple, n: int):
                 # elements: any length (dynamic); blocks: any number of blocks, the block size
                 # fixed (static: the reduction over it is unrolled and vectorised)
                 cfn = torch.compile(_fresh_function(fn, static, len(_compiled)),
-                                    dynamic=True if kind == "elem" else None, fullgraph=True)
+                                    dynamic=True if kind in FLAT_KINDS else None, fullgraph=True)
                 _compiled[key] = cfn
-        if kind != "elem" and args[0].shape[0] > 1:
+        if kind not in FLAT_KINDS and args[0].shape[0] > 1:
             torch._dynamo.mark_dynamic(args[0], 0)
         try:
             out = cfn(*args)
