@@ -60,9 +60,7 @@ def pack_weight(Q: torch.Tensor, quantizer: WeightQuantizer, params: List[GroupP
     if quantizer.tensor_scale is not None:  # packing runs where Q is, wherever GPTQ ran
         quantizer.tensor_scale = quantizer.tensor_scale.to(Q.device)
     groups = quantizer.groups(cols)
-    levels = torch.empty(rows, cols, dtype=torch.float64, device=Q.device)
-    for sl, p in zip(groups, params):
-        levels[:, sl] = quantizer.levels(Q[:, sl], p)
+    levels = _by_groups(quantizer.levels, Q, params, groups, torch.float64)
     fmt = quantizer.fmt
     elem = fmt.element if isinstance(fmt, BlockFormat) else quantizer.grid
     codes = elem.encode_values(levels)
@@ -101,11 +99,26 @@ def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape) -> torch.T
         zeros = None
         if "zeros" in t:
             zeros = unpack_bits(t["zeros"], q.grid.bits, rows * len(groups)).reshape(rows, len(groups)).float()
-    W = torch.empty(rows, cols, dtype=torch.float32, device=levels.device)
-    for gi, sl in enumerate(groups):
-        p = GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
-        W[:, sl] = q.dequant(levels[:, sl], p)
-    return W
+    params = [GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
+              for gi in range(len(groups))]
+    return _by_groups(q.dequant, levels, params, groups, torch.float32)
+
+
+def _by_groups(fn, X: torch.Tensor, params: List[GroupParams], groups: List[slice], dtype) -> torch.Tensor:
+    """fn(slab, params) over every group of X (rows, cols). fn works row by row, so the full groups
+    go in one call as the rows of a (rows * n, g) matrix (one call instead of one per group); a
+    ragged last group goes alone."""
+    rows, cols = X.shape
+    out = torch.empty(rows, cols, dtype=dtype, device=X.device)
+    g = groups[0].stop - groups[0].start
+    n = sum(1 for sl in groups if sl.stop - sl.start == g)
+    if n:
+        scale = torch.cat([p.scale for p in params[:n]], dim=1).reshape(rows * n, 1)
+        zero = None if params[0].zero is None else torch.cat([p.zero for p in params[:n]], dim=1).reshape(rows * n, 1)
+        out[:, : n * g] = fn(X[:, : n * g].reshape(rows * n, g), GroupParams(scale, zero)).reshape(rows, n * g)
+    for sl, p in zip(groups[n:], params[n:]):
+        out[:, sl] = fn(X[:, sl], p)
+    return out
 
 
 def packed_nbytes(t: Dict[str, torch.Tensor]) -> int:

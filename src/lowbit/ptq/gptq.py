@@ -169,8 +169,9 @@ def gptq_shared(
         group_of[sl] = gi
     params: List[Optional[List[GroupParams]]] = [None] * len(groups)
     if act_order:
-        for gi, sl in enumerate(groups):
-            params[gi] = [q.params(W[rs, sl]) for q, rs in zip(quantizers, parts)]
+        per_part = [_static_params(q, W[rs], groups) for q, rs in zip(quantizers, parts)]
+        for gi in range(len(groups)):
+            params[gi] = [pp[gi] for pp in per_part]
         perm = torch.argsort(torch.diag(H), descending=True)
     else:
         perm = torch.arange(cols, device=H.device)
@@ -196,6 +197,24 @@ def gptq_shared(
     return [GPTQResult(Q[sl], [p[k] for p in params], damp, int(dead.sum())) for k, sl in enumerate(parts)]
 
 
+def _static_params(q: WeightQuantizer, W: torch.Tensor, groups: List[slice]) -> List[GroupParams]:
+    """Parameters of every group of W (rows, cols), fitted in one call: full groups as the rows of
+    a (rows * n, g) matrix (fitting is row by row, so this equals fitting each group alone), a
+    ragged last group on its own."""
+    rows, cols = W.shape
+    g = groups[0].stop - groups[0].start
+    n_full = sum(1 for sl in groups if sl.stop - sl.start == g)
+    out: List[GroupParams] = []
+    if n_full:
+        p = q.params(W[:, : n_full * g].reshape(rows * n_full, g))
+        scale = p.scale.reshape(rows, n_full)
+        zero = None if p.zero is None else p.zero.reshape(rows, n_full)
+        out = [GroupParams(scale[:, i : i + 1], None if zero is None else zero[:, i : i + 1])
+               for i in range(n_full)]
+    out += [q.params(W[:, sl]) for sl in groups[n_full:]]
+    return out
+
+
 class _LoopState:
     """What both column loops share: the parts (row slices and their quantizers), the groups and
     their parameters, filled up front (static groups) or as the loop reaches each group."""
@@ -213,6 +232,17 @@ class _LoopState:
         if len(self.parts) == 1:
             return self.quantizers[0].fake(w, ps[0])
         return torch.cat([q.fake(w[rs], p) for q, rs, p in zip(self.quantizers, self.parts, ps)])
+
+    def affine_all(self):
+        """(d, z) of every group, (rows, n_groups) each, in one call per part."""
+        d, z = [], []
+        for k, q in enumerate(self.quantizers):
+            ps = [p[k] for p in self.params]
+            zero = None if ps[0].zero is None else torch.cat([p.zero for p in ps], dim=1)
+            dk, zk = q.column_affine(GroupParams(torch.cat([p.scale for p in ps], dim=1), zero))
+            d.append(dk)
+            z.append(zk)
+        return torch.cat(d), (None if z[0] is None else torch.cat(z))
 
     def affine(self, gi: int):
         """(d, z) of group gi over all rows; z None without zero points."""
@@ -289,11 +319,11 @@ def _fused_loop(W, Hinv, K, st: _LoopState, block_size):
     D = torch.empty_like(W)
     Z = None
     if st.static:
-        dz = [st.affine(gi) for gi in range(len(st.groups))]
+        d, z = st.affine_all()
         idx = torch.tensor([st.group_of[c] for c in st.perm], device=W.device)
-        D = torch.cat([d for d, _ in dz], dim=1)[:, idx].contiguous()
-        if dz[0][1] is not None:
-            Z = torch.cat([z for _, z in dz], dim=1)[:, idx].contiguous()
+        D = d[:, idx].contiguous()
+        if z is not None:
+            Z = z[:, idx].contiguous()
     elif q0.spec.symmetric is False:
         Z = torch.empty_like(W)
     tg = _triton_gptq() if W.is_cuda else None
