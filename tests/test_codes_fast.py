@@ -79,8 +79,8 @@ def test_fast_path_is_used(monkeypatch):
     lowbit.decode(lowbit.encode(x, "e4m3fn"))
     lowbit.decode(lowbit.encode(x, "mxfp4"))
     assert calls == ["encode_element", "decode_element", "encode_block", "decode_block"]
-    # unclaimed work (a codebook, float64) still encodes, on the reference
-    for fmt, xx in (("nf4", x), ("e4m3fn", x.double())):
+    # unclaimed work (a codebook of float64 values, float64 tensors) still encodes, on the reference
+    for fmt, xx in (("codebook(0.1,0.2,0.7)", x.double()), ("e4m3fn", x.double())):
         assert torch.equal(lowbit.decode(lowbit.encode(xx, fmt)), lowbit.quantize(xx, fmt))
 
 
@@ -148,6 +148,27 @@ def test_compiled_encode_matches_eager(monkeypatch):
     # the compiled table decoder
     assert_same_bits(lowbit.decode(comp), lowbit.decode(eager, backend="reference"), x, "compiled decode")
 
+
+
+CODEBOOKS = ("nf4", "fp4_bnb", "codebook(-3,-1,-0.25,0,0.5,0.75,2,6)", "codebook(0.25,0.5,3)")
+
+
+@pytest.mark.parametrize("name", CODEBOOKS)
+def test_codebooks_bit_exact(name):
+    """Codebooks on the fast path (kernels/codebook_fast.py): quantize and encode give the
+    reference's bits in every deterministic mode; stochastic modes stay on the reference."""
+    from lowbit.kernels import codebook_fast
+    fmt = lowbit.format(name)
+    x = element_vectors(fmt, n_random=5000)
+    xn = x[~torch.isnan(x)]
+    for mode in DETERMINISTIC:
+        got = cpu_fast.quantize_element(x, fmt, mode, "saturate")
+        assert got is not None, f"{name} is not claimed"
+        assert_same_bits(got, lowbit.quantize(x, fmt, mode, backend="reference"), x, f"{name} {mode}")
+        _assert_same_encoding(lowbit.encode(xn, fmt, mode), lowbit.encode(xn, fmt, mode, backend="reference"),
+                              xn, f"{name} {mode} encode")
+    assert codebook_fast.encode_element(x, fmt, "nearest_even")[1]      # x holds nan: encode refuses it
+    assert not codebook_fast.claims(fmt, "stochastic")
 
 
 # --- NVFP4's given tensor amax (delayed scaling) ------------------------------------------------------

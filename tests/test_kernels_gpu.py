@@ -106,9 +106,10 @@ def test_auto_dispatch_uses_triton_on_cuda(tq, monkeypatch):
     monkeypatch.setattr(tq, "quantize_element", spy)
     lowbit.quantize(torch.randn(100, device="cuda"), "e4m3")
     assert calls == [True]
-    # unclaimed work (a codebook) still runs, on the reference
+    # unclaimed work (a codebook of float64 values, E8M0 elements) still runs, on the reference
     x = torch.randn(100, device="cuda")
-    assert torch.equal(lowbit.quantize(x, "nf4").cpu(), lowbit.quantize(x.cpu(), "nf4"))
+    for name in ("codebook(0.1,0.2,0.7)", "e8m0"):
+        assert torch.equal(lowbit.quantize(x.double(), name).cpu(), lowbit.quantize(x.cpu().double(), name))
 
 
 # --- stochastic --------------------------------------------------------------------------------------
@@ -292,3 +293,27 @@ def test_encode_user_scale_codebooks_and_wide_formats_on_cuda(tq):
         want = lowbit.encode(x, fmt, backend="reference", **kw)
         assert torch.equal(got.codes.cpu(), want.codes), fmt
         assert_same_bits(lowbit.decode(got), lowbit.quantize(x, fmt, backend="reference", **kw), x, fmt)
+
+
+CODEBOOKS = ("nf4", "fp4_bnb", "codebook(-3,-1,-0.25,0,0.5,0.75,2,6)", "codebook(0.25,0.5,3)")
+
+
+@pytest.mark.parametrize("name", CODEBOOKS)
+def test_codebooks_bit_exact(tq, name):
+    """The fused codebook kernel: quantize and encode give the reference's bits in every
+    deterministic mode; nan stays nan (quantize) or is refused (encode)."""
+    from lowbit.kernels import triton_codes
+    fmt = lowbit.format(name)
+    x = element_vectors(fmt)
+    xc = x.cuda()
+    xn = x[~torch.isnan(x)]
+    for mode in DETERMINISTIC:
+        got = tq.quantize_element(xc, fmt, mode, "saturate")
+        assert got is not None, f"{name} is not claimed"
+        assert_same_bits(got, reference_element(x, fmt, mode), x, f"{name} {mode}")
+        enc = lowbit.encode(xn.cuda(), fmt, mode)
+        assert torch.equal(enc.codes.cpu(), lowbit.encode(xn, fmt, mode, backend="reference").codes), mode
+        assert_same_bits(lowbit.decode(enc), reference_element(xn, fmt, mode), xn, f"{name} {mode} decode")
+    assert triton_codes.encode_element(xc, fmt, "nearest_even", "saturate")[1]   # x holds nan
+    with pytest.raises(ValueError, match="has no nan code"):
+        lowbit.encode(xc, fmt)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import BlockFormat, FloatFormat, IntFormat
+from ..formats import BlockFormat, Codebook, FloatFormat, IntFormat
 from . import cpu_fast
 from .cpu_fast import ABS, INF_BITS, element_spec, f32_bits
 
@@ -120,6 +120,9 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
     claim the work. The caller refuses nan for formats without a nan code."""
     if x.device.type != "cpu" or x.dtype not in cpu_fast._DTYPES or x.numel() >= 2**31:
         return None
+    if isinstance(fmt, Codebook):
+        from . import codebook_fast
+        return codebook_fast.encode_element(x, fmt, mode)
     spec = element_spec(fmt, mode, overflow, sr_bits)
     cs = code_spec(fmt)
     if spec is None or cs is None:

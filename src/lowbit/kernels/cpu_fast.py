@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import BlockFormat, FloatFormat, IntFormat
+from ..formats import BlockFormat, Codebook, FloatFormat, IntFormat
 from ..rounding import STOCHASTIC_MODES
 
 SIGN = -(2**31)          # 0x80000000 as int32
@@ -319,7 +319,7 @@ COMPILE_MIN = 1 << 20
 # compiled with every size dynamic (elementwise work, and the table decoders whose inputs have
 # sizes tied to each other); the other kinds keep the block size static and the number of blocks
 # dynamic
-FLAT_KINDS = ("elem", "enc", "dec", "bdec")
+FLAT_KINDS = ("elem", "enc", "dec", "bdec", "cb", "cb_enc")
 
 
 def _want_compile(n: int) -> bool:
@@ -389,6 +389,9 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
     """Rounded copy of ``x`` (same dtype), or None where this path does not claim the work."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return None
+    if isinstance(fmt, Codebook):
+        from . import codebook_fast
+        return codebook_fast.quantize_element(x, fmt, mode)
     spec = element_spec(fmt, mode, overflow, sr_bits)
     if spec is None:
         return None

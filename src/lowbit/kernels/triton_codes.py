@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import BlockFormat
+from ..formats import BlockFormat, Codebook
 from . import reference
 from .codes import block_code_claims, code_dtype, code_spec, table
 from .cpu_fast import element_spec
-from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, _DTYPES, _OVF, _amax_bits_kernel,
+from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, _DTYPES, _MODES, _OVF, _amax_bits_kernel,
                            _amax_rule_constants, _block_amax, _block_offsets, _block_random, _flags, _nan_where,
                            _on_device, _params, _pick4, _pow2, _pow2ceil, _round_bits, _seed)
 
@@ -213,6 +213,89 @@ def _block_decode_kernel(code_ptr, sc_ptr, out_ptr, etab, stab, ts_ptr, nrows, s
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _codebook_kernel(x_ptr, out_ptr, flag_ptr, tab, n, N: tl.constexpr, MODE: tl.constexpr,
+                     ENCODE: tl.constexpr, CHECK_NAN: tl.constexpr, BLOCK: tl.constexpr):
+    """codebook_fast.pick in Triton: values out, or (ENCODE) the indices as codes."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    t_first = tl.load(tab)
+    t_last = tl.load(tab + N - 1)
+    xc = tl.minimum(tl.maximum(x, t_first), t_last)
+    lo_i = tl.zeros_like(offs)
+    for k in tl.static_range(1, N - 1):
+        lo_i += (xc >= tl.load(tab + k)).to(tl.int32)
+    lo = tl.load(tab + lo_i)
+    hi = tl.load(tab + lo_i + 1)
+    s = lo + hi
+    bb = s - lo
+    err = (lo - (s - bb)) + (hi - bb)
+    d = (xc + xc) - s
+    nearer_hi = d > err
+    tie = d == err
+    inexact = xc > lo
+    odd = (lo_i & 1) == 1
+    if MODE == 0:
+        up = nearer_hi | (tie & odd)
+    elif MODE == 1:
+        up = nearer_hi | (tie & (xc > 0))
+    elif MODE == 2:
+        up = nearer_hi | (tie & (xc <= 0))
+    elif MODE == 3:
+        up = inexact & (xc < 0)
+    elif MODE == 4:
+        up = inexact
+    elif MODE == 5:
+        up = xc != xc
+    else:
+        up = inexact & (odd == 0)
+    up = up | (xc == t_last)
+    if ENCODE:
+        code = lo_i + up.to(tl.int32)
+        tl.store(out_ptr + offs, code.to(out_ptr.dtype.element_ty), mask=m)
+        if CHECK_NAN:
+            any_nan = tl.max((x != x).to(tl.int32), axis=0)
+            tl.atomic_max(flag_ptr, any_nan, mask=any_nan > 0)
+    else:
+        q = tl.where(up, hi, lo)
+        q = tl.where(x != x, x, q)
+        tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=m)
+
+
+_TAB_CACHE: dict = {}
+
+
+def _codebook_table(fmt, device):
+    from .codebook_fast import table_f32
+    key = (fmt, str(device))
+    if key not in _TAB_CACHE:
+        t = table_f32(fmt)
+        _TAB_CACHE[key] = None if t is None else t.to(device)
+    return _TAB_CACHE[key]
+
+
+def codebook(x: torch.Tensor, fmt, mode: str, encode: bool) -> Optional[tuple]:
+    """Codebook quantize (values) or encode (codes, nan seen) on CUDA; None where not claimed."""
+    from .codebook_fast import MODES
+    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK or mode not in MODES \
+            or len(fmt.table) > 64:
+        return None
+    tab = _codebook_table(fmt, x.device)
+    if tab is None:
+        return None
+    xc = x.contiguous()
+    out = torch.empty(xc.shape, dtype=code_dtype(fmt.bits) if encode else xc.dtype, device=x.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=x.device) if encode else out
+    n = xc.numel()
+    if n:
+        _codebook_kernel[(triton.cdiv(n, BLOCK),)](xc, out, flag, tab, n, N=len(fmt.table), MODE=_MODES[mode],
+                                                   ENCODE=encode, CHECK_NAN=encode, BLOCK=BLOCK, num_warps=8)
+    if encode:
+        return out, bool(flag.item()) if n else False
+    return (out.view(x.shape),)
+
+
 # --- host side ----------------------------------------------------------------------------------------
 
 _C_CACHE: dict = {}
@@ -237,6 +320,8 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
     """(codes in x's shape, whether x holds nan: checked only for formats without a nan code)."""
     if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK:
         return None
+    if isinstance(fmt, Codebook):
+        return codebook(x, fmt, mode, encode=True)
     spec = element_spec(fmt, mode, overflow, sr_bits)
     cs = code_spec(fmt)
     if spec is None or cs is None:

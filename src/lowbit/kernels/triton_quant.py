@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import BlockFormat
+from ..formats import BlockFormat, Codebook
 from .cpu_fast import ABS, INF_BITS, NAN_BITS, QNAN_BIT, SIGN, block_claims, draw_seeds, element_spec
 
 _MODES = {"nearest_even": 0, "nearest_away": 1, "nearest_zero": 2, "toward_zero": 3, "up": 4,
@@ -378,6 +378,10 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
                      sr_bits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK:
         return None
+    if isinstance(fmt, Codebook):   # fused kernel in triton_codes (imported here: it imports this module)
+        from .triton_codes import codebook
+        got = codebook(x, fmt, mode, encode=False)
+        return None if got is None else got[0]
     spec = element_spec(fmt, mode, overflow, sr_bits)
     if spec is None:
         return None
