@@ -147,10 +147,11 @@ def _grid_mismatch(a, b):
 
 
 @cuda
-@pytest.mark.parametrize("spec", ["int4:g64", "int3:g32", "int2:g32:asym", "e2m1fn:g32", "mxfp4", "nvfp4",
+@pytest.mark.parametrize("spec", ["int4:g64", "int3:g32", "int2:g32:asym", "e2m1fn:g32", "mxfp4", "nvfp4", "nf4:g64",
                                   "int3:g48"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_triton_loop_agrees_with_the_plain_loop(spec, act_order):
+def test_cuda_fused_loop_agrees_with_the_plain_loop(spec, act_order):
+    """Triton kernel (nf4: the torch fused loop, on the GPU) against the plain loop on CUDA."""
     W, H = _problem(rows=300, cols=320, n=512, device="cuda")
     plain = _run(W, H, spec, "plain", act_order)
     fused = _run(W, H, spec, "fused", act_order)
@@ -197,3 +198,33 @@ def test_triton_loop_agrees_with_the_cpu_loop():
     cpu = _run(W, H, "int3:g64", "fused", True)
     gpu = _run(W.cuda(), H.cuda(), "int3:g64", "fused", True)
     assert _grid_mismatch(gpu.weight.cpu(), cpu.weight) < 2e-3
+
+
+def test_small_float_grids_round_by_table_as_the_reference():
+    """The per-column table rounding (round-half-even, saturating) of small float formats gives the
+    reference's values and signs on every grid point, midpoint (the ties), their float32
+    neighbours, beyond the largest value, nan, -0 and random values."""
+    from lowbit.formats import format
+    from lowbit.quant.weight import _float_table, _round_by_table
+
+    claimed = []
+    for name in ["e2m1fn", "e3m2fn", "e2m3fn", "e4m3fn", "e4m3fnuz", "e5m2", "e5m2fnuz", "e3m4", "p3109_k8p3",
+                 "int4", "nf4", "bf16"]:
+        fmt = format(name)
+        table = _float_table(fmt)
+        if table is None:
+            continue
+        claimed.append(name)
+        mags, mids = table
+        pts = torch.cat([mags, mids, torch.tensor([fmt.max * 2, 1e30, 1e-30, 1e-45, 0.0])])
+        pts = torch.cat([pts, torch.nextafter(pts, torch.full_like(pts, float("inf"))),
+                         torch.nextafter(pts, torch.zeros_like(pts))])
+        y = torch.cat([pts, -pts, torch.tensor([float("nan"), -0.0]),
+                       torch.randn(4000, generator=torch.Generator().manual_seed(0)) * fmt.max]).float()
+        got = _round_by_table(y, table, fmt.has_negative_zero)
+        ref = reference.round_element(y.double(), fmt, "nearest_even", "saturate").float()
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)), name
+        assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref)), name
+        assert torch.equal(torch.signbit(got), torch.signbit(ref)), name
+    assert "e2m1fn" in claimed and "e4m3fn" in claimed
+    assert "int4" not in claimed and "nf4" not in claimed and "bf16" not in claimed

@@ -185,8 +185,8 @@ def gptq_shared(
         warnings.warn(f"GPTQ: Hessian needed damping {damp:g} (asked {percdamp:g})", stacklevel=2)
 
     state = _LoopState(quantizers, parts, groups, group_of.tolist(), params, perm.tolist(), act_order)
-    fused = loop == "fused" or (loop == "auto" and _fused_ok(quantizers, params, W))
-    if loop == "fused" and not _fused_ok(quantizers, params, W):
+    fused = loop == "fused" or (loop == "auto" and _fused_ok(quantizers))
+    if loop == "fused" and not _fused_ok(quantizers):
         raise ValueError(f"the fused GPTQ loop cannot run {quantizers[0].spec}: use loop='plain' or 'auto'")
     with _one_thread():
         if fused:
@@ -289,18 +289,22 @@ def _column_grid(q: WeightQuantizer):
     return q.fmt.element if isinstance(q.fmt, BlockFormat) else q.grid
 
 
-def _fused_ok(quantizers, params, W) -> bool:
-    """The fused loop needs fake == (round(w / d + z) - z) * d (every format but block formats in
-    directed/stochastic modes) and, on CUDA, an element grid the Triton kernel rounds."""
+def _fused_ok(quantizers) -> bool:
+    """The fused loop needs fake == (round(w / d + z) - z) * d: every format but block formats in
+    directed modes; stochastic modes keep the plain loop (its random draws per column)."""
     q = quantizers[0]
     if q.spec.rounding in STOCHASTIC_MODES:
-        return False  # the plain loop's random draws are what the spec means; keep them
-    if isinstance(q.fmt, BlockFormat) and not q._fast_block():
         return False
-    if W.is_cuda:
-        tg = _triton_gptq()
-        return tg is not None and tg.claims(_column_grid(q), q.spec.rounding)
-    return True
+    return not (isinstance(q.fmt, BlockFormat) and not q._fast_block())
+
+
+def _kernel_for(W: torch.Tensor, q: WeightQuantizer):
+    """The Triton module when W is on CUDA and the kernel rounds to q's grid (codebooks and a few
+    exotic formats are not claimed: the torch loop runs them, on the GPU too)."""
+    if not W.is_cuda:
+        return None
+    tg = _triton_gptq()
+    return tg if tg is not None and tg.claims(_column_grid(q), q.spec.rounding) else None
 
 
 def _triton_gptq():
@@ -312,8 +316,8 @@ def _triton_gptq():
 
 def _fused_loop(W, Hinv, K, st: _LoopState, block_size):
     """The same loop on per-column divisors D and zero points Z (rows, cols): on CUDA one Triton
-    launch per block (per group segment with dynamic groups), elsewhere a torch loop of a dozen
-    ops per column. W is updated in place."""
+    launch per block (per group segment with dynamic groups), elsewhere (or for grids the kernel
+    does not claim) a torch loop of a dozen ops per column. W is updated in place."""
     rows, cols = W.shape
     q0 = st.quantizers[0]
     D = torch.empty_like(W)
@@ -326,7 +330,7 @@ def _fused_loop(W, Hinv, K, st: _LoopState, block_size):
             Z = z[:, idx].contiguous()
     elif q0.spec.symmetric is False:
         Z = torch.empty_like(W)
-    tg = _triton_gptq() if W.is_cuda else None
+    tg = _kernel_for(W, q0)
     if tg is None:
         return _fused_loop_torch(W, Hinv, D, Z, K, st, block_size)
     K8 = None if K is None else K.to(torch.int8).contiguous()

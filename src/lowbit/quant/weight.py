@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Optional
 
 import torch
 
-from ..formats import BlockFormat, IntFormat, format
+from ..formats import BlockFormat, FloatFormat, IntFormat, format
 from .. import kernels
 from ..kernels import reference
 from .spec import QuantSpec
@@ -28,6 +29,45 @@ class GroupParams:
 
     scale: torch.Tensor
     zero: Optional[torch.Tensor] = None
+
+
+@lru_cache(maxsize=64)
+def _float_table(fmt) -> Optional[tuple]:
+    """(magnitudes, midpoints) of a small signed float format whose non-negative codes 0, 1, 2, ...
+    are its finite magnitudes in increasing order (then the parity of a magnitude's index is that
+    of its code, which round-half-even needs), float32; None for any other grid.
+
+    GPTQ rounds one column at a time: for such small vectors a table lookup (about ten torch ops)
+    is several times faster than the general bit arithmetic (tens of ops)."""
+    if not isinstance(fmt, FloatFormat) or fmt.bits > 8 or not fmt.signed or fmt.special == "fnu":
+        return None
+    half = fmt.decode_codes(torch.arange(2 ** (fmt.bits - 1), dtype=torch.int64))
+    n = int(torch.isfinite(half).long().cumprod(0).sum())
+    mags = half[:n]
+    if n < 2 or mags[0] != 0 or not bool((mags[1:] > mags[:-1]).all()) or float(mags[-1]) != fmt.max:
+        return None
+    mids = (mags[1:] + mags[:-1]) / 2
+    if not torch.equal(mids.float().double(), mids) or not torch.equal(mags.float().double(), mags):
+        return None
+    return mags.float(), mids.float()
+
+
+_TABLES_ON: dict = {}
+
+
+def _round_by_table(y: torch.Tensor, table: tuple, neg_zero: bool) -> torch.Tensor:
+    """Round-half-even of float32 y to a small float grid, saturating (as the reference does)."""
+    key = (id(table), y.device)
+    mags, mids = _TABLES_ON.get(key) or _TABLES_ON.setdefault(key, tuple(t.to(y.device) for t in table))
+    a = y.abs()
+    k = torch.bucketize(a, mids)                      # mids[k-1] < a <= mids[k]: a rounds to k or k+1
+    tie = a == mids[k.clamp(max=mids.numel() - 1)]    # exactly between k and k+1: to the even code
+    k = k + (tie & (k % 2 == 1)).long()
+    m = mags[k]
+    out = torch.where(torch.signbit(y), -m, m)
+    if not neg_zero:
+        out = out + 0.0                               # -0 becomes +0
+    return torch.where(torch.isnan(y), y, out)
 
 
 class WeightQuantizer:
@@ -164,6 +204,9 @@ class WeightQuantizer:
         if isinstance(grid, IntFormat) and grid.frac == 0 and mode == "nearest_even":
             # same bits as the reference (torch.round is round-half-even), without its generality
             return torch.clamp(torch.round(y), grid.qmin, grid.qmax)
+        table = _float_table(grid) if mode == "nearest_even" else None
+        if table is not None:
+            return _round_by_table(y, table, grid.has_negative_zero)
         return kernels.quantize_element(y, grid, mode, "saturate")
 
     def _fast_block(self) -> bool:
