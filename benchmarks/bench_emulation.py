@@ -33,8 +33,9 @@ ELEMENT = [("e4m3", "e4m3fn", 4, 3), ("e5m2", "e5m2", 5, 2), ("e2m1", "e2m1fn", 
 MODES = [("nearest_even", "nearest", 1), ("stochastic", "stochastic", 5)]
 BLOCKS = [("mxfp8", "mxfp8_e4m3"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
 # packed path: encode (x -> codes + scale codes) and decode (codes -> values), nearest_even
-PACKED = [("e4m3", "e4m3fn"), ("e2m1", "e2m1fn"), ("int8", "int8"), ("mxfp8", "mxfp8_e4m3"), ("mxfp4", "mxfp4"),
-          ("nvfp4", "nvfp4")]
+PACKED = [("e4m3", "e4m3fn"), ("e2m1", "e2m1fn"), ("int8", "int8"), ("nf4", "nf4"), ("mxfp8", "mxfp8_e4m3"),
+          ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+CODEBOOKS = [("nf4", "nf4")]
 
 
 class Timer:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="CPU: skip the eager (uncompiled) lowbit rows")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU; default: torch's)")
     ap.add_argument("--formats", default=None,
-                    help="comma-separated subset of e4m3,e5m2,e2m1,e3m2,mxfp8,mxfp4,nvfp4 (default all)")
+                    help="comma-separated subset of e4m3,e5m2,e2m1,e3m2,int8,nf4,mxfp8,mxfp4,nvfp4 (default all)")
     ap.add_argument("--no-packed", action="store_true", help="skip the encode/decode rows")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
         ELEMENT[:] = [e for e in ELEMENT if e[0] in keep]
         BLOCKS[:] = [b for b in BLOCKS if b[0] in keep]
         PACKED[:] = [p for p in PACKED if p[0] in keep]
+        CODEBOOKS[:] = [c for c in CODEBOOKS if c[0] in keep]
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu")
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
     for short, fmt in BLOCKS:
         for mode in ("nearest_even", "stochastic"):
             add(f"lowbit {short} {mode}", "lowbit", lb(fmt, mode), op=f"{short}/{mode}")
+    for short, fmt in CODEBOOKS:   # deterministic modes only on the fast paths
+        add(f"lowbit {short} nearest_even", "lowbit", lb(fmt, "nearest_even"), op=f"{short}/nearest_even")
     if any(b[0] == "nvfp4" for b in BLOCKS):
         # delayed scaling: the per-tensor amax given (one pass over x instead of two)
         amax_t = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
