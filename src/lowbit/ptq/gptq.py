@@ -4,6 +4,12 @@ Columns are quantized one at a time; each column's rounding error is spread over
 yet quantized through the inverse Hessian of the layer's reconstruction loss ||XW^T - XQ^T||^2
 (H = 2 X^T X / n). Nothing here knows the number format: the quantizer rounds a column given its
 group's parameters, so the same loop serves INT, FP, codebooks, MX and NVFP4.
+
+Speed: every format whose fake-quantization is (round(w / d + z) - z) * d, with a per-(row, group)
+divisor d and zero point z, runs the fused loop on per-column arrays of d and z: one Triton kernel
+per block of columns on CUDA (kernels/triton_gptq.py), a torch loop on the transposed weight
+elsewhere. Layers fed the same inputs share the Hessian and run as one matrix of stacked rows
+(``gptq_shared``).
 """
 from __future__ import annotations
 
@@ -148,6 +154,8 @@ def gptq_shared(
         parts.append(slice(r0, r0 + x.shape[0]))
         r0 += x.shape[0]
     K = None
+    if keeps is not None and len(keeps) != len(Ws):
+        raise ValueError(f"got {len(keeps)} keep masks for {len(Ws)} weights (pass None for a weight without one)")
     if keeps is not None and any(k is not None for k in keeps):
         K = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
         for sl, k, x in zip(parts, keeps, Ws):
