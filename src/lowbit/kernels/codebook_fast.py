@@ -38,7 +38,11 @@ def pick(x: torch.Tensor, tab: torch.Tensor, mode: str) -> tuple:
     """(values, indices int32) of float32 ``x`` rounded to the float32 table ``tab``."""
     n = tab.numel()
     xc = torch.clamp(x, tab[0], tab[n - 1])
-    lo_i = torch.clamp(torch.bucketize(xc, tab, out_int32=True, right=True) - 1, 0, n - 2)
+    # index of the lower neighbour: how many of tab[1 .. n-2] are <= x (a fused loop of compares
+    # when compiled; inductor's bucketize was ~10x slower)
+    lo_i = torch.zeros(xc.shape, dtype=torch.int32, device=xc.device)
+    for k in range(1, n - 1):
+        lo_i = lo_i + (xc >= tab[k]).to(torch.int32)
     lo, hi = tab[lo_i], tab[lo_i + 1]
     s = lo + hi
     bb = s - lo
