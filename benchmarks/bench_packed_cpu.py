@@ -4,7 +4,8 @@
 
 before: element encode = the fast quantize, then float64 code arithmetic (Format.encode_values);
 block encode = the float64 reference; decode = float64 Format.decode_codes (+ reference block
-values). now: lowbit.encode / lowbit.decode (compiled bit arithmetic, compiled table look-up).
+values); nf4 quantize/encode = the float64 reference. now: lowbit.encode / lowbit.decode / quantize
+(compiled bit arithmetic, compiled table look-up, compiled codebook loop).
 Prints a markdown table (Melem/s, best of the repeats, one thread, 2^22 fp32 elements).
 """
 import os
@@ -44,6 +45,8 @@ def main() -> None:
         ("decode mxfp4", lambda: lowbit.decode(eb, backend="reference"), lambda: lowbit.decode(eb)),
         ("encode nvfp4", lambda: lowbit.encode(xn, "nvfp4", backend="reference"), lambda: lowbit.encode(xn, "nvfp4")),
         ("decode nvfp4", lambda: lowbit.decode(en, backend="reference"), lambda: lowbit.decode(en)),
+        ("quantize nf4", lambda: lowbit.quantize(x, "nf4", backend="reference"), lambda: lowbit.quantize(x, "nf4")),
+        ("encode nf4", lambda: lowbit.encode(x, "nf4", backend="reference"), lambda: lowbit.encode(x, "nf4")),
     ]
     print("| op | before (float64 codes) Melem/s | now Melem/s | speed-up |")
     print("|---|---:|---:|---:|")
