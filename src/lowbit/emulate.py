@@ -264,16 +264,16 @@ def _code_dtype(bits: int) -> torch.dtype:
     return torch.int32 if bits <= 31 else torch.int64
 
 
+def _no_nan_code(fmt: ElementFormat) -> ValueError:
+    return ValueError(f"{fmt} has no nan code, but the tensor holds nan")
+
+
 def _encode_element_values(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
     if isinstance(fmt, (FloatFormat, IntFormat, Codebook)):
         if torch.isnan(v).any() and not getattr(fmt, "has_nan", False):
-            raise ValueError(f"{fmt} has no nan code, but the tensor holds nan")
+            raise _no_nan_code(fmt)
         return fmt.encode_values(v).to(_code_dtype(fmt.bits))
     raise FormatError(f"no encoder for {type(fmt).__name__}")
-
-
-def _no_nan_code(fmt: ElementFormat) -> ValueError:
-    return ValueError(f"{fmt} has no nan code, but the tensor holds nan")
 
 
 def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *,

@@ -4,12 +4,17 @@ unless they pass ``backend=``.
 
 backends:
   auto       CUDA tensors -> ``triton`` when Triton imports; CPU tensors -> ``cpu_fast``; each falls
-             back to the reference for work it does not claim (float64 tensors, codebooks, fnu
-             formats, formats whose values float32 cannot hold exactly).
+             back to the reference for work it does not claim (float64 tensors, codebooks in the
+             stochastic modes or inside blocks, fnu formats, formats whose values float32 cannot
+             hold exactly).
   reference  the float64 oracle (kernels/reference.py), any device.
   cpu_fast   float32 bit arithmetic in torch (kernels/cpu_fast.py), compiled with torch.compile for
              large tensors; falls back to the reference for what it does not claim.
   triton     fused Triton kernels (kernels/triton_quant.py); CUDA tensors only, raises elsewhere.
+
+encode / decode take the same backends: ``codes`` (CPU) and ``triton_codes`` (CUDA) write codes
+straight from the rounding kernels and decode by table look-up; ``codebook_fast`` (and its Triton
+kernel in triton_codes) handles codebooks in the deterministic modes.
 """
 from __future__ import annotations
 
