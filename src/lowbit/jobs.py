@@ -165,6 +165,7 @@ def run_quantize(
         "quantized": {**quant, "bits_per_weight": res.bits_per_weight(), "quantize_seconds": q_seconds},
         "layers": [vars(l) for l in res.layers],
         "skipped": res.skipped,
+        "kv": res.kv,
         "groups": sorted({l.groups for l in res.layers}),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
@@ -178,6 +179,8 @@ def run_quantize(
         spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
                 "method": method, "evaluation": vars(settings)}
+        if res.kv:
+            meta["kv"] = res.kv
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
                               extra=meta)
         report["quantized"]["size_bytes"] = size

@@ -107,6 +107,10 @@ def load_quantized(path, dtype=torch.float32):
         raise ValueError(f"checkpoint {d} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if meta.get("kv"):  # KV-cache quantization is a runtime hook: re-attach it
+        from ..models.kv_cache import apply_kv_specs
+
+        apply_kv_specs(model, meta["kv"])
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     return model, tokenizer, meta

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..models.kv_cache import apply_kv_plan
 from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
@@ -50,6 +51,7 @@ class QuantizationResult:
     skipped: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     packed: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    kv: Dict[str, dict] = field(default_factory=dict)  # attention module -> {"key", "value"} specs
 
     def bits_per_weight(self) -> float:
         """Weighted over the quantized layers."""
@@ -58,8 +60,11 @@ class QuantizationResult:
         return b / n if n else 16.0
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "plan": self.plan, "seconds": self.seconds,
-                "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+        d = {"method": self.method, "plan": self.plan, "seconds": self.seconds,
+             "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+        if self.kv:
+            d["kv"] = self.kv
+        return d
 
 
 def _cpu(p):
@@ -127,6 +132,9 @@ def quantize_model(
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
+    # KV quantization first, so that calibration sees the attention the quantized model will run
+    result.kv, kv_skipped = apply_kv_plan(model, plan)
+    result.skipped.update({f"{n} (kv)": why for n, why in kv_skipped.items()})
     done = _load_progress(progress_dir, model, result) if progress_dir else -1
 
     # RTN needs no data: only GPTQ runs the blocks (and so reports output-space error)
