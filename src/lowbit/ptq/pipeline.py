@@ -19,6 +19,7 @@ from torch import nn
 
 from ..models.kv_cache import apply_kv_plan
 from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
@@ -113,6 +114,14 @@ def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor])
     return float(num / den) if den > 0 else float("nan")
 
 
+def _has_blocks(model: nn.Module) -> bool:
+    try:
+        find_blocks(model)
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
 def quantize_model(
     model: nn.Module,
     plan: Plan,
@@ -126,9 +135,17 @@ def quantize_model(
     on_layer: Optional[Callable[[LayerResult], None]] = None,
     progress: bool = True,
 ) -> QuantizationResult:
-    """Quantize every linear layer the plan names, in place; returns per-layer results."""
+    """Quantize every linear layer the plan names, in place; returns per-layer results.
+
+    Models with transformer blocks go block by block; models with convolutions or without blocks
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    from .layerwise import has_conv, quantize_layerwise  # models without transformer blocks
+
+    if has_conv(model) or not _has_blocks(model):
+        return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
+                                  act_order=act_order, on_layer=on_layer, progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
