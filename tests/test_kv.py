@@ -203,3 +203,19 @@ def test_model_without_attention_is_refused():
 
     with pytest.raises(UnsupportedArchitectureError, match="no attention module"):
         apply_kv_plan(torch.nn.Sequential(torch.nn.Linear(4, 4)), Plan(kv={"*": "int8:token"}))
+
+
+def test_eager_attention_is_wrapped_too(llama):
+    from lowbit.models.kv_cache import apply_kv_plan
+
+    model, ids = llama
+    m = copy.deepcopy(model)
+    m.config._attn_implementation = "eager"
+    ref = _logits(m, ids)
+    assert torch.allclose(ref, _logits(model, ids), atol=1e-4)
+    apply_kv_plan(m, Plan(kv={"*": "int8:token"}))
+    assert m.config._attn_implementation == "lowbit_kv_eager"
+    s = copy.deepcopy(model)
+    apply_kv_plan(s, Plan(kv={"*": "int8:token"}))  # the same quantization under sdpa
+    assert torch.allclose(_logits(m, ids), _logits(s, ids), atol=1e-4)
+    assert not torch.equal(_logits(m, ids), ref)
