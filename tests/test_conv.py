@@ -121,3 +121,22 @@ def test_plain_mlp_without_blocks_goes_layer_by_layer():
         assert torch.allclose(m(data[0]["input"]), mlp(data[0]["input"]), atol=0.1)
     with pytest.raises(ValueError, match="calibration batches"):
         quantize_model(copy.deepcopy(mlp), Plan.from_scheme("w4g64"), [], "gptq", progress=False)
+
+
+def test_checkpoint_of_a_cnn_loads_into_a_fresh_instance(tmp_path):
+    from lowbit.export.checkpoint import save_quantized
+    from lowbit.export.module_checkpoint import load_quantized_into
+    from lowbit.ptq.pipeline import quantize_model
+
+    model, data = _cnn(), _data()
+    m = copy.deepcopy(model)
+    plan = Plan({"*": "int4:g16", "4": None}, {"*": "int8:token"})  # layer 4: inputs only
+    res = quantize_model(m, plan, data[:2], "gptq", progress=False)
+    save_quantized(m, res.packed, tmp_path, kind="cnn")
+    fresh = _cnn(seed=7)
+    meta = load_quantized_into(fresh, tmp_path)
+    assert sorted(meta["layers"]) == ["0", "2", "8"] and list(meta["act_only"]) == ["4"]
+    with torch.no_grad():
+        assert torch.equal(fresh(data[3]), m(data[3]))
+    with pytest.raises(ValueError, match="does not match"):
+        load_quantized_into(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1)), tmp_path)
