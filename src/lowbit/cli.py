@@ -115,7 +115,8 @@ def cmd_quantize(args) -> int:
     else:
         print(summary_table(report))
         if args.out:
-            print(f"wrote {args.out}/report.json, {args.out}/layer_error.png and the checkpoint {args.out}/model.safetensors")
+            plot = f"{args.out}/layer_error.png " if report["layers"] else ""
+            print(f"wrote {args.out}/report.json, {plot}and the checkpoint {args.out}/model.safetensors")
     return 0
 
 
