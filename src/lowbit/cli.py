@@ -100,6 +100,12 @@ def cmd_quantize(args) -> int:
     from .report import summary_table
 
     plan = Plan.load(args.plan) if args.plan else None
+    if args.kv:  # KV-cache rules on top of the scheme or plan
+        from .quant.kv import kv_scheme_rules
+
+        plan = plan or Plan.from_scheme(args.scheme)
+        plan.kv = kv_scheme_rules(args.kv)
+        plan.name = f"{plan.name}+kv={args.kv}" if plan.name else None
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
@@ -109,7 +115,8 @@ def cmd_quantize(args) -> int:
     else:
         print(summary_table(report))
         if args.out:
-            print(f"wrote {args.out}/report.json, {args.out}/layer_error.png and the checkpoint {args.out}/model.safetensors")
+            plot = f"{args.out}/layer_error.png " if report["layers"] else ""
+            print(f"wrote {args.out}/report.json, {plot}and the checkpoint {args.out}/model.safetensors")
     return 0
 
 
@@ -143,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named scheme (w4g64, w3g64, w2g64, w4g128, fp4g32, mxfp4, nvfp4, w4a8, fp8, ...) or a "
                         "quant spec like int4:g64:asym, optionally WEIGHT+ACT (default w3g64)")
     q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
+    q.add_argument("--kv", help="quantize the KV cache: kv8, kv4, kv4c (KIVI: keys per channel), kvfp8, kvnvfp4, "
+                               "a spec like int8:token, or KEY_SPEC/VALUE_SPEC (also as a scheme suffix: w4a8kv4)")
     q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
     q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")

@@ -162,9 +162,11 @@ def run_quantize(
         "evaluation": settings.describe(loaded.kind),
         "baseline": {**baseline, "size_bytes": base_bytes,
                      "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
-        "quantized": {**quant, "bits_per_weight": res.bits_per_weight(), "quantize_seconds": q_seconds},
+        "quantized": {**quant, "quantize_seconds": q_seconds, "bits_per_weight": res.bits_per_weight() if res.layers
+                      else 8 * next(loaded.model.parameters()).element_size()},
         "layers": [vars(l) for l in res.layers],
         "skipped": res.skipped,
+        "kv": res.kv,
         "groups": sorted({l.groups for l in res.layers}),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
@@ -178,12 +180,15 @@ def run_quantize(
         spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
                 "method": method, "evaluation": vars(settings)}
+        if res.kv:
+            meta["kv"] = res.kv
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
                               extra=meta)
         report["quantized"]["size_bytes"] = size
         report["quantized"]["checkpoint"] = str(Path(out) / "model.safetensors")
-        plot_layer_errors(res.layers, Path(out) / "layer_error.png", title=f"{loaded.name} {plan.describe()} {method}",
-                          output_space=method == "gptq")
+        if res.layers:  # a KV-only plan quantizes no weight
+            plot_layer_errors(res.layers, Path(out) / "layer_error.png",
+                              title=f"{loaded.name} {plan.describe()} {method}", output_space=method == "gptq")
     else:
         report["quantized"]["size_bytes"] = _estimated_bytes(loaded.model, res)
     report["seconds"] = time.time() - t_start

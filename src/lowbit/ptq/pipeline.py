@@ -17,7 +17,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..models.kv_cache import apply_kv_plan
 from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
@@ -50,6 +52,7 @@ class QuantizationResult:
     skipped: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     packed: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    kv: Dict[str, dict] = field(default_factory=dict)  # attention module -> {"key", "value"} specs
 
     def bits_per_weight(self) -> float:
         """Weighted over the quantized layers."""
@@ -58,8 +61,11 @@ class QuantizationResult:
         return b / n if n else 16.0
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "plan": self.plan, "seconds": self.seconds,
-                "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+        d = {"method": self.method, "plan": self.plan, "seconds": self.seconds,
+             "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+        if self.kv:
+            d["kv"] = self.kv
+        return d
 
 
 def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
@@ -104,6 +110,14 @@ def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor])
     return float(num / den) if den > 0 else float("nan")
 
 
+def _has_blocks(model: nn.Module) -> bool:
+    try:
+        find_blocks(model)
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
 def quantize_model(
     model: nn.Module,
     plan: Plan,
@@ -117,12 +131,23 @@ def quantize_model(
     on_layer: Optional[Callable[[LayerResult], None]] = None,
     progress: bool = True,
 ) -> QuantizationResult:
-    """Quantize every linear layer the plan names, in place; returns per-layer results."""
+    """Quantize every linear layer the plan names, in place; returns per-layer results.
+
+    Models with transformer blocks go block by block; models with convolutions or without blocks
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    from .layerwise import has_conv, quantize_layerwise  # models without transformer blocks
+
+    if has_conv(model) or not _has_blocks(model):
+        return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
+                                  act_order=act_order, on_layer=on_layer, progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
+    # KV quantization first, so that calibration sees the attention the quantized model will run
+    result.kv, kv_skipped = apply_kv_plan(model, plan)
+    result.skipped.update({f"{n} (kv)": why for n, why in kv_skipped.items()})
     done = _load_progress(progress_dir, model, result) if progress_dir else -1
 
     # RTN needs no data: only GPTQ runs the blocks (and so reports output-space error)
