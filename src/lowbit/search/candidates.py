@@ -99,3 +99,16 @@ def union_specs(cands: List[LayerCandidates]) -> List[str]:
 def spec_index(cands: List[LayerCandidates], layer: int, spec: str) -> Optional[int]:
     specs = cands[layer].specs
     return specs.index(spec) if spec in specs else None
+
+
+def restrict(cands: List[LayerCandidates], costs, specs: Sequence[str]):
+    """The candidates (and their cost vectors) limited to ``specs``; layers keep at least one."""
+    keep = set(parse_candidates(list(specs)))
+    out_c, out_k = [], []
+    for c, k in zip(cands, costs):
+        idx = [i for i, s in enumerate(c.specs) if s in keep]
+        if not idx:
+            raise ValueError(f"{c.name} has none of the candidates {sorted(keep)}")
+        out_c.append(LayerCandidates(c.name, c.shape, [c.specs[i] for i in idx], dict(c.dropped)))
+        out_k.append(k[idx])
+    return out_c, out_k

@@ -180,14 +180,17 @@ class SensitivityTable:
     def from_json(cls, d: dict) -> "SensitivityTable":
         return cls(**d)
 
-    def vector(self, estimator: str, layer: str) -> np.ndarray:
-        return np.array([self.values[estimator][layer][s] for s in self.specs[layer]])
+    def vector(self, estimator: str, layer: str, specs: Optional[List[str]] = None) -> np.ndarray:
+        return np.array([self.values[estimator][layer][s] for s in (specs or self.specs[layer])])
 
-    def problem(self, estimator: str, costs: List[np.ndarray], with_pairs: bool = False) -> Problem:
-        """The allocation problem of this estimator; with_pairs adds the dependency terms."""
+    def problem(self, estimator: str, costs: List[np.ndarray], with_pairs: bool = False,
+                cands: Optional[List[LayerCandidates]] = None) -> Problem:
+        """The allocation problem of this estimator; with_pairs adds the dependency terms. ``cands``
+        (a subset of the table's candidates, e.g. from :func:`restrict`) fixes the spec order."""
         if estimator not in self.values:
             raise ValueError(f"estimator {estimator!r} was not computed; have {', '.join(self.values)}")
-        loss = [self.vector(estimator, n) for n in self.layers]
+        specs = {c.name: c.specs for c in cands} if cands else self.specs
+        loss = [self.vector(estimator, n, specs[n]) for n in self.layers]
         pairs = {}
         if with_pairs:
             idx = {n: i for i, n in enumerate(self.layers)}
@@ -384,19 +387,11 @@ class _bar:
 # --- how well each estimator ranks real mixed configurations -------------------------------------
 
 def random_configs(cands: List[LayerCandidates], costs: List[np.ndarray], n: int, seed: int = 0) -> List[List[int]]:
-    """Mixed configurations spread over the cost range: a random target level per configuration,
-    each layer's candidate (in cost order) jittered around it."""
+    """Mixed configurations: every layer draws its candidate uniformly and independently, so the
+    configurations have similar average bits and differ in *which* layers got the cheap formats
+    (spreading them over the cost range would make any estimator rank them well)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        t = rng.uniform(0, 1)
-        cfg = []
-        for c, k in zip(cands, costs):
-            order = np.argsort(k, kind="stable")
-            j = int(np.clip(round(t * (len(order) - 1) + rng.normal(0, 1.5)), 0, len(order) - 1))
-            cfg.append(int(order[j]))
-        out.append(cfg)
-    return out
+    return [[int(rng.integers(len(c.specs))) for c in cands] for _ in range(n)]
 
 
 def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[str, nn.Linear],
