@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--hutchinson-samples", type=int, default=4)
     ap.add_argument("--rank-configs", type=int, default=16)
+    ap.add_argument("--estimators", default="measured,hutchinson,fisher",
+                    help="which to compute/use; without 'measured' the measured and pair variants are skipped")
+    ap.add_argument("--measure-uniform", action="store_true",
+                    help="measure missing uniform configurations (default: use those the search run measured)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -65,7 +69,8 @@ def main() -> None:
     costs = cost_matrix(cands, CostModel("bits"))
     n_cal, L = CALIB[loaded.kind]
     obj = Objective(loaded.model, loaded.kind, make_batches(loaded, args.calib or n_cal, args.seq_len or L, batch_size=2))
-    table = compute(obj, layers, cands, costs, ("measured", "hutchinson", "fisher"), True,
+    ests = tuple(args.estimators.split(","))
+    table = compute(obj, layers, cands, costs, ests, "measured" in ests,
                     SensitivitySettings(hutchinson_samples=args.hutchinson_samples), out / "sensitivity.json",
                     loaded.name)
     ev = MetricEvaluator(loaded, layers, None, "rtn", args.eval_tokens, 512, args.sentences)
@@ -78,13 +83,12 @@ def main() -> None:
                             **ev.measure(choice)})
         return pt
 
-    uni = {s: measure(c, "uniform", s) for s, c in uniform_choices(cands, specs).items()}
     n = sum(c.numel for c in cands)
     rows = []
+    variants = [v for v in VARIANTS if v[1] in table.values and (not v[2] or table.pairs)]
     for b in [float(x) for x in args.budgets.split(",")]:
-        fit = [(p["loss"], s, p["bits"]) for s, p in uni.items() if p["bits"] <= b + 1e-9]
-        row = {"budget": b, "uniform": min(fit) if fit else None}
-        for name, est, pairs, subset in VARIANTS:
+        row = {"budget": b}
+        for name, est, pairs, subset in variants:
             cs, ks = restrict(cands, costs, subset) if subset else (cands, costs)
             try:
                 alloc = min_loss(table.problem(est, ks, pairs, cs), b * n)
@@ -96,22 +100,35 @@ def main() -> None:
             row[name] = (pt["loss"], pt["bits"], sorted(set(pt["choice"].values())))
         rows.append(row)
         print(json.dumps(row), flush=True)
+    store = PointStore(out / "points.jsonl")  # re-read: a search run may have measured uniform points meanwhile
+    uni = {}
+    for s_, c in uniform_choices(cands, specs).items():
+        pt = store.get(c) or (measure(c, "uniform", s_) if args.measure_uniform else None)
+        if pt is not None:
+            uni[s_] = pt
+    missing = [s_ for s_ in specs if s_ not in uni]
+    for r in rows:
+        fit = [(p["loss"], s_, p["bits"]) for s_, p in uni.items() if p["bits"] <= r["budget"] + 1e-9]
+        r["uniform"] = min(fit) if fit else None
 
     metric = {"perplexity": "perplexity increase", "cosine": "1 - cosine", "spearman": "1 - spearman"}[ev.metric]
     print(f"\n{loaded.name}: {metric} in % (RTN, {json.dumps(ev.settings)}; baseline {json.dumps(ev.baseline)})\n")
-    head = ["bits/weight", "best uniform"] + [v[0] for v in VARIANTS]
+    if missing:
+        print(f"uniform configurations not measured (not compared): {', '.join(missing)}")
+    head = ["bits/weight", "best uniform"] + [v[0] for v in variants]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         u = r["uniform"]
         cells = [f"{r['budget']:g}", f"{u[0] * 100:.3f} ({u[1]}, {u[2]:.3f})" if u else "none fits"]
-        for v in VARIANTS:
+        for v in variants:
             x = r[v[0]]
             cells.append(f"{x[0] * 100:.3f} [{x[1]:.3f}]" if x else "infeasible")
         print("| " + " | ".join(cells) + " |")
-    ra = rank_agreement(table, obj, layers, cands, costs, args.rank_configs)
-    print(f"\nSpearman of predicted vs measured calibration loss on {args.rank_configs} random mixed configurations: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in ra["spearman"].items()))
+    if args.rank_configs:
+        ra = rank_agreement(table, obj, layers, cands, costs, args.rank_configs)
+        print(f"\nSpearman of predicted vs measured calibration loss on {args.rank_configs} random mixed configurations: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in ra["spearman"].items()))
     rep = out / "search.json"
     if rep.is_file():
         s = json.loads(rep.read_text())

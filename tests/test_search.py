@@ -263,3 +263,28 @@ def test_search_plan_round_trips_through_plan_and_quantize(tmp_path):
     for n in names:
         m = model.get_submodule(n)
         assert isinstance(m, QuantLinear) and str(m.weight_spec) == choice[n]
+
+
+# --- end to end on the real encoder (small slices) -----------------------------------------------------
+
+@pytest.mark.slow
+def test_search_on_minilm_writes_a_plan_quantize_applies(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lowbit.cli import main
+
+    out = tmp_path / "s"
+    args = ["search", "minilm", "--max-loss", "2%", "--candidates", "int3:g64,int8:g128", "--no-pairs",
+            "--calib", "4", "--sentences", "16", "--tol", "0.5", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["measured"]["cosine_mean"] >= 0.98 and 3.25 <= plan["bits_per_weight"] <= 8.125
+    uni = {u["spec"]: u for u in json.loads((out / "search.json").read_text())["uniform"]}
+    assert plan["bits_per_weight"] < uni["int8:g128"]["bits"] and uni["int3:g64"]["loss"] > 0.02
+    p = Plan.load(out / "plan.json")
+    assert str(p.weight_spec("encoder.layer.0.attention.self.query")) == plan["layers"]["encoder.layer.0.attention.self.query"]
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "layers.png").stat().st_size > 0
+    # a rerun measures nothing new (every point is on disk) and an unreachable limit is reported
+    n = len((out / "points.jsonl").read_text().splitlines())
+    assert main(args[:2] + ["--max-loss", "0.001%"] + args[4:] + ["--budget-max", "3.25"]) == 1
+    assert "over the limit" in capsys.readouterr().err
+    assert len((out / "points.jsonl").read_text().splitlines()) == n
