@@ -74,7 +74,7 @@ def main() -> None:
                     SensitivitySettings(hutchinson_samples=args.hutchinson_samples), out / "sensitivity.json",
                     loaded.name)
     ev = MetricEvaluator(loaded, layers, None, "rtn", args.eval_tokens, 512, args.sentences)
-    store = PointStore(out / "points.jsonl")
+    store = PointStore(out / "points.jsonl", {"method": "rtn", **ev.settings})
 
     def measure(choice, kind, label=""):
         pt = store.get(choice)
@@ -100,7 +100,7 @@ def main() -> None:
             row[name] = (pt["loss"], pt["bits"], sorted(set(pt["choice"].values())))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    store = PointStore(out / "points.jsonl")  # re-read: a search run may have measured uniform points meanwhile
+    store = PointStore(out / "points.jsonl", {"method": "rtn", **ev.settings})  # re-read: a search run may have measured uniform points meanwhile
     uni = {}
     for s_, c in uniform_choices(cands, specs).items():
         pt = store.get(c) or (measure(c, "uniform", s_) if args.measure_uniform else None)

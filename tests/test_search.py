@@ -238,6 +238,8 @@ def test_bisection_finds_the_smallest_within_limit_and_resumes(tmp_path):
     r2 = accuracy_search(p, cands, measure, limit, cheapest(p).cost, p.cost[0].max() * n, per_unit,
                          PointStore(tmp_path / "points.jsonl"), tol=0.01, log=lambda m: None)
     assert len(calls) == n_calls and r2.best["key"] == r.best["key"]  # resumed from disk
+    other = PointStore(tmp_path / "points.jsonl", {"eval_tokens": 99})  # measured otherwise: not re-used
+    assert not other.points and other.ignored == len(store.points)
     r3 = accuracy_search(p, cands, measure, 1e-12, cheapest(p).cost, 2.5 * 64 * n, per_unit, store, tol=0.01,
                          log=lambda m: None)
     assert not r3.reachable and "over the limit" in r3.note

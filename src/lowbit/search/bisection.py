@@ -26,22 +26,29 @@ def config_key(choice: Dict[str, str]) -> str:
 
 
 class PointStore:
-    """Measured points on disk (JSON lines), one per configuration."""
+    """Measured points on disk (JSON lines), one per configuration. ``context`` (how points are
+    measured: method, metric, evaluation slice) is stored with each point; points measured in
+    another context are ignored, so changing --eval-tokens or --method never re-uses them."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Optional[Path], context: Optional[dict] = None):
         self.path = Path(path) if path else None
+        self.context = context
         self.points: Dict[str, dict] = {}
+        self.ignored = 0
         if self.path and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 if line.strip():
                     p = json.loads(line)
+                    if p.get("context") != context:
+                        self.ignored += 1
+                        continue
                     self.points[p["key"]] = p
 
     def get(self, choice: Dict[str, str]) -> Optional[dict]:
         return self.points.get(config_key(choice))
 
     def add(self, point: dict) -> dict:
-        point = {**point, "key": config_key(point["choice"])}
+        point = {**point, "key": config_key(point["choice"]), "context": self.context}
         self.points[point["key"]] = point
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)

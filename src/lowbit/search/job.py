@@ -87,7 +87,9 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     problem = table.problem(estimator, costs, with_pairs=pairs)
 
     evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences)
-    store = PointStore(outp / "points.jsonl" if outp else None)
+    store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
+    if store.ignored:
+        _log(f"note: {store.ignored} points in {outp / 'points.jsonl'} were measured with other settings; not used", quiet)
     per_unit = lambda total: cm.per_unit(total, cands)
 
     def measure(choice, kind="search", label=""):
