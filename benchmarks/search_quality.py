@@ -75,6 +75,9 @@ def main() -> None:
                     loaded.name)
     ev = MetricEvaluator(loaded, layers, None, "rtn", args.eval_tokens, 512, args.sentences)
     store = PointStore(out / "points.jsonl", {"method": "rtn", **ev.settings})
+    base = store.get({})
+    ev.baseline = ({k: base[k] for k in ("perplexity", "cosine_mean", "cosine_min", "spearman") if k in base}
+                   if base else ev.measure_baseline())
 
     def measure(choice, kind, label=""):
         pt = store.get(choice)

@@ -90,6 +90,12 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
     if store.ignored:
         _log(f"note: {store.ignored} points in {outp / 'points.jsonl'} were measured with other settings; not used", quiet)
+    base = store.get({})  # the fp32 model is the empty configuration
+    if base is None:
+        _log("measuring the fp32 baseline ...", quiet)
+        base = store.add({"kind": "baseline", "label": "fp32", "choice": {}, "bits": 32.0,
+                          **evaluator.measure_baseline(), "loss": 0.0})
+    evaluator.baseline = {k: base[k] for k in ("perplexity", "cosine_mean", "cosine_min", "spearman") if k in base}
     per_unit = lambda total: cm.per_unit(total, cands)
 
     def measure(choice, kind="search", label=""):

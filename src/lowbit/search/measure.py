@@ -23,7 +23,8 @@ class MetricEvaluator:
     embeddings; spearman: 1 - Spearman of pairwise similarities."""
 
     def __init__(self, loaded, layers: Dict[str, nn.Linear], metric: Optional[str] = None, method: str = "rtn",
-                 eval_tokens: int = 4096, context: int = 512, sentences: int = 128, gptq_batches=None):
+                 eval_tokens: int = 4096, context: int = 512, sentences: int = 128, gptq_batches=None,
+                 baseline: Optional[dict] = None):
         kind = loaded.kind
         metric = metric or METRICS[kind][0]
         metric = {"ppl": "perplexity", "cos": "cosine"}.get(metric, metric)
@@ -47,7 +48,11 @@ class MetricEvaluator:
             self.sentences = evaluation_sentences(sentences)
             self.ref = embed(loaded.model, loaded.tokenizer, self.sentences)
             self.settings = {"metric": metric, "sentences": len(self.sentences)}
-        self.baseline = self._raw(loaded.model)
+        self.baseline = baseline  # the fp32 model's metrics; see measure_baseline
+
+    def measure_baseline(self) -> dict:
+        self.baseline = self._raw(self.loaded.model)
+        return self.baseline
 
     def _raw(self, model: nn.Module) -> dict:
         if self.kind == "causal_lm":

@@ -19,6 +19,7 @@ def pareto_plot(points: List[dict], path, metric_label: str, limit: Optional[flo
                 chosen: Optional[dict] = None, title: str = "") -> None:
     """Every measured point: x = true bits per weight, y = metric loss (%, log scale)."""
     plt = _plt()
+    points = [p for p in points if p.get("kind") != "baseline"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"uniform": ("s", "tab:gray"), "search": ("o", "tab:blue"), "budget": ("D", "tab:green"),
               "hawq": ("^", "tab:orange")}
