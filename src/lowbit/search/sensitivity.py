@@ -265,8 +265,11 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         bar.reset(sum(len(c.specs) for c in todo), "measured")
         for j, c in enumerate(todo):
             W = layers[c.name].weight.detach().float()
-            meas[c.name] = {s: objective.loss_with(layers, {c.name: rtn_weight(W, s)}) - table.base_loss
-                            for s in c.specs if not bar.update(1)}
+            row = {}
+            for s in c.specs:
+                row[s] = objective.loss_with(layers, {c.name: rtn_weight(W, s)}) - table.base_loss
+                bar.update(1)
+            meas[c.name] = row
             if j % 8 == 7:
                 table.seconds["measured"] = time.time() - t
                 _save(cache, table)
