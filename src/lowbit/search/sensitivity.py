@@ -240,6 +240,11 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         t = time.time()
         bar.reset(len(objective.batches) * settings.hutchinson_samples, "Hessian traces")
         table.traces = hutchinson_traces(objective, layers, settings.hutchinson_samples, settings.seed, bar.update)
+        neg = [n for n, t in table.traces.items() if t < 0]
+        if neg:  # an indefinite Hessian or too few probes: those layers look free to quantize
+            warnings.warn(f"{len(neg)} of {len(table.traces)} Hessian trace estimates are negative (e.g. {neg[0]}); "
+                          f"the Hutchinson estimate is too noisy with {settings.hutchinson_samples} probes on this "
+                          "data: raise --hutchinson-samples or use the fisher/measured estimator", stacklevel=2)
         table.values["hutchinson"] = {}
         for c in cands:
             W = layers[c.name].weight.detach().float()
