@@ -164,6 +164,7 @@ def test_block_cached_loss_equals_the_whole_model():
     assert fast != pytest.approx(obj.loss(), rel=1e-6)  # the swap was undone and did matter
 
 
+@pytest.mark.filterwarnings("ignore:.*Hessian trace estimates are negative")  # a random model's Hessian
 def test_estimators_rank_candidates_and_pairs_are_measured(tmp_path):
     from lowbit.search.sensitivity import SensitivitySettings, compute
 
