@@ -238,3 +238,10 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     res["bits_per_weight"] = bits
     res["size_bytes"] = os.path.getsize(Path(path) / "model.safetensors")
     return res
+
+
+def run_search(model: Optional[str] = None, out: Optional[str] = None, **options) -> dict:
+    """Mixed-precision search (``lowbit search``): see :func:`lowbit.search.job.run_search`."""
+    from .search.job import run_search as _run
+
+    return _run(model, out, **options)
