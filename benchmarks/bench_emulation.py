@@ -32,6 +32,10 @@ import lowbit  # noqa: E402
 ELEMENT = [("e4m3", "e4m3fn", 4, 3), ("e5m2", "e5m2", 5, 2), ("e2m1", "e2m1fn", 2, 1), ("e3m2", "e3m2fn", 3, 2)]
 MODES = [("nearest_even", "nearest", 1), ("stochastic", "stochastic", 5)]
 BLOCKS = [("mxfp8", "mxfp8_e4m3"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+# packed path: encode (x -> codes + scale codes) and decode (codes -> values), nearest_even
+PACKED = [("e4m3", "e4m3fn"), ("e2m1", "e2m1fn"), ("int8", "int8"), ("nf4", "nf4"), ("mxfp8", "mxfp8_e4m3"),
+          ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+CODEBOOKS = [("nf4", "nf4")]
 
 
 class Timer:
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eager", action="store_true", help="CPU: skip the eager (uncompiled) lowbit rows")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU; default: torch's)")
     ap.add_argument("--formats", default=None,
-                    help="comma-separated subset of e4m3,e5m2,e2m1,e3m2,mxfp8,mxfp4,nvfp4 (default all)")
+                    help="comma-separated subset of e4m3,e5m2,e2m1,e3m2,int8,nf4,mxfp8,mxfp4,nvfp4 (default all)")
+    ap.add_argument("--no-packed", action="store_true", help="skip the encode/decode rows")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
         keep = set(args.formats.split(","))
         ELEMENT[:] = [e for e in ELEMENT if e[0] in keep]
         BLOCKS[:] = [b for b in BLOCKS if b[0] in keep]
+        PACKED[:] = [p for p in PACKED if p[0] in keep]
+        CODEBOOKS[:] = [c for c in CODEBOOKS if c[0] in keep]
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here; run with --device cpu")
@@ -135,6 +142,16 @@ def main(argv=None) -> int:
     for short, fmt in BLOCKS:
         for mode in ("nearest_even", "stochastic"):
             add(f"lowbit {short} {mode}", "lowbit", lb(fmt, mode), op=f"{short}/{mode}")
+    for short, fmt in CODEBOOKS:   # deterministic modes only on the fast paths
+        add(f"lowbit {short} nearest_even", "lowbit", lb(fmt, "nearest_even"), op=f"{short}/nearest_even")
+    if any(b[0] == "nvfp4" for b in BLOCKS):
+        # delayed scaling: the per-tensor amax given (one pass over x instead of two)
+        amax_t = torch.where(torch.isfinite(x), x.abs(), 0).amax().float()
+        amax = float(amax_t)
+        add("lowbit nvfp4 nearest_even, tensor_amax=float (one pass)", "lowbit-variant",
+            lambda: lowbit.quantize(x, "nvfp4", tensor_amax=amax), op="nvfp4/nearest_even")
+        add("lowbit nvfp4 nearest_even, tensor_amax=tensor (one pass + a read of it)", "lowbit-variant",
+            lambda: lowbit.quantize(x, "nvfp4", tensor_amax=amax_t), op="nvfp4/nearest_even")
     if dev == "cuda":
         from lowbit.kernels import triton_quant
         rounds = triton_quant.N_ROUNDS
@@ -142,11 +159,18 @@ def main(argv=None) -> int:
         add("lowbit e4m3 stochastic (Philox 10 rounds)", "lowbit-variant", lb("e4m3fn", "stochastic"),
             op="e4m3/stochastic")
         triton_quant.N_ROUNDS = rounds
-        nv = lowbit.format("nvfp4")
-        amax = x.abs().amax().float()
-        add("lowbit nvfp4 nearest_even (tensor amax given: one pass)", "lowbit-variant",
-            lambda: triton_quant.quantize_block(x, nv, "nearest_even", -1, tensor_amax=amax),
-            op="nvfp4/nearest_even")
+    if not args.no_packed:
+        # encode writes 1-byte codes (+ a scale code per block): it moves 5 B per element where the
+        # copy moves 8, decode reads 1 B and writes 4
+        for short, fmt in PACKED:
+            add(f"lowbit encode {short} nearest_even", "lowbit-encode", lambda fmt=fmt: lowbit.encode(x, fmt),
+                op=f"{short}/encode")
+            if short == "e4m3":
+                add(f"lowbit encode {short} stochastic", "lowbit-encode",
+                    lambda fmt=fmt: lowbit.encode(x, fmt, "stochastic", generator=gen), op=f"{short}/encode")
+            enc = lowbit.encode(x, fmt)
+            add(f"lowbit decode {short}", "lowbit-decode", lambda enc=enc: lowbit.decode(enc), op=f"{short}/decode")
+            del enc
     if dev == "cpu":
         notes.append(f"lowbit CPU rows include torch.compile warm-up outside the timing "
                      f"(first calls took {time.time() - t0:.0f} s in all, cached on disk afterwards)")

@@ -26,13 +26,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--scheme", default="w3g64")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--loop", default="auto", choices=["auto", "plain"],
+                    help="GPTQ column loop: auto (fused where the format allows) or plain (the per-column "
+                         "quantizer calls, the baseline)")
     args = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lowbit.ptq import gptq as gptq_module
     from lowbit.ptq.pipeline import quantize_model
     from lowbit.quant.plan import Plan
 
+    gptq_module.DEFAULT_LOOP = args.loop
     torch.manual_seed(0)
     cfg = LlamaConfig(**json.loads(CONFIG.read_text()))
     model = LlamaForCausalLM(cfg).to(args.device).eval()
@@ -47,7 +52,7 @@ def main() -> None:
     total = time.time() - t
     gptq_only = sum(l.seconds for l in res.layers)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"{name}: GPTQ {args.scheme} of SmolLM2-135M architecture, {args.calib}x{args.seq_len} calibration tokens: "
+    print(f"{name}: GPTQ {args.scheme} ({args.loop} loop) of SmolLM2-135M architecture, {args.calib}x{args.seq_len} calibration tokens: "
           f"{total:.1f} s total ({gptq_only:.1f} s in the per-layer GPTQ loops, {len(res.layers)} layers)")
 
 

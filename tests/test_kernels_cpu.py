@@ -95,7 +95,10 @@ def test_through_public_api_all_backends_agree():
 def test_unclaimed_work_falls_back_to_reference():
     x = torch.randn(1000)
     assert cpu_fast.quantize_element(x.double(), lowbit.format("e4m3"), "nearest_even", "saturate") is None
-    for name in ("nf4", "e8m0", "e8m23_b-1"):
+    # codebooks: stochastic modes, and tables float32 cannot hold, stay on the reference
+    assert cpu_fast.quantize_element(x, lowbit.format("nf4"), "stochastic", "saturate") is None
+    assert cpu_fast.quantize_element(x, lowbit.format("codebook(0.1,0.2,0.7)"), "nearest_even", "saturate") is None
+    for name in ("e8m0", "e8m23_b-1"):
         f = lowbit.format(name)
         assert cpu_fast.quantize_element(x, f, "nearest_even", "saturate") is None, name
         want = kernels.quantize_element(x, f, "nearest_even", "saturate", backend="reference")

@@ -106,9 +106,10 @@ def test_auto_dispatch_uses_triton_on_cuda(tq, monkeypatch):
     monkeypatch.setattr(tq, "quantize_element", spy)
     lowbit.quantize(torch.randn(100, device="cuda"), "e4m3")
     assert calls == [True]
-    # unclaimed work (a codebook) still runs, on the reference
-    x = torch.randn(100, device="cuda")
-    assert torch.equal(lowbit.quantize(x, "nf4").cpu(), lowbit.quantize(x.cpu(), "nf4"))
+    # unclaimed work (a codebook of float64 values, E8M0 elements) still runs, on the reference
+    x = torch.randn(100, device="cuda").double()      # negatives: nan in E8M0
+    for name in ("codebook(0.1,0.2,0.7)", "e8m0"):
+        assert_same_bits(lowbit.quantize(x, name).cpu(), lowbit.quantize(x.cpu(), name), x, name)
 
 
 # --- stochastic --------------------------------------------------------------------------------------
@@ -185,3 +186,134 @@ def test_nvfp4_with_a_given_tensor_amax_is_the_same(tq):
     fmt = lowbit.format("nvfp4")
     assert_same_bits(tq.quantize_block(x, fmt, "nearest_even", -1, tensor_amax=amax),
                      tq.quantize_block(x, fmt, "nearest_even", -1), x, "nvfp4 given amax")
+
+
+def test_nvfp4_tensor_amax_public_api(tq):
+    """lowbit.quantize/encode(..., tensor_amax=) on CUDA: a number or a CUDA tensor, given =
+    measured, and a different amax matches the reference bit for bit."""
+    fmt = lowbit.format("nvfp4")
+    x = block_vectors(fmt, n_blocks=256)
+    xc = x.cuda()
+    true_amax = float(torch.where(torch.isfinite(x), x.abs(), 0).amax())
+    assert_same_bits(lowbit.quantize(xc, fmt, tensor_amax=torch.tensor(true_amax, device="cuda")),
+                     lowbit.quantize(xc, fmt), x, "given = measured")
+    for amax in (true_amax / 3, true_amax / 1e20, 0.0):
+        for mode in ("nearest_even", "up"):
+            want = lowbit.quantize(x, fmt, mode, tensor_amax=amax, backend="reference")
+            assert_same_bits(lowbit.quantize(xc, fmt, mode, tensor_amax=amax), want, x, f"amax {amax} {mode}")
+            enc = lowbit.encode(xc, fmt, mode, tensor_amax=amax)
+            ref = lowbit.encode(x, fmt, mode, tensor_amax=amax, backend="reference")
+            assert torch.equal(enc.codes.cpu(), ref.codes) and torch.equal(enc.scales.cpu(), ref.scales)
+            assert torch.equal(enc.tensor_scale.cpu(), ref.tensor_scale)
+            assert_same_bits(lowbit.decode(enc), want, x, f"decode amax {amax}")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        lowbit.quantize(xc, fmt, tensor_amax=torch.tensor(-1.0, device="cuda"))
+
+
+# --- fused encode / decode ----------------------------------------------------------------------------
+
+def _same_codes(got, want, what):
+    assert got.codes.dtype == want.codes.dtype, what
+    bad = got.codes.cpu() != want.codes
+    assert not bool(bad.any()), f"{what}: {int(bad.sum())} codes differ"
+    if want.scales is not None:
+        assert torch.equal(got.scales.cpu(), want.scales), what
+    if want.tensor_scale is not None:
+        assert torch.equal(got.tensor_scale.cpu(), want.tensor_scale.cpu()), what
+
+
+@pytest.mark.parametrize("name", ELEMENT_FORMATS)
+def test_element_encode_decode_bit_exact(tq, name):
+    from lowbit.kernels import triton_codes
+    fmt = lowbit.format(name)
+    x = element_vectors(fmt)
+    if not fmt.has_nan:
+        x = x[~torch.isnan(x)]
+    xc = x.cuda()
+    for overflow in overflow_policies(fmt):
+        for mode in DETERMINISTIC:
+            assert triton_codes.encode_element(xc[:8], fmt, mode, overflow) is not None, f"{name} not claimed"
+            want = lowbit.encode(x, fmt, mode, overflow, backend="reference")
+            got = lowbit.encode(xc, fmt, mode, overflow)
+            assert got.codes.is_cuda
+            _same_codes(got, want, f"{name} {mode} {overflow}")
+            assert_same_bits(lowbit.decode(got), lowbit.decode(want, backend="reference"), x, f"{name} decode")
+
+
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_block_encode_decode_bit_exact(tq, name):
+    from lowbit.kernels import triton_codes
+    fmt = lowbit.format(name)
+    x = block_vectors(fmt)
+    xc = x.cuda()
+    for mode in DETERMINISTIC:
+        assert triton_codes.encode_block(xc[:4], fmt, mode, -1) is not None, f"{name} not claimed"
+        want = lowbit.encode(x, fmt, mode, backend="reference")
+        got = lowbit.encode(xc, fmt, mode)
+        _same_codes(got, want, f"{name} {mode}")
+        assert_same_bits(lowbit.decode(got), lowbit.decode(want, backend="reference"), x, f"{name} decode")
+    # another axis, half-precision input
+    xt = x[: (x.shape[0] // 4) * 4].reshape(-1, 4, fmt.size).permute(2, 0, 1).to(torch.bfloat16)
+    got = lowbit.encode(xt.cuda(), fmt, "nearest_even", axis=0)
+    _same_codes(got, lowbit.encode(xt, fmt, "nearest_even", axis=0, backend="reference"), f"{name} axis 0 bf16")
+    assert_same_bits(lowbit.decode(got), lowbit.quantize(xt, fmt, axis=0, backend="reference"), xt, "decode bf16")
+
+
+def test_encode_stochastic_round_trip_and_nan(tq):
+    x = torch.full((2**20,), 1.0 + 2**-5, device="cuda")
+    for name, xx in (("e4m3fn", x), ("e2m1fn", x * 2), ("int8", x * 40), ("mxfp4", x.view(-1, 32)),
+                     ("mxfp8_e4m3", x.view(-1, 32)), ("nvfp4", x.view(-1, 16) * 0.7)):
+        for mode, kw in (("stochastic", {}), ("stochastic", {"sr_bits": 3}), ("stochastic_half", {})):
+            g1 = torch.Generator(device="cuda").manual_seed(5)
+            g2 = torch.Generator(device="cuda").manual_seed(5)
+            enc = lowbit.encode(xx, name, mode, generator=g1, **kw)
+            assert_same_bits(lowbit.decode(enc), lowbit.quantize(xx, name, mode, generator=g2, **kw), xx,
+                             f"{name} {mode}")
+    enc = lowbit.encode(x, "e4m3fn", "stochastic", generator=3)
+    assert bool(((enc.codes == 0x38) | (enc.codes == 0x39)).all())
+    up = (enc.codes == 0x39).double()
+    assert abs(up.mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / len(up))
+    xn = torch.randn(3 * 4096 + 5, device="cuda")
+    xn[5000] = float("nan")
+    for name in ("e2m1fn", "int4", "e3m2fn"):
+        with pytest.raises(ValueError, match="has no nan code"):
+            lowbit.encode(xn, name)
+    assert int(lowbit.encode(xn, "e4m3fn").codes[5000]) == 0x7F
+
+
+def test_encode_user_scale_codebooks_and_wide_formats_on_cuda(tq):
+    """Work the fused kernels do not claim (codebooks, 19-bit tf32 decode) and a user scale: CUDA
+    tensors in, the reference's codes and values out."""
+    x = torch.randn(16, 64) * 3
+    s = torch.rand(16, 1) + 0.1
+    for fmt, kw in (("e4m3fn", {"scale": s}), ("int4", {"scale": 0.37}), ("nf4", {}), ("fp4_bnb", {}),
+                    ("tf32", {}), ("block(nf4,e8m0,16)", {})):
+        kwc = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        got = lowbit.encode(x.cuda(), fmt, **kwc)
+        want = lowbit.encode(x, fmt, backend="reference", **kw)
+        assert torch.equal(got.codes.cpu(), want.codes), fmt
+        assert_same_bits(lowbit.decode(got), lowbit.quantize(x, fmt, backend="reference", **kw), x, fmt)
+
+
+CODEBOOKS = ("nf4", "fp4_bnb", "codebook(-3,-1,-0.25,0,0.5,0.75,2,6)", "codebook(0.25,0.5,3)")
+
+
+@pytest.mark.parametrize("name", CODEBOOKS)
+def test_codebooks_bit_exact(tq, name):
+    """The fused codebook kernel: quantize and encode give the reference's bits in every
+    deterministic mode; nan stays nan (quantize) or is refused (encode)."""
+    from lowbit.kernels import triton_codes
+    fmt = lowbit.format(name)
+    x = element_vectors(fmt)
+    xc = x.cuda()
+    xn = x[~torch.isnan(x)]
+    for mode in DETERMINISTIC:
+        got = tq.quantize_element(xc, fmt, mode, "saturate")
+        assert got is not None, f"{name} is not claimed"
+        assert_same_bits(got, reference_element(x, fmt, mode), x, f"{name} {mode}")
+        enc = lowbit.encode(xn.cuda(), fmt, mode)
+        assert torch.equal(enc.codes.cpu(), lowbit.encode(xn, fmt, mode, backend="reference").codes), mode
+        assert_same_bits(lowbit.decode(enc), reference_element(xn, fmt, mode), xn, f"{name} {mode} decode")
+    assert triton_codes.encode_element(xc, fmt, "nearest_even", "saturate")[1]   # x holds nan
+    with pytest.raises(ValueError, match="has no nan code"):
+        lowbit.encode(xc, fmt)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from lowbit.export.packing import pack_weight, packed_nbytes, unpack_weight
 from lowbit.ptq.gptq import HessianAccumulator, gptq
 from lowbit.ptq.retain_alloc import LayerCurve, matching_ratio, solve_allocation
-from lowbit.ptq.retention import (RetainConfig, RetainFormat, finish_retained, hessian_saliency, index_layout,
+from lowbit.ptq.retention import (RetainConfig, RetainFormat, finish_retained, gptq_retained, hessian_saliency,
+                                  index_layout,
                                   parse_ratio, retain_layer, retained_bits, rtn_retained, top_mask,
                                   unpack_retained)
 from lowbit.quant.plan import Plan
@@ -51,14 +52,12 @@ def test_kept_weights_leave_the_grid_and_the_scales(spec, act_order):
     W, H = _problem()
     keep = top_mask(hessian_saliency(W, H, WeightQuantizer(QuantSpec.parse(spec))), 0.02)
     q = WeightQuantizer(QuantSpec.parse(spec))
-    res = gptq(W, H, q, act_order=act_order, keep=keep)
+    kept = gptq_retained(W, H, keep, q, RetainFormat("int8"), act_order=act_order)
     # non-kept weights are on the grid of scales fitted without the kept ones
-    dense = res.weight.masked_fill(keep, 0.0)
-    packed = pack_weight(dense, q, res.params)  # raises unless every value is on its group's grid
-    assert torch.equal(unpack_weight(packed, q.spec, W.shape), dense)
+    packed = pack_weight(kept.dense, q, kept.params)  # raises unless every value is on its group's grid
+    assert torch.equal(unpack_weight(packed, q.spec, W.shape), kept.dense)
     # keeping the most salient 2% cuts the output error of plain GPTQ
     plain = gptq(W, H, WeightQuantizer(QuantSpec.parse(spec)), act_order=act_order)
-    kept = finish_retained(res.weight, keep, RetainFormat("int8"), res.params)
     assert _err(W, kept.weight, H) < 0.9 * _err(W, plain.weight, H)
 
 

@@ -100,6 +100,12 @@ def cmd_quantize(args) -> int:
     from .report import summary_table
 
     plan = Plan.load(args.plan) if args.plan else None
+    if args.kv:  # KV-cache rules on top of the scheme or plan
+        from .quant.kv import kv_scheme_rules
+
+        plan = plan or Plan.from_scheme(args.scheme)
+        plan.kv = kv_scheme_rules(args.kv)
+        plan.name = f"{plan.name}+kv={args.kv}" if plan.name else None
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
@@ -109,7 +115,8 @@ def cmd_quantize(args) -> int:
     else:
         print(summary_table(report))
         if args.out:
-            print(f"wrote {args.out}/report.json, {args.out}/layer_error.png and the checkpoint {args.out}/model.safetensors")
+            plot = f"{args.out}/layer_error.png " if report["layers"] else ""
+            print(f"wrote {args.out}/report.json, {plot}and the checkpoint {args.out}/model.safetensors")
     return 0
 
 
@@ -137,6 +144,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .jobs import run_search
+
+    extra = [e for e in (args.estimators or "").split(",") if e]
+    report = run_search(args.model, args.out, max_loss=args.max_loss, metric=args.metric, budget=args.budget,
+                        budget_max=args.budget_max, method=args.method, candidates=args.candidates,
+                        estimator=args.estimator, pairs=args.pairs, cost=args.cost, calib=args.calib,
+                        seq_len=args.seq_len, eval_tokens=args.eval_tokens, sentences=args.sentences,
+                        hutchinson_samples=args.hutchinson_samples, extra_estimators=extra,
+                        sensitivity_cache=args.sensitivity_cache, uniform=args.uniform,
+                        rank_configs=args.rank_configs, tol=args.tol, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    if not report["search"]["reachable"]:
+        print(f"lowbit search: {report['search']['note']}", file=sys.stderr)
+        return 1
+    if args.out:
+        print(f"wrote {args.out}/plan.json (apply with: lowbit quantize --plan {args.out}/plan.json), "
+              f"search.json, points.jsonl, pareto.png, layers.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Low-precision formats, emulation and quantization")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named scheme (w4g64, w3g64, w2g64, w4g128, fp4g32, mxfp4, nvfp4, w4a8, fp8, ...) or a "
                         "quant spec like int4:g64:asym, optionally WEIGHT+ACT (default w3g64)")
     q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
+    q.add_argument("--kv", help="quantize the KV cache: kv8, kv4, kv4c (KIVI: keys per channel), kvfp8, kvnvfp4, "
+                               "a spec like int8:token, or KEY_SPEC/VALUE_SPEC (also as a scheme suffix: w4a8kv4)")
     q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
     q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")
@@ -184,6 +215,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the quantized fields as JSON")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("search", help="mixed precision: the smallest per-layer plan within a loss limit (or the "
+                                      "best plan at a budget)")
+    s.add_argument("model", nargs="?", default=None, help="smollm2 (default), minilm, or a model directory")
+    s.add_argument("--max-loss", default="1%",
+                   help="limit on the measured loss: perplexity increase relative to fp32 (causal LMs), or "
+                        "1 - cosine / 1 - spearman absolute (encoders); '1%%' or 0.01 (default 1%%)")
+    s.add_argument("--metric", default=None, help="perplexity|ppl (causal LM), cosine|spearman (encoder)")
+    s.add_argument("--budget", type=float, default=None,
+                   help="instead of a loss limit: the best plan within this budget (bits/weight for --cost bits)")
+    s.add_argument("--budget-max", type=float, default=None, help="upper end of the bisection (default: the largest)")
+    s.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization of measured models (default rtn)")
+    s.add_argument("--candidates", default="default",
+                   help="'default' (int2/3/4/8, fp4 g32, mxfp4, nvfp4, fp8), 'int', or specs like int4:g64,mxfp4")
+    s.add_argument("--estimator", default="measured", choices=["measured", "hutchinson", "fisher"])
+    s.add_argument("--no-pairs", dest="pairs", action="store_false", help="no inter-layer dependency terms")
+    s.add_argument("--estimators", default="", help="extra estimators to compute too, e.g. hutchinson,fisher")
+    s.add_argument("--cost", default="bits", help="bits (default), bytes, bops, or a latency-table JSON file")
+    s.add_argument("--calib", type=int, default=None, help="calibration sequences/sentences for sensitivities")
+    s.add_argument("--seq-len", type=int, default=None, help="tokens per calibration item")
+    s.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (default 4096)")
+    s.add_argument("--sentences", type=int, default=128, help="held-out sentences for encoders (default 128)")
+    s.add_argument("--hutchinson-samples", type=int, default=4)
+    s.add_argument("--sensitivity-cache", default=None, help="sensitivity cache file (default OUT/sensitivity.json)")
+    s.add_argument("--no-uniform", dest="uniform", action="store_false", help="skip measuring uniform configurations")
+    s.add_argument("--rank-configs", type=int, default=0,
+                   help="measure N random mixed configurations and report each estimator's Spearman")
+    s.add_argument("--tol", type=float, default=0.0625, help="bisection stops when the bracket is this narrow")
+    s.add_argument("--out", help="directory for plan.json, search.json, points.jsonl and the plots")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_search)
     return p
 
 

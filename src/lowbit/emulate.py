@@ -2,6 +2,7 @@
 path ``encode`` (integer codes + scales) / ``decode``, bit-identical to ``quantize``."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -113,6 +114,34 @@ def _as_scale(scale, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s
 
 
+def _check_tensor_amax(tensor_amax, fmt: Format) -> Optional[float]:
+    """The caller's per-tensor amax (delayed scaling) as a float32 number, or None; refuses it for
+    formats without a tensor scale and for values that are not one finite number >= 0."""
+    if tensor_amax is None:
+        return None
+    if not (isinstance(fmt, BlockFormat) and fmt.tensor_scale):
+        raise ValueError(f"tensor_amax applies to formats with a per-tensor scale (nvfp4, "
+                         f"block(...,tensor)); {fmt} has none")
+    if isinstance(tensor_amax, (bool, np.bool_)) or not isinstance(
+            tensor_amax, (int, float, np.integer, np.floating, np.ndarray, torch.Tensor)):
+        raise TypeError(f"tensor_amax must be a number or a one-element tensor, got {type(tensor_amax).__name__}")
+    if isinstance(tensor_amax, (np.ndarray, torch.Tensor)):
+        t = torch.as_tensor(tensor_amax)
+        if t.numel() != 1:
+            raise ValueError(f"tensor_amax must hold one number (the whole tensor's amax), got shape "
+                             f"{tuple(t.shape)}; for one scale per block use the block format alone")
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"tensor_amax must be a real number, got a {t.dtype} tensor")
+        tensor_amax = t.reshape(()).item()   # one small read where it lives on a device
+    with np.errstate(over="ignore"):
+        v = float(np.float32(tensor_amax))   # the recipe's amax is a float32 number
+    if not (math.isfinite(v) and v >= 0):
+        past = math.isfinite(float(tensor_amax)) and float(tensor_amax) >= 0
+        raise ValueError(f"tensor_amax must be a finite number >= 0 (the largest finite |x|, e.g. of "
+                         f"recent steps), got {tensor_amax!r}" + (" (past float32's range)" if past else ""))
+    return v
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -140,6 +169,7 @@ def quantize(
     axis: int = -1,
     generator: Union[None, int, torch.Generator] = None,
     sr_bits: Optional[int] = None,
+    tensor_amax=None,
     ste: bool = False,
     backend: str = "auto",
 ) -> ArrayLike:
@@ -152,6 +182,10 @@ def quantize(
         for float64 inputs). Block formats compute their own scales per block along ``axis``.
     generator: torch.Generator or int seed for the stochastic modes (reproducible).
     sr_bits: stochastic rounding with this many random bits, as hardware does.
+    tensor_amax: formats with a per-tensor scale (NVFP4): the amax that scale is built from, given
+        instead of measured (delayed scaling: e.g. the largest amax of recent steps); a number or a
+        one-element tensor, finite and >= 0, used as float32. Values above it saturate. One pass
+        over the tensor instead of two on the fast paths.
     ste: straight-through gradient (identity) so the call can sit inside training.
 
     Special values. nan stays nan (also for formats without a nan code; ``encode`` refuses those).
@@ -163,6 +197,7 @@ def quantize(
     values give its smallest value 2**-127.
     """
     t, kind, f, mode, gen = _prepare(x, fmt, rounding, overflow, generator, sr_bits)
+    amax = _check_tensor_amax(tensor_amax, f)
     if t.numel() and not t.dim():
         t_in = t.reshape(1)
     else:
@@ -174,7 +209,7 @@ def quantize(
             if not t.dim():
                 raise ValueError(f"{f} quantizes blocks of {f.size} values along an axis; got a 0-d tensor")
             ax = _check_axis(t_in, axis)
-            q = kernels.quantize_block(t_in.detach(), f, mode, ax, gen, sr_bits, backend)
+            q = kernels.quantize_block(t_in.detach(), f, mode, ax, gen, sr_bits, backend, tensor_amax=amax)
         else:
             if scale is None:
                 _check_fits(f, t.dtype)
@@ -229,18 +264,27 @@ def _code_dtype(bits: int) -> torch.dtype:
     return torch.int32 if bits <= 31 else torch.int64
 
 
+def _no_nan_code(fmt: ElementFormat) -> ValueError:
+    return ValueError(f"{fmt} has no nan code, but the tensor holds nan")
+
+
 def _encode_element_values(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
     if isinstance(fmt, (FloatFormat, IntFormat, Codebook)):
         if torch.isnan(v).any() and not getattr(fmt, "has_nan", False):
-            raise ValueError(f"{fmt} has no nan code, but the tensor holds nan")
+            raise _no_nan_code(fmt)
         return fmt.encode_values(v).to(_code_dtype(fmt.bits))
     raise FormatError(f"no encoder for {type(fmt).__name__}")
 
 
 def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str = "saturate", *,
-           scale=None, axis: int = -1, generator=None, sr_bits: Optional[int] = None) -> Encoded:
-    """Quantize ``x`` and return its integer codes (+ scales); ``decode`` gives back ``quantize``'s bits."""
+           scale=None, axis: int = -1, generator=None, sr_bits: Optional[int] = None,
+           tensor_amax=None, backend: str = "auto") -> Encoded:
+    """Quantize ``x`` and return its integer codes (+ scales); ``decode`` gives back ``quantize``'s bits
+    (same arguments as ``quantize``). The fast backends (fused Triton kernels on CUDA, compiled bit
+    arithmetic on the CPU) give the reference's codes bit for bit."""
     t, _, f, mode, gen = _prepare(x, fmt, rounding, overflow, generator, sr_bits)
+    amax = _check_tensor_amax(tensor_amax, f)
+    kernels._check_backend(backend)
     t = t.detach()
     if isinstance(f, BlockFormat):
         if scale is not None:
@@ -248,17 +292,24 @@ def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str =
         if not t.dim():
             raise ValueError(f"{f} encodes blocks of {f.size} values along an axis; got a 0-d tensor")
         ax = _check_axis(t, axis)
+        fast = kernels.encode_block(t, f, mode, ax, gen, sr_bits, backend, tensor_amax=amax)
+        if fast is not None:
+            codes, scodes, ts = fast
+            return Encoded(f, codes, t.dtype, ax, scodes, ts)
         if mode in STOCHASTIC_MODES:
             # the default backend draws its own random numbers: make the very call quantize makes,
             # then read the element values back under the block scales (which use no randomness),
             # so that decode(encode(x)) is quantize(x) bit for bit
-            vals = kernels.quantize_block(t, f, mode, ax, gen, sr_bits)
+            vals = kernels.quantize_block(t, f, mode, ax, gen, sr_bits, backend, tensor_amax=amax)
             xd = t.double()
-            ts = reference.tensor_scale(xd, f) if f.tensor_scale else None
+            ts = None
+            if f.tensor_scale:
+                ts = reference.tensor_scale(xd, f) if amax is None else \
+                    reference.tensor_scale_of_amax(amax, f).to(t.device)
             s = reference.block_scales(reference._blocks(xd, f.size, ax), f, ts)
             q = reference.block_elements_of_values(reference._blocks(vals.double(), f.size, ax), s, f, ts)
         else:
-            _, q, s, ts = reference.quantize_block(t, f, mode, ax, gen, sr_bits)
+            _, q, s, ts = reference.quantize_block(t, f, mode, ax, gen, sr_bits, tensor_amax=amax)
         # a block holding nan/inf is nan through its scale; its element codes are 0 (the element
         # format may have no nan code)
         q = torch.where(torch.isnan(s).unsqueeze(-1), torch.zeros_like(q), q)
@@ -267,28 +318,45 @@ def encode(x: torch.Tensor, fmt, rounding: str = "nearest_even", overflow: str =
         scodes = _encode_element_values(s, f.scale).movedim(-1, ax)
         return Encoded(f, codes, t.dtype, ax, scodes, ts)
     if scale is None:
-        v = quantize(t, f, mode, overflow, generator=gen, sr_bits=sr_bits).double()
-        return Encoded(f, _encode_element_values(v, f), t.dtype)
-    cd = _compute_dtype(t)
-    s = _as_scale(scale, t, cd)
-    y = t.to(cd) / s
-    q = kernels.quantize_element(y, f, mode, overflow, gen, sr_bits).double()
+        _check_fits(f, t.dtype)
+        y, s = t, None
+    else:
+        cd = _compute_dtype(t)
+        s = _as_scale(scale, t, cd)
+        y = t.to(cd) / s
+    fast = kernels.encode_element(y, f, mode, overflow, gen, sr_bits, backend)
+    if fast is not None:
+        codes, has_nan = fast
+        if has_nan and not getattr(f, "has_nan", False):
+            raise _no_nan_code(f)
+        return Encoded(f, codes, t.dtype, scales=s)
+    q = kernels.quantize_element(y, f, mode, overflow, gen, sr_bits, backend).double()
     return Encoded(f, _encode_element_values(q, f), t.dtype, scales=s)
 
 
-def decode(enc: Encoded) -> torch.Tensor:
+def decode(enc: Encoded, *, backend: str = "auto") -> torch.Tensor:
     """Values of an ``Encoded`` tensor, in its original dtype; identical to ``quantize``'s output."""
     if not isinstance(enc, Encoded):
         raise TypeError(f"decode expects the Encoded that lowbit.encode returns, got {type(enc).__name__}")
+    kernels._check_backend(backend)
     f = enc.format
     if isinstance(f, BlockFormat):
+        fast = kernels.decode_block(enc.codes, enc.scales, enc.tensor_scale, f, enc.axis, enc.dtype, backend)
+        if fast is not None:
+            return fast
         q = f.element.decode_codes(enc.codes.to(torch.int64)).movedim(enc.axis, -1)
         q = q.reshape(*q.shape[:-1], q.shape[-1] // f.size, f.size)
         s = f.scale.decode_codes(enc.scales.to(torch.int64)).movedim(enc.axis, -1)
         vals = reference.block_values(q, s, f, enc.tensor_scale)
         out_shape = enc.codes.movedim(enc.axis, -1).shape
         return vals.reshape(out_shape).movedim(-1, enc.axis).to(enc.dtype)
-    v = f.decode_codes(enc.codes.to(torch.int64))
     if enc.scales is not None:
-        return (v.to(enc.scales.dtype) * enc.scales).to(enc.dtype)
-    return v.to(enc.dtype)
+        v = kernels.decode_element(enc.codes, f, enc.scales.dtype, backend) \
+            if enc.scales.dtype == torch.float32 else None
+        if v is None:
+            v = f.decode_codes(enc.codes.to(torch.int64)).to(enc.scales.dtype)
+        return (v * enc.scales).to(enc.dtype)
+    v = kernels.decode_element(enc.codes, f, enc.dtype, backend)
+    if v is None:
+        v = f.decode_codes(enc.codes.to(torch.int64)).to(enc.dtype)
+    return v

@@ -166,9 +166,11 @@ def run_quantize(
         "evaluation": settings.describe(loaded.kind),
         "baseline": {**baseline, "size_bytes": base_bytes,
                      "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
-        "quantized": {**quant, "bits_per_weight": res.bits_per_weight(), "quantize_seconds": q_seconds},
+        "quantized": {**quant, "quantize_seconds": q_seconds, "bits_per_weight": res.bits_per_weight() if res.layers
+                      else 8 * next(loaded.model.parameters()).element_size()},
         "layers": [vars(l) for l in res.layers],
         "skipped": res.skipped,
+        "kv": res.kv,
         "groups": sorted({l.groups for l in res.layers}),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
@@ -183,12 +185,15 @@ def run_quantize(
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
                 "method": method, "evaluation": vars(settings),
                 **({"retain": retain.to_dict()} if retain is not None else {})}
+        if res.kv:
+            meta["kv"] = res.kv
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
                               extra=meta)
         report["quantized"]["size_bytes"] = size
         report["quantized"]["checkpoint"] = str(Path(out) / "model.safetensors")
-        plot_layer_errors(res.layers, Path(out) / "layer_error.png", title=f"{loaded.name} {plan.describe()} {method}",
-                          output_space=method == "gptq")
+        if res.layers:  # a KV-only plan quantizes no weight
+            plot_layer_errors(res.layers, Path(out) / "layer_error.png",
+                              title=f"{loaded.name} {plan.describe()} {method}", output_space=method == "gptq")
     else:
         report["quantized"]["size_bytes"] = _estimated_bytes(loaded.model, res)
     report["seconds"] = time.time() - t_start
@@ -238,3 +243,10 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     res["bits_per_weight"] = bits
     res["size_bytes"] = os.path.getsize(Path(path) / "model.safetensors")
     return res
+
+
+def run_search(model: Optional[str] = None, out: Optional[str] = None, **options) -> dict:
+    """Mixed-precision search (``lowbit search``): see :func:`lowbit.search.job.run_search`."""
+    from .search.job import run_search as _run
+
+    return _run(model, out, **options)

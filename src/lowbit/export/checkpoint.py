@@ -10,7 +10,10 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..quant.conv import QuantConv1d, QuantConv2d
 from ..quant.linear import QuantLinear
+
+QUANT_CONVS = (QuantConv1d, QuantConv2d)
 from ..quant.spec import QuantSpec
 from .packing import unpack_weight
 
@@ -51,7 +54,7 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
         if getattr(mod, "retain", None):  # high-impact weights stored beside the codes
             layers[name]["retain"] = mod.retain
     act_only = {n: str(m.act_spec) for n, m in model.named_modules()
-                if isinstance(m, QuantLinear) and n not in packed and m.act_spec is not None}
+                if isinstance(m, (QuantLinear,) + QUANT_CONVS) and n not in packed and m.act_spec is not None}
     meta = {"lowbit_checkpoint": CHECKPOINT_VERSION, "kind": kind, "layers": layers,
             "act_only": act_only, **(extra or {})}
     save_file(state, str(out / WEIGHTS_FILE))
@@ -110,6 +113,10 @@ def load_quantized(path, dtype=torch.float32):
         raise ValueError(f"checkpoint {d} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if meta.get("kv"):  # KV-cache quantization is a runtime hook: re-attach it
+        from ..models.kv_cache import apply_kv_specs
+
+        apply_kv_specs(model, meta["kv"])
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     return model, tokenizer, meta

@@ -20,35 +20,47 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 16:
         raise ValueError(f"can pack codes of 1..16 bits, got {bits}")
     c = codes.reshape(-1).to(torch.int64)
+    dev = c.device
     if bits == 8:
         return c.to(torch.uint8)
-    bit_matrix = (c.unsqueeze(1) >> torch.arange(bits)) & 1
+    if bits < 8:
+        # 8 codes fill exactly `bits` bytes: build each chunk's 8*bits-bit integer, split it into bytes
+        n = c.numel()
+        c = torch.cat([c, c.new_zeros((-n) % 8)]).reshape(-1, 8)
+        chunk = (c << (torch.arange(8, device=dev) * bits)).sum(dim=1)
+        out = (chunk.unsqueeze(1) >> (torch.arange(bits, device=dev) * 8)) & 255
+        return out.reshape(-1)[: (n * bits + 7) // 8].to(torch.uint8)
+    bit_matrix = (c.unsqueeze(1) >> torch.arange(bits, device=dev)) & 1
     flat = bit_matrix.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
-        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8)])
-    weights = (2 ** torch.arange(8)).to(torch.uint8)
+        flat = torch.cat([flat, torch.zeros(pad, dtype=torch.uint8, device=dev)])
+    weights = (2 ** torch.arange(8, device=dev)).to(torch.uint8)
     return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: the first ``n`` codes as int64."""
     p = packed.reshape(-1).to(torch.int64)
+    dev = p.device
     if bits == 8:
         return p[:n]
-    flat = ((p.unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[: n * bits]
-    return (flat.reshape(n, bits) << torch.arange(bits)).sum(dim=1)
+    if bits < 8:
+        p = torch.cat([p, p.new_zeros((-p.numel()) % bits)]).reshape(-1, bits)
+        chunk = (p << (torch.arange(bits, device=dev) * 8)).sum(dim=1)
+        codes = (chunk.unsqueeze(1) >> (torch.arange(8, device=dev) * bits)) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:n]
+    flat = ((p.unsqueeze(1) >> torch.arange(8, device=dev)) & 1).reshape(-1)[: n * bits]
+    return (flat.reshape(n, bits) << torch.arange(bits, device=dev)).sum(dim=1)
 
 
 def pack_weight(Q: torch.Tensor, quantizer: WeightQuantizer, params: List[GroupParams]) -> Dict[str, torch.Tensor]:
     """Codes and scales of a quantized weight ``Q`` (rows, cols) fitted with ``params``."""
     rows, cols = Q.shape
-    if quantizer.tensor_scale is not None:  # packing runs on the CPU wherever GPTQ ran
+    if quantizer.tensor_scale is not None:  # packing runs where Q is, wherever GPTQ ran
         quantizer.tensor_scale = quantizer.tensor_scale.to(Q.device)
     groups = quantizer.groups(cols)
-    levels = torch.empty(rows, cols, dtype=torch.float64)
-    for sl, p in zip(groups, params):
-        levels[:, sl] = quantizer.levels(Q[:, sl], p)
+    levels = _by_groups(quantizer.levels, Q, params, groups, torch.float64)
     fmt = quantizer.fmt
     elem = fmt.element if isinstance(fmt, BlockFormat) else quantizer.grid
     codes = elem.encode_values(levels)
@@ -88,15 +100,31 @@ def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape, retain=Non
         zeros = None
         if "zeros" in t:
             zeros = unpack_bits(t["zeros"], q.grid.bits, rows * len(groups)).reshape(rows, len(groups)).float()
-    W = torch.empty(rows, cols, dtype=torch.float32)
-    for gi, sl in enumerate(groups):
-        p = GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
-        W[:, sl] = q.dequant(levels[:, sl], p)
+    params = [GroupParams(scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1])
+              for gi in range(len(groups))]
+    W = _by_groups(q.dequant, levels, params, groups, torch.float32)
     if retain:
         from ..ptq.retention import RetainFormat, apply_retained
 
         W = apply_retained(W, t, RetainFormat.parse(retain))
     return W
+
+
+def _by_groups(fn, X: torch.Tensor, params: List[GroupParams], groups: List[slice], dtype) -> torch.Tensor:
+    """fn(slab, params) over every group of X (rows, cols). fn works row by row, so the full groups
+    go in one call as the rows of a (rows * n, g) matrix (one call instead of one per group); a
+    ragged last group goes alone."""
+    rows, cols = X.shape
+    out = torch.empty(rows, cols, dtype=dtype, device=X.device)
+    g = groups[0].stop - groups[0].start
+    n = sum(1 for sl in groups if sl.stop - sl.start == g)
+    if n:
+        scale = torch.cat([p.scale for p in params[:n]], dim=1).reshape(rows * n, 1)
+        zero = None if params[0].zero is None else torch.cat([p.zero for p in params[:n]], dim=1).reshape(rows * n, 1)
+        out[:, : n * g] = fn(X[:, : n * g].reshape(rows * n, g), GroupParams(scale, zero)).reshape(rows, n * g)
+    for sl, p in zip(groups[n:], params[n:]):
+        out[:, sl] = fn(X[:, sl], p)
+    return out
 
 
 def packed_nbytes(t: Dict[str, torch.Tensor]) -> int:

@@ -49,7 +49,7 @@ class Codebook(ElementFormat):
         return "codebook(" + ",".join(repr(float(v)) for v in self.table) + ")"
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(self.table + (float("nan"),), dtype=torch.float64)
+        table = torch.tensor(self.table + (float("nan"),), dtype=torch.float64, device=codes.device)
         c = codes.to(torch.int64).clamp(0, len(self.table))
         return table[c]
 
@@ -57,7 +57,7 @@ class Codebook(ElementFormat):
         return torch.tensor(self.table, dtype=torch.float64)
 
     def encode_values(self, v: torch.Tensor) -> torch.Tensor:
-        table = self.values()
+        table = self.values().to(v.device)
         idx = torch.searchsorted(table, v.double().contiguous()).clamp(0, len(self.table) - 1)
         return idx
 

@@ -4,12 +4,17 @@ unless they pass ``backend=``.
 
 backends:
   auto       CUDA tensors -> ``triton`` when Triton imports; CPU tensors -> ``cpu_fast``; each falls
-             back to the reference for work it does not claim (float64 tensors, codebooks, fnu
-             formats, formats whose values float32 cannot hold exactly).
+             back to the reference for work it does not claim (float64 tensors, codebooks in the
+             stochastic modes or inside blocks, fnu formats, formats whose values float32 cannot
+             hold exactly).
   reference  the float64 oracle (kernels/reference.py), any device.
   cpu_fast   float32 bit arithmetic in torch (kernels/cpu_fast.py), compiled with torch.compile for
              large tensors; falls back to the reference for what it does not claim.
   triton     fused Triton kernels (kernels/triton_quant.py); CUDA tensors only, raises elsewhere.
+
+encode / decode take the same backends: ``codes`` (CPU) and ``triton_codes`` (CUDA) write codes
+straight from the rounding kernels and decode by table look-up; ``codebook_fast`` (and its Triton
+kernel in triton_codes) handles codebooks in the deterministic modes.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..formats import BlockFormat, ElementFormat
-from . import cpu_fast, reference
+from . import codes, cpu_fast, reference
 
 BACKENDS = ("auto", "reference", "cpu_fast", "triton")
 
@@ -73,15 +78,62 @@ def quantize_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: s
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
-    """Block-format quantize along ``axis``; same dtype out."""
+                   sr_bits: Optional[int] = None, backend: str = "auto",
+                   tensor_amax: Optional[float] = None) -> torch.Tensor:
+    """Block-format quantize along ``axis``; same dtype out. ``tensor_amax`` (a float32 number,
+    formats with a tensor scale): the amax of the tensor scale, given instead of measured."""
     mod = _fast_backend(x, backend)
-    out = mod.quantize_block(x, fmt, mode, axis, generator, sr_bits) if mod is not None else None
+    out = None
+    if mod is not None:
+        out = mod.quantize_block(x, fmt, mode, axis, generator, sr_bits, tensor_amax=tensor_amax)
     if out is None:
-        out = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits)[0].to(x.dtype)
+        out = reference.quantize_block(x, fmt, mode, axis, generator, sr_bits,
+                                       tensor_amax=tensor_amax)[0].to(x.dtype)
     return out
 
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+
+
+# --- packed path: encode / decode -------------------------------------------------------------------
+
+def _codes_backend(x: torch.Tensor, backend: str):
+    """The module whose fused encode/decode should try first (codes on the CPU, triton_codes on
+    CUDA), or None for the reference."""
+    mod = _fast_backend(x, backend)
+    if mod is None:
+        return None
+    if mod is cpu_fast:
+        return codes
+    from . import triton_codes
+    return triton_codes
+
+
+def encode_element(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str, generator=None,
+                   sr_bits: Optional[int] = None, backend: str = "auto") -> Optional[tuple]:
+    """(codes, whether x holds nan) from a fast backend, or None: the caller then uses the reference.
+    The nan answer is only computed for formats without a nan code (else False)."""
+    mod = _codes_backend(x, backend)
+    return None if mod is None else mod.encode_element(x, fmt, mode, overflow, generator, sr_bits)
+
+
+def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
+                 sr_bits: Optional[int] = None, backend: str = "auto",
+                 tensor_amax: Optional[float] = None) -> Optional[tuple]:
+    """(element codes, scale codes, tensor scale or None) from a fast backend, or None."""
+    mod = _codes_backend(x, backend)
+    return None if mod is None else mod.encode_block(x, fmt, mode, axis, generator, sr_bits, tensor_amax)
+
+
+def decode_element(c: torch.Tensor, fmt: ElementFormat, dtype: torch.dtype,
+                   backend: str = "auto") -> Optional[torch.Tensor]:
+    mod = _codes_backend(c, backend)
+    return None if mod is None else mod.decode_element(c, fmt, dtype)
+
+
+def decode_block(c: torch.Tensor, scodes: torch.Tensor, ts, fmt: BlockFormat, axis: int, dtype: torch.dtype,
+                 backend: str = "auto") -> Optional[torch.Tensor]:
+    mod = _codes_backend(c, backend)
+    return None if mod is None else mod.decode_block(c, scodes, ts, fmt, axis, dtype)

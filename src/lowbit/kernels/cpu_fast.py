@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from ..formats import BlockFormat, FloatFormat, IntFormat
+from ..formats import BlockFormat, Codebook, FloatFormat, IntFormat
 from ..rounding import STOCHASTIC_MODES
 
 SIGN = -(2**31)          # 0x80000000 as int32
@@ -316,6 +316,10 @@ _compiled: dict = {}
 _compile_ok = [None]   # None: untried, True/False after the first attempt
 _lock = threading.Lock()
 COMPILE_MIN = 1 << 20
+# compiled with every size dynamic (elementwise work, and the table decoders whose inputs have
+# sizes tied to each other); the other kinds keep the block size static and the number of blocks
+# dynamic
+FLAT_KINDS = ("elem", "enc", "dec", "bdec", "cb", "cb_enc")
 
 
 def _want_compile(n: int) -> bool:
@@ -350,9 +354,9 @@ def _run(kind: str, fn, static: tuple, args: tuple, n: int):
                 # elements: any length (dynamic); blocks: any number of blocks, the block size
                 # fixed (static: the reduction over it is unrolled and vectorised)
                 cfn = torch.compile(_fresh_function(fn, static, len(_compiled)),
-                                    dynamic=True if kind == "elem" else None, fullgraph=True)
+                                    dynamic=True if kind in FLAT_KINDS else None, fullgraph=True)
                 _compiled[key] = cfn
-        if kind != "elem" and args[0].shape[0] > 1:
+        if kind not in FLAT_KINDS and args[0].shape[0] > 1:
             torch._dynamo.mark_dynamic(args[0], 0)
         try:
             out = cfn(*args)
@@ -385,6 +389,9 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
     """Rounded copy of ``x`` (same dtype), or None where this path does not claim the work."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return None
+    if isinstance(fmt, Codebook):
+        from . import codebook_fast
+        return codebook_fast.quantize_element(x, fmt, mode)
     spec = element_spec(fmt, mode, overflow, sr_bits)
     if spec is None:
         return None
@@ -428,14 +435,16 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     return torch.where(bad, float("nan"), out)
 
 
-def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, *, static):
+def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, amax_given, *, static):
     """Scales by the amax rule (NVFP4 and any non-power-of-two scale), float32 arithmetic as in the
     reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts]).
-    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number."""
-    st, st_scale, stochastic, has_ts = static
+    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number;
+    with ``given`` the caller's amax (``amax_given``, float32) replaces the tensor's own."""
+    st, st_scale, stochastic, has_ts, given = static
     a = xb.abs()
     if has_ts:
-        t = torch.where(torch.isfinite(a), a, 0.0).amax() / ts_den
+        t_amax = amax_given if given else torch.where(torch.isfinite(a), a, 0.0).amax()
+        t = t_amax / ts_den
         ts = torch.where(torch.isfinite(t) & (t > 0), t, 1.0)
     amax = a.amax(dim=1, keepdim=True)
     s32 = amax / elem_max
@@ -474,7 +483,9 @@ def block_claims(fmt: BlockFormat, mode: str, sr_bits=None) -> Optional[tuple]:
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits: Optional[int] = None) -> Optional[torch.Tensor]:
+                   sr_bits: Optional[int] = None, tensor_amax: Optional[float] = None
+                   ) -> Optional[torch.Tensor]:
+    """``tensor_amax``: a float32 number replacing the tensor's own amax in the tensor scale."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() >= 2**31:
         return None
     claim = block_claims(fmt, mode, sr_bits)
@@ -497,7 +508,9 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         Ps = torch.tensor(sspec.numbers(), dtype=torch.int32)
         ts_den = torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
         elem_max = torch.tensor(fmt.element.max, dtype=torch.float32)
-        args = (xb, P, Ps, seeds, elem_max, ts_den)
-        static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale))
+        given = bool(fmt.tensor_scale) and tensor_amax is not None
+        amax_given = torch.tensor(tensor_amax if given else 0.0, dtype=torch.float32)
+        args = (xb, P, Ps, seeds, elem_max, ts_den, amax_given)
+        static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale), given)
         out = _run("amax", _block_amax_fn, static, args, xb.numel())
     return out.view(xt.shape).movedim(-1, axis).to(x.dtype)

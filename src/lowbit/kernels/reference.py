@@ -160,6 +160,13 @@ def tensor_scale(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     a = x.abs()
     a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
     amax = a.amax().float() if x.numel() else torch.zeros((), device=x.device)
+    return tensor_scale_of_amax(amax, fmt)
+
+
+def tensor_scale_of_amax(amax, fmt: BlockFormat) -> torch.Tensor:
+    """The per-tensor fp32 scale from a float32 amax (a 0-d tensor or a number that float32 holds):
+    amax / (max_elem * max_scale) in float32, 1 where that is not a positive finite number."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
     s = amax / torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
     good = torch.isfinite(s) & (s > 0)
     return torch.where(good, s, torch.ones_like(s))
@@ -222,10 +229,15 @@ def block_elements_of_values(vb: torch.Tensor, scale: torch.Tensor, fmt: BlockFo
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits=None):
-    """Returns (values in x's layout, element values, scales, tensor scale); all float64 but ts."""
+                   sr_bits=None, tensor_amax: Optional[float] = None):
+    """Returns (values in x's layout, element values, scales, tensor scale); all float64 but ts.
+    ``tensor_amax`` (formats with a tensor scale): the amax to build the tensor scale from, a float32
+    number given by the caller (delayed scaling), instead of the tensor's own."""
     xd = x.double()
-    ts = tensor_scale(xd, fmt) if fmt.tensor_scale else None
+    ts = None
+    if fmt.tensor_scale:
+        ts = tensor_scale(xd, fmt) if tensor_amax is None else tensor_scale_of_amax(tensor_amax, fmt)
+        ts = ts.to(x.device)
     xb = _blocks(xd, fmt.size, axis)
     scale = block_scales(xb, fmt, ts)
     q = block_elements(xb, scale, fmt, ts, mode, generator, sr_bits)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import BlockFormat
+from ..formats import BlockFormat, Codebook
 from .cpu_fast import ABS, INF_BITS, NAN_BITS, QNAN_BIT, SIGN, block_claims, draw_seeds, element_spec
 
 _MODES = {"nearest_even": 0, "nearest_away": 1, "nearest_zero": 2, "toward_zero": 3, "up": 4,
@@ -304,15 +304,17 @@ def _amax_bits_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constex
 
 
 @triton.jit
-def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den, amax_t_ptr,
+def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den, amax_t_ptr, amax_s,
                       MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
                       MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
                       ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
                       S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
-                      STOCH: tl.constexpr, HAS_TS: tl.constexpr, ROWS: tl.constexpr,
-                      SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
+                      STOCH: tl.constexpr, HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr,
+                      ROWS: tl.constexpr, SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """Scale = amax / max_elem [/ tensor scale], rounded to the scale format (NVFP4: E4M3), in
-    float32 with correctly rounded division as the reference does it."""
+    float32 with correctly rounded division as the reference does it. The tensor amax comes from
+    ``amax_t_ptr`` (float32 bits: the amax pass, or a caller's tensor) or, with AMAX_SCALAR, from
+    the float32 argument ``amax_s`` (a caller's number: no device memory read)."""
     pid = tl.program_id(0)
     offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
     rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
@@ -322,7 +324,10 @@ def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den
     amax = amax_bits.to(tl.float32, bitcast=True)
     s32 = tl.math.div_rn(amax, tl.zeros_like(amax) + elem_max)
     if HAS_TS:
-        amax_t = tl.load(amax_t_ptr).to(tl.float32, bitcast=True)
+        if AMAX_SCALAR:
+            amax_t = amax_s
+        else:
+            amax_t = tl.load(amax_t_ptr).to(tl.float32, bitcast=True)
         ts = tl.math.div_rn(amax_t, ts_den)
         ts = tl.where((ts > 0) & (ts < C_INFF), ts, 1.0)
         s32 = tl.math.div_rn(s32, tl.zeros_like(s32) + ts)
@@ -373,6 +378,10 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
                      sr_bits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK:
         return None
+    if isinstance(fmt, Codebook):   # fused kernel in triton_codes (imported here: it imports this module)
+        from .triton_codes import codebook
+        got = codebook(x, fmt, mode, encode=False)
+        return None if got is None else got[0]
     spec = element_spec(fmt, mode, overflow, sr_bits)
     if spec is None:
         return None
@@ -394,11 +403,10 @@ def _pow2ceil(n: int) -> int:
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
-                   sr_bits: Optional[int] = None, tensor_amax: Optional[torch.Tensor] = None
-                   ) -> Optional[torch.Tensor]:
-    """``tensor_amax`` (NVFP4-style formats only): the tensor's largest finite magnitude, float32,
-    on x's device, when the caller already has it (delayed scaling): the amax pass is skipped and
-    the quantization is one pass over the tensor."""
+                   sr_bits: Optional[int] = None, tensor_amax=None) -> Optional[torch.Tensor]:
+    """``tensor_amax`` (NVFP4-style formats only): the tensor's largest finite magnitude when the
+    caller already has it (delayed scaling), a float32 number or a one-element float32 tensor on
+    x's device: the amax pass is skipped and the quantization is one pass over the tensor."""
     if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - TILE:
         return None
     claim = block_claims(fmt, mode, sr_bits)
@@ -428,7 +436,8 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
                          int(fmt.scale.emax), ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout,
                          num_warps=8, **fl)
     else:
-        if tensor_amax is not None and fmt.tensor_scale:
+        scalar = fmt.tensor_scale and tensor_amax is not None and not isinstance(tensor_amax, torch.Tensor)
+        if tensor_amax is not None and fmt.tensor_scale and not scalar:
             amax_t = tensor_amax.to(device=x.device, dtype=torch.float32).reshape(1).view(torch.int32)
         else:
             amax_t = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -438,7 +447,7 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         ts_den, elem_max = _amax_rule_constants(fmt)
         _amax_rule_kernel[grid](
             xb, out, nrows, size, P, _params(sspec, x.device), seed, elem_max, ts_den, amax_t,
-            S_HAS_INF=sspec.has_inf, S_NEG_ZERO=sspec.neg_zero, S_MAN0=sspec.man0,
+            float(tensor_amax) if scalar else 0.0, AMAX_SCALAR=scalar, S_HAS_INF=sspec.has_inf, S_NEG_ZERO=sspec.neg_zero, S_MAN0=sspec.man0,
             S_VAR_SHIFT=sspec.var_shift, S_ZERO_SHIFT=sspec.s_lo == 0, HAS_TS=bool(fmt.tensor_scale),
             ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout, num_warps=8, **fl)
     return out.movedim(-1, axis)

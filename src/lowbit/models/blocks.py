@@ -83,9 +83,7 @@ def run_block(block: nn.Module, inp: BlockInput, hidden: torch.Tensor) -> torch.
     kwargs = dict(inp.kwargs)
     kwargs.pop("use_cache", None)
     kwargs.pop("past_key_values", None)
-    # transformers 5 passes the KV cache as ``cache``: reusing it would append this call's keys to
-    # those of every earlier call on the same batch, and attention would read the stale ones
-    kwargs.pop("cache", None)
+    kwargs.pop("cache", None)  # transformers 5 names the KV cache `cache`: a captured one would grow on every re-run
     out = block(hidden, *inp.args, **kwargs)
     if isinstance(out, (tuple, list)):
         out = out[0]

@@ -17,13 +17,15 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from ..models.kv_cache import apply_kv_plan
 from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_weight, unpack_weight
-from .gptq import HessianAccumulator, gptq
+from .gptq import HessianAccumulator, gptq_shared
 
 METHODS = ("rtn", "gptq")
 
@@ -51,6 +53,7 @@ class QuantizationResult:
     skipped: Dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     packed: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    kv: Dict[str, dict] = field(default_factory=dict)  # attention module -> {"key", "value"} specs
 
     def bits_per_weight(self) -> float:
         """Weighted over the quantized layers."""
@@ -59,12 +62,11 @@ class QuantizationResult:
         return b / n if n else 16.0
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "plan": self.plan, "seconds": self.seconds,
-                "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
-
-
-def _cpu(p):
-    return type(p)(p.scale.cpu(), None if p.zero is None else p.zero.cpu())
+        d = {"method": self.method, "plan": self.plan, "seconds": self.seconds,
+             "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
+        if self.kv:
+            d["kv"] = self.kv
+        return d
 
 
 def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
@@ -109,6 +111,14 @@ def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor])
     return float(num / den) if den > 0 else float("nan")
 
 
+def _has_blocks(model: nn.Module) -> bool:
+    try:
+        find_blocks(model)
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
 def quantize_model(
     model: nn.Module,
     plan: Plan,
@@ -123,14 +133,25 @@ def quantize_model(
     progress: bool = True,
     retain=None,
 ) -> QuantizationResult:
-    """Quantize every linear layer the plan names, in place; returns per-layer results."""
+    """Quantize every linear layer the plan names, in place; returns per-layer results.
+
+    Models with transformer blocks go block by block; models with convolutions or without blocks
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    from .layerwise import has_conv, quantize_layerwise  # models without transformer blocks
+
+    if has_conv(model) or not _has_blocks(model):
+        return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
+                                  act_order=act_order, on_layer=on_layer, progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
     if retain is not None:  # a different retention must not resume from this progress
         result.plan = {**result.plan, "retain": {k: v for k, v in retain.to_dict().items() if k != "allocation"}}
+    # KV quantization first, so that calibration sees the attention the quantized model will run
+    result.kv, kv_skipped = apply_kv_plan(model, plan)
+    result.skipped.update({f"{n} (kv)": why for n, why in kv_skipped.items()})
     done = _load_progress(progress_dir, model, result) if progress_dir else -1
 
     # RTN needs no data: only GPTQ (or retention's saliency) runs the blocks
@@ -160,6 +181,8 @@ def quantize_model(
                 todo[name] = (lin, wspec)
             hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
                 if calibrated else {}
+            shared = _gptq_shared_groups(todo, hess, block_size, percdamp, act_order) \
+                if method == "gptq" and retain is None else {}
             for name, (lin, wspec) in todo.items():
                 ts = time.time()
                 q = WeightQuantizer(wspec)
@@ -172,7 +195,8 @@ def quantize_model(
                         dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
                     note = ""
                 elif method == "gptq":
-                    res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                    res, q, took = shared[name]
+                    ts -= took
                     Q, params = res.weight, res.params
                     note = f"damping {res.damping:g}" if res.damping > percdamp else ""
                 else:
@@ -181,7 +205,8 @@ def quantize_model(
                 if not torch.isfinite(Q).all():
                     raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
                 if retain is None:
-                    result.packed[name] = pack_weight(Q.cpu(), q, [_cpu(p) for p in params])
+                    # packed where Q is (on a GPU that is where the time is saved), stored on the CPU
+                    result.packed[name] = {k: v.cpu() for k, v in pack_weight(Q, q, params).items()}
                     extra_bits, rinfo = 0.0, None
                 else:
                     result.packed[name] = packed
@@ -228,6 +253,23 @@ def _prepare_retention(model, plan, batches, retain, progress):
         retain.ratios = alloc.ratios
         retain.allocation = alloc.to_dict()
     return scores
+
+
+def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
+    """GPTQ of the block's layers, those sharing a Hessian and a spec (q/k/v, gate/up) in one loop
+    over their stacked rows: name -> (result, quantizer, seconds, split evenly over the group)."""
+    groups: Dict[tuple, List[str]] = {}
+    for name, (_, wspec) in todo.items():
+        groups.setdefault((id(hess[name]), str(wspec)), []).append(name)
+    out = {}
+    for names in groups.values():
+        ts = time.time()
+        qs = [WeightQuantizer(todo[n][1]) for n in names]
+        res = gptq_shared([todo[n][0].weight.detach().float() for n in names], hess[names[0]].H, qs,
+                          block_size=block_size, percdamp=percdamp, act_order=act_order)
+        took = (time.time() - ts) / len(names)
+        out.update({n: (r, q, took) for n, r, q in zip(names, res, qs)})
+    return out
 
 
 # --- progress / resume -------------------------------------------------------------------------

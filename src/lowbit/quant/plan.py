@@ -4,6 +4,9 @@ Rules are glob patterns over module names, applied in order; a later rule overri
 and a rule with spec ``None`` leaves matching layers in full precision::
 
     Plan(weight={"*": "int4:g64", "*.mlp.down_proj": "int8"}, act={"*": "int8:token"})
+
+KV-cache rules (``kv``) match ``<attention module>.key`` and ``<attention module>.value``, e.g.
+``kv={"*": "int4:token:asym", "*.key": "int4:channel:asym"}`` (see ``lowbit.quant.kv``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
+from .kv import check_kv_spec, kv_scheme_rules, split_kv_scheme
 from .spec import QuantSpec, scheme
 
 # Never quantized unless a rule names them explicitly: the output head and embeddings.
@@ -24,17 +28,25 @@ class Plan:
     weight: Dict[str, Optional[str]] = field(default_factory=dict)
     act: Dict[str, Optional[str]] = field(default_factory=dict)
     name: Optional[str] = None
+    kv: Dict[str, Optional[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for rules in (self.weight, self.act):
             for pat, spec in rules.items():
                 if spec is not None:
                     rules[pat] = str(QuantSpec.parse(spec))
+                    if rules[pat].split(":")[1:2] == ["head"]:
+                        raise ValueError(f"rule {pat!r}: granularity 'head' applies to KV states only")
+        for pat, spec in self.kv.items():
+            if spec is not None:
+                self.kv[pat] = str(check_kv_spec(QuantSpec.parse(spec)))
 
     @classmethod
     def from_scheme(cls, name: str) -> "Plan":
-        w, a = scheme(name)
-        return cls({"*": str(w)}, {"*": str(a)} if a else {}, name=name)
+        base, kv = split_kv_scheme(name)
+        w, a = scheme(base) if base.strip() else (None, None)
+        return cls({"*": str(w)} if w else {}, {"*": str(a)} if a else {}, name=name,
+                   kv=kv_scheme_rules(kv) if kv else {})
 
     @staticmethod
     def _lookup(rules: Dict[str, Optional[str]], layer: str) -> Optional[QuantSpec]:
@@ -54,15 +66,27 @@ class Plan:
     def act_spec(self, layer: str) -> Optional[QuantSpec]:
         return self._lookup(self.act, layer)
 
+    def kv_spec(self, attention: str, which: str) -> Optional[QuantSpec]:
+        """Spec of the key (``which="key"``) or value states of the attention module ``attention``."""
+        spec = None
+        for pat, s in self.kv.items():
+            if fnmatch.fnmatchcase(f"{attention}.{which}", pat):
+                spec = s
+        return QuantSpec.parse(spec) if spec else None
+
     def describe(self) -> str:
         if self.name:
             return self.name
         w = ", ".join(f"{k}={v}" for k, v in self.weight.items())
         a = ", ".join(f"{k}={v}" for k, v in self.act.items())
-        return f"weights[{w}]" + (f" inputs[{a}]" if a else "")
+        kv = ", ".join(f"{k}={v}" for k, v in self.kv.items())
+        return f"weights[{w}]" + (f" inputs[{a}]" if a else "") + (f" kv[{kv}]" if kv else "")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "weight": dict(self.weight), "act": dict(self.act)}
+        d = {"name": self.name, "weight": dict(self.weight), "act": dict(self.act)}
+        if self.kv:
+            d["kv"] = dict(self.kv)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -71,10 +95,10 @@ class Plan:
             weight = {k: (v if isinstance(v, str) or v is None else v.get("weight")) for k, v in layers.items()}
             act = {k: v.get("act") for k, v in layers.items() if isinstance(v, dict) and v.get("act")}
             return cls(weight, act, name=d.get("name", "plan"))
-        unknown = set(d) - {"name", "weight", "act"}
+        unknown = set(d) - {"name", "weight", "act", "kv"}
         if unknown:
-            raise ValueError(f"unknown plan keys {sorted(unknown)}; accepted: name, weight, act, or layers")
-        return cls(dict(d.get("weight", {})), dict(d.get("act", {})), name=d.get("name"))
+            raise ValueError(f"unknown plan keys {sorted(unknown)}; accepted: name, weight, act, kv, or layers")
+        return cls(dict(d.get("weight", {})), dict(d.get("act", {})), name=d.get("name"), kv=dict(d.get("kv", {})))
 
     @classmethod
     def load(cls, path) -> "Plan":

@@ -17,7 +17,7 @@ from typing import Optional
 from ..formats import BlockFormat, FormatError, IntFormat, format
 from ..rounding import check_rounding
 
-GRANULARITIES = ("tensor", "channel", "group", "token", "block")
+GRANULARITIES = ("tensor", "channel", "group", "token", "block", "head")  # head: KV states only
 SCALE_METHODS = ("absmax", "mse", "percentile")
 
 
@@ -64,7 +64,7 @@ class QuantSpec:
         parts = [self.format]
         if self.granularity == "group":
             parts.append(f"g{self.group_size}")
-        elif self.granularity in ("tensor", "token"):
+        elif self.granularity in ("tensor", "token", "head"):
             parts.append(self.granularity)
         if not self.symmetric:
             parts.append("asym")
@@ -97,7 +97,7 @@ class QuantSpec:
             ol = o.lower()
             if m := re.fullmatch(r"g(\d+)", ol):
                 kw["granularity"], kw["group_size"] = "group", int(m[1])
-            elif ol in ("channel", "tensor", "token", "block"):
+            elif ol in ("channel", "tensor", "token", "block", "head"):
                 kw["granularity"] = ol
             elif ol in ("asym", "sym"):
                 kw["symmetric"] = ol == "sym"
@@ -110,7 +110,7 @@ class QuantSpec:
                     kw["rounding"] = check_rounding(ol)
                 except ValueError:
                     raise ValueError(
-                        f"unknown option {o!r} in quant spec {text!r}; accepted: gN, channel, tensor, token, "
+                        f"unknown option {o!r} in quant spec {text!r}; accepted: gN, channel, tensor, token, head (KV), "
                         "asym, sym, mse, absmax, pNN (percentile), or a rounding mode"
                     ) from None
         try:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Optional
 
 import torch
 
-from ..formats import BlockFormat, IntFormat, format
+from ..formats import BlockFormat, FloatFormat, IntFormat, format
 from .. import kernels
 from ..kernels import reference
 from .spec import QuantSpec
@@ -28,6 +29,45 @@ class GroupParams:
 
     scale: torch.Tensor
     zero: Optional[torch.Tensor] = None
+
+
+@lru_cache(maxsize=64)
+def _float_table(fmt) -> Optional[tuple]:
+    """(magnitudes, midpoints) of a small signed float format whose non-negative codes 0, 1, 2, ...
+    are its finite magnitudes in increasing order (then the parity of a magnitude's index is that
+    of its code, which round-half-even needs), float32; None for any other grid.
+
+    GPTQ rounds one column at a time: for such small vectors a table lookup (about ten torch ops)
+    is several times faster than the general bit arithmetic (tens of ops)."""
+    if not isinstance(fmt, FloatFormat) or fmt.bits > 8 or not fmt.signed or fmt.special == "fnu":
+        return None
+    half = fmt.decode_codes(torch.arange(2 ** (fmt.bits - 1), dtype=torch.int64))
+    n = int(torch.isfinite(half).long().cumprod(0).sum())
+    mags = half[:n]
+    if n < 2 or mags[0] != 0 or not bool((mags[1:] > mags[:-1]).all()) or float(mags[-1]) != fmt.max:
+        return None
+    mids = (mags[1:] + mags[:-1]) / 2
+    if not torch.equal(mids.float().double(), mids) or not torch.equal(mags.float().double(), mags):
+        return None
+    return mags.float(), mids.float()
+
+
+_TABLES_ON: dict = {}
+
+
+def _round_by_table(y: torch.Tensor, table: tuple, neg_zero: bool) -> torch.Tensor:
+    """Round-half-even of float32 y to a small float grid, saturating (as the reference does)."""
+    key = (id(table), y.device)
+    mags, mids = _TABLES_ON.get(key) or _TABLES_ON.setdefault(key, tuple(t.to(y.device) for t in table))
+    a = y.abs()
+    k = torch.bucketize(a, mids)                      # mids[k-1] < a <= mids[k]: a rounds to k or k+1
+    tie = a == mids[k.clamp(max=mids.numel() - 1)]    # exactly between k and k+1: to the even code
+    k = k + (tie & (k % 2 == 1)).long()
+    m = mags[k]
+    out = torch.where(torch.signbit(y), -m, m)
+    if not neg_zero:
+        out = out + 0.0                               # -0 becomes +0
+    return torch.where(torch.isnan(y), y, out)
 
 
 class WeightQuantizer:
@@ -143,19 +183,60 @@ class WeightQuantizer:
         """Element values on the format's grid (before the scale is applied), float64."""
         mode = self.spec.rounding
         if isinstance(self.fmt, BlockFormat):
+            if self._fast_block():
+                d, _ = self.column_affine(p)
+                y = torch.where(d > 0, w.float() / d, torch.zeros((), device=w.device))
+                q = self.round_scaled(y).double()
+                return torch.where(torch.isnan(p.scale), p.scale, q)
             xb = w.double().reshape(w.shape[0], 1, w.shape[1])
             q = reference.block_elements(xb, p.scale, self.fmt, self.tensor_scale, mode, None, None)
             return q.reshape(w.shape)
         y = w.float() / p.scale
         if p.zero is not None:
             y = y + p.zero
-        if isinstance(self.grid, IntFormat) and self.grid.frac == 0 and mode == "nearest_even":
+        return self.round_scaled(y).double()
+
+    def round_scaled(self, y: torch.Tensor) -> torch.Tensor:
+        """Round float32 ``y`` (weights already divided by their scale, zero point added) to the
+        element grid, saturating; float32 out."""
+        mode = self.spec.rounding
+        grid = self.fmt.element if isinstance(self.fmt, BlockFormat) else self.grid
+        if isinstance(grid, IntFormat) and grid.frac == 0 and mode == "nearest_even":
             # same bits as the reference (torch.round is round-half-even), without its generality
-            return torch.clamp(torch.round(y), self.grid.qmin, self.grid.qmax).double()
-        return kernels.quantize_element(y, self.grid, mode, "saturate").double()
+            return torch.clamp(torch.round(y), grid.qmin, grid.qmax)
+        table = _float_table(grid) if mode == "nearest_even" else None
+        if table is not None:
+            return _round_by_table(y, table, grid.has_negative_zero)
+        return kernels.quantize_element(y, grid, mode, "saturate")
+
+    def _fast_block(self) -> bool:
+        """Block formats: whether float32 arithmetic gives the reference's bits. The per-block
+        division is exact in float32 (a power of two) or done in float32 by the reference itself
+        (amax rule); the one gap, a quotient below float32's normal range, rounds to 0 in any
+        nearest mode but not in the directed ones."""
+        return self.spec.rounding.startswith("nearest")
+
+    def column_affine(self, p: GroupParams):
+        """(d, z), float32 (rows, 1) each (z None when there is no zero point), such that
+        ``fake(w, p) == (round_scaled(y) - z) * d`` with ``y = w / d + z`` (y = 0 where d == 0);
+        None where fake is not computed that way (block formats in directed or stochastic modes).
+        GPTQ's fused loops run on (d, z) alone."""
+        if isinstance(self.fmt, BlockFormat):
+            if not self._fast_block():
+                return None
+            d = p.scale.float()
+            if not self.fmt.pow2_scale and self.tensor_scale is not None:
+                d = d * self.tensor_scale.to(d.device)
+            return d, None
+        return p.scale.float(), None if p.zero is None else p.zero.float()
 
     def dequant(self, q: torch.Tensor, p: GroupParams) -> torch.Tensor:
         if isinstance(self.fmt, BlockFormat):
+            # float32 product == the reference's float64 product rounded to float32 (the power-of-
+            # two case is exact; the amax rule multiplies in float32 in the reference too)
+            d, _ = self.column_affine(p) if self._fast_block() else (None, None)
+            if d is not None:
+                return q.float() * d
             qb = q.double().reshape(q.shape[0], 1, q.shape[1])
             return reference.block_values(qb, p.scale, self.fmt, self.tensor_scale).reshape(q.shape).float()
         if p.zero is not None:
