@@ -43,6 +43,26 @@ import torch
 BITS = {"w4g64": 4, "w3g64": 3}
 GROUP = 64
 TOOLS = ("lowbit", "llmcompressor")
+#: optional extra row: lowbit's pipeline and GPTQ with llm-compressor's symmetric int grid (below)
+VARIANTS = ("lowbit-peergrid",)
+
+
+def peer_grid_quantizer():
+    """lowbit's WeightQuantizer with the symmetric scale llm-compressor (and the reference GPTQ code)
+    use: absmax / ((qmax - qmin) / 2), i.e. absmax / 7.5 at int4 and / 3.5 at int3, so all 2^bits
+    levels are used and the largest positive weight of a group is clipped to qmax * scale. lowbit's
+    own rule is absmax / qmax (7 and 3): no clipping, one level (qmin) left for GPTQ's updates."""
+    from lowbit.quant.weight import GroupParams, WeightQuantizer
+
+    class PeerGridQuantizer(WeightQuantizer):
+        def _scale_for(self, lo, hi):
+            if not self.spec.symmetric or not hasattr(self.grid, "qmin"):
+                return super()._scale_for(lo, hi)
+            s = (hi / ((self.grid.qmax - self.grid.qmin) / 2)).to(self.scale_dtype).float()
+            s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+            return GroupParams(s, None)
+
+    return PeerGridQuantizer
 
 
 # --- shared inputs -------------------------------------------------------------------------------
@@ -129,9 +149,13 @@ def grid_check(weights: dict, bits: int, scales: dict | None = None) -> dict:
 
 # --- the two tools (run inside a worker process) -------------------------------------------------
 
-def run_lowbit(model, ids: torch.Tensor, scheme: str, act_order: bool, batch_size: int):
+def run_lowbit(model, ids: torch.Tensor, scheme: str, act_order: bool, batch_size: int, peer_grid: bool = False):
+    from lowbit.ptq import pipeline
     from lowbit.ptq.pipeline import quantize_model
     from lowbit.quant.plan import Plan
+
+    if peer_grid:  # benchmark-only experiment: swap the quantizer class the pipeline builds
+        pipeline.WeightQuantizer = peer_grid_quantizer()
 
     batches = [{"input_ids": ids[i: i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
     t, c = time.perf_counter(), time.process_time()
@@ -181,8 +205,12 @@ def worker(job: dict) -> dict:
     ids, ev = data["calib"], data["eval"]
     model = load_dense(model_dir)
     load_before = os.getloadavg()[0]
-    fn = run_lowbit if job["tool"] == "lowbit" else run_llmcompressor
-    seconds, weights, scales, extra = fn(model, ids, job["scheme"], job["act_order"], job["batch_size"])
+    if job["tool"] == "llmcompressor":
+        run = run_llmcompressor(model, ids, job["scheme"], job["act_order"], job["batch_size"])
+    else:
+        run = run_lowbit(model, ids, job["scheme"], job["act_order"], job["batch_size"],
+                         peer_grid=job["tool"] == "lowbit-peergrid")
+    seconds, weights, scales, extra = run
     load_after = os.getloadavg()[0]
     grid = grid_check(weights, BITS[job["scheme"]], scales)
     # the same evaluation for both: a fresh dense model holding the tool's quantized weights
@@ -239,6 +267,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per tool and setting (alternating)")
     ap.add_argument("--no-act-order", dest="act_order", action="store_false")
     ap.add_argument("--eval-tokens", type=int, default=None, help="default: lowbit.jobs.EvalSettings")
+    ap.add_argument("--tools", default=",".join(TOOLS),
+                    help=f"comma-separated, run in this order (alternating with --repeats); of "
+                         f"{', '.join(TOOLS + VARIANTS)}")
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -257,7 +288,12 @@ def main() -> None:
         raise SystemExit(f"unknown scheme(s) {bad}; accepted: {', '.join(BITS)}")
     ok, why = peer_available()
     print(why, flush=True)
-    tools = TOOLS if ok else ("lowbit",)
+    tools = tuple(args.tools.split(","))
+    unknown = [t for t in tools if t not in TOOLS + VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown tool(s) {unknown}; accepted: {', '.join(TOOLS + VARIANTS)}")
+    if not ok:
+        tools = tuple(t for t in tools if t != "llmcompressor")
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
