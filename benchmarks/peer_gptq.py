@@ -44,7 +44,8 @@ BITS = {"w4g64": 4, "w3g64": 3}
 GROUP = 64
 TOOLS = ("lowbit", "llmcompressor")
 #: optional extra row: lowbit's pipeline and GPTQ with llm-compressor's symmetric int grid (below)
-VARIANTS = ("lowbit-peergrid",)
+#: and lowbit with its own MSE-searched group scales (``int3:g64:mse``): same grid, other scales
+VARIANTS = ("lowbit-peergrid", "lowbit-mse")
 
 
 def peer_grid_quantizer():
@@ -149,7 +150,8 @@ def grid_check(weights: dict, bits: int, scales: dict | None = None) -> dict:
 
 # --- the two tools (run inside a worker process) -------------------------------------------------
 
-def run_lowbit(model, ids: torch.Tensor, scheme: str, act_order: bool, batch_size: int, peer_grid: bool = False):
+def run_lowbit(model, ids: torch.Tensor, scheme: str, act_order: bool, batch_size: int, peer_grid: bool = False,
+               mse: bool = False):
     from lowbit.ptq import pipeline
     from lowbit.ptq.pipeline import quantize_model
     from lowbit.quant.plan import Plan
@@ -159,7 +161,8 @@ def run_lowbit(model, ids: torch.Tensor, scheme: str, act_order: bool, batch_siz
 
     batches = [{"input_ids": ids[i: i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
     t, c = time.perf_counter(), time.process_time()
-    res = quantize_model(model, Plan.from_scheme(scheme), batches, "gptq", act_order=act_order,
+    plan = Plan({"*": f"int{BITS[scheme]}:g{GROUP}:mse"}, name=f"{scheme}-mse") if mse else Plan.from_scheme(scheme)
+    res = quantize_model(model, plan, batches, "gptq", act_order=act_order,
                          percdamp=0.01, block_size=128, progress=False)
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     weights = {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
@@ -209,7 +212,7 @@ def worker(job: dict) -> dict:
         run = run_llmcompressor(model, ids, job["scheme"], job["act_order"], job["batch_size"])
     else:
         run = run_lowbit(model, ids, job["scheme"], job["act_order"], job["batch_size"],
-                         peer_grid=job["tool"] == "lowbit-peergrid")
+                         peer_grid=job["tool"] == "lowbit-peergrid", mse=job["tool"] == "lowbit-mse")
     seconds, weights, scales, extra = run
     load_after = os.getloadavg()[0]
     grid = grid_check(weights, BITS[job["scheme"]], scales)

@@ -8,6 +8,7 @@ the same calibration ids is fed to
   * lowbit's ``gptq`` with fp32 scales,
   * lowbit's ``gptq`` with llm-compressor's grid (scale = absmax / ((qmax - qmin) / 2), i.e.
     absmax / 7.5 for int4 and / 3.5 for int3, fp32 scales), through a WeightQuantizer subclass,
+  * lowbit's ``gptq`` with its MSE-searched group scales (``int3:g64:mse``),
   * llm-compressor's own ``quantize_weight`` (min-max observer scales on the original weights),
 all with act-order (static groups), damping 0.01, block 128, groups of 64, and round-to-nearest on
 both grids for reference. Printed: the output-space error tr(D H D^T) / tr(W H W^T), D = W - Q.
@@ -80,8 +81,8 @@ def main() -> None:
     print(f"int{args.bits} g{GROUP}, act-order, damping 0.01; {args.calib}x{args.seq_len} calibration tokens; "
           "output-space relative error tr(D H D^T)/tr(W H W^T)")
     print("| layer | RTN absmax/qmax | RTN peer grid | lowbit GPTQ (fp16 scales) | lowbit GPTQ fp32 scales "
-          "| lowbit GPTQ, peer grid | llm-compressor GPTQ |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| lowbit GPTQ, peer grid | lowbit GPTQ, mse scales | llm-compressor GPTQ |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in names:
         W = model.get_submodule(n).weight.detach().float()
         H = acc[n].H
@@ -89,10 +90,12 @@ def main() -> None:
         a = rel_err(W, gptq(W, H, WeightQuantizer(spec), act_order=True).weight, H)
         b = rel_err(W, gptq(W, H, WeightQuantizer(spec, torch.float32), act_order=True).weight, H)
         c = rel_err(W, gptq(W, H, HalfStepGrid(spec, torch.float32), act_order=True).weight, H)
+        mse = QuantSpec.parse(f"int{args.bits}:g{GROUP}:mse")
+        e = rel_err(W, gptq(W, H, WeightQuantizer(mse), act_order=True).weight, H)
         Qp, rtn_p, fb = peer_gptq(W, H, args.bits)
         d = rel_err(W, Qp, H)
         print(f"| {n.replace('model.layers.', '')} | {r_rtn:.5f} | {rel_err(W, rtn_p, H):.5f} | {a:.5f} | {b:.5f} "
-              f"| {c:.5f} | {d:.5f}{' (RTN fallback)' if fb else ''} |", flush=True)
+              f"| {c:.5f} | {e:.5f} | {d:.5f}{' (RTN fallback)' if fb else ''} |", flush=True)
 
 
 if __name__ == "__main__":
