@@ -274,8 +274,16 @@ def main() -> None:
                     help=f"comma-separated, run in this order (alternating with --repeats); of "
                          f"{', '.join(TOOLS + VARIANTS)}")
     ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="only print the table of rows saved by earlier runs (--json files)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+
+    if args.table:
+        saved = [json.loads(Path(f).read_text()) for f in args.table]
+        rows = [r for d in saved for r in d["rows"]]
+        _table(rows, saved[0]["baseline"], argparse.Namespace(**{**saved[0]["args"], "seq_len": rows[0]["seq_len"]}))
+        return
 
     if args.worker:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))), flush=True)
