@@ -1,9 +1,13 @@
 """lowbit GPTQ side by side with a peer (llm-compressor's GPTQModifier) on SmolLM2-135M, CPU.
 
-    /work/venv-peer/bin/python benchmarks/peer_gptq.py --calib 32 --schemes w4g64,w3g64
-    /work/venv-peer/bin/python benchmarks/peer_gptq.py --calib 128 --schemes w3g64 --repeats 1
+    python -m venv --system-site-packages VENV && VENV/bin/pip install llmcompressor torch==2.13.0
+    PYTHONPATH=src VENV/bin/python benchmarks/peer_gptq.py --calib 32 --schemes w4g64,w3g64
+    PYTHONPATH=src VENV/bin/python benchmarks/peer_gptq.py --calib 128 --schemes w3g64 --repeats 2
+    python3 benchmarks/peer_gptq.py --table r16.json r32.json      # reprint saved rows
 
-(any Python with torch, transformers and ``llmcompressor`` importable; PYTHONPATH=src for lowbit).
+(llmcompressor 0.14 pins transformers <= 5.17, hence its own environment; both tools run in it.)
+``--tools lowbit-peergrid`` adds lowbit with llm-compressor's symmetric grid and ``lowbit-mse``
+lowbit with MSE-searched scales (experiments, not the comparison itself).
 Same for both tools:
 
 * model: SmolLM2-135M-Instruct, dense float32, read from one plain HF checkpoint directory written

@@ -1,6 +1,6 @@
 """Where lowbit's and llm-compressor's GPTQ differ, one layer at a time, on identical inputs.
 
-    /work/venv-peer/bin/python benchmarks/peer_gptq_layers.py --calib 8 --bits 3
+    PYTHONPATH=src VENV/bin/python benchmarks/peer_gptq_layers.py --calib 8 --bits 3
 
 For a few SmolLM2-135M linears, the Hessian H = 2 X^T X / n of the layer's real (float) inputs on
 the same calibration ids is fed to
