@@ -92,6 +92,13 @@ def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Di
     return hess
 
 
+def _input_hessian(lin: nn.Module, H: torch.Tensor) -> torch.Tensor:
+    """The Hessian of what the stored weight multiplies: a layer with an online input transform
+    (rotation/smoothing, lowbit.transforms) stores W T and sees x T, so GPTQ needs T^T H T."""
+    tf = getattr(lin, "input_transform", None)
+    return H if tf is None else tf.transform_hessian(H)
+
+
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -159,8 +166,9 @@ def quantize_model(
                 ts = time.time()
                 q = WeightQuantizer(wspec)
                 W = lin.weight.detach().float()
+                H = _input_hessian(lin, hess[name].H) if calibrated else None
                 if method == "gptq":
-                    res = gptq(W, hess[name].H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
+                    res = gptq(W, H, q, block_size=block_size, percdamp=percdamp, act_order=act_order)
                     Q, params = res.weight, res.params
                     note = f"damping {res.damping:g}" if res.damping > percdamp else ""
                 else:
@@ -173,7 +181,7 @@ def quantize_model(
                 _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
                                  q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]),
-                                 _relative_error(W, Q, hess[name].H if calibrated else None),
+                                 _relative_error(W, Q, H),
                                  time.time() - ts, note)
                 result.layers.append(lr)
                 if on_layer:

@@ -22,6 +22,9 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight_spec = weight_spec
         self.act_spec = act_spec
+        # optional run-time transform of the input (rotation/smoothing, see lowbit.transforms): the
+        # stored weight is then the transformed one, so outputs are unchanged in exact arithmetic
+        self.input_transform: Optional[nn.Module] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, weight_spec: Optional[QuantSpec],
@@ -32,9 +35,12 @@ class QuantLinear(nn.Linear):
             q.weight.copy_(weight.to(q.weight.dtype))
             if linear.bias is not None:
                 q.bias.copy_(linear.bias)
+        q.input_transform = getattr(linear, "input_transform", None)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.act_spec is not None:
             x = quantize_activation(x, self.act_spec)
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,103 @@
+"""Fast Walsh-Hadamard transforms on the last dimension, orthonormal, in plain torch.
+
+``fwht(x)`` computes ``x @ H_n`` with ``H_n`` the Sylvester Hadamard matrix scaled by ``1/sqrt(n)``
+(symmetric and orthogonal, so it is its own inverse) in ``log2(n)`` vectorised butterfly stages,
+O(n log n) work per row. ``n`` must be a power of two.
+
+Sizes that are not powers of two are handled by block decomposition: ``block_fwht(x, b)`` applies
+``H_b`` to each consecutive block of ``b`` features (a block-diagonal orthogonal matrix). For a
+dimension ``n`` the default block is the largest power of two dividing ``n``
+(``default_block(576) == 64`` = 9 blocks, ``default_block(1536) == 512``, ``default_block(384) == 128``).
+No Hadamard matrix of order 9 or 3 exists in Sylvester form, so such a rotation mixes features
+within each block only; that is the documented trade-off.
+
+Random signs: ``R = diag(s) H`` with ``s`` in {-1, +1}^n drawn from a seeded generator, so
+``x R = fwht(x * s)`` and ``x R^T = fwht(x) * s``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def default_block(n: int) -> int:
+    """The largest power of two dividing ``n`` (the whole of ``n`` when it is a power of two)."""
+    if n < 1:
+        raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
+    return n & -n
+
+
+def _check_block(n: int, block: int) -> None:
+    if not is_power_of_two(block):
+        raise ValueError(f"Hadamard block size must be a power of two, got {block}")
+    if n % block:
+        raise ValueError(f"Hadamard block {block} does not divide the dimension {n}; "
+                         f"use a power of two dividing it, e.g. {default_block(n)}")
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform ``x @ H_n`` over the last dim (n a power of two)."""
+    n = x.shape[-1]
+    if not is_power_of_two(n):
+        raise ValueError(f"fwht needs a power-of-two last dimension, got {n}; use block_fwht for other sizes")
+    return block_fwht(x, n)
+
+
+def block_fwht(x: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
+    """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``."""
+    n = x.shape[-1]
+    b = default_block(n) if block is None else int(block)
+    _check_block(n, b)
+    dtype = x.dtype
+    y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    lead = y.shape[:-1]
+    y = y.reshape(-1, n // b, b)
+    h = 1
+    # one butterfly stage per bit: view each block as (b/2h, 2, h) and combine the two halves
+    while h < b:
+        y = y.reshape(y.shape[0], n // b, b // (2 * h), 2, h)
+        a, c = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + c, a - c), dim=-2)
+        h *= 2
+    y = y.reshape(*lead, n) * (1.0 / math.sqrt(b))
+    return y.to(dtype)
+
+
+def random_signs(n: int, seed: int, device=None) -> torch.Tensor:
+    """A reproducible vector of n random signs (+1/-1, float32)."""
+    g = torch.Generator().manual_seed(int(seed))
+    s = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return s.to(device) if device is not None else s
+
+
+def hadamard_matrix(n: int, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The explicit n x n matrix R with ``x R == rotate(x)`` (for tests and small folds):
+    ``diag(signs) @ blockdiag(H_b)``, built by Sylvester's recursion, not by the fast transform."""
+    b = default_block(n) if block is None else int(block)
+    _check_block(n, b)
+    H = torch.ones(1, 1)
+    while H.shape[0] < b:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    H = torch.block_diag(*([H / math.sqrt(b)] * (n // b)))
+    if signs is not None:
+        H = signs.float().reshape(-1, 1) * H
+    return H
+
+
+def rotate(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x R`` with ``R = diag(signs) blockdiag(H_b)``."""
+    if signs is not None:
+        x = x * signs.to(x.device, x.dtype)
+    return block_fwht(x, block)
+
+
+def rotate_inverse(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x R^T`` (the inverse of ``rotate``)."""
+    y = block_fwht(x, block)
+    return y * signs.to(y.device, y.dtype) if signs is not None else y
