@@ -103,7 +103,7 @@ def cmd_quantize(args) -> int:
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
-                          percdamp=args.damp, quiet=args.quiet)
+                          percdamp=args.damp, quiet=args.quiet, rotate=args.rotate, smooth=args.smooth)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
                         "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "block"],
+                   help="outlier rotation: hadamard = fused residual rotation for Llama-style decoders "
+                        "(online per-linear for others), block = online block Hadamard at the format's "
+                        "group size (MR-GPTQ); default none")
+    q.add_argument("--smooth", default=None,
+                   help="SmoothQuant channel scaling: an alpha in [0, 1] or 'auto' (searched per layer group)")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)

@@ -114,6 +114,8 @@ def run_quantize(
     percdamp: float = 0.01,
     quiet: bool = False,
     loaded=None,
+    rotate: str = "none",
+    smooth=None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json and layer_error.png there."""
@@ -139,7 +141,17 @@ def run_quantize(
     base_bytes = dense_bytes(loaded.model)
     data = f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus" if method == "gptq" else "no data needed"
     _log(f"{method} with {plan.describe()}: {data}", quiet)
-    batches = calibration_batches(loaded, calib, seq_len) if method == "gptq" else []
+    from .transforms.apply import parse_smooth
+
+    smooth = parse_smooth(smooth)
+    needs_data = method == "gptq" or smooth is not None
+    batches = calibration_batches(loaded, calib, seq_len) if needs_data else []
+    transforms = None
+    if rotate != "none" or smooth is not None:
+        from .transforms.apply import apply_outlier_transforms
+
+        _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
+        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
@@ -163,6 +175,7 @@ def run_quantize(
         "baseline": {**baseline, "size_bytes": base_bytes,
                      "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
         "quantized": {**quant, "bits_per_weight": res.bits_per_weight(), "quantize_seconds": q_seconds},
+        "transforms": transforms,
         "layers": [vars(l) for l in res.layers],
         "skipped": res.skipped,
         "groups": sorted({l.groups for l in res.layers}),
@@ -177,7 +190,8 @@ def run_quantize(
     if out:
         spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
-                "method": method, "evaluation": vars(settings)}
+                "method": method, "evaluation": vars(settings),
+                **({"transforms": {"rotate": rotate, "smooth": smooth}} if transforms else {})}
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
                               extra=meta)
         report["quantized"]["size_bytes"] = size
