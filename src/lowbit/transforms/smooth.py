@@ -109,22 +109,27 @@ def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: Li
 
 def smoothed_error(X: torch.Tensor, weights: Sequence[torch.Tensor], s: Optional[torch.Tensor],
                    wspecs: Sequence[Optional[QuantSpec]], aspecs: Sequence[Optional[QuantSpec]],
-                   rotation: Optional[Tuple[int, Optional[torch.Tensor]]] = None) -> float:
-    """Sum over the linears of ``||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` (RTN weights)."""
+                   rotation: Optional[Tuple[int, Optional[torch.Tensor]]] = None,
+                   outputs: Optional[Sequence[torch.Tensor]] = None) -> float:
+    """Sum over the linears of ``||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` (RTN weights).
+    ``outputs``: the float outputs ``XW^T`` if already computed (they do not depend on ``s``)."""
     X = X.float()
     Xs = X if s is None else X / s
     if rotation is not None:
         Xs = rotate(Xs, *rotation)
+    xq: Dict[Optional[str], torch.Tensor] = {}  # linears of a group share their input quantizer
     total = 0.0
-    for W, ws, as_ in zip(weights, wspecs, aspecs):
+    for k, (W, ws, as_) in enumerate(zip(weights, wspecs, aspecs)):
         W = W.detach().float()
-        Y = X @ W.T
+        Y = outputs[k] if outputs is not None else X @ W.T
         Ws = W if s is None else W * s
         if rotation is not None:
             Ws = rotate(Ws, *rotation)
         Wq = WeightQuantizer(ws).rtn(Ws)[0] if ws is not None else Ws
-        Xq = quantize_activation(Xs, as_) if as_ is not None else Xs
-        total += float((Y - Xq @ Wq.T).pow(2).sum() / Y.pow(2).sum().clamp(min=1e-30))
+        key = None if as_ is None else str(as_)
+        if key not in xq:
+            xq[key] = quantize_activation(Xs, as_) if as_ is not None else Xs
+        total += float((Y - xq[key] @ Wq.T).pow(2).sum() / Y.pow(2).sum().clamp(min=1e-30))
     return total
 
 
@@ -132,10 +137,12 @@ def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, asp
                  grid: Sequence[float] = ALPHA_GRID, rotation=None) -> Tuple[Optional[float], Dict[str, float]]:
     """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors."""
     wmax = weight_absmax(weights)
-    errs = {"none": smoothed_error(stats.rows, weights, None, wspecs, aspecs, rotation)}
+    X = stats.rows.float()
+    Y = [X @ W.detach().float().T for W in weights]
+    errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
     for a in grid:
         s = smooth_scales(stats.absmax, wmax, a)
-        errs[f"{a:g}"] = smoothed_error(stats.rows, weights, s, wspecs, aspecs, rotation)
+        errs[f"{a:g}"] = smoothed_error(X, weights, s, wspecs, aspecs, rotation, Y)
     best = min(errs, key=errs.get)
     return (None if best == "none" else float(best)), errs
 
