@@ -9,7 +9,8 @@ Rows: gptq (no transform), hadamard (--rotate hadamard: fused residual rotation 
 decoders, online per-linear on encoders), block (--rotate block: MR-GPTQ block rotation at the
 format's group size), smooth (--smooth auto), hadamard+smooth. Prints a markdown table of the metric
 (perplexity, or mean cosine to the fp32 embeddings) and the quantization time (transforms included)
-and writes every row to --json as it finishes.
+and writes every row to --json as it finishes. ``--from-json A.json B.json`` prints the tables of
+rows measured earlier (in one or several runs).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard)", "block": "+block r
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--from-json":
+        return from_json(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--schemes", default=",".join(SCHEMES.values()))
@@ -68,10 +73,14 @@ def main() -> None:
             if args.json:
                 with open(args.json, "w") as fh:
                     json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
-    kind = "perplexity" if "perplexity" in rep["quantized"] else "cosine to fp32 (mean)"
+    print_tables(rows, schemes, rows_wanted, vars(args))
+
+
+def print_tables(rows, schemes, rows_wanted, args) -> None:
+    kind = "perplexity" if rows[0]["baseline"] != 1.0 else "cosine to fp32 (mean)"
     print(f"\n{rows[0]['model']}: baseline {kind} {rows[0]['baseline']:.4f}; GPTQ calibration "
-          f"{args.calib}x{args.seq_len}; eval " +
-          (f"{args.eval_tokens} tokens" if kind == "perplexity" else f"{args.sentences} sentences"))
+          f"{args['calib']}x{args['seq_len']}; eval " +
+          (f"{args['eval_tokens']} tokens" if kind == "perplexity" else f"{args['sentences']} sentences"))
     names = {v: k for k, v in SCHEMES.items()}
     print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
     print("|---|" + "---:|" * len(schemes))
@@ -79,9 +88,11 @@ def main() -> None:
         cells = []
         for s in schemes:
             r = next((x for x in rows if x["scheme"] == s and x["row"] == row), None)
-            cells.append("" if r is None else f"{r['metric']:.4f}")
+            cells.append("not run" if r is None else f"{r['metric']:.4f}")
         print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
     print("\nquantize seconds (transforms included; transform seconds in brackets)")
+    print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
+    print("|---|" + "---:|" * len(schemes))
     for row in rows_wanted:
         cells = []
         for s in schemes:
@@ -90,6 +101,17 @@ def main() -> None:
                                               f"({r['transform_seconds']:.0f})")
         print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
 
+
+def from_json(paths) -> None:
+    """Print the tables of one or more --json files (e.g. a table measured in several runs)."""
+    rows, args = [], None
+    for p in paths:
+        d = json.load(open(p))
+        rows += d["rows"]
+        args = args or d["args"]
+    schemes = [s for s in SCHEMES.values() if any(r["scheme"] == s for r in rows)]
+    wanted = [r for r in ROWS if any(x["row"] == r for x in rows)]
+    print_tables(rows, schemes, wanted, args)
 
 if __name__ == "__main__":
     main()
