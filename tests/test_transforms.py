@@ -35,6 +35,14 @@ def test_fast_transform_equals_the_explicit_matrix_and_is_orthogonal(n, block):
     assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, atol=1e-10)
     # orthonormal: norms are kept
     assert torch.allclose(rotate(x, block, s).norm(dim=-1), x.norm(dim=-1))
+    # the radix-2 butterfly and the Kronecker-matmul route agree
+    assert torch.allclose(block_fwht(x, block, method="butterfly"), block_fwht(x, block), atol=1e-10)
+
+
+def test_three_factor_sizes_match_the_butterfly():
+    x = torch.randn(2, 8192, dtype=torch.float64)  # 8192 = 32 x 16 x 16 Kronecker factors
+    assert torch.allclose(block_fwht(x), block_fwht(x, method="butterfly"), atol=1e-10)
+    assert torch.allclose(block_fwht(block_fwht(x)), x, atol=1e-10)
 
 
 def test_hadamard_entries_and_half_precision():
@@ -54,6 +62,8 @@ def test_bad_sizes_say_what_is_accepted():
         block_fwht(torch.zeros(3, 576), 48)
     with pytest.raises(ValueError, match="does not divide"):
         block_fwht(torch.zeros(3, 576), 128)
+    with pytest.raises(ValueError, match="accepted: kron, butterfly"):
+        block_fwht(torch.zeros(3, 64), method="fft")
 
 
 def test_random_signs_are_reproducible_and_differ_by_seed():

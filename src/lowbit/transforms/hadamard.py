@@ -49,22 +49,67 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return block_fwht(x, n)
 
 
-def block_fwht(x: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
-    """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``."""
+FACTOR = 64  # largest Hadamard factor applied as one small matmul
+
+
+def _factors(b: int) -> list:
+    """``b`` as a product of powers of two no larger than FACTOR, as even as possible
+    (H_b = H_f1 ⊗ H_f2 ⊗ ...; tiny factors make inefficient matmuls)."""
+    k = b.bit_length() - 1
+    parts = max(1, -(-k // (FACTOR.bit_length() - 1)))
+    exps = [k // parts + (1 if i < k % parts else 0) for i in range(parts)]
+    return [1 << e for e in exps]
+
+
+_H_CACHE: dict = {}
+
+
+def _sylvester(f: int, dtype, device) -> torch.Tensor:
+    key = (f, dtype, str(device))
+    if key not in _H_CACHE:
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < f:
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+        _H_CACHE[key] = H.to(device=device, dtype=dtype)
+    return _H_CACHE[key]
+
+
+def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "kron") -> torch.Tensor:
+    """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``.
+
+    ``method="kron"`` (default) uses Sylvester's structure ``H_b = H_f1 ⊗ H_f2 ⊗ ...`` with factors of
+    at most 64: one small batched matmul per factor, O(n · sum f_i) work that runs at matmul speed.
+    ``method="butterfly"`` is the textbook O(n log n) radix-2 transform (log2 b vectorised stages)."""
     n = x.shape[-1]
     b = default_block(n) if block is None else int(block)
     _check_block(n, b)
+    if method not in ("kron", "butterfly"):
+        raise ValueError(f"unknown Hadamard method {method!r}; accepted: kron, butterfly")
     dtype = x.dtype
     y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     lead = y.shape[:-1]
-    y = y.reshape(-1, n // b, b)
-    h = 1
-    # one butterfly stage per bit: view each block as (b/2h, 2, h) and combine the two halves
-    while h < b:
-        y = y.reshape(y.shape[0], n // b, b // (2 * h), 2, h)
-        a, c = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + c, a - c), dim=-2)
-        h *= 2
+    if method == "butterfly":
+        y = y.reshape(-1, n // b, b)
+        h = 1
+        # one stage per bit: view each block as (b/2h, 2, h) and combine the two halves
+        while h < b:
+            y = y.reshape(y.shape[0], n // b, b // (2 * h), 2, h)
+            a, c = y[..., 0, :], y[..., 1, :]
+            y = torch.stack((a + c, a - c), dim=-2)
+            h *= 2
+    else:
+        rest = b
+        y = y.reshape(-1, 1, b)
+        for f in _factors(b):
+            # the current factor indexes the leading f of the remaining `rest` positions
+            rest //= f
+            y = y.reshape(-1, f, rest)
+            H = _sylvester(f, y.dtype, y.device)
+            if rest == 1:
+                y = y.reshape(-1, f) @ H
+            else:  # bring this factor's axis last (one copy) so the product is a plain 2-D matmul
+                m = y.shape[0]
+                y = (y.transpose(1, 2).reshape(-1, f) @ H).reshape(m, rest, f).transpose(1, 2)
     y = y.reshape(*lead, n) * (1.0 / math.sqrt(b))
     return y.to(dtype)
 
