@@ -123,8 +123,12 @@ def run_quantize(
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
+    from .transforms.apply import ROTATIONS, parse_smooth
 
     settings = settings or EvalSettings()
+    smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
+    if rotate not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     if calib < 1 or seq_len < 2:
         raise ValueError(f"need at least one calibration sequence of 2+ tokens, got {calib} x {seq_len}")
     t_start = time.time()
@@ -141,9 +145,6 @@ def run_quantize(
     base_bytes = dense_bytes(loaded.model)
     data = f"calibrating on {calib} x {seq_len} tokens of the stdlib-docs corpus" if method == "gptq" else "no data needed"
     _log(f"{method} with {plan.describe()}: {data}", quiet)
-    from .transforms.apply import parse_smooth
-
-    smooth = parse_smooth(smooth)
     needs_data = method == "gptq" or smooth is not None
     batches = calibration_batches(loaded, calib, seq_len) if needs_data else []
     transforms = None
