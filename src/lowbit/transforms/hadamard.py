@@ -1,8 +1,9 @@
 """Fast Walsh-Hadamard transforms on the last dimension, orthonormal, in plain torch.
 
 ``fwht(x)`` computes ``x @ H_n`` with ``H_n`` the Sylvester Hadamard matrix scaled by ``1/sqrt(n)``
-(symmetric and orthogonal, so it is its own inverse) in ``log2(n)`` vectorised butterfly stages,
-O(n log n) work per row. ``n`` must be a power of two.
+(symmetric and orthogonal, so it is its own inverse) as a few small matmuls over Sylvester's
+Kronecker factors (or, with ``method="butterfly"``, ``log2(n)`` vectorised radix-2 stages, O(n log n)
+work per row). ``n`` must be a power of two.
 
 Sizes that are not powers of two are handled by block decomposition: ``block_fwht(x, b)`` applies
 ``H_b`` to each consecutive block of ``b`` features (a block-diagonal orthogonal matrix). For a
