@@ -109,7 +109,8 @@ def cmd_quantize(args) -> int:
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
-                          percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args))
+                          percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
+                          rotate=args.rotate, smooth=args.smooth)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
+    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "block"],
+                   help="outlier rotation: hadamard = fused residual rotation for Llama-style decoders "
+                        "(online per-linear for others), block = online block Hadamard at the format's "
+                        "group size (MR-GPTQ); default none")
+    q.add_argument("--smooth", default=None,
+                   help="SmoothQuant channel scaling: an alpha in [0, 1] or 'auto' (searched per layer group)")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)

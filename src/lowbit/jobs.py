@@ -115,6 +115,8 @@ def run_quantize(
     quiet: bool = False,
     loaded=None,
     retain=None,
+    rotate: str = "none",
+    smooth=None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json and layer_error.png there."""
@@ -122,8 +124,12 @@ def run_quantize(
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
+    from .transforms.apply import ROTATIONS, parse_smooth
 
     settings = settings or EvalSettings()
+    smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
+    if rotate not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     if calib < 1 or seq_len < 2:
         raise ValueError(f"need at least one calibration sequence of 2+ tokens, got {calib} x {seq_len}")
     t_start = time.time()
@@ -142,7 +148,14 @@ def run_quantize(
     _log(f"{method} with {plan.describe()}: {data}", quiet)
     if retain is not None:
         data += f"; retaining {retain.ratio:.2%} of weights ({retain.alloc} ratios) at {retain.fmt}"
-    batches = calibration_batches(loaded, calib, seq_len) if method == "gptq" or retain is not None else []
+    needs_data = method == "gptq" or retain is not None or smooth is not None
+    batches = calibration_batches(loaded, calib, seq_len) if needs_data else []
+    transforms = None
+    if rotate != "none" or smooth is not None:
+        from .transforms.apply import apply_outlier_transforms
+
+        _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
+        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
@@ -168,6 +181,7 @@ def run_quantize(
                      "bits_per_weight": 8 * next(loaded.model.parameters()).element_size()},
         "quantized": {**quant, "quantize_seconds": q_seconds, "bits_per_weight": res.bits_per_weight() if res.layers
                       else 8 * next(loaded.model.parameters()).element_size()},
+        "transforms": transforms,
         "layers": [vars(l) for l in res.layers],
         "skipped": res.skipped,
         "kv": res.kv,
@@ -184,7 +198,8 @@ def run_quantize(
         spec = model if model is None or not os.path.exists(str(model)) else os.path.abspath(str(model))
         meta = {"model": loaded.name, "model_spec": spec, "scheme": plan.describe(),
                 "method": method, "evaluation": vars(settings),
-                **({"retain": retain.to_dict()} if retain is not None else {})}
+                **({"retain": retain.to_dict()} if retain is not None else {}),
+                **({"transforms": {"rotate": rotate, "smooth": smooth}} if transforms else {})}
         if res.kv:
             meta["kv"] = res.kv
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,

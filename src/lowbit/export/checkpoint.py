@@ -55,8 +55,11 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
             layers[name]["retain"] = mod.retain
     act_only = {n: str(m.act_spec) for n, m in model.named_modules()
                 if isinstance(m, (QuantLinear,) + QUANT_CONVS) and n not in packed and m.act_spec is not None}
+    # online input transforms (rotation/smoothing): their scales are in the state dict already
+    transforms = {n: m.input_transform.to_dict() for n, m in model.named_modules()
+                  if isinstance(m, QuantLinear) and getattr(m, "input_transform", None) is not None}
     meta = {"lowbit_checkpoint": CHECKPOINT_VERSION, "kind": kind, "layers": layers,
-            "act_only": act_only, **(extra or {})}
+            "act_only": act_only, **({"input_transforms": transforms} if transforms else {}), **(extra or {})}
     save_file(state, str(out / WEIGHTS_FILE))
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     if getattr(model, "config", None) is not None:
@@ -105,6 +108,7 @@ def load_quantized(path, dtype=torch.float32):
         q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, None,
                         QuantSpec.parse(spec))
         _replace(model, name, q)
+    _restore_transforms(model, meta.get("input_transforms", {}))
     for name, source in tied.items():
         state[name] = state[source]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -120,3 +124,18 @@ def load_quantized(path, dtype=torch.float32):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(d) if (d / "tokenizer_config.json").is_file() else None
     return model, tokenizer, meta
+
+
+def _restore_transforms(model: nn.Module, transforms: dict) -> None:
+    """Re-create each layer's online input transform (before the state dict, which holds its scales)."""
+    if not transforms:
+        return
+    from ..transforms.online import InputTransform
+
+    for name, d in transforms.items():
+        lin = model.get_submodule(name)
+        if not isinstance(lin, QuantLinear):
+            q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, None, None)
+            _replace(model, name, q)
+            lin = q
+        lin.input_transform = InputTransform.from_dict(d)

@@ -95,6 +95,13 @@ def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Di
     return hess
 
 
+def _input_hessian(lin: nn.Module, H: torch.Tensor) -> torch.Tensor:
+    """The Hessian of what the stored weight multiplies: a layer with an online input transform
+    (rotation/smoothing, lowbit.transforms) stores W T and sees x T, so GPTQ needs T^T H T."""
+    tf = getattr(lin, "input_transform", None)
+    return H if tf is None else tf.transform_hessian(H)
+
+
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -187,11 +194,12 @@ def quantize_model(
                 ts = time.time()
                 q = WeightQuantizer(wspec)
                 W = lin.weight.detach().float()
+                H = _input_hessian(lin, hess[name].H) if calibrated else None
                 if retain is not None:
                     from .retention import retain_layer
 
                     Q, params, packed, extra_bits, rinfo = retain_layer(
-                        name, W, hess[name].H, q, retain, method, scores,
+                        name, W, H, q, retain, method, scores,
                         dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
                     note = ""
                 elif method == "gptq":
@@ -216,7 +224,7 @@ def quantize_model(
                     model.get_submodule(name).retain = rinfo["format"]
                 lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
                                  q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]) + extra_bits,
-                                 _relative_error(W, Q, hess[name].H if calibrated else None),
+                                 _relative_error(W, Q, H),
                                  time.time() - ts, note, rinfo)
                 result.layers.append(lr)
                 if on_layer:
@@ -259,13 +267,16 @@ def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
     """GPTQ of the block's layers, those sharing a Hessian and a spec (q/k/v, gate/up) in one loop
     over their stacked rows: name -> (result, quantizer, seconds, split evenly over the group)."""
     groups: Dict[tuple, List[str]] = {}
-    for name, (_, wspec) in todo.items():
-        groups.setdefault((id(hess[name]), str(wspec)), []).append(name)
+    for name, (lin, wspec) in todo.items():
+        # an online input transform changes the Hessian: only layers sharing the same one may share it
+        tf = getattr(lin, "input_transform", None)
+        groups.setdefault((id(hess[name]), str(wspec), id(tf)), []).append(name)
     out = {}
     for names in groups.values():
         ts = time.time()
         qs = [WeightQuantizer(todo[n][1]) for n in names]
-        res = gptq_shared([todo[n][0].weight.detach().float() for n in names], hess[names[0]].H, qs,
+        H = _input_hessian(todo[names[0]][0], hess[names[0]].H)
+        res = gptq_shared([todo[n][0].weight.detach().float() for n in names], H, qs,
                           block_size=block_size, percdamp=percdamp, act_order=act_order)
         took = (time.time() - ts) / len(names)
         out.update({n: (r, q, took) for n, r, q in zip(names, res, qs)})

@@ -25,6 +25,9 @@ class QuantLinear(nn.Linear):
         # retain format of high-impact weights kept beside the low-bit codes (None: none); the
         # weight already holds them at their positions, so forward needs nothing more
         self.retain: Optional[str] = None
+        # optional run-time transform of the input (rotation/smoothing, see lowbit.transforms): the
+        # stored weight is then the transformed one, so outputs are unchanged in exact arithmetic
+        self.input_transform: Optional[nn.Module] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, weight_spec: Optional[QuantSpec],
@@ -35,9 +38,12 @@ class QuantLinear(nn.Linear):
             q.weight.copy_(weight.to(q.weight.dtype))
             if linear.bias is not None:
                 q.bias.copy_(linear.bias)
+        q.input_transform = getattr(linear, "input_transform", None)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.act_spec is not None:
             x = quantize_activation(x, self.act_spec)
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,117 @@
+"""Outlier transforms table: {GPTQ, +rotation, +block rotation, +smoothing, +both} x schemes on a
+real model, measured in one run (each cell is one `lowbit quantize` job on a freshly loaded model).
+
+    python benchmarks/outliers_quality.py --model minilm --calib 32 --seq-len 128 --sentences 128
+    python benchmarks/outliers_quality.py --model smollm2 --calib 16 --seq-len 512 --eval-tokens 4096 \
+        --schemes fp4g32,mxfp4,nvfp4,w4a4 --rows gptq,hadamard
+
+Rows: gptq (no transform), hadamard (--rotate hadamard: fused residual rotation on Llama-style
+decoders, online per-linear on encoders), block (--rotate block: MR-GPTQ block rotation at the
+format's group size), smooth (--smooth auto), hadamard+smooth. Prints a markdown table of the metric
+(perplexity, or mean cosine to the fp32 embeddings) and the quantization time (transforms included)
+and writes every row to --json as it finishes. ``--from-json A.json B.json`` prints the tables of
+rows measured earlier (in one or several runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from lowbit.jobs import EvalSettings, run_quantize
+from lowbit.models.loader import load_model
+
+SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
+           "w4a4 int": "w4a4", "w4a8": "w4a8"}
+ROWS = {"gptq": ("none", None), "hadamard": ("hadamard", None), "block": ("block", None),
+        "smooth": ("none", "auto"), "hadamard+smooth": ("hadamard", "auto"), "block+smooth": ("block", "auto")}
+LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard)", "block": "+block rotation (MR-GPTQ)",
+          "smooth": "+smoothing (auto)", "hadamard+smooth": "+both (hadamard, auto)",
+          "block+smooth": "+both (block, auto)"}
+
+
+def main() -> None:
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--from-json":
+        return from_json(sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--schemes", default=",".join(SCHEMES.values()))
+    ap.add_argument("--rows", default="gptq,hadamard,block,smooth,hadamard+smooth")
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--sentences", type=int, default=128)
+    ap.add_argument("--json", default=None, help="write every row here (rewritten as each finishes)")
+    args = ap.parse_args()
+    schemes, rows_wanted = args.schemes.split(","), args.rows.split(",")
+    for r in rows_wanted:
+        if r not in ROWS:
+            ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
+    settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
+    rows = []
+    for scheme in schemes:
+        for row in rows_wanted:
+            rotate, smooth = ROWS[row]
+            loaded = load_model(args.model)
+            t = time.time()
+            rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
+                               settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth)
+            q, b = rep["quantized"], rep["baseline"]
+            tf = rep.get("transforms") or {}
+            res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
+                   "metric": q.get("perplexity", q.get("cosine_mean")), "baseline": b.get("perplexity", 1.0),
+                   "spearman": q.get("spearman"), "bits_per_weight": q["bits_per_weight"],
+                   "quantize_seconds": q["quantize_seconds"], "transform_seconds": tf.get("seconds", 0.0),
+                   "gptq_layer_seconds": sum(l["seconds"] for l in rep["layers"]),
+                   "float_check": tf.get("float_check"),
+                   "smoothed_groups": (tf.get("smoothing") or {}).get("smoothed"),
+                   "seconds": time.time() - t}
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
+    print_tables(rows, schemes, rows_wanted, vars(args))
+
+
+def print_tables(rows, schemes, rows_wanted, args) -> None:
+    kind = "perplexity" if rows[0]["baseline"] != 1.0 else "cosine to fp32 (mean)"
+    print(f"\n{rows[0]['model']}: baseline {kind} {rows[0]['baseline']:.4f}; GPTQ calibration "
+          f"{args['calib']}x{args['seq_len']}; eval " +
+          (f"{args['eval_tokens']} tokens" if kind == "perplexity" else f"{args['sentences']} sentences"))
+    names = {v: k for k, v in SCHEMES.items()}
+    print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
+    print("|---|" + "---:|" * len(schemes))
+    for row in rows_wanted:
+        cells = []
+        for s in schemes:
+            r = next((x for x in rows if x["scheme"] == s and x["row"] == row), None)
+            cells.append("not run" if r is None else f"{r['metric']:.4f}")
+        print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    print("\nquantize seconds (transforms included; transform seconds in brackets)")
+    print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
+    print("|---|" + "---:|" * len(schemes))
+    for row in rows_wanted:
+        cells = []
+        for s in schemes:
+            r = next((x for x in rows if x["scheme"] == s and x["row"] == row), None)
+            cells.append("" if r is None else f"{r['quantize_seconds'] + r['transform_seconds']:.0f} "
+                                              f"({r['transform_seconds']:.0f})")
+        print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+
+
+def from_json(paths) -> None:
+    """Print the tables of one or more --json files (e.g. a table measured in several runs)."""
+    rows, args = [], None
+    for p in paths:
+        d = json.load(open(p))
+        rows += d["rows"]
+        args = args or d["args"]
+    schemes = [s for s in SCHEMES.values() if any(r["scheme"] == s for r in rows)]
+    wanted = [r for r in ROWS if any(x["row"] == r for x in rows)]
+    print_tables(rows, schemes, wanted, args)
+
+if __name__ == "__main__":
+    main()

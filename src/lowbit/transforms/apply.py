@@ -1,0 +1,136 @@
+"""The outlier transforms of ``lowbit quantize --rotate/--smooth``, applied to a float model before
+quantization, in the one order in which they compose:
+
+1. fused residual rotation (``--rotate hadamard`` on a Llama-style decoder; no run-time cost);
+2. smoothing (``--smooth A|auto``): folded into norms where possible, else explicit input scales;
+3. online rotations: down_proj's input (Llama, ``hadamard``), every block linear (other models,
+   ``hadamard``, block = largest power of two dividing the input size), or every quantized linear at
+   its format's group/block size (``--rotate block``: the MR-GPTQ recipe for FP4/MX/NVFP4; GPTQ then
+   runs on ``W R`` with the Hessian ``R^T H R``, see ptq.pipeline._input_hessian).
+
+The float model's outputs are compared before and after on a short calibration slice; the largest
+absolute change is recorded with the rest.
+"""
+from __future__ import annotations
+
+import time
+from typing import List, Optional, Union
+
+import torch
+from torch import nn
+
+from ..quant.plan import Plan
+from .hadamard import default_block, is_power_of_two
+from .rotation import _logits, online_rotate, rotate_llama
+from .smooth import apply_smoothing
+
+ROTATIONS = ("none", "hadamard", "block")
+
+
+def parse_smooth(value) -> Optional[Union[float, str]]:
+    """None/'none'/'off' -> None, 'auto' -> 'auto', a number in [0, 1] -> float."""
+    if value is None:
+        return None
+    v = str(value).strip().lower()
+    if v in ("none", "off", ""):
+        return None
+    if v == "auto":
+        return "auto"
+    try:
+        a = float(v)
+    except ValueError:
+        raise ValueError(f"--smooth takes a number in [0, 1] (SmoothQuant's alpha) or 'auto', got {value!r}") from None
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"--smooth alpha must be in [0, 1], got {a}")
+    return a
+
+
+def is_llama_like(model: nn.Module) -> bool:
+    core = getattr(model, "model", None)
+    layers = getattr(core, "layers", None)
+    return (layers is not None and hasattr(model, "lm_head") and hasattr(core, "norm")
+            and hasattr(core, "embed_tokens")
+            and all(hasattr(l, "input_layernorm") and hasattr(l, "post_attention_layernorm")
+                    and hasattr(getattr(l, "mlp", None), "down_proj") for l in layers))
+
+
+def _block_linears(model: nn.Module, plan: Plan) -> List[str]:
+    from ..models.blocks import find_blocks, linear_layers
+
+    path, blocks = find_blocks(model)
+    names = [n for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+    return [n for n in names if plan.weight_spec(n) is not None or plan.act_spec(n) is not None]
+
+
+def _format_block(plan: Plan, name: str, features: int) -> int:
+    """The rotation block for ``--rotate block``: the weight spec's group/block size when it is a
+    power of two dividing the input size, else the largest power of two dividing it."""
+    spec = plan.weight_spec(name) or plan.act_spec(name)
+    g = spec.group_size if spec is not None and spec.group_size else None
+    return g if g and is_power_of_two(g) and features % g == 0 else default_block(features)
+
+
+def _check_batch(batches: List[dict], tokens: int = 64) -> Optional[dict]:
+    if not batches:
+        return None
+    return {k: v[:1, :tokens] for k, v in batches[0].items() if torch.is_tensor(v)}
+
+
+@torch.no_grad()
+def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], *, rotate: str = "none",
+                             smooth=None, seed: int = 0, smooth_grid=None) -> dict:
+    """Apply the requested rotation/smoothing in place; returns the record for report.json."""
+    if rotate not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
+    smooth = parse_smooth(smooth)
+    if smooth is not None and not batches:
+        raise ValueError("smoothing needs calibration data (activation statistics); got no batches")
+    t0 = time.time()
+    record: dict = {"rotate": rotate, "smooth": smooth, "seed": seed}
+    if rotate == "none" and smooth is None:
+        return record
+    check = _check_batch(batches)
+    model.eval()
+    before = _logits(model, check).float() if check is not None else None
+    llama = is_llama_like(model)
+
+    # 1. fused residual rotation
+    if rotate == "hadamard" and llama:
+        record["residual"] = rotate_llama(model, seed=seed, online_down=False)
+
+    # the online rotation each layer will get in step 3: (block, seed) or None
+    def rotation_of(name: str, features: int):
+        if rotate == "hadamard":
+            if llama:
+                return (default_block(features), seed + 1) if name.endswith("mlp.down_proj") else None
+            return default_block(features), seed
+        if rotate == "block":
+            return _format_block(plan, name, features), seed
+        return None
+
+    # 2. smoothing
+    if smooth is not None:
+        kw = {"grid": smooth_grid} if smooth_grid else {}
+        record["smoothing"] = apply_smoothing(model, batches, smooth, weight_spec_of=plan.weight_spec,
+                                              act_spec_of=plan.act_spec, rotation_of=rotation_of, **kw)
+
+    # 3. online rotations
+    if rotate != "none":
+        names = _block_linears(model, plan)
+        if rotate == "hadamard" and llama:
+            names = [n for n in names if n.endswith("mlp.down_proj")]
+        recs = []
+        for n in names:
+            b, sd = rotation_of(n, model.get_submodule(n).in_features)
+            recs.append(online_rotate(model, n, b, sd))
+        record["online"] = {"layers": len(recs), "blocks": sorted({r["block"] for r in recs})}
+        if rotate == "hadamard" and not llama:
+            record["note"] = ("no fused residual rotation for this architecture (only Llama-style RMSNorm "
+                              "decoders admit one); every block linear rotates its input online")
+    if before is not None:
+        after = _logits(model, check).float()
+        record["float_check"] = {"max_abs_diff": float((after - before).abs().max()),
+                                 "max_abs_output": float(before.abs().max()),
+                                 "tokens": int(check["input_ids"].numel()) if "input_ids" in check else None}
+    record["seconds"] = time.time() - t0
+    return record

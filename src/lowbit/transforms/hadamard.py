@@ -1,0 +1,149 @@
+"""Fast Walsh-Hadamard transforms on the last dimension, orthonormal, in plain torch.
+
+``fwht(x)`` computes ``x @ H_n`` with ``H_n`` the Sylvester Hadamard matrix scaled by ``1/sqrt(n)``
+(symmetric and orthogonal, so it is its own inverse) as a few small matmuls over Sylvester's
+Kronecker factors (or, with ``method="butterfly"``, ``log2(n)`` vectorised radix-2 stages, O(n log n)
+work per row). ``n`` must be a power of two.
+
+Sizes that are not powers of two are handled by block decomposition: ``block_fwht(x, b)`` applies
+``H_b`` to each consecutive block of ``b`` features (a block-diagonal orthogonal matrix). For a
+dimension ``n`` the default block is the largest power of two dividing ``n``
+(``default_block(576) == 64`` = 9 blocks, ``default_block(1536) == 512``, ``default_block(384) == 128``).
+No Hadamard matrix of order 9 or 3 exists in Sylvester form, so such a rotation mixes features
+within each block only; that is the documented trade-off.
+
+Random signs: ``R = diag(s) H`` with ``s`` in {-1, +1}^n drawn from a seeded generator, so
+``x R = fwht(x * s)`` and ``x R^T = fwht(x) * s``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def default_block(n: int) -> int:
+    """The largest power of two dividing ``n`` (the whole of ``n`` when it is a power of two)."""
+    if n < 1:
+        raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
+    return n & -n
+
+
+def _check_block(n: int, block: int) -> None:
+    if not is_power_of_two(block):
+        raise ValueError(f"Hadamard block size must be a power of two, got {block}")
+    if n % block:
+        raise ValueError(f"Hadamard block {block} does not divide the dimension {n}; "
+                         f"use a power of two dividing it, e.g. {default_block(n)}")
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform ``x @ H_n`` over the last dim (n a power of two)."""
+    n = x.shape[-1]
+    if not is_power_of_two(n):
+        raise ValueError(f"fwht needs a power-of-two last dimension, got {n}; use block_fwht for other sizes")
+    return block_fwht(x, n)
+
+
+FACTOR = 64  # largest Hadamard factor applied as one small matmul
+
+
+def _factors(b: int) -> list:
+    """``b`` as a product of powers of two no larger than FACTOR, as even as possible
+    (H_b = H_f1 ⊗ H_f2 ⊗ ...; tiny factors make inefficient matmuls)."""
+    k = b.bit_length() - 1
+    parts = max(1, -(-k // (FACTOR.bit_length() - 1)))
+    exps = [k // parts + (1 if i < k % parts else 0) for i in range(parts)]
+    return [1 << e for e in exps]
+
+
+_H_CACHE: dict = {}
+
+
+def _sylvester(f: int, dtype, device) -> torch.Tensor:
+    key = (f, dtype, str(device))
+    if key not in _H_CACHE:
+        H = torch.ones(1, 1, dtype=torch.float64)
+        while H.shape[0] < f:
+            H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+        _H_CACHE[key] = H.to(device=device, dtype=dtype)
+    return _H_CACHE[key]
+
+
+def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "kron") -> torch.Tensor:
+    """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``.
+
+    ``method="kron"`` (default) uses Sylvester's structure ``H_b = H_f1 ⊗ H_f2 ⊗ ...`` with factors of
+    at most 64: one small batched matmul per factor, O(n · sum f_i) work that runs at matmul speed.
+    ``method="butterfly"`` is the textbook O(n log n) radix-2 transform (log2 b vectorised stages)."""
+    n = x.shape[-1]
+    b = default_block(n) if block is None else int(block)
+    _check_block(n, b)
+    if method not in ("kron", "butterfly"):
+        raise ValueError(f"unknown Hadamard method {method!r}; accepted: kron, butterfly")
+    dtype = x.dtype
+    y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    lead = y.shape[:-1]
+    if method == "butterfly":
+        y = y.reshape(-1, n // b, b)
+        h = 1
+        # one stage per bit: view each block as (b/2h, 2, h) and combine the two halves
+        while h < b:
+            y = y.reshape(y.shape[0], n // b, b // (2 * h), 2, h)
+            a, c = y[..., 0, :], y[..., 1, :]
+            y = torch.stack((a + c, a - c), dim=-2)
+            h *= 2
+    else:
+        rest = b
+        y = y.reshape(-1, 1, b)
+        for f in _factors(b):
+            # the current factor indexes the leading f of the remaining `rest` positions
+            rest //= f
+            y = y.reshape(-1, f, rest)
+            H = _sylvester(f, y.dtype, y.device)
+            if rest == 1:
+                y = y.reshape(-1, f) @ H
+            else:  # bring this factor's axis last (one copy) so the product is a plain 2-D matmul
+                m = y.shape[0]
+                y = (y.transpose(1, 2).reshape(-1, f) @ H).reshape(m, rest, f).transpose(1, 2)
+    y = y.reshape(*lead, n) * (1.0 / math.sqrt(b))
+    return y.to(dtype)
+
+
+def random_signs(n: int, seed: int, device=None) -> torch.Tensor:
+    """A reproducible vector of n random signs (+1/-1, float32)."""
+    g = torch.Generator().manual_seed(int(seed))
+    s = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return s.to(device) if device is not None else s
+
+
+def hadamard_matrix(n: int, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The explicit n x n matrix R with ``x R == rotate(x)`` (for tests and small folds):
+    ``diag(signs) @ blockdiag(H_b)``, built by Sylvester's recursion, not by the fast transform."""
+    b = default_block(n) if block is None else int(block)
+    _check_block(n, b)
+    H = torch.ones(1, 1)
+    while H.shape[0] < b:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    H = torch.block_diag(*([H / math.sqrt(b)] * (n // b)))
+    if signs is not None:
+        H = signs.float().reshape(-1, 1) * H
+    return H
+
+
+def rotate(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x R`` with ``R = diag(signs) blockdiag(H_b)``."""
+    if signs is not None:
+        x = x * signs.to(x.device, x.dtype)
+    return block_fwht(x, block)
+
+
+def rotate_inverse(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x R^T`` (the inverse of ``rotate``)."""
+    y = block_fwht(x, block)
+    return y * signs.to(y.device, y.dtype) if signs is not None else y

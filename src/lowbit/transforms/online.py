@@ -1,0 +1,105 @@
+"""The run-time input transform of one linear layer: ``x -> (x / s) R``.
+
+A layer ``y = x W^T`` becomes ``y = ((x / s) R) (W diag(s) R)^T``: the same function, with the
+weight ``W diag(s) R`` stored (and quantized) and the input divided by the smoothing scales ``s``
+and rotated by ``R = diag(signs) blockdiag(H_b)`` at run time, before the input quantizer. Either
+part is optional. ``to_dict``/``from_dict`` record it (the scales themselves live in the module's
+state dict as the buffer ``scale``; the signs are regenerated from the seed).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .hadamard import default_block, random_signs, rotate, rotate_inverse
+
+
+class InputTransform(nn.Module):
+    def __init__(self, features: int, *, rotation: bool = False, block: Optional[int] = None,
+                 seed: Optional[int] = None, scale: Optional[torch.Tensor] = None, smooth_scale: bool = False):
+        super().__init__()
+        self.features = int(features)
+        self.rotation = bool(rotation)
+        self.block = (default_block(features) if block is None else int(block)) if rotation else None
+        self.seed = seed if rotation else None
+        if rotation and features % self.block:
+            raise ValueError(f"rotation block {self.block} does not divide {features} input features")
+        signs = random_signs(features, seed) if rotation and seed is not None else None
+        self.register_buffer("signs", signs, persistent=False)
+        if scale is None and smooth_scale:
+            scale = torch.ones(features)
+        self.register_buffer("scale", None if scale is None else scale.detach().float().clone())
+
+    # --- the maths -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x / self.scale.to(x.dtype)
+        if self.rotation:
+            x = rotate(x, self.block, self.signs)
+        return x
+
+    def fold_into_weight(self, W: torch.Tensor) -> torch.Tensor:
+        """``W diag(s) R``: the weight that, fed transformed inputs, gives the original outputs."""
+        Wf = W.float()
+        if self.scale is not None:
+            Wf = Wf * self.scale.to(Wf.device)
+        if self.rotation:
+            Wf = rotate(Wf, self.block, None if self.signs is None else self.signs.to(Wf.device))
+        return Wf.to(W.dtype)
+
+    def transform_hessian(self, H: torch.Tensor) -> torch.Tensor:
+        """``T^T H T`` for ``T = diag(1/s) R``: the Hessian of the transformed inputs from that of
+        the raw inputs (GPTQ needs the statistics of what the stored weight actually multiplies)."""
+        H = H.float()
+        if self.scale is not None:
+            inv = 1.0 / self.scale.to(H.device)
+            H = H * inv[:, None] * inv[None, :]
+        if self.rotation:
+            signs = None if self.signs is None else self.signs.to(H.device)
+            H = rotate(rotate(H, self.block, signs).T.contiguous(), self.block, signs)
+            H = 0.5 * (H + H.T)  # exact in exact arithmetic; keep it symmetric for Cholesky
+        return H
+
+    def add_rotation(self, block: Optional[int], seed: Optional[int]) -> None:
+        if self.rotation:
+            raise ValueError("this input transform already rotates")
+        self.rotation = True
+        self.block = default_block(self.features) if block is None else int(block)
+        if self.features % self.block:
+            raise ValueError(f"rotation block {self.block} does not divide {self.features} input features")
+        self.seed = seed
+        self.signs = random_signs(self.features, seed) if seed is not None else None
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation:
+            x = rotate_inverse(x, self.block, self.signs)
+        if self.scale is not None:
+            x = x * self.scale.to(x.dtype)
+        return x
+
+    # --- record --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"features": self.features, "rotation": self.rotation, "block": self.block, "seed": self.seed,
+                "smooth_scale": self.scale is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputTransform":
+        unknown = set(d) - {"features", "rotation", "block", "seed", "smooth_scale"}
+        if unknown:
+            raise ValueError(f"unknown input-transform keys {sorted(unknown)}")
+        return cls(d["features"], rotation=d.get("rotation", False), block=d.get("block"), seed=d.get("seed"),
+                   smooth_scale=d.get("smooth_scale", False))
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.scale is not None:
+            parts.append("smooth")
+        if self.rotation:
+            parts.append(f"hadamard b{self.block}" + (f" seed {self.seed}" if self.seed is not None else ""))
+        return ", ".join(parts) or "identity"
+
+
+def input_transform_of(module: nn.Module) -> Optional[InputTransform]:
+    return getattr(module, "input_transform", None)

@@ -1,0 +1,216 @@
+"""SmoothQuant-style channel scaling: move quantization difficulty from activations to weights.
+
+For linears reading the same input X, ``y = X W^T = (X diag(1/s)) (W diag(s))^T`` for any positive
+per-input-channel ``s``; SmoothQuant picks ``s_j = max|X_j|^a / max|W_j|^(1-a)``. The division is
+folded into the preceding norm where one exists (Llama: input_layernorm -> q/k/v,
+post_attention_layernorm -> gate/up); otherwise it is kept as an explicit scale in the layer's
+online input transform (Llama o_proj/down_proj; every BERT linear, since a post-LayerNorm output is
+also the residual stream and cannot be rescaled without changing the model).
+
+``alpha="auto"`` searches a grid per group of linears and keeps the alpha (or no smoothing) with the
+least relative output error ``sum ||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` on calibration
+rows, with the plan's weight (RTN) and input quantizers and the online rotation the layer will get.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..quant.activation import quantize_activation
+from ..quant.spec import QuantSpec
+from ..quant.weight import WeightQuantizer
+from .hadamard import random_signs, rotate
+from .rotation import transform_layer
+
+ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
+MIN_SCALE = 1e-5
+
+
+@dataclass
+class SmoothGroup:
+    """Linears reading one input; ``norm`` is the module whose output that input is (for folding)."""
+    linears: List[str]
+    norm: Optional[str] = None
+
+
+@dataclass
+class GroupStats:
+    absmax: torch.Tensor                 # per input channel, over all calibration rows
+    rows: torch.Tensor                   # a random sample of input rows (for the alpha search)
+
+
+def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s_j = max|X_j|^a / max|W_j|^(1-a)`` clamped away from zero (dead channels get 1)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha must be in [0, 1], got {alpha}")
+    x = x_absmax.float().clamp(min=MIN_SCALE)
+    w = w_absmax.float().clamp(min=MIN_SCALE)
+    s = (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=MIN_SCALE)
+    return torch.where(x_absmax > 0, s, torch.ones_like(s))
+
+
+def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+
+
+# --- structure -----------------------------------------------------------------------------------
+
+def smoothing_groups(model: nn.Module) -> List[SmoothGroup]:
+    """Llama-style decoders: q/k/v and gate/up fold into their norms, o_proj and down_proj get
+    explicit scales. Anything else: every linear of the repeated blocks, explicit."""
+    core = getattr(model, "model", None)
+    layers = getattr(core, "layers", None)
+    if layers is not None and all(hasattr(l, "input_layernorm") and hasattr(l, "mlp") for l in layers):
+        groups = []
+        for i in range(len(layers)):
+            p = f"model.layers.{i}"
+            groups += [SmoothGroup([f"{p}.self_attn.{x}_proj" for x in "qkv"], f"{p}.input_layernorm"),
+                       SmoothGroup([f"{p}.self_attn.o_proj"]),
+                       SmoothGroup([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.post_attention_layernorm"),
+                       SmoothGroup([f"{p}.mlp.down_proj"])]
+        return groups
+    from ..models.blocks import find_blocks, linear_layers
+
+    path, blocks = find_blocks(model)
+    return [SmoothGroup([n]) for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: List[dict],
+                        max_rows: int = 512, seed: int = 0) -> Dict[int, GroupStats]:
+    """Per group: channel absmax of its input over all batches and up to ``max_rows`` sampled rows."""
+    g = torch.Generator().manual_seed(seed)
+    per_batch = max(1, max_rows // max(1, len(batches)))
+    absmax: Dict[int, torch.Tensor] = {}
+    rows: Dict[int, List[torch.Tensor]] = {}
+
+    def hook(i, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        m = x.abs().amax(0)
+        absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
+        idx = torch.randperm(x.shape[0], generator=g)[:per_batch].to(x.device)
+        rows.setdefault(i, []).append(x[idx].cpu())
+
+    hooks = [model.get_submodule(gr.linears[0]).register_forward_pre_hook(lambda m, a, i=i: hook(i, a[0]))
+             for i, gr in enumerate(groups)]
+    try:
+        for b in batches:
+            model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: GroupStats(absmax[i].cpu(), torch.cat(rows[i])[:max_rows]) for i in absmax}
+
+
+# --- the alpha search ----------------------------------------------------------------------------
+
+def smoothed_error(X: torch.Tensor, weights: Sequence[torch.Tensor], s: Optional[torch.Tensor],
+                   wspecs: Sequence[Optional[QuantSpec]], aspecs: Sequence[Optional[QuantSpec]],
+                   rotation: Optional[Tuple[int, Optional[torch.Tensor]]] = None,
+                   outputs: Optional[Sequence[torch.Tensor]] = None) -> float:
+    """Sum over the linears of ``||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` (RTN weights).
+    ``outputs``: the float outputs ``XW^T`` if already computed (they do not depend on ``s``)."""
+    X = X.float()
+    Xs = X if s is None else X / s
+    if rotation is not None:
+        Xs = rotate(Xs, *rotation)
+    xq: Dict[Optional[str], torch.Tensor] = {}  # linears of a group share their input quantizer
+    total = 0.0
+    for k, (W, ws, as_) in enumerate(zip(weights, wspecs, aspecs)):
+        W = W.detach().float()
+        Y = outputs[k] if outputs is not None else X @ W.T
+        Ws = W if s is None else W * s
+        if rotation is not None:
+            Ws = rotate(Ws, *rotation)
+        Wq = WeightQuantizer(ws).rtn(Ws)[0] if ws is not None else Ws
+        key = None if as_ is None else str(as_)
+        if key not in xq:
+            xq[key] = quantize_activation(Xs, as_) if as_ is not None else Xs
+        total += float((Y - xq[key] @ Wq.T).pow(2).sum() / Y.pow(2).sum().clamp(min=1e-30))
+    return total
+
+
+def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
+                 grid: Sequence[float] = ALPHA_GRID, rotation=None) -> Tuple[Optional[float], Dict[str, float]]:
+    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors."""
+    wmax = weight_absmax(weights)
+    X = stats.rows.float()
+    Y = [X @ W.detach().float().T for W in weights]
+    errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
+    for a in grid:
+        s = smooth_scales(stats.absmax, wmax, a)
+        errs[f"{a:g}"] = smoothed_error(X, weights, s, wspecs, aspecs, rotation, Y)
+    best = min(errs, key=errs.get)
+    return (None if best == "none" else float(best)), errs
+
+
+# --- applying it ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, str] = "auto", *,
+                    weight_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
+                    act_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
+                    rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
+                    grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
+                    groups: Optional[List[SmoothGroup]] = None) -> dict:
+    """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
+    ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
+    quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
+    features)`` gives the (block, seed) of an online rotation the layer will get afterwards).
+    Returns a record with the chosen alpha per group."""
+    if alpha != "auto":
+        alpha = float(alpha)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"--smooth takes a number in [0, 1] or 'auto', got {alpha}")
+    groups = groups if groups is not None else smoothing_groups(model)
+    if not explicit:
+        groups = [g for g in groups if g.norm is not None]
+    # groups whose layers nobody quantizes gain nothing from smoothing
+    groups = [g for g in groups if any(weight_spec_of(n) or act_spec_of(n) for n in g.linears)]
+    stats = collect_input_stats(model, groups, batches, max_rows=max_rows)
+    chosen: Dict[str, Optional[float]] = {}
+    errors: Dict[str, Dict[str, float]] = {}
+    for i, gr in enumerate(groups):
+        lins = [model.get_submodule(n) for n in gr.linears]
+        weights = [l.weight for l in lins]
+        if alpha == "auto":
+            rot = rotation_of(gr.linears[0], lins[0].in_features)
+            rot = None if rot is None else (rot[0], None if rot[1] is None else random_signs(lins[0].in_features, rot[1]))
+            a, errs = search_alpha(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
+                                   [act_spec_of(n) for n in gr.linears], grid, rot)
+            errors[gr.linears[0]] = errs
+        else:
+            a = alpha
+        chosen[gr.linears[0]] = a
+        if a is None:
+            continue
+        s = smooth_scales(stats[i].absmax, weight_absmax(weights), a).to(weights[0].device)
+        _apply_scale(model, gr, s)
+    record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
+              "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
+              "chosen": chosen}
+    if errors:
+        record["search_error"] = errors
+    return record
+
+
+def _apply_scale(model: nn.Module, group: SmoothGroup, s: torch.Tensor) -> None:
+    if group.norm is not None:
+        norm = model.get_submodule(group.norm)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(s.to(norm.bias.dtype))
+        for n in group.linears:
+            lin = model.get_submodule(n)
+            lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+        return
+    for n in group.linears:
+        lin = transform_layer(model, n)
+        tf = lin.input_transform
+        if tf.rotation or tf.scale is not None:
+            raise ValueError(f"{n} already has an input transform; smoothing must come before rotations")
+        tf.scale = s.detach().float().clone()
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])

