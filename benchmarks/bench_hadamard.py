@@ -1,0 +1,69 @@
+"""Block Hadamard rotation throughput against a plain copy of the same tensor, measured in one run.
+
+    python3 benchmarks/bench_hadamard.py --device cuda      # 2^28 fp32 elements per shape
+    python3 benchmarks/bench_hadamard.py --device cpu --elements 4194304
+
+Each row times ``lowbit.transforms.hadamard.rotate`` (random signs + block Walsh-Hadamard over the
+last dim) on a (rows, n) fp32 tensor and ``x * 1.0`` on the same tensor; the ratio is copy time /
+rotation time (1.0 = as fast as a copy; the issue's goal is >= 0.5, i.e. within 2x).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lowbit.transforms.hadamard import block_fwht, random_signs, rotate
+
+SHAPES = [(576, 64), (1536, 512), (4096, 64), (4096, 512), (4096, 4096), (128, 128)]
+
+
+def _time(fn, device: str, reps: int) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = float("inf")
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--elements", type=int, default=2 ** 28)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{name}; fp32, about {args.elements:,} elements per row of the table; torch {torch.__version__}")
+    print("| n | block | copy Gelem/s | rotate Gelem/s | rotate / copy | block_fwht only / copy |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, b in SHAPES:
+        rows = max(1, args.elements // n)
+        x = torch.randn(rows, n, device=args.device)
+        s = random_signs(n, 0, device=args.device)
+        el = rows * n
+        t_copy = _time(lambda: x * 1.0, args.device, args.reps)
+        t_rot = _time(lambda: rotate(x, b, s), args.device, args.reps)
+        t_fwht = _time(lambda: block_fwht(x, b), args.device, args.reps)
+        print(f"| {n} | {b} | {el / t_copy / 1e9:.1f} | {el / t_rot / 1e9:.1f} | {t_copy / t_rot:.2f} "
+              f"| {t_copy / t_fwht:.2f} |")
+        del x
+
+
+if __name__ == "__main__":
+    main()
