@@ -5,7 +5,10 @@
 
 Each row times ``lowbit.transforms.hadamard.rotate`` (random signs + block Walsh-Hadamard over the
 last dim) on a (rows, n) fp32 tensor and ``x * 1.0`` on the same tensor; the ratio is copy time /
-rotation time (1.0 = as fast as a copy; the issue's goal is >= 0.5, i.e. within 2x).
+rotation time (1.0 = as fast as a copy; the issue's goal is >= 0.5, i.e. within 2x). On CUDA with
+Triton, ``rotate`` runs the fused kernel (kernels/triton_hadamard.py); the "torch" columns time the
+Kronecker-matmul route (``method="kron"``) on the same tensor. ``--variants`` adds the kernel's other
+settings: its tensor-core ``dot`` method (precisions, tiles) and other tile sizes of the butterfly.
 """
 from __future__ import annotations
 
@@ -14,9 +17,13 @@ import time
 
 import torch
 
+from lowbit.transforms import hadamard
 from lowbit.transforms.hadamard import block_fwht, random_signs, rotate
 
-SHAPES = [(576, 64), (1536, 512), (4096, 64), (4096, 512), (4096, 4096), (128, 128)]
+SHAPES = [(576, 64), (1536, 512), (4096, 16), (4096, 64), (4096, 512), (4096, 1024), (4096, 4096), (128, 128)]
+# (precision, method, elements per program or None for the default) of the kernel's other settings
+VARIANTS = [("split", "dot", None), ("split", "dot", 4096), ("ieee", "dot", None), ("split", "butterfly", 2048),
+            ("split", "butterfly", 4096), ("split", "butterfly", 16384)]
 
 
 def _time(fn, device: str, reps: int) -> float:
@@ -45,23 +52,43 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--elements", type=int, default=2 ** 28)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--variants", action="store_true", help="also time the kernel's other precisions/methods")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name}; fp32, about {args.elements:,} elements per row of the table; torch {torch.__version__}")
-    print("| n | block | copy Gelem/s | rotate Gelem/s | rotate / copy | block_fwht only / copy |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    x0 = torch.zeros(1, 64, device=args.device)
+    route = "triton kernel" if hadamard._use_triton(x0, 64, "auto") else "torch kron"
+    print(f"{name}; fp32, about {args.elements:,} elements per row of the table; torch {torch.__version__}; "
+          f"rotate runs: {route}")
+    head = "| n | block | copy Gelem/s | torch rotate Gelem/s | torch / copy | rotate Gelem/s | rotate / copy |"
+    rule = "|---:|---:|---:|---:|---:|---:|---:|"
+    variants = VARIANTS if args.variants and route == "triton kernel" else []
+    for prec, meth, tile in variants:
+        head += f" {meth}{f' {prec}' if meth == 'dot' else ''}{'' if tile is None else f' tile {tile}'} / copy |"
+        rule += "---:|"
+    print(head)
+    print(rule)
     for n, b in SHAPES:
         rows = max(1, args.elements // n)
         x = torch.randn(rows, n, device=args.device)
         s = random_signs(n, 0, device=args.device)
         el = rows * n
         t_copy = _time(lambda: x * 1.0, args.device, args.reps)
+        t_torch = _time(lambda: block_fwht(x, b, method="kron", signs=s), args.device, args.reps)
         t_rot = _time(lambda: rotate(x, b, s), args.device, args.reps)
-        t_fwht = _time(lambda: block_fwht(x, b), args.device, args.reps)
-        print(f"| {n} | {b} | {el / t_copy / 1e9:.1f} | {el / t_rot / 1e9:.1f} | {t_copy / t_rot:.2f} "
-              f"| {t_copy / t_fwht:.2f} |")
+        line = (f"| {n} | {b} | {el / t_copy / 1e9:.1f} | {el / t_torch / 1e9:.1f} | {t_copy / t_torch:.2f} "
+                f"| {el / t_rot / 1e9:.1f} | {t_copy / t_rot:.2f} |")
+        for prec, meth, tile in variants:
+            from lowbit.kernels import triton_hadamard as th
+            tile_rows = None if tile is None else max(1, tile // b)
+            try:
+                t = _time(lambda: th.block_fwht(x, b, s, precision=prec, method=meth, rows=tile_rows), args.device,
+                          args.reps)
+                line += f" {t_copy / t:.2f} |"
+            except Exception as e:  # a variant that does not compile for this block is reported, not fatal
+                line += f" failed ({type(e).__name__}) |"
+        print(line, flush=True)
         del x
 
 

@@ -3,7 +3,9 @@
 ``fwht(x)`` computes ``x @ H_n`` with ``H_n`` the Sylvester Hadamard matrix scaled by ``1/sqrt(n)``
 (symmetric and orthogonal, so it is its own inverse) as a few small matmuls over Sylvester's
 Kronecker factors (or, with ``method="butterfly"``, ``log2(n)`` vectorised radix-2 stages, O(n log n)
-work per row). ``n`` must be a power of two.
+work per row). ``n`` must be a power of two. On CUDA, float32 inputs go to a fused Triton kernel
+(``kernels/triton_hadamard.py``: signs, transform and scaling in one read and one write) when
+Triton imports; the torch routes stay the fallback and the CPU path.
 
 Sizes that are not powers of two are handled by block decomposition: ``block_fwht(x, b)`` applies
 ``H_b`` to each consecutive block of ``b`` features (a block-diagonal orthogonal matrix). For a
@@ -75,19 +77,69 @@ def _sylvester(f: int, dtype, device) -> torch.Tensor:
     return _H_CACHE[key]
 
 
-def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "kron") -> torch.Tensor:
+METHODS = ("kron", "butterfly", "triton", "auto")
+
+_triton_state: dict = {}
+
+
+def _triton_kernels():
+    """``kernels.triton_hadamard``, imported on first use; None without CUDA or Triton."""
+    if "mod" not in _triton_state:
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            from ..kernels import triton_hadamard
+            _triton_state["mod"], _triton_state["error"] = triton_hadamard, None
+        except Exception as e:  # ImportError, no driver, ...
+            _triton_state["mod"], _triton_state["error"] = None, f"{type(e).__name__}: {e}"
+    return _triton_state["mod"]
+
+
+def _use_triton(y: torch.Tensor, b: int, method: str) -> bool:
+    """Whether this call goes to the fused kernel: always for ``method="triton"`` (which raises when
+    it cannot), for ``"auto"`` when the kernel takes the input (CUDA float32 contiguous, b <= 4096)."""
+    if method == "triton":
+        mod = _triton_kernels()
+        if mod is None:
+            raise RuntimeError(f"method='triton' is not available here ({_triton_state['error']}); it needs "
+                               "a CUDA device and the triton package. Use method='auto'.")
+        if not mod.supports(y, b):
+            raise ValueError(f"method='triton' needs a contiguous CUDA float32/16/bf16 tensor and a block of "
+                             f"2..{mod.MAX_BLOCK}; got {y.dtype} on {y.device}, block {b}, "
+                             f"contiguous={y.is_contiguous()}. Use method='auto'.")
+        return True
+    if method == "auto" and y.is_cuda:
+        mod = _triton_kernels()
+        return mod is not None and mod.supports(y, b)
+    return False
+
+
+def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "auto",
+               signs: Optional[torch.Tensor] = None, signs_after: bool = False) -> torch.Tensor:
     """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``.
 
-    ``method="kron"`` (default) uses Sylvester's structure ``H_b = H_f1 ⊗ H_f2 ⊗ ...`` with factors of
+    ``method="auto"`` (default) runs the fused Triton kernel (``kernels/triton_hadamard.py``) for
+    contiguous CUDA float32 (or float16/bfloat16, upcast first) inputs with ``b <= 4096`` when Triton
+    imports, and ``"kron"`` otherwise; ``"triton"`` asks for the kernel and raises where it cannot run.
+    ``method="kron"`` uses Sylvester's structure ``H_b = H_f1 ⊗ H_f2 ⊗ ...`` with factors of
     at most 64: one small batched matmul per factor, O(n · sum f_i) work that runs at matmul speed.
-    ``method="butterfly"`` is the textbook O(n log n) radix-2 transform (log2 b vectorised stages)."""
+    ``method="butterfly"`` is the textbook O(n log n) radix-2 transform (log2 b vectorised stages).
+    ``signs`` (length n) multiply ``x`` first, or the result when ``signs_after`` (fused in the kernel)."""
     n = x.shape[-1]
     b = default_block(n) if block is None else int(block)
     _check_block(n, b)
-    if method not in ("kron", "butterfly"):
-        raise ValueError(f"unknown Hadamard method {method!r}; accepted: kron, butterfly")
+    if method not in METHODS:
+        raise ValueError(f"unknown Hadamard method {method!r}; accepted: {', '.join(METHODS)}")
+    if signs is not None and signs.numel() != n:
+        raise ValueError(f"signs must have one entry per feature ({n}), got {signs.numel()}")
     dtype = x.dtype
     y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    if _use_triton(y, b, method):
+        return _triton_kernels().block_fwht(y, b, signs, signs_after).to(dtype)
+    if signs is not None and not signs_after:
+        y = y * signs.to(y.device, y.dtype)
+    if method in ("auto", "triton"):
+        method = "kron"
     lead = y.shape[:-1]
     if method == "butterfly":
         y = y.reshape(-1, n // b, b)
@@ -112,6 +164,8 @@ def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "kron
                 m = y.shape[0]
                 y = (y.transpose(1, 2).reshape(-1, f) @ H).reshape(m, rest, f).transpose(1, 2)
     y = y.reshape(*lead, n) * (1.0 / math.sqrt(b))
+    if signs is not None and signs_after:
+        y = y * signs.to(y.device, y.dtype)
     return y.to(dtype)
 
 
@@ -137,13 +191,10 @@ def hadamard_matrix(n: int, block: Optional[int] = None, signs: Optional[torch.T
 
 
 def rotate(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x R`` with ``R = diag(signs) blockdiag(H_b)``."""
-    if signs is not None:
-        x = x * signs.to(x.device, x.dtype)
-    return block_fwht(x, block)
+    """``x R`` with ``R = diag(signs) blockdiag(H_b)`` (one fused pass on CUDA, see ``block_fwht``)."""
+    return block_fwht(x, block, signs=signs)
 
 
 def rotate_inverse(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x R^T`` (the inverse of ``rotate``)."""
-    y = block_fwht(x, block)
-    return y * signs.to(y.device, y.dtype) if signs is not None else y
+    return block_fwht(x, block, signs=signs, signs_after=True)
