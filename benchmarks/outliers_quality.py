@@ -82,24 +82,17 @@ def print_tables(rows, schemes, rows_wanted, args) -> None:
           f"{args['calib']}x{args['seq_len']}; eval " +
           (f"{args['eval_tokens']} tokens" if kind == "perplexity" else f"{args['sentences']} sentences"))
     names = {v: k for k, v in SCHEMES.items()}
-    print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
-    print("|---|" + "---:|" * len(schemes))
-    for row in rows_wanted:
-        cells = []
-        for s in schemes:
-            r = next((x for x in rows if x["scheme"] == s and x["row"] == row), None)
-            cells.append("not run" if r is None else f"{r['metric']:.4f}")
-        print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    def table(cell) -> None:
+        print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
+        print("|---|" + "---:|" * len(schemes))
+        for row in rows_wanted:
+            found = [next((x for x in rows if x["scheme"] == s and x["row"] == row), None) for s in schemes]
+            print(f"| {LABELS[row]} | " + " | ".join(cell(r) for r in found) + " |")
+
+    table(lambda r: "not run" if r is None else f"{r['metric']:.4f}")
     print("\nquantize seconds (transforms included; transform seconds in brackets)")
-    print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
-    print("|---|" + "---:|" * len(schemes))
-    for row in rows_wanted:
-        cells = []
-        for s in schemes:
-            r = next((x for x in rows if x["scheme"] == s and x["row"] == row), None)
-            cells.append("" if r is None else f"{r['quantize_seconds'] + r['transform_seconds']:.0f} "
-                                              f"({r['transform_seconds']:.0f})")
-        print(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    table(lambda r: "" if r is None else f"{r['quantize_seconds'] + r['transform_seconds']:.0f} "
+                                         f"({r['transform_seconds']:.0f})")
 
 
 def from_json(paths) -> None:

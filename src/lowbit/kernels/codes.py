@@ -159,28 +159,11 @@ def _block_pow2_encode_fn(xb, P, C, seeds, emax_elem, sc_emin, sc_emax, sc_bias,
 
 
 def _block_amax_encode_fn(xb, P, Ps, C, Cs, seeds, elem_max, ts_den, amax_given, *, static):
-    """Amax-rule encode (NVFP4, ...): cpu_fast._block_amax_fn's arithmetic, codes out, and the
+    """Amax-rule encode (NVFP4, ...): cpu_fast.amax_rule_round's arithmetic, codes out, and the
     tensor scale."""
     st, st_scale, cst, cst_scale, stochastic, has_ts, given, cdt = static
-    a = xb.abs()
-    ts = torch.ones((), dtype=torch.float32)
-    if has_ts:
-        t_amax = amax_given if given else torch.where(torch.isfinite(a), a, 0.0).amax()
-        t = t_amax / ts_den
-        ts = torch.where(torch.isfinite(t) & (t > 0), t, 1.0)
-    amax = a.amax(dim=1, keepdim=True)
-    s32 = amax / elem_max
-    if has_ts:
-        s32 = s32 / ts
-    scale = cpu_fast.round_bits(s32, st_scale, Ps)
-    scale = torch.where(torch.isfinite(amax), scale, float("nan"))
-    d = scale * ts if has_ts else scale
-    y = torch.where(scale > 0, xb / d, 0.0)
-    rb = None
-    if stochastic:
-        idx = torch.arange(xb.numel(), dtype=torch.int32, device=xb.device).view(xb.shape)
-        rb = cpu_fast.random_bits(idx, seeds[0], seeds[1])
-    q = cpu_fast.round_bits(y, st, P, rb)
+    q, scale, ts, _ = cpu_fast.amax_rule_round(xb, P, Ps, seeds, elem_max, ts_den, amax_given, st,
+                                               st_scale, stochastic, has_ts, given)
     codes = torch.where(torch.isnan(scale), 0, codes_of_bits(q, C, cst))
     return codes.to(cdt), codes_of_bits(scale, Cs, cst_scale).view(-1).to(torch.uint8), ts
 

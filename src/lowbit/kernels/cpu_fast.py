@@ -435,13 +435,15 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     return torch.where(bad, float("nan"), out)
 
 
-def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, amax_given, *, static):
+def amax_rule_round(xb, P, Ps, seeds, elem_max, ts_den, amax_given, st, st_scale, stochastic: bool,
+                    has_ts: bool, given: bool):
     """Scales by the amax rule (NVFP4 and any non-power-of-two scale), float32 arithmetic as in the
-    reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts]).
-    ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where that is not a positive number;
-    with ``given`` the caller's amax (``amax_given``, float32) replaces the tensor's own."""
-    st, st_scale, stochastic, has_ts, given = static
+    reference: s = amax / max_elem [/ ts], rounded to the scale format; elements of x / (s [* ts])
+    rounded to the element format. ts (NVFP4's tensor scale) = largest finite |x| / ts_den, 1 where
+    that is not a positive number; with ``given`` the caller's amax (``amax_given``, float32)
+    replaces the tensor's own. Returns (rounded elements, scale, ts, divisor)."""
     a = xb.abs()
+    ts = torch.ones((), dtype=torch.float32)
     if has_ts:
         t_amax = amax_given if given else torch.where(torch.isfinite(a), a, 0.0).amax()
         t = t_amax / ts_den
@@ -453,13 +455,19 @@ def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, amax_given, *, static):
     scale = round_bits(s32, st_scale, Ps)
     scale = torch.where(torch.isfinite(amax), scale, float("nan"))
     d = scale * ts if has_ts else scale
-    y = xb / d
-    y = torch.where(scale > 0, y, 0.0)
+    y = torch.where(scale > 0, xb / d, 0.0)
     rb = None
     if stochastic:
         idx = torch.arange(xb.numel(), dtype=torch.int32, device=xb.device).view(xb.shape)
         rb = random_bits(idx, seeds[0], seeds[1])
-    q = round_bits(y, st, P, rb)
+    return round_bits(y, st, P, rb), scale, ts, d
+
+
+def _block_amax_fn(xb, P, Ps, seeds, elem_max, ts_den, amax_given, *, static):
+    """The amax-rule block quantize: ``amax_rule_round``'s elements times their divisor."""
+    st, st_scale, stochastic, has_ts, given = static
+    q, scale, _, d = amax_rule_round(xb, P, Ps, seeds, elem_max, ts_den, amax_given, st, st_scale,
+                                     stochastic, has_ts, given)
     q = torch.where(torch.isnan(scale), float("nan"), q)
     return q * d
 
