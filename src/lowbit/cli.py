@@ -110,7 +110,7 @@ def cmd_quantize(args) -> int:
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
-                          rotate=args.rotate, smooth=args.smooth)
+                          rotate=args.rotate, smooth=args.smooth, calibration=args.calibration)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
                         "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"],
+                   help="GPTQ: sequential = one pass per block over all calibration tokens, each layer "
+                        "quantized from the outputs of the quantized layers before it; parallel = two "
+                        "passes, one batch in memory at a time; auto (default) = sequential if it fits")
     q.add_argument("--retain", help="keep this fraction of high-impact weights (e.g. 1%% or 0.01) in a sparse "
                    "side tensor at --retain-format; counted in bits/weight")
     q.add_argument("--retain-format", default="int8",
