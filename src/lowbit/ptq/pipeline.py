@@ -143,14 +143,15 @@ def quantize_model(
     """Quantize every linear layer the plan names, in place; returns per-layer results.
 
     Models with transformer blocks go block by block; models with convolutions or without blocks
-    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there)."""
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``, resuming after the last finished layer)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
     from .layerwise import has_conv, quantize_layerwise  # models without transformer blocks
 
     if has_conv(model) or not _has_blocks(model):
         return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
-                                  act_order=act_order, on_layer=on_layer, progress=progress)
+                                  act_order=act_order, progress_dir=progress_dir, on_layer=on_layer,
+                                  progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
