@@ -98,7 +98,7 @@ def resolve_factory(spec: str, flag: str = "factory", search_dir: Optional[str] 
                                f"{', '.join(names) or 'none'}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise FactoryError(f"{flag} {spec!r}: {attr} is a {type(obj).__name__}, not a callable; expected "
+        raise FactoryError(f"{flag} {spec!r}: {attr} is of type {type(obj).__name__}, not a callable; expected "
                            f"{FORMAT_HELP}")
     return Factory(canonical, obj, found_in)
 
@@ -107,7 +107,7 @@ def build_model(factory: Factory) -> nn.Module:
     """Call the model factory; the model comes back in eval mode."""
     model = factory.fn()
     if not isinstance(model, nn.Module):
-        raise FactoryError(f"model factory {factory.spec} returned a {type(model).__name__}; expected a "
+        raise FactoryError(f"model factory {factory.spec} returned an object of type {type(model).__name__}; expected a "
                            "torch.nn.Module")
     return model.eval()
 
@@ -152,7 +152,7 @@ def _batches(x, what: str, spec: str, size: int = 256) -> List[Any]:
     if isinstance(x, torch.Tensor):
         return list(x.split(size)) if x.dim() else [x]
     if isinstance(x, (dict, str, bytes)) or not hasattr(x, "__iter__"):
-        raise FactoryError(f"data factory {spec}: {what} is a {type(x).__name__}; expected a tensor or a list of "
+        raise FactoryError(f"data factory {spec}: {what} is of type {type(x).__name__}; expected a tensor or a list of "
                            "batches (tensors, tuples or dicts)")
     return list(x)
 
@@ -171,7 +171,7 @@ def build_data(factory: Factory) -> ModelData:
     elif isinstance(out, (tuple, list)) and len(out) == 2:
         calib, ev = out
     else:
-        raise FactoryError(f"data factory {spec} returned a {type(out).__name__}; expected {DATA_HELP}")
+        raise FactoryError(f"data factory {spec} returned an object of type {type(out).__name__}; expected {DATA_HELP}")
     data = ModelData(_batches(calib, "calibration", spec, 64) if calib is not None else [])
     if ev is None:
         return data
