@@ -145,7 +145,7 @@ def quantize_layerwise(
         done, saved, packed = load_progress(progress_dir, fp)
         if done >= 0:
             _restore(model, plan, list(layers.items())[:done + 1], saved, packed, result)
-    bar = _progress_bar(len(layers), progress, initial=done + 1)
+    bar = _progress_bar(len(layers), progress, initial=done + 1, desc="layers")
     for i, (name, layer) in enumerate(layers.items()):
         if i <= done:
             continue

@@ -286,11 +286,11 @@ def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
 
 # --- progress / resume -------------------------------------------------------------------------
 
-def _progress_bar(total: int, enabled: bool, initial: int = 0):
+def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "blocks"):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="blocks", disable=not enabled, leave=False)
+        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False)
     except ImportError:  # tqdm is optional
         class _Null:
             def update(self, n): ...
