@@ -55,3 +55,14 @@ def not_a_model():
 
 def bad_data():
     return 42
+
+
+_drift = [0]
+
+
+def drifting_cnn() -> nn.Module:
+    """Other weights at every call (a factory that does not rebuild the same float model)."""
+    _drift[0] += 1
+    torch.manual_seed(100 + _drift[0])
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 5))

@@ -117,3 +117,16 @@ def test_interrupted_factory_run_resumes_to_the_same_checkpoint(tmp_path, capsys
     for k in ("accuracy", "agreement", "output_rel_error", "bits_per_weight", "size_bytes"):
         assert run["quantized"][k] == ref["quantized"][k], k
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+def test_rtn_without_data_and_a_factory_that_drifts(tmp_path, capsys):
+    from lowbit.jobs import run_eval
+    from lowbit.module_job import run_quantize_module
+
+    rep = run_quantize_module(f"{FACT}:tiny_cnn", None, "w4", "rtn", str(tmp_path / "nodata"), quiet=True)
+    assert rep["metrics"] == [] and rep["calibration"] is None and len(rep["layers"]) == 3
+    assert set(run_eval(str(tmp_path / "nodata"), quiet=True)) == {"bits_per_weight", "size_bytes"}
+    run_quantize_module(f"{FACT}:drifting_cnn", f"{FACT}:cnn_data", "w4", "rtn", str(tmp_path / "drift"), quiet=True)
+    with pytest.warns(UserWarning, match="built other float weights"):
+        ev = run_eval(str(tmp_path / "drift"), quiet=True)
+    assert "accuracy" in ev
