@@ -249,6 +249,11 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     """Load a checkpoint written by ``run_quantize`` and measure it with the same settings."""
     from .export.checkpoint import load_quantized
 
+    meta_path = Path(path) / "lowbit.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("model_factory"):
+        from .module_job import run_eval_module  # a user's model object, rebuilt by its factory
+
+        return run_eval_module(path, quiet=quiet)
     model, tokenizer, meta = load_quantized(path)
     if settings is None:
         settings = EvalSettings(**meta.get("evaluation", {}))

@@ -148,7 +148,7 @@ def quantize_model(
     """Quantize every linear layer the plan names, in place; returns per-layer results.
 
     Models with transformer blocks go block by block; models with convolutions or without blocks
-    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there).
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``, resuming after the last finished layer).
 
     ``calibration`` (GPTQ and retention): "sequential" runs each block once over all calibration
     tokens, quantizing each layer when the forward reaches it, so its Hessian comes from the
@@ -163,7 +163,8 @@ def quantize_model(
 
     if has_conv(model) or not _has_blocks(model):
         return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
-                                  act_order=act_order, on_layer=on_layer, progress=progress)
+                                  act_order=act_order, progress_dir=progress_dir, on_layer=on_layer,
+                                  progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
@@ -362,11 +363,11 @@ def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
 
 # --- progress / resume -------------------------------------------------------------------------
 
-def _progress_bar(total: int, enabled: bool, initial: int = 0):
+def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "blocks"):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="blocks", disable=not enabled, leave=False)
+        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False)
     except ImportError:  # tqdm is optional
         class _Null:
             def update(self, n): ...
