@@ -6,7 +6,7 @@
 #   eval "$(python3 benchmarks/offline_bundle.py env)"
 # Writes DEST/ptq.log, DEST/outliers.log, DEST/retention.log (tables at the end of each) and
 # DEST/raw.tar.gz (every shard's JSON rows and log). Settings as in README/docs:
-#   ptq:       --calib 32 --seq-len 512 --eval-tokens 8192, all nine schemes, rtn and gptq
+#   ptq:       --calib 32 --seq-len 512 --eval-tokens 8192, all nine schemes, $PTQ_METHODS (rtn,gptq)
 #   outliers:  --calib 16 --seq-len 512 --eval-tokens 4096, rows gptq,hadamard,block,smooth,
 #              hadamard+smooth,block+smooth x int3 g64, int2 g64, fp4 g32, mxfp4, nvfp4, w4a4, w4a8
 #   retention: --calib 16 --seq-len 512 --eval-tokens 4096, 1% int8 (obs), rows gptq,fixed,optimized
@@ -22,8 +22,11 @@ OUTL="--model smollm2 --calib 16 --seq-len 512 --eval-tokens 4096"
 ROWS=gptq,hadamard,block,smooth,hadamard+smooth,block+smooth
 t0=$(date +%s)
 pids=()
-timeout $LIMIT $R benchmarks/ptq_quality.py --model smollm2 --methods rtn,gptq --calib 32 --seq-len 512 \
-  --eval-tokens 8192 --json $RAW/ptq.json > $DEST/ptq.log 2>&1 & pids+=($!)
+PTQ_SCRIPT=${PTQ_SCRIPT:-benchmarks/ptq_quality.py}; PTQ_METHODS=${PTQ_METHODS:-rtn,gptq}
+for s in w4g64,w3g64,w2g64 w4g128,fp4g32,mxfp4 nvfp4,w4a8,w8a8fp8; do
+  timeout $LIMIT $R $PTQ_SCRIPT --model smollm2 --schemes $s --methods $PTQ_METHODS --calib 32 --seq-len 512 \
+    --eval-tokens 8192 --json $RAW/ptq_${s//,/_}.json > $RAW/ptq_${s//,/_}.log 2>&1 & pids+=($!)
+done
 for s in w3g64 w2g64 fp4g32 mxfp4 nvfp4 w4a4 w4a8; do
   timeout $LIMIT $R benchmarks/outliers_quality.py $OUTL --schemes $s --rows $ROWS \
     --json $RAW/outliers_$s.json > $RAW/outliers_$s.log 2>&1 & pids+=($!)
@@ -39,6 +42,33 @@ done
 fail=0
 for p in "${pids[@]}"; do wait $p || fail=$((fail + 1)); done
 echo "all shards done in $(( $(date +%s) - t0 )) s on $DEV ($fail failed)"
+# ptq: one table from the shards (same layout as ptq_quality.py prints)
+python3 - "$RAW" > $DEST/ptq.log 2>&1 <<'PY'
+import glob, json, os, sys
+rows, args = [], None
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "ptq_*.json"))):
+    d = json.load(open(p)); rows += d["rows"]; args = args or d["args"]
+for r in rows:
+    print(json.dumps(r))
+order = ["w4g64", "w3g64", "w2g64", "w4g128", "fp4g32", "mxfp4", "nvfp4", "w4a8", "w8a8fp8"]
+methods = args["methods"].split(",")
+print(f"\n{rows[0]['model']}: baseline perplexity {rows[0]['baseline']:.3f}; calibration "
+      f"{args['calib']}x{args['seq_len']}; eval {args['eval_tokens']} tokens")
+print("| scheme | bits/weight | " + " | ".join(f"{m} perplexity" for m in methods) + " |")
+print("|---|---:|" + "---:|" * len(methods))
+for s in order:
+    r = {x["method"]: x for x in rows if x["scheme"] == s}
+    if r:
+        bits = next(iter(r.values()))["bits_per_weight"]
+        print(f"| {s} | {bits:.3f} | " + " | ".join(f"{r[m]['metric']:.4f}" if m in r else "not run" for m in methods) + " |")
+print("\nquantize seconds")
+print("| scheme | " + " | ".join(methods) + " |")
+print("|---|" + "---:|" * len(methods))
+for s in order:
+    r = {x["method"]: x for x in rows if x["scheme"] == s}
+    if r:
+        print(f"| {s} | " + " | ".join(f"{r[m]['quantize_seconds']:.1f}" if m in r else "" for m in methods) + " |")
+PY
 # outliers: one table (int2 g64 is not among outliers_quality's named columns, so merge here)
 python3 - "$RAW" "$ROWS" > $DEST/outliers.log 2>&1 <<'PY'
 import json, os, sys
