@@ -112,7 +112,8 @@ def cmd_quantize(args) -> int:
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
-                          rotate=args.rotate, smooth=args.smooth, calibration=args.calibration)
+                          rotate=args.rotate, smooth=args.smooth, calibration=args.calibration,
+                          device=args.device)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -165,7 +166,7 @@ def cmd_eval(args) -> int:
     settings = None
     if args.eval_tokens is not None or args.context is not None:
         settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context or 512)
-    res = run_eval(args.dir, settings, quiet=args.quiet or args.json)
+    res = run_eval(args.dir, settings, quiet=args.quiet or args.json, device=args.device)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
                         "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when torch sees one, default), cpu, cuda, cuda:N "
+                        "(a --model-factory model stays where its factory puts it)")
     q.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"],
                    help="GPTQ: sequential = one pass per block over all calibration tokens, each layer "
                         "quantized from the outputs of the quantized layers before it; parallel = two "
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=None)
     e.add_argument("--json", action="store_true", help="print the quantized fields as JSON")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, default), cpu, cuda, cuda:N")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("search", help="mixed precision: the smallest per-layer plan within a loss limit (or the "

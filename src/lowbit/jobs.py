@@ -66,8 +66,11 @@ def _baseline_cache_key(loaded, settings: EvalSettings) -> str:
     from .data.corpus import stdlib_corpus
 
     h = hashlib.sha256()
-    h.update(json.dumps([loaded.name, loaded.source, settings.describe(loaded.kind),
-                         stdlib_corpus().sha256, torch.__version__], sort_keys=True).encode())
+    key = [loaded.name, loaded.source, settings.describe(loaded.kind), stdlib_corpus().sha256, torch.__version__]
+    dev = next(loaded.model.parameters()).device
+    if dev.type != "cpu":  # a GPU's figure differs in the last digits: never reuse it for the CPU
+        key.append(dev.type)
+    h.update(json.dumps(key, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
@@ -87,10 +90,34 @@ def _cached_baseline(loaded, settings: EvalSettings, quiet: bool) -> dict:
     return res
 
 
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
+def resolve_device(device: Optional[str]) -> Optional[torch.device]:
+    """``auto``: the GPU when torch sees one, else the CPU; None: leave the model where it is."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here; accepted: {DEVICES}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
 def calibration_batches(loaded, n: int, seq_len: int, batch_size: int = 8, seed: int = 0):
+    """Token windows of the calibration split, on the model's device."""
     from .data.corpus import calibration_batches as windows
 
-    ids = windows(loaded.tokenizer, n, seq_len, seed)
+    ids = windows(loaded.tokenizer, n, seq_len, seed).to(next(loaded.model.parameters()).device)
     return [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
 
 
@@ -118,10 +145,12 @@ def run_quantize(
     rotate: str = "none",
     smooth=None,
     calibration: str = "auto",
+    device: Optional[str] = None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json and layer_error.png there. ``calibration``:
-    auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``)."""
+    auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``). ``device``: where the
+    model runs (auto | cpu | cuda | cuda:N; None leaves it where it is)."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -136,6 +165,7 @@ def run_quantize(
 
     if calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {calibration!r}; accepted: {', '.join(CALIBRATIONS)}")
+    dev = resolve_device(device)
     if calib < 1 or seq_len < 2:
         raise ValueError(f"need at least one calibration sequence of 2+ tokens, got {calib} x {seq_len}")
     t_start = time.time()
@@ -143,6 +173,8 @@ def run_quantize(
     if loaded is None:
         _log(f"loading {model or 'smollm2'} ...", quiet)
         loaded = load_model(model)
+    if dev is not None:
+        loaded.model.to(dev)
     reference = None
     if loaded.kind == "encoder":
         import copy
@@ -193,7 +225,8 @@ def run_quantize(
         "skipped": res.skipped,
         "kv": res.kv,
         "groups": sorted({l.groups for l in res.layers}),
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "device": str(next(loaded.model.parameters()).device)},
     }
     try:
         from .data.corpus import stdlib_corpus
@@ -245,16 +278,21 @@ def _clear_progress(d: Optional[Path]) -> None:
         d.rmdir()
 
 
-def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = False) -> dict:
-    """Load a checkpoint written by ``run_quantize`` and measure it with the same settings."""
+def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = False,
+             device: Optional[str] = None) -> dict:
+    """Load a checkpoint written by ``run_quantize`` and measure it with the same settings (on
+    ``device``: auto | cpu | cuda | cuda:N; None = the CPU)."""
     from .export.checkpoint import load_quantized
 
+    dev = resolve_device(device)
     meta_path = Path(path) / "lowbit.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("model_factory"):
         from .module_job import run_eval_module  # a user's model object, rebuilt by its factory
 
         return run_eval_module(path, quiet=quiet)
     model, tokenizer, meta = load_quantized(path)
+    if dev is not None:
+        model.to(dev)
     if settings is None:
         settings = EvalSettings(**meta.get("evaluation", {}))
     reference = None
@@ -262,6 +300,8 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
         from .models.loader import load_model
 
         reference = load_model(meta.get("model_spec")).model
+        if dev is not None:
+            reference.to(dev)
     res = evaluate_model(model, tokenizer, meta["kind"], settings, reference, progress=not quiet)
     rep_path = Path(path) / "report.json"
     bits = None
