@@ -21,7 +21,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES))
-    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--methods", default="rtn,gptq",
+                    help="columns: rtn, gptq, or gptq:sequential / gptq:parallel to compare calibration orders")
+    ap.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"])
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -34,15 +36,17 @@ def main() -> None:
         for method in args.methods.split(","):
             loaded = load_model(args.model)
             t = time.time()
-            rep = run_quantize(args.model, scheme, method, None, calib=args.calib, seq_len=args.seq_len,
+            name, _, order = method.partition(":")
+            rep = run_quantize(args.model, scheme, name, None, calib=args.calib, seq_len=args.seq_len,
                                settings=settings, quiet=True, loaded=loaded,
-                               act_order=args.act_order)
+                               act_order=args.act_order, calibration=order or args.calibration)
             q, b = rep["quantized"], rep["baseline"]
             metric = q.get("perplexity", q.get("cosine_mean"))
             base = b.get("perplexity", 1.0)
             row = {"model": rep["model"], "scheme": scheme, "method": method, "metric": metric,
                    "baseline": base, "bits_per_weight": q["bits_per_weight"], "spearman": q.get("spearman"),
-                   "quantize_seconds": q["quantize_seconds"], "seconds": time.time() - t}
+                   "quantize_seconds": q["quantize_seconds"], "seconds": time.time() - t,
+                   "calibration": (rep["calibration"] or {}).get("order")}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.json:
