@@ -167,7 +167,7 @@ def tensor_scale_of_amax(amax, fmt: BlockFormat) -> torch.Tensor:
     """The per-tensor fp32 scale from a float32 amax (a 0-d tensor or a number that float32 holds):
     amax / (max_elem * max_scale) in float32, 1 where that is not a positive finite number."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    s = amax / torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
+    s = amax / torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32, device=amax.device)
     good = torch.isfinite(s) & (s > 0)
     return torch.where(good, s, torch.ones_like(s))
 
@@ -186,7 +186,7 @@ def block_scales(xb: torch.Tensor, fmt: BlockFormat, ts: Optional[torch.Tensor])
         scale = exact_ldexp(torch.ones_like(shared), shared)
         return torch.where(bad, NAN, scale)
     # amax rule, computed in float32 as hardware recipes do
-    s32 = amax.float() / torch.tensor(fmt.element.max, dtype=torch.float32)
+    s32 = amax.float() / torch.tensor(fmt.element.max, dtype=torch.float32, device=amax.device)
     if ts is not None:
         s32 = s32 / ts
     s = round_element(s32.double(), fmt.scale, "nearest_even", "saturate")

@@ -32,6 +32,7 @@ import torch
 from ..formats import FloatFormat, format as parse_format
 from ..formats.block import BlockFormat
 from .. import kernels
+from ..kernels.scalar_div import div_scalar
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_bits, unpack_bits
 
@@ -95,7 +96,7 @@ class RetainFormat:
         amax.scatter_reduce_(0, rows, values.abs().float(), reduce="amax")
         if self.scale == "tensor":
             amax = amax.amax().expand(n_rows)
-        s = (amax / float(self.fmt.max)).half().float()
+        s = div_scalar(amax, float(self.fmt.max)).half().float()
         return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
 
     def levels(self, values: torch.Tensor, rows: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..emulate import quantize
+from ..kernels.scalar_div import div_scalar
 from ..formats import BlockFormat
 from .spec import QuantSpec
 
@@ -27,7 +28,7 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
             raise ValueError(f"activation groups of {g} do not divide {x.shape[-1]} features")
         xg = xf.reshape(*xf.shape[:-1], -1, g)
         amax = xg.detach().abs().amax(dim=-1, keepdim=True)
-        s = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+        s = torch.where(amax > 0, div_scalar(amax, fmt.max), torch.ones_like(amax))
         return quantize(xg, fmt, spec.rounding, scale=s, ste=True).reshape(x.shape).to(x.dtype)
-    s = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+    s = torch.where(amax > 0, div_scalar(amax, fmt.max), torch.ones_like(amax))
     return quantize(xf, fmt, spec.rounding, scale=s, ste=True).to(x.dtype)

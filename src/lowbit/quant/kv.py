@@ -24,6 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..emulate import quantize
+from ..kernels.scalar_div import div_scalar
 from ..formats import BlockFormat, IntFormat
 from .spec import QuantSpec
 
@@ -80,7 +81,7 @@ def quantize_kv(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     dims = _reduce_dims(spec.granularity, xf.dim())
     if spec.symmetric:
         amax = xf.abs().amax(dim=dims, keepdim=True)
-        s = torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))
+        s = torch.where(amax > 0, div_scalar(amax, fmt.max), torch.ones_like(amax))
         out = quantize(xf, fmt, spec.rounding, scale=s)
     else:
         assert isinstance(fmt, IntFormat)  # QuantSpec admits asym for integers only

@@ -17,6 +17,7 @@ import torch
 from ..formats import BlockFormat, FloatFormat, IntFormat, format
 from .. import kernels
 from ..kernels import reference
+from ..kernels.scalar_div import div_scalar
 from .spec import QuantSpec
 
 MSE_GRID = 24  # candidate clipping ratios for the MSE scale search
@@ -148,11 +149,11 @@ class WeightQuantizer:
 
     def _scale_for(self, lo: torch.Tensor, hi: torch.Tensor) -> GroupParams:
         if self.spec.symmetric:
-            s = hi / self.fmt.max
+            s = div_scalar(hi, self.fmt.max)  # same bits on CPU and CUDA
             zero = None
         else:
             lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
-            s = (hi - lo) / self.grid.qmax
+            s = div_scalar(hi - lo, self.grid.qmax)
         s = s.to(self.scale_dtype).float()
         s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
         if not self.spec.symmetric:
