@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .allocate import cheapest, min_loss
+from ..optimize import cheapest, min_loss
 from .bisection import PointStore, accuracy_search, choice_of, uniform_choices
 from .candidates import dropped_notes, layer_candidates, parse_candidates, quantizable_layers, union_specs
 from .cost import CostModel, bits_per_weight, cost_matrix, true_bits

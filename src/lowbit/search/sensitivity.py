@@ -34,7 +34,7 @@ from torch import nn
 
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
-from .allocate import Problem
+from ..optimize import Problem
 from .candidates import LayerCandidates
 from .objective import Objective
 
