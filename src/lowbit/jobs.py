@@ -119,7 +119,7 @@ def run_quantize(
     smooth=None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
-    with ``out``, writes the checkpoint, report.json and layer_error.png there."""
+    with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -214,6 +214,9 @@ def run_quantize(
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
+        from .report_html import write_quantize_html
+
+        write_quantize_html(report, out)  # report.html: the same numbers and the plot, one page
         _clear_progress(progress_dir)
     return report
 

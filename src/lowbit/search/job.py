@@ -1,6 +1,7 @@
 """`lowbit search` end to end: candidates and costs, sensitivities (cached), exact allocation,
 measured bisection to an accuracy limit (or one fixed budget), and the outputs in DIR: plan.json
-(which `lowbit quantize --plan` applies), search.json, points.jsonl, pareto.png and layers.png."""
+(which `lowbit quantize --plan` applies), search.json, points.jsonl, pareto.png, layers.png and
+report.html (all of it on one page)."""
 from __future__ import annotations
 
 import json
@@ -172,23 +173,34 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         if best is not None:
             (outp / "plan.json").write_text(json.dumps(report["plan"], indent=1))
         (outp / "search.json").write_text(json.dumps(report, indent=1))
-        _figures(outp, store, table, cands, best, limit if budget is None else None, evaluator.metric, loaded.name)
+        rows = _figures(outp, store, table, cands, best, limit if budget is None else None, evaluator.metric,
+                        loaded.name)
+        from ..report_html import write_search_html
+
+        write_search_html(report, outp, list(store.points.values()), rows)
     return report
 
 
-def _figures(outp: Path, store: PointStore, table, cands, best, limit, metric, name) -> None:
+def _figures(outp: Path, store: PointStore, table, cands, best, limit, metric, name) -> list:
+    """pareto.png and layers.png; returns the per-layer rows of the chosen plan (for report.html)."""
     from .plots import layer_chart, pareto_plot
 
     label = {"perplexity": "perplexity increase", "cosine": "1 - cosine to fp32",
              "spearman": "1 - Spearman of similarities"}[metric]
     pts = list(store.points.values())
     pareto_plot(pts, outp / "pareto.png", label, limit, best, title=f"{name}: measured configurations")
+    rows = []
     if best is not None:
         cheapest_sens = {}
         bits = {}
+        meas = table.values.get("measured") or next(iter(table.values.values()))
         for c in cands:
-            meas = table.values.get("measured") or next(iter(table.values.values()))
             cheapest_sens[c.name] = max(meas[c.name].values())
             for s in c.specs:
                 bits[f"{c.name}|{s}"] = true_bits(s, c.shape)
+            spec = best["choice"].get(c.name)
+            if spec is not None:
+                rows.append({"name": c.name, "spec": spec, "bits": bits[f"{c.name}|{spec}"],
+                             "at_choice": meas[c.name].get(spec), "sensitivity": cheapest_sens[c.name]})
         layer_chart(best["choice"], cheapest_sens, bits, outp / "layers.png", title=f"{name}: chosen formats")
+    return rows
