@@ -117,7 +117,8 @@ def cmd_quantize(args) -> int:
         print(summary_table(report))
         if args.out:
             plot = f"{args.out}/layer_error.png " if report["layers"] else ""
-            print(f"wrote {args.out}/report.json, {plot}and the checkpoint {args.out}/model.safetensors")
+            print(f"wrote {args.out}/report.json, {args.out}/report.html, {plot}and the checkpoint "
+                  f"{args.out}/model.safetensors")
     return 0
 
 
@@ -163,7 +164,7 @@ def cmd_search(args) -> int:
         return 1
     if args.out:
         print(f"wrote {args.out}/plan.json (apply with: lowbit quantize --plan {args.out}/plan.json), "
-              f"search.json, points.jsonl, pareto.png, layers.png")
+              f"search.json, points.jsonl, pareto.png, layers.png, report.html")
     return 0
 
 

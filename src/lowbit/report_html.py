@@ -43,6 +43,13 @@ def mb(n) -> str:
     return "-" if n is None else f"{n / 1e6:.1f} MB"
 
 
+def kv(d) -> str:
+    """A small dict as 'key value, ...' (anything else as its string)."""
+    if isinstance(d, dict):
+        return ", ".join(f"{k} {kv(v)}" for k, v in d.items() if v is not None)
+    return ", ".join(kv(v) for v in d) if isinstance(d, (list, tuple)) else str(d)
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence], highlight: Optional[int] = None) -> str:
     """An HTML table; cells are escaped; row ``highlight`` (an index) is emphasised."""
     out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
@@ -99,16 +106,15 @@ def quantize_html(report: dict, out_dir) -> str:
     rows.append(["time", "", f"{report.get('seconds', 0):.1f} s", f"quantize {q.get('quantize_seconds', 0):.1f} s"])
     summary = "<h2>Baseline vs quantized</h2>" + table(["", "baseline", "quantized", "change"], rows)
     settings = [["scheme", report.get("scheme", "")], ["method", report.get("method", "")],
-                ["evaluation", report.get("evaluation", "")], ["layer error", report.get("layer_error", "")]]
+                ["evaluation", kv(report.get("evaluation", ""))], ["layer error", report.get("layer_error", "")]]
     if report.get("calibration"):
         c = report["calibration"]
         settings.append(["calibration", f"{c.get('sequences')} x {c.get('seq_len')} tokens of {c.get('corpus')}"])
     if report.get("retain"):
-        settings.append(["retention", ", ".join(f"{k} {v}" for k, v in report["retain"].items()
-                                                 if not isinstance(v, (dict, list)))])
+        settings.append(["retention", kv({k: v for k, v in report["retain"].items()  # not the per-layer ratios
+                                          if not isinstance(v, (dict, list))})])
     if report.get("transforms"):
-        settings.append(["transforms", ", ".join(f"{k} {v}" for k, v in report["transforms"].items()
-                                                  if not isinstance(v, (dict, list)))])
+        settings.append(["transforms", kv(report["transforms"])])
     if report.get("skipped"):
         settings.append(["left in full precision", ", ".join(report["skipped"])])
     sections = [summary, "<h2>Settings</h2>" + table(["", ""], settings)]
