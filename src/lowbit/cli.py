@@ -123,12 +123,24 @@ def cmd_quantize(args) -> int:
 
 
 def _retain_config(args):
-    """RetainConfig from --retain/--retain-format/--retain-alloc/--retain-saliency, or None."""
+    """RetainConfig from --retain/--retain-format/--retain-alloc/--retain-saliency, else from the
+    ``retain`` section of a --plan file (per-layer ratios from lowbit search), or None."""
     if args.retain is None:
-        return None
+        return _plan_retain(args.plan) if getattr(args, "plan", None) else None
     from .ptq.retention import RetainConfig, parse_ratio
 
     return RetainConfig(parse_ratio(args.retain), args.retain_format, args.retain_saliency, args.retain_alloc)
+
+
+def _plan_retain(path):
+    from pathlib import Path
+
+    from .ptq.retention import RetainConfig
+
+    r = json.loads(Path(path).read_text()).get("retain")
+    if not r:
+        return None
+    return RetainConfig(0.0, r["format"], r.get("saliency", "obs"), "fixed", ratios=dict(r["ratios"]))
 
 
 def cmd_eval(args) -> int:

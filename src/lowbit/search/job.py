@@ -18,6 +18,7 @@ from .bisection import PointStore, accuracy_search, choice_of, uniform_choices
 from .candidates import dropped_notes, layer_candidates, parse_candidates, quantizable_layers, union_specs
 from .cost import CostModel, bits_per_weight, cost_matrix, true_bits
 from .measure import MetricEvaluator
+from .retained import check_retained, plan_layers
 from .objective import Objective, make_batches
 from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement
 
@@ -62,6 +63,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         loaded = load_model(model)
     layers = quantizable_layers(loaded.model)
     specs = parse_candidates(candidates)
+    check_retained(specs, method)
     cands = layer_candidates(layers, specs)
     cm = CostModel.parse(cost)
     costs = cost_matrix(cands, cm)
@@ -156,7 +158,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         "search": result, "rank_agreement": agreement,
     }
     if best is not None:
-        plan = {"name": f"search-{loaded.name}", "layers": best["choice"], "bits_per_weight": best["bits"],
+        plan = {"name": f"search-{loaded.name}", **plan_layers(best["choice"]), "bits_per_weight": best["bits"],
                 "baseline": evaluator.baseline,
                 "measured": {k: best[k] for k in ("perplexity", "cosine_mean", "cosine_min", "spearman") if k in best},
                 "loss": best["loss"], "limit": report["limit"] if budget is None else None,

@@ -35,6 +35,7 @@ from torch import nn
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
 from ..optimize import Problem
+from . import retained
 from .candidates import LayerCandidates
 from .objective import Objective
 
@@ -68,7 +69,7 @@ def cache_key(layers, objective: Objective, cands: List[LayerCandidates], settin
 
 
 def rtn_weight(W: torch.Tensor, spec: str) -> torch.Tensor:
-    return WeightQuantizer(QuantSpec.parse(spec)).rtn(W.detach().float())[0]
+    return retained.weight(W, spec)  # a plain spec is RTN; SPEC+keepR@FMT retains the top weights
 
 
 # --- estimators ---------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+""""With high-impact retention" candidates: ``SPEC+keepR@FMT`` (e.g. ``int3:g64+keep1%@int8``) is
+``SPEC`` by RTN with the fraction R of the layer's weights that matter most kept in a sparse side
+tensor at the element format FMT (see :mod:`lowbit.ptq.retention`, whose bit accounting is used:
+the dense codes and scales plus the retained values, their positions and their scales).
+
+Which weights: inside the search no calibration activations are at hand per layer, so the score is
+the weight-space form of retention's OBS saliency (input Hessian taken as the identity): the squared
+RTN rounding error (w - q(w))^2. ``lowbit quantize --plan`` applies the plan's ratios with the
+data-aware saliency of the retention method (obs, on its calibration set), which picks weights at
+least as well for the layer's output error; the measured point is that of the weight-space choice.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..ptq.retention import RetainFormat, parse_ratio, retained_bits, rtn_retained, top_mask
+from ..quant.spec import QuantSpec
+from ..quant.weight import WeightQuantizer
+
+MARK = "+keep"
+
+
+def split(spec: str) -> Tuple[str, Optional[float], Optional[RetainFormat]]:
+    """(base spec, ratio, retain format); ratio and format are None for a plain spec."""
+    s = str(spec).strip()
+    if MARK not in s:
+        return s, None, None
+    base, _, rest = s.partition(MARK)
+    ratio_text, at, fmt = rest.partition("@")
+    if not at or not fmt:
+        raise ValueError(f"retention candidate {spec!r}: expected SPEC+keepRATIO@FORMAT, e.g. int3:g64+keep1%@int8")
+    ratio = parse_ratio(ratio_text)
+    if not 0.0 < ratio < 0.5:
+        raise ValueError(f"retention candidate {spec!r}: the kept fraction must be in (0, 50%), got {ratio_text}")
+    return base, ratio, RetainFormat.parse(fmt)
+
+
+def canonical(spec: str) -> str:
+    """The spec string in canonical form (the base spec parsed, the ratio as a percentage)."""
+    base, ratio, rfmt = split(spec)
+    base = str(QuantSpec.parse(base))
+    return base if ratio is None else f"{base}{MARK}{ratio * 100:g}%@{rfmt}"
+
+
+def base_spec(spec: str) -> str:
+    return split(spec)[0]
+
+
+def kept(shape: tuple, ratio: float) -> int:
+    return int(round(ratio * shape[0] * shape[1]))  # as retention.top_mask counts
+
+
+def bits_per_weight(spec: str, shape: tuple) -> float:
+    """True storage bits per weight, the side tensor included."""
+    base, ratio, rfmt = split(spec)
+    rows, cols = int(shape[0]), int(shape[1])
+    dense = WeightQuantizer(QuantSpec.parse(base)).bits_per_weight(cols)
+    if ratio is None:
+        return dense
+    return dense + retained_bits(rows, cols, kept(shape, ratio), rfmt) / (rows * cols)
+
+
+def weight(W: torch.Tensor, spec: str) -> torch.Tensor:
+    """The weight as stored by ``spec`` (RTN; retained weights at their format)."""
+    base, ratio, rfmt = split(spec)
+    W = W.detach().float()
+    q = WeightQuantizer(QuantSpec.parse(base))
+    if ratio is None:
+        return q.rtn(W)[0]
+    score = (W - q.rtn(W)[0]).pow(2)
+    return rtn_retained(W, top_mask(score, ratio), q, rfmt).weight
+
+
+def check_retained(specs: Sequence[str], method: str) -> None:
+    """Retention candidates are measured by RTN and share one retain format (one side-tensor format
+    per plan, as ``lowbit quantize`` applies it)."""
+    fmts = {str(split(s)[2]) for s in specs if split(s)[1] is not None}
+    if fmts and method != "rtn":
+        raise ValueError(f"retention candidates ({MARK}...) are measured with --method rtn, not {method}")
+    if len(fmts) > 1:
+        raise ValueError(f"retention candidates must share one retain format, got {', '.join(sorted(fmts))}")
+
+
+def plan_layers(choice: Dict[str, str]) -> dict:
+    """plan.json's ``layers`` (plain specs, which Plan reads) and, when some layer retains weights,
+    ``retain``: {"format", "saliency", "ratios": layer -> kept fraction} for ``lowbit quantize --plan``."""
+    layers, ratios, fmt = {}, {}, None
+    for name, spec in choice.items():
+        base, ratio, rfmt = split(spec)
+        layers[name] = base
+        if ratio is not None:
+            ratios[name], fmt = ratio, str(rfmt)
+    out = {"layers": layers}
+    if ratios:
+        out["retain"] = {"format": fmt, "saliency": "obs", "ratios": ratios}
+    return out
