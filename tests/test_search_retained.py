@@ -32,6 +32,13 @@ def test_bits_and_weight_of_a_retention_candidate():
     assert true_bits(spec, W.shape) == pytest.approx(q.bits_per_weight(64) + ref.side_bits / W.numel())
     assert ref.side_bits == retained_bits(48, 64, k, RetainFormat.parse("int8"))
     assert true_bits("int3:g32", W.shape) == q.bits_per_weight(64)
+    # with the layer's input power the saliency follows the inputs: a loud input feature's weights go first
+    power = torch.ones(64)
+    power[7] = 1e4
+    loud = weight(W, spec, power)
+    changed = (loud != plain)
+    assert changed[:, 7].sum() >= 40 and torch.equal(loud[:, 7], rtn_retained(
+        W, top_mask((W - plain).pow(2) * power, 0.02), q, RetainFormat.parse("int8")).weight[:, 7])
 
 
 def test_retention_candidates_parse_and_bad_input():

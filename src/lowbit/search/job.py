@@ -18,7 +18,7 @@ from .bisection import PointStore, accuracy_search, choice_of, uniform_choices
 from .candidates import dropped_notes, layer_candidates, parse_candidates, quantizable_layers, union_specs
 from .cost import CostModel, bits_per_weight, cost_matrix, true_bits
 from .measure import MetricEvaluator
-from .retained import check_retained, plan_layers
+from .retained import check_retained, has_retained, input_power, plan_layers
 from .objective import Objective, make_batches
 from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement
 
@@ -76,6 +76,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     n_cal, L = CALIB[loaded.kind]
     n_cal, L = calib or n_cal, seq_len or L
     objective = Objective(loaded.model, loaded.kind, make_batches(loaded, n_cal, L, batch_size=2))
+    if has_retained(specs):  # the retention candidates' saliency weights rounding errors by input power
+        objective.input_power = input_power(lambda b: loaded.model(**b), layers, objective.batches)
     outp = Path(out) if out else None
     cache = Path(sensitivity_cache) if sensitivity_cache else (outp / "sensitivity.json" if outp else None)
     ests = list(dict.fromkeys([estimator] + (["measured"] if pairs else []) + list(extra_estimators)))
@@ -89,7 +91,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     sens_seconds = time.time() - t_sens
     problem = table.problem(estimator, costs, with_pairs=pairs)
 
-    evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences)
+    evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences,
+                                input_power=getattr(objective, "input_power", None))
     store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
     if store.ignored:
         _log(f"note: {store.ignored} points in {outp / 'points.jsonl'} were measured with other settings; not used", quiet)

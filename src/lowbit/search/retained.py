@@ -3,11 +3,13 @@
 tensor at the element format FMT (see :mod:`lowbit.ptq.retention`, whose bit accounting is used:
 the dense codes and scales plus the retained values, their positions and their scales).
 
-Which weights: inside the search no calibration activations are at hand per layer, so the score is
-the weight-space form of retention's OBS saliency (input Hessian taken as the identity): the squared
-RTN rounding error (w - q(w))^2. ``lowbit quantize --plan`` applies the plan's ratios with the
-data-aware saliency of the retention method (obs, on its calibration set), which picks weights at
-least as well for the layer's output error; the measured point is that of the weight-space choice.
+Which weights: the diagonal form of retention's OBS saliency, (w_ij - q(w)_ij)^2 E[x_j^2], the
+output error each weight's rounding adds with the input Hessian taken diagonal; E[x_j^2] is the mean
+squared input feature j of the layer on the search's calibration set (:func:`input_power`, one
+forward pass). Without it (no calibration data) the score is the squared rounding error alone.
+``lowbit quantize --plan`` applies the plan's ratios with the retention method's full ``obs``
+saliency (off-diagonal Hessian terms too, on its own calibration set), so it keeps nearly but not
+exactly the same weights as the measured point.
 """
 from __future__ import annotations
 
@@ -62,15 +64,46 @@ def bits_per_weight(spec: str, shape: tuple) -> float:
     return dense + retained_bits(rows, cols, kept(shape, ratio), rfmt) / (rows * cols)
 
 
-def weight(W: torch.Tensor, spec: str) -> torch.Tensor:
-    """The weight as stored by ``spec`` (RTN; retained weights at their format)."""
+def weight(W: torch.Tensor, spec: str, power: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight as stored by ``spec`` (RTN; retained weights at their format). ``power``: the
+    layer's mean squared input per input feature, which weights the saliency (module doc)."""
     base, ratio, rfmt = split(spec)
     W = W.detach().float()
     q = WeightQuantizer(QuantSpec.parse(base))
     if ratio is None:
         return q.rtn(W)[0]
     score = (W - q.rtn(W)[0]).pow(2)
+    if power is not None:
+        score = score * power.to(score)[None, :]
     return rtn_retained(W, top_mask(score, ratio), q, rfmt).weight
+
+
+def has_retained(specs: Sequence[str]) -> bool:
+    return any(MARK in s for s in specs)
+
+
+def input_power(run, layers: Dict[str, "torch.nn.Linear"], batches) -> Dict[str, torch.Tensor]:
+    """Mean squared input per input feature of each layer: ``run(batch)`` is called on every batch
+    with hooks on the layers (the fp32 model)."""
+    sums: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+
+    def hook(name):
+        def fn(_module, args, _out):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in layers.items()]
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                run(b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n] / counts[n]).cpu() for n in sums}
 
 
 def check_retained(specs: Sequence[str], method: str) -> None:
