@@ -54,7 +54,7 @@ def test_retention_candidates_parse_and_bad_input():
         check_retained(["int3:g64+keep1%@int8"], "gptq")
     out = plan_layers({"a": "int3:g64+keep1%@int8", "b": "int8:g128"})
     assert out == {"layers": {"a": "int3:g64", "b": "int8:g128"},
-                   "retain": {"format": "int8", "saliency": "obs", "ratios": {"a": 0.01}}}
+                   "retain": {"format": "int8", "saliency": "diag", "ratios": {"a": 0.01}}}
     assert "retain" not in plan_layers({"b": "int8:g128"})
 
 
@@ -90,3 +90,16 @@ def test_search_with_retention_writes_a_plan_quantize_applies(tiny_loaded, tmp_p
     assert q["quantized"]["bits_per_weight"] == pytest.approx(plan["bits_per_weight"], rel=1e-9)
     kept = {l["name"]: l["retain"]["kept"] for l in q["layers"] if l.get("retain")}
     assert set(kept) >= set(plan["retain"]["ratios"])
+
+
+def test_diag_saliency_is_rounding_error_times_input_power():
+    from lowbit.ptq.retention import hessian_saliency
+
+    torch.manual_seed(1)
+    W, h = torch.randn(8, 32), torch.rand(32) + 0.1
+    q = WeightQuantizer(QuantSpec.parse("int3:g32"))
+    s = hessian_saliency(W, torch.diag(h), q, "diag")
+    assert torch.allclose(s, (W - q.rtn(W)[0]).pow(2) * h)
+    # the search's rule with the same input power keeps the same weights
+    keep = top_mask(s, 0.05)
+    assert torch.equal(weight(W, "int3:g32+keep5%@int8", h), rtn_retained(W, keep, q, RetainFormat.parse("int8")).weight)

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of retained weights: int8 (fp16 scale per row), int8:tensor, e4m3fn, fp16, ...")
     q.add_argument("--retain-alloc", default="fixed", choices=["fixed", "optimized"],
                    help="one ratio everywhere, or per-layer ratios from an integer program at the same bits")
-    q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher"],
+    q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
     q.add_argument("--rotate", default="none", choices=["none", "hadamard", "block"],

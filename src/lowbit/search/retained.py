@@ -7,9 +7,10 @@ Which weights: the diagonal form of retention's OBS saliency, (w_ij - q(w)_ij)^2
 output error each weight's rounding adds with the input Hessian taken diagonal; E[x_j^2] is the mean
 squared input feature j of the layer on the search's calibration set (:func:`input_power`, one
 forward pass). Without it (no calibration data) the score is the squared rounding error alone.
-``lowbit quantize --plan`` applies the plan's ratios with the retention method's full ``obs``
-saliency (off-diagonal Hessian terms too, on its own calibration set), so it keeps nearly but not
-exactly the same weights as the measured point.
+plan.json asks ``lowbit quantize --plan`` for the same rule, retention's ``diag`` saliency
+(rounding error squared times H_jj, H = 2 X^T X / n on its own calibration set: the same ranking up
+to the data). The ``obs`` saliency, right for GPTQ, keeps the wrong weights for RTN: applied to the
+MiniLM 3.5-bit plan it measured 14.24% against 12.41% with the search's rule.
 """
 from __future__ import annotations
 
@@ -127,5 +128,5 @@ def plan_layers(choice: Dict[str, str]) -> dict:
             ratios[name], fmt = ratio, str(rfmt)
     out = {"layers": layers}
     if ratios:
-        out["retain"] = {"format": fmt, "saliency": "obs", "ratios": ratios}
+        out["retain"] = {"format": fmt, "saliency": "diag", "ratios": ratios}
     return out
