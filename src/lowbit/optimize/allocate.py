@@ -38,6 +38,14 @@ def _status(code: int, message: str) -> str:
     return "optimal" if code == 0 else f"stopped: {message}"
 
 
+def _no_solution(code: int, message: str):
+    """HiGHS returned no solution: infeasible (status 2), or stopped by its limits before finding one,
+    which is not a statement about the budget."""
+    if code == 2:
+        return Infeasible(message, float("nan"), float("nan"))
+    return RuntimeError(f"the allocation program stopped without a solution ({message}); raise time_limit")
+
+
 def _solve(p: Problem, objective: str, bound: Optional[float], time_limit: float, method: str) -> Allocation:
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
@@ -45,7 +53,7 @@ def _solve(p: Problem, objective: str, bound: Optional[float], time_limit: float
     if method == "reference":
         choice, code, msg = solve_milp(p, objective, bound, time_limit)
         if choice is None:
-            raise Infeasible(msg, float("nan"), float("nan"))
+            raise _no_solution(code, msg)
         return _finish(p, choice, t0, _status(code, msg))
     red = reduce(p)
     q = red.problem
@@ -55,11 +63,11 @@ def _solve(p: Problem, objective: str, bound: Optional[float], time_limit: float
         choice, code, msg = solve_milp(q, objective, bound, time_limit, presolve=objective == "loss",
                                        scale_row=True)
         if choice is None:
-            raise Infeasible(msg, float("nan"), float("nan"))
+            raise _no_solution(code, msg)
         return _finish(p, red.expand(choice, len(p.loss)), t0, _status(code, msg))
     if bound is None:  # no constraint: each group's best item (ties: the smaller other term)
         return _finish(p, red.expand([int(np.lexsort((b, a))[0]) for a, b in zip(f, g)], len(p.loss)), t0)
-    if sum(float(v.min()) for v in g) > bound:
+    if sum(float(v.min()) for v in g) > bound + 1e-12 * max(1.0, abs(bound)):
         raise Infeasible("no choice meets the bound", float("nan"), float("nan"))
     fixed = fix_items(f, g, bound)
     if fixed is None:
@@ -76,7 +84,7 @@ def _solve(p: Problem, objective: str, bound: Optional[float], time_limit: float
     choice, code, msg = solve_milp(sub, objective, bound, time_limit, presolve=True, scale_row=True,
                                    objective_scale=scale)
     if choice is None:
-        raise Infeasible(msg, float("nan"), float("nan"))
+        raise _no_solution(code, msg)
     return _finish(p, red.expand([int(k[c]) for k, c in zip(keep, choice)], len(p.loss)), t0, _status(code, msg))
 
 

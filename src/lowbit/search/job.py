@@ -92,7 +92,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     problem = table.problem(estimator, costs, with_pairs=pairs)
 
     evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences,
-                                input_power=getattr(objective, "input_power", None))
+                                input_power=objective.input_power)
     store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
     if store.ignored:
         _log(f"note: {store.ignored} points in {outp / 'points.jsonl'} were measured with other settings; not used", quiet)

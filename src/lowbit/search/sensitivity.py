@@ -74,7 +74,7 @@ def rtn_weight(W: torch.Tensor, spec: str, power: Optional[torch.Tensor] = None)
 
 
 def _power(objective: Objective, name: str) -> Optional[torch.Tensor]:
-    return (getattr(objective, "input_power", None) or {}).get(name)
+    return (objective.input_power or {}).get(name)
 
 
 # --- estimators ---------------------------------------------------------------------------------
