@@ -4,8 +4,8 @@
 
 No pretrained CNN is available offline here (torchvision's PyPI wheel does not load beside torch
 2.13.0 CPU, timm needs torchvision, and no cleanly installing PyPI package was found that ships CNN
-weights), so the model is trained by this script: a 3-conv + 1-linear CNN on scikit-learn's bundled
-handwritten digits (1,797 8x8 images; pip install scikit-learn). Fixed split: 1,297 training and
+weights), so the model is trained (benchmarks/digits_cnn.py): a 3-conv + 1-linear CNN on
+scikit-learn's bundled handwritten digits (1,797 8x8 images; pip install scikit-learn). Fixed split: 1,297 training and
 500 test images (permutation seed 0); calibration: 256 training images. Every conv and the linear
 head are quantized (layer by layer, through ``quantize_model``'s path for models without blocks).
 Reports test accuracy and the KL divergence of the quantized model's class distribution from the
@@ -20,8 +20,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from digits_cnn import CALIB, digits_split, train  # the model and data, shared with the CLI demo
 from lowbit.ptq.pipeline import quantize_model
 from lowbit.quant.plan import Plan
 
@@ -34,44 +34,6 @@ SCHEMES = {
     "int2 per channel": ({"*": "int2"}, {}),
     "w4a8 (int4 channel, int8 per position)": ({"*": "int4"}, {"*": "int8:token"}),
 }
-
-
-def digits_split(seed: int = 0):
-    """(train x, train y, test x, test y): standardised 1x8x8 images, fixed permutation."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    mean, std = x[:1297].mean(), x[:1297].std()
-    x = (x - mean) / std
-    return x[:1297], y[:1297], x[1297:], y[1297:]
-
-
-def digits_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, 10),
-    )
-
-
-def train(xtr, ytr, seed: int, epochs: int = 30) -> nn.Module:
-    torch.manual_seed(seed)
-    model = digits_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(ytr), generator=g)
-        for i in range(0, len(ytr), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -88,7 +50,7 @@ def kl(ref_logits, q_logits) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (the data split is fixed)")
-    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=CALIB)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--loop", default="auto", choices=["auto", "plain"],
                     help="GPTQ column loop: auto (fused where the format allows) or plain (the per-column "
                          "quantizer calls, the baseline)")
+    ap.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"])
     args = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,13 +47,14 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.synchronize()
     t = time.time()
-    res = quantize_model(model, Plan.from_scheme(args.scheme), batches, "gptq", progress=False)
+    res = quantize_model(model, Plan.from_scheme(args.scheme), batches, "gptq", progress=False,
+                         calibration=args.calibration)
     if args.device == "cuda":
         torch.cuda.synchronize()
     total = time.time() - t
     gptq_only = sum(l.seconds for l in res.layers)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    print(f"{name}: GPTQ {args.scheme} ({args.loop} loop) of SmolLM2-135M architecture, {args.calib}x{args.seq_len} calibration tokens: "
+    print(f"{name}: GPTQ {args.scheme} ({args.loop} loop, {res.calibration} calibration) of SmolLM2-135M architecture, {args.calib}x{args.seq_len} calibration tokens: "
           f"{total:.1f} s total ({gptq_only:.1f} s in the per-layer GPTQ loops, {len(res.layers)} layers)")
 
 

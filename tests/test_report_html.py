@@ -68,6 +68,10 @@ def test_pages_escape_and_survive_missing_figures(tmp_path):
            "quantized": {"perplexity": 10.5, "bits_per_weight": 4.25, "size_bytes": 1e6}, "layers": []}
     page = quantize_html(rep, tmp_path)
     assert "m&lt;1&gt;" in page and "+5.00%" in page and "4.00x smaller" in page and not _images(page)
+    mod = {**rep, "metrics": ["accuracy"], "baseline": {"accuracy": 0.91, "size_bytes": 4e6},
+           "quantized": {"accuracy": 0.875, "bits_per_weight": 4.25, "size_bytes": 1e6}}
+    page = quantize_html(mod, tmp_path)
+    assert "<td>accuracy</td><td>0.91</td><td>0.875</td>" in page
     s = search_html({"model": "m", "search": {"mode": "max-loss", "note": "over the limit", "steps": []},
                      "limit": {"max_loss": 0.01}}, tmp_path)
     assert "No plan" in s and "over the limit" in s

@@ -100,6 +100,8 @@ def cmd_quantize(args) -> int:
     from .report import summary_table
 
     plan = Plan.load(args.plan) if args.plan else None
+    if args.model_factory or args.data_factory:
+        return _quantize_from_factories(args, plan)
     if args.kv:  # KV-cache rules on top of the scheme or plan
         from .quant.kv import kv_scheme_rules
 
@@ -110,7 +112,7 @@ def cmd_quantize(args) -> int:
     report = run_quantize(args.model, args.scheme, args.method, args.out, plan=plan, calib=args.calib,
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
-                          rotate=args.rotate, smooth=args.smooth)
+                          rotate=args.rotate, smooth=args.smooth, calibration=args.calibration)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -119,6 +121,33 @@ def cmd_quantize(args) -> int:
             plot = f"{args.out}/layer_error.png " if report["layers"] else ""
             print(f"wrote {args.out}/report.json, {args.out}/report.html, {plot}and the checkpoint "
                   f"{args.out}/model.safetensors")
+    return 0
+
+
+def _quantize_from_factories(args, plan) -> int:
+    """`lowbit quantize --model-factory M:F --data-factory M:F`: a user's own model object."""
+    from .module_job import run_quantize_module
+    from .report import summary_table
+
+    if not args.model_factory:
+        raise ValueError("--data-factory needs --model-factory MODULE:FUNCTION (a function returning the model)")
+    if args.model:
+        raise ValueError(f"give either MODEL ({args.model!r}) or --model-factory, not both")
+    unsupported = [f for f, on in (("--kv", args.kv), ("--retain", args.retain), ("--rotate", args.rotate != "none"),
+                                   ("--smooth", args.smooth)) if on]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} not supported with --model-factory; accepted there: --scheme, "
+                         "--plan, --method, --out, --no-act-order, --damp, --json, --quiet")
+    report = run_quantize_module(args.model_factory, args.data_factory, args.scheme, args.method, args.out,
+                                 plan=plan, act_order=args.act_order, percdamp=args.damp, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(summary_table(report))
+        if args.out:
+            plot = f"{args.out}/layer_error.png " if report["layers"] else ""
+            print(f"wrote {args.out}/report.json, {plot}and the checkpoint "
+                  f"{args.out}/model.safetensors (lowbit eval {args.out} measures it again)")
     return 0
 
 
@@ -197,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
     q.add_argument("--kv", help="quantize the KV cache: kv8, kv4, kv4c (KIVI: keys per channel), kvfp8, kvnvfp4, "
                                "a spec like int8:token, or KEY_SPEC/VALUE_SPEC (also as a scheme suffix: w4a8kv4)")
+    q.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                   help="a user's own model object instead of MODEL: a Python function returning the nn.Module "
+                        "(e.g. a CNN), as MODULE:FUNCTION or FILE.py:FUNCTION; recorded in the checkpoint")
+    q.add_argument("--data-factory", metavar="MODULE:FUNCTION",
+                   help="with --model-factory: a function returning {'calibration': [batches], 'evaluation': "
+                        "(inputs, labels) | inputs | callable(model) -> float or dict}; the report shows float vs "
+                        "quantized accuracy (with labels) and output error")
     q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
     q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")
@@ -209,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns left to right with each group's scale fitted to the updated "
                         "weights, instead of by decreasing Hessian diagonal with scales fitted up front")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: relative damping of the Hessian")
+    q.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"],
+                   help="GPTQ: sequential = one pass per block over all calibration tokens, each layer "
+                        "quantized from the outputs of the quantized layers before it; parallel = two "
+                        "passes, one batch in memory at a time; auto (default) = sequential if it fits")
     q.add_argument("--retain", help="keep this fraction of high-impact weights (e.g. 1%% or 0.01) in a sparse "
                    "side tensor at --retain-format; counted in bits/weight")
     q.add_argument("--retain-format", default="int8",
@@ -279,7 +319,7 @@ def main(argv=None) -> int:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowbit {args.command}: interrupted; finished blocks are kept in OUT/.progress and a rerun "
+        print(f"lowbit {args.command}: interrupted; finished blocks (or layers) are kept in OUT/.progress and a rerun "
               "with the same arguments resumes there", file=sys.stderr)
         return 130
 

@@ -117,9 +117,11 @@ def run_quantize(
     retain=None,
     rotate: str = "none",
     smooth=None,
+    calibration: str = "auto",
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
-    with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there."""
+    with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
+    ``calibration``: auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``)."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -130,6 +132,10 @@ def run_quantize(
     smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
+    from .ptq.pipeline import CALIBRATIONS
+
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; accepted: {', '.join(CALIBRATIONS)}")
     if calib < 1 or seq_len < 2:
         raise ValueError(f"need at least one calibration sequence of 2+ tokens, got {calib} x {seq_len}")
     t_start = time.time()
@@ -159,7 +165,8 @@ def run_quantize(
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
-                         progress_dir=progress_dir, progress=not quiet, retain=retain)
+                         progress_dir=progress_dir, progress=not quiet, retain=retain,
+                         calibration=calibration)
     q_seconds = time.time() - t_q
     _log("evaluating the quantized model ...", quiet)
     quant = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, reference, progress=not quiet)
@@ -172,7 +179,7 @@ def run_quantize(
         "method": method,
         "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
         "calibration": ({"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
-                         "seed": 0} if batches else None),
+                         "seed": 0, "order": res.calibration} if batches else None),
         "retain": retain.to_dict() if retain is not None else None,
         "layer_error": ("output space on the calibration data: ||X(W-Q)^T||^2 / ||XW^T||^2"
                         if method == "gptq" else "weight space: ||W-Q||^2 / ||W||^2"),
@@ -245,6 +252,11 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     """Load a checkpoint written by ``run_quantize`` and measure it with the same settings."""
     from .export.checkpoint import load_quantized
 
+    meta_path = Path(path) / "lowbit.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("model_factory"):
+        from .module_job import run_eval_module  # a user's model object, rebuilt by its factory
+
+        return run_eval_module(path, quiet=quiet)
     model, tokenizer, meta = load_quantized(path)
     if settings is None:
         settings = EvalSettings(**meta.get("evaluation", {}))

@@ -6,7 +6,9 @@ from typing import List
 
 
 def _mb(n) -> str:
-    return f"{n / 1e6:.1f} MB" if n is not None else "-"
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"  # kB: small models (CNNs) show a size
 
 
 def summary_table(report: dict) -> str:
@@ -16,6 +18,9 @@ def summary_table(report: dict) -> str:
         rows.append(("perplexity", f"{b['perplexity']:.3f}", f"{q['perplexity']:.3f}"))
         rel = q["perplexity"] / b["perplexity"] - 1
         rows.append(("change", "", f"{rel * 100:+.2f}%"))
+    elif "metrics" in report:  # a user's model object (lowbit.module_job)
+        for k in report["metrics"]:
+            rows.append((k, f"{b[k]:.6g}", f"{q[k]:.6g}"))
     else:
         rows.append(("cosine to fp32 (mean)", "1.000", f"{q['cosine_mean']:.4f}"))
         rows.append(("cosine to fp32 (min)", "1.000", f"{q['cosine_min']:.4f}"))

@@ -80,11 +80,15 @@ def page(title: str, subtitle: str, sections: List[str]) -> str:
 
 # --- lowbit quantize ------------------------------------------------------------------------------
 
-def _metric_rows(b: dict, q: dict) -> List[List[str]]:
+def _metric_rows(b: dict, q: dict, metrics=None) -> List[List[str]]:
     if "perplexity" in q:
         rel = q["perplexity"] / b["perplexity"] - 1
         return [["perplexity (lower is better)", num(b["perplexity"], ".3f"), num(q["perplexity"], ".3f"),
                  f"{rel * 100:+.2f}%"]]
+    if metrics is not None:  # a user's model object (lowbit.module_job): its own metric names
+        return [[k, num(b.get(k), ".6g"), num(q.get(k), ".6g"), ""] for k in metrics]
+    if "cosine_mean" not in q:
+        return []
     rows = [["cosine to fp32, mean", "1.0000", num(q.get("cosine_mean"), ".4f"), pct(1 - q["cosine_mean"], 2) + " loss"]]
     if "cosine_min" in q:
         rows.append(["cosine to fp32, min", "1.0000", num(q["cosine_min"], ".4f"), ""])
@@ -97,7 +101,7 @@ def quantize_html(report: dict, out_dir) -> str:
     """The page for a ``lowbit quantize`` report (the dict written as report.json)."""
     out_dir = Path(out_dir)
     b, q = report["baseline"], report["quantized"]
-    rows = _metric_rows(b, q)
+    rows = _metric_rows(b, q, report.get("metrics"))
     rows.append(["bits per weight (quantized layers)", num(b.get("bits_per_weight"), "g"),
                  num(q.get("bits_per_weight"), ".3f"), ""])
     ratio = (f"{b['size_bytes'] / q['size_bytes']:.2f}x smaller"

@@ -33,6 +33,7 @@ How the text is built (the order matters for the checksum):
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import hashlib
 import json
@@ -48,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Corpus", "MODULES", "stdlib_corpus", "calibration_batches", "evaluation_tokens",
-           "evaluation_sentences", "tokenize", "cache_dir"]
+           "evaluation_sentences", "tokenize", "cache_dir", "save_corpus", "CORPUS_ENV"]
 
 #: Bumped whenever the construction below changes (it is part of the on-disk cache key).
 BUILD_VERSION = 1
@@ -303,14 +304,55 @@ def _corpus(stdlib: str, modules: Tuple[str, ...], use_cache: bool) -> Corpus:
     return corpus
 
 
+#: Environment variable naming a frozen corpus file (written by :func:`save_corpus`) to use instead
+#: of building from this Python's stdlib, so that machines with another Python version get the
+#: same text (the stdlib docstrings change between versions).
+CORPUS_ENV = "LOWBIT_CORPUS"
+
+
+def save_corpus(path: str, corpus: Optional[Corpus] = None) -> str:
+    """Write ``corpus`` (default: this machine's :func:`stdlib_corpus`) as a frozen JSON file that
+    ``LOWBIT_CORPUS=path`` loads on another machine; returns ``path``."""
+    corpus = corpus or stdlib_corpus()
+    _store_cached(path, corpus)
+    if not os.path.isfile(path):
+        raise OSError(f"could not write the corpus file {path!r}")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _frozen(path: str) -> Corpus:
+    """The corpus saved in ``path``; its text must hash to the checksums stored with it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            blob = json.load(fh)
+        corpus = _assemble(blob["parts"], blob["modules"], blob["missing"])
+        stored, version = blob["sha256"], blob["python_version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{CORPUS_ENV}={path}: not a readable corpus file written by "
+                         f"lowbit.data.corpus.save_corpus ({type(e).__name__}: {e})") from e
+    if corpus.sha256 != stored:
+        raise ValueError(f"{CORPUS_ENV}={path}: the text does not match its stored checksums "
+                         f"(stored {stored}, text {corpus.sha256}); the file is damaged or was edited")
+    # The text is the saving machine's, so its Python version is what the checksums hold for.
+    return dataclasses.replace(corpus, python_version=version)
+
+
 def stdlib_corpus(modules: Optional[Sequence[str]] = None, cache: bool = True) -> Corpus:
     """The corpus built from this Python's stdlib sources.
+
+    With the environment variable ``LOWBIT_CORPUS`` set to a file written by :func:`save_corpus`
+    (and ``modules`` left None), that frozen corpus is returned instead, after checking that its
+    text matches its stored SHA-256 checksums (a mismatch raises ValueError).
 
     Building parses 150 source files (about 4 s on 2 cores), so the result is kept in memory per
     process and, with ``cache=True``, on disk under ``cache_dir()/corpus`` keyed by the Python
     version, the build rules and every source file's size and mtime; a cached file whose checksums
     do not match its text is rebuilt. ``modules`` overrides :data:`MODULES` (for experiments; the
     documented checksums hold only for the default list)."""
+    frozen = os.environ.get(CORPUS_ENV)
+    if frozen and modules is None:
+        return _frozen(os.path.abspath(frozen))
     mods = MODULES if modules is None else tuple(modules)
     return _corpus(sysconfig.get_paths()["stdlib"], tuple(sorted(set(mods))), bool(cache))
 

@@ -87,6 +87,10 @@ def load_quantized(path, dtype=torch.float32):
     if meta.get("lowbit_checkpoint") != CHECKPOINT_VERSION:
         raise ValueError(f"{d} holds checkpoint version {meta.get('lowbit_checkpoint')}; this lowbit reads "
                          f"version {CHECKPOINT_VERSION}")
+    if meta.get("kind") == "module":  # no HF config: the architecture comes from the user's code
+        raise ValueError(f"{d} holds a user's own model (kind 'module'); load it with "
+                         "lowbit.module_job.load_factory_checkpoint(DIR) or "
+                         "lowbit.export.module_checkpoint.load_quantized_into(model, DIR)")
     config = AutoConfig.from_pretrained(d)
     auto = AutoModelForCausalLM if meta["kind"] == "causal_lm" else AutoModel
     model = auto.from_config(config, dtype=dtype)

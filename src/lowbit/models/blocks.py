@@ -3,7 +3,7 @@ each, and how to capture a block's inputs and run it alone."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -79,12 +79,60 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: List
     return captured
 
 
+# A captured KV cache must not be passed back: it would grow on every re-run of the block
+# (transformers 5 names it `cache`).
+_DROPPED_KWARGS = ("use_cache", "past_key_values", "cache")
+
+
 def run_block(block: nn.Module, inp: BlockInput, hidden: torch.Tensor) -> torch.Tensor:
-    kwargs = dict(inp.kwargs)
-    kwargs.pop("use_cache", None)
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("cache", None)  # transformers 5 names the KV cache `cache`: a captured one would grow on every re-run
+    kwargs = {k: v for k, v in inp.kwargs.items() if k not in _DROPPED_KWARGS}
     out = block(hidden, *inp.args, **kwargs)
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out
+
+
+class _Unmergeable(Exception):
+    pass
+
+
+def _merge_value(values: list, batch_sizes: List[int]):
+    """One argument for the concatenated batch: a value equal in every batch and broadcastable
+    (not a tensor, or a tensor whose leading size is 1) is kept; tensors whose leading size is each
+    batch's size are concatenated; tuples/lists merge element-wise."""
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(v, type(first)) or len(v) != len(first) for v in values):
+            raise _Unmergeable
+        return type(first)(_merge_value([v[i] for v in values], batch_sizes) for i in range(len(first)))
+    if isinstance(first, torch.Tensor):
+        if any(not isinstance(v, torch.Tensor) for v in values):
+            raise _Unmergeable
+        if first.dim() > 0 and first.shape[0] == 1 and all(v.shape == first.shape and torch.equal(v, first)
+                                                           for v in values[1:]):
+            return first
+        if first.dim() > 0 and all(v.shape[0] == b and v.shape[1:] == first.shape[1:]
+                                   for v, b in zip(values, batch_sizes)):
+            return torch.cat(values)
+        raise _Unmergeable
+    if all(v is first or (type(v) is type(first) and v == first) for v in values[1:]):
+        return first
+    raise _Unmergeable
+
+
+def merge_block_inputs(inputs: List[BlockInput], hidden: List[torch.Tensor]) -> Optional[BlockInput]:
+    """The calibration batches as one batch (hidden states concatenated), so that a block can run
+    once over all calibration tokens; None when they cannot be merged (different shapes, or
+    arguments that differ between batches in a way that is not per-sample)."""
+    if not inputs or any(h.shape[1:] != hidden[0].shape[1:] for h in hidden):
+        return None
+    sizes = [h.shape[0] for h in hidden]
+    try:
+        args = _merge_value([list(i.args) for i in inputs], sizes)
+        keys = [k for k in inputs[0].kwargs if k not in _DROPPED_KWARGS]
+        if any(set(k for k in i.kwargs if k not in _DROPPED_KWARGS) != set(keys) for i in inputs):
+            return None
+        kwargs = {k: _merge_value([i.kwargs[k] for i in inputs], sizes) for k in keys}
+    except _Unmergeable:
+        return None
+    return BlockInput(torch.cat(hidden), tuple(args), kwargs)

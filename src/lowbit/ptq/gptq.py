@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .. import kernels
@@ -25,23 +26,47 @@ from ..formats import BlockFormat
 from ..quant.weight import GroupParams, WeightQuantizer
 from ..rounding import STOCHASTIC_MODES
 
+try:  # scipy ships a BLAS with syrk; torch does not expose it
+    from scipy.linalg.blas import ssyrk as _syrk
+except ImportError:  # pragma: no cover - scipy is in the llm extra
+    _syrk = None
+
 
 class HessianAccumulator:
     """Running H = 2/n sum x x^T over the rows x of a layer's inputs."""
 
+    # From this width on, float32 CPU inputs go through BLAS's symmetric rank-k update (only one
+    # triangle: half the flops; measured 2x faster than a full product at 1536 columns, slower at 576).
+    SYRK_MIN_COLS = 1024
+
     def __init__(self, cols: int, device=None):
-        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self._H = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self._upper = None  # numpy, Fortran order: the syrk path's accumulated upper triangle
         self.n = 0
 
+    @property
+    def H(self) -> torch.Tensor:
+        if self._upper is not None:
+            upper = torch.from_numpy(self._upper).t()  # Fortran upper triangle = C-order lower
+            self._H = torch.tril(upper) + torch.tril(upper, -1).t()
+            self._upper = None
+        return self._H
+
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1])
         m = x.shape[0]
         if m == 0:
             return
-        self.H.mul_(self.n / (self.n + m))
+        beta, alpha = self.n / (self.n + m), 2.0 / (self.n + m)
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.t(), x)
+        x = x.float()
+        if _syrk is not None and x.device.type == "cpu" and x.shape[1] >= self.SYRK_MIN_COLS:
+            if self._upper is None:
+                self._upper = np.asfortranarray(self.H.numpy())
+            a = x.contiguous().numpy().T  # (cols, m) in Fortran order: A A^T = X^T X
+            self._upper = _syrk(alpha, a, beta=beta, c=self._upper, trans=0, lower=0, overwrite_c=1)
+            return
+        self.H.addmm_(x.t(), x, beta=beta, alpha=alpha)
 
 
 @dataclass

@@ -8,6 +8,7 @@ folder so an interrupted run resumes from the last finished block.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models.kv_cache import apply_kv_plan
-from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, merge_block_inputs, run_block
 from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
@@ -26,8 +27,10 @@ from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_weight, unpack_weight
 from .gptq import HessianAccumulator, gptq_shared
+from .sequential import run_sequential
 
 METHODS = ("rtn", "gptq")
+CALIBRATIONS = ("auto", "sequential", "parallel")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class QuantizationResult:
     seconds: float = 0.0
     packed: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     kv: Dict[str, dict] = field(default_factory=dict)  # attention module -> {"key", "value"} specs
+    calibration: str = "none"  # how Hessians were gathered: sequential | parallel | none (RTN)
 
     def bits_per_weight(self) -> float:
         """Weighted over the quantized layers."""
@@ -62,7 +66,7 @@ class QuantizationResult:
         return b / n if n else 16.0
 
     def to_dict(self) -> dict:
-        d = {"method": self.method, "plan": self.plan, "seconds": self.seconds,
+        d = {"method": self.method, "plan": self.plan, "calibration": self.calibration, "seconds": self.seconds,
              "layers": [asdict(l) for l in self.layers], "skipped": self.skipped}
         if self.kv:
             d["kv"] = self.kv
@@ -139,18 +143,28 @@ def quantize_model(
     on_layer: Optional[Callable[[LayerResult], None]] = None,
     progress: bool = True,
     retain=None,
+    calibration: str = "auto",
 ) -> QuantizationResult:
     """Quantize every linear layer the plan names, in place; returns per-layer results.
 
     Models with transformer blocks go block by block; models with convolutions or without blocks
-    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``; no resume there)."""
+    (CNNs, MLPs) go layer by layer (``lowbit.ptq.layerwise``, resuming after the last finished layer).
+
+    ``calibration`` (GPTQ and retention): "sequential" runs each block once over all calibration
+    tokens, quantizing each layer when the forward reaches it, so its Hessian comes from the
+    outputs of the already quantized layers before it; "parallel" takes all of a block's Hessians
+    from its unquantized forward, batch by batch, then runs the quantized block again (two passes,
+    one batch in memory at a time); "auto" is sequential when the merged batch fits in memory."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {calibration!r}; accepted: {', '.join(CALIBRATIONS)}")
     from .layerwise import has_conv, quantize_layerwise  # models without transformer blocks
 
     if has_conv(model) or not _has_blocks(model):
         return quantize_layerwise(model, plan, batches, method, block_size=block_size, percdamp=percdamp,
-                                  act_order=act_order, on_layer=on_layer, progress=progress)
+                                  act_order=act_order, progress_dir=progress_dir, on_layer=on_layer,
+                                  progress=progress)
     t0 = time.time()
     blocks_path, blocks = find_blocks(model)
     result = QuantizationResult(method, plan.to_dict())
@@ -169,6 +183,19 @@ def quantize_model(
     if done >= 0 and calibrated:
         hidden = _load_hidden(progress_dir, len(hidden))
 
+    merged = None
+    if calibrated and calibration != "parallel":
+        merged = merge_block_inputs(inputs, hidden)
+        if merged is None and calibration == "sequential":
+            raise ValueError("sequential calibration runs each block once over all calibration batches "
+                             "together, but these batches cannot be concatenated (different shapes or "
+                             "per-batch arguments); use calibration='parallel' or 'auto'")
+        if merged is not None and calibration == "auto" and not _one_pass_fits(merged.hidden, blocks[0]):
+            merged = None
+    result.calibration = "sequential" if merged is not None else ("parallel" if calibrated else "none")
+    blockq = _BlockQuantizer(model, plan, method, result, retain, scores, on_layer,
+                             dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
+
     bar = _progress_bar(len(blocks), progress, initial=done + 1)
     with torch.inference_mode():
         for bi in range(done + 1, len(blocks)):
@@ -186,54 +213,21 @@ def quantize_model(
                     result.skipped[name] = why
                     continue
                 todo[name] = (lin, wspec)
-            hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
-                if calibrated else {}
-            shared = _gptq_shared_groups(todo, hess, block_size, percdamp, act_order) \
-                if method == "gptq" and retain is None else {}
-            for name, (lin, wspec) in todo.items():
-                ts = time.time()
-                q = WeightQuantizer(wspec)
-                W = lin.weight.detach().float()
-                H = _input_hessian(lin, hess[name].H) if calibrated else None
-                if retain is not None:
-                    from .retention import retain_layer
-
-                    Q, params, packed, extra_bits, rinfo = retain_layer(
-                        name, W, H, q, retain, method, scores,
-                        dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
-                    note = ""
-                elif method == "gptq":
-                    res, q, took = shared[name]
-                    ts -= took
-                    Q, params = res.weight, res.params
-                    note = f"damping {res.damping:g}" if res.damping > percdamp else ""
-                else:
-                    Q, params = q.rtn(W)
-                    note = ""
-                if not torch.isfinite(Q).all():
-                    raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
-                if retain is None:
-                    # packed where Q is (on a GPU that is where the time is saved), stored on the CPU
-                    result.packed[name] = {k: v.cpu() for k, v in pack_weight(Q, q, params).items()}
-                    extra_bits, rinfo = 0.0, None
-                else:
-                    result.packed[name] = packed
-                aspec = plan.act_spec(name)
-                _replace_module(model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
-                if rinfo is not None:
-                    model.get_submodule(name).retain = rinfo["format"]
-                lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
-                                 q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]) + extra_bits,
-                                 _relative_error(W, Q, H),
-                                 time.time() - ts, note, rinfo)
-                result.layers.append(lr)
-                if on_layer:
-                    on_layer(lr)
             # activation-only layers (weight kept) still get their input quantizer
             for name, lin in layers.items():
                 if name not in todo and plan.act_spec(name) is not None and plan.weight_spec(name) is None:
                     _replace_module(model, name, QuantLinear.from_linear(lin, lin.weight, None, plan.act_spec(name)))
-            hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)] if calibrated else []
+            if merged is not None:
+                # one pass: each layer is quantized when the block's forward first reaches it, from the
+                # inputs the already quantized layers before it produce
+                merged.hidden = torch.cat(hidden)
+                out = run_sequential(block, merged, todo, blockq.quantize_one, prefix)
+                hidden = list(out.split([h.shape[0] for h in hidden]))
+            else:
+                hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
+                    if calibrated else {}
+                blockq.quantize_block(todo, hess)
+                hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)] if calibrated else []
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"block {prefix} produced nan/inf after quantization")
             if progress_dir:
@@ -242,6 +236,90 @@ def quantize_model(
     bar.close()
     result.seconds = time.time() - t0
     return result
+
+
+class _BlockQuantizer:
+    """Quantizes layers given their input Hessians and installs them in the model, recording each
+    layer's result: shared by the two calibration orders."""
+
+    def __init__(self, model, plan, method, result, retain, scores, on_layer, gptq_kw):
+        self.model, self.plan, self.method, self.result = model, plan, method, result
+        self.retain, self.scores, self.on_layer, self.gptq_kw = retain, scores, on_layer, gptq_kw
+
+    def quantize_block(self, todo, hess) -> None:
+        """Every layer of ``todo`` (name -> (linear, spec)) with Hessians from ``hess`` (name ->
+        HessianAccumulator; empty for RTN); GPTQ of layers sharing a Hessian runs as one matrix."""
+        shared = _gptq_shared_groups(todo, hess, **self.gptq_kw) \
+            if self.method == "gptq" and self.retain is None else {}
+        for name, (lin, wspec) in todo.items():
+            self._finish(name, lin, wspec, hess[name].H if name in hess else None, shared.get(name))
+
+    def quantize_one(self, name: str, lin: nn.Module, wspec: QuantSpec, H: Optional[torch.Tensor]) -> nn.Module:
+        """One layer given the Hessian of its inputs; returns the installed quantized module."""
+        gptq_res = None
+        if self.method == "gptq" and self.retain is None and H is not None:
+            ts = time.time()
+            q = WeightQuantizer(wspec)
+            res = gptq_shared([lin.weight.detach().float()], _input_hessian(lin, H), [q], **self.gptq_kw)[0]
+            gptq_res = (res, q, time.time() - ts)
+        note = "never called by the calibration forward: RTN" if H is None and self.method == "gptq" else ""
+        self._finish(name, lin, wspec, H, gptq_res, note)
+        return self.model.get_submodule(name)
+
+    def _finish(self, name, lin, wspec, H_raw, gptq_res, note: str = "") -> None:
+        ts = time.time()
+        q = WeightQuantizer(wspec)
+        W = lin.weight.detach().float()
+        H = _input_hessian(lin, H_raw) if H_raw is not None else None
+        if self.retain is not None:
+            from .retention import retain_layer
+
+            Q, params, packed, extra_bits, rinfo = retain_layer(
+                name, W, H, q, self.retain, self.method, self.scores, self.gptq_kw)
+        elif gptq_res is not None:
+            res, q, took = gptq_res
+            ts -= took
+            Q, params = res.weight, res.params
+            note = f"damping {res.damping:g}" if res.damping > self.gptq_kw["percdamp"] else ""
+        else:
+            Q, params = q.rtn(W)
+        if not torch.isfinite(Q).all():
+            raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
+        if self.retain is None:
+            # packed where Q is (on a GPU that is where the time is saved), stored on the CPU
+            self.result.packed[name] = {k: v.cpu() for k, v in pack_weight(Q, q, params).items()}
+            extra_bits, rinfo = 0.0, None
+        else:
+            self.result.packed[name] = packed
+        aspec = self.plan.act_spec(name)
+        _replace_module(self.model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
+        if rinfo is not None:
+            self.model.get_submodule(name).retain = rinfo["format"]
+        lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
+                         q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]) + extra_bits,
+                         _relative_error(W, Q, H), time.time() - ts, note, rinfo)
+        self.result.layers.append(lr)
+        if self.on_layer:
+            self.on_layer(lr)
+
+
+def _one_pass_fits(hidden: torch.Tensor, block: nn.Module) -> bool:
+    """Whether running a block once over all calibration tokens fits comfortably in memory: a rough
+    bound of a few activations of the widest linear plus eager attention scores."""
+    tokens = hidden.shape[0] * (hidden.shape[1] if hidden.dim() > 2 else 1)
+    width = max([max(m.in_features, m.out_features) for m in block.modules() if isinstance(m, nn.Linear)]
+                + [hidden.shape[-1]])
+    need = tokens * width * 4 * 10
+    if hidden.dim() > 2:  # scores of an attention that materialises them, head size 64 assumed
+        need += hidden.shape[0] * hidden.shape[1] ** 2 * max(1, hidden.shape[-1] // 64) * 4 * 2
+    if hidden.is_cuda:
+        free = torch.cuda.mem_get_info(hidden.device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return False
+    return need < free / 2
 
 
 def _prepare_retention(model, plan, batches, retain, progress):
@@ -285,11 +363,11 @@ def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
 
 # --- progress / resume -------------------------------------------------------------------------
 
-def _progress_bar(total: int, enabled: bool, initial: int = 0):
+def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "blocks"):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="blocks", disable=not enabled, leave=False)
+        return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False)
     except ImportError:  # tqdm is optional
         class _Null:
             def update(self, n): ...

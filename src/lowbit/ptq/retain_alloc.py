@@ -86,7 +86,7 @@ def layer_curve(name: str, W: torch.Tensor, H: torch.Tensor, spec, rfmt: RetainF
     for r in grid:
         keep = top_mask(score, r)
         res = rtn_retained(W, keep, WeightQuantizer(spec), rfmt)
-        errs.append(_out_err(W, res.weight, H))
+        errs.append(_out_err(W, res.weight.to(W.device), H))
         bits.append(low + retained_bits(rows, cols, int(keep.sum()), rfmt))
     return LayerCurve(name, (rows, cols), low, list(grid), errs, bits)
 

@@ -128,7 +128,7 @@ def inverse_hessian_diag(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tenso
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     damp = percdamp * torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(8):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
         if info == 0:
@@ -294,6 +294,7 @@ def finish_retained(Q: torch.Tensor, keep: torch.Tensor, rfmt: RetainFormat, par
 def rtn_retained(W: torch.Tensor, keep: torch.Tensor, quantizer: WeightQuantizer, rfmt: RetainFormat) -> RetainedLayer:
     """RTN of the non-kept weights (scales fitted without the kept ones), kept ones at the retain format."""
     W = W.detach().float()
+    keep = keep.to(W.device)
     Q, params = quantizer.rtn(W.masked_fill(keep, 0.0))
     return finish_retained(torch.where(keep, W, Q), keep, rfmt, params)
 

@@ -256,7 +256,7 @@ class WeightQuantizer:
         rows, cols = W.shape
         g = self.group_size(cols)
         n_full = cols // g
-        out = torch.empty(rows, cols, dtype=torch.float32)
+        out = torch.empty(rows, cols, dtype=torch.float32, device=W.device)
         plist: List[GroupParams] = []
         if n_full:
             slab = W[:, : n_full * g].reshape(rows * n_full, g)

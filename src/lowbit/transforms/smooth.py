@@ -137,11 +137,12 @@ def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, asp
                  grid: Sequence[float] = ALPHA_GRID, rotation=None) -> Tuple[Optional[float], Dict[str, float]]:
     """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors."""
     wmax = weight_absmax(weights)
-    X = stats.rows.float()
+    dev = weights[0].device  # the statistics are kept on the CPU; the weights may be on a GPU
+    X = stats.rows.float().to(dev)
     Y = [X @ W.detach().float().T for W in weights]
     errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
     for a in grid:
-        s = smooth_scales(stats.absmax, wmax, a)
+        s = smooth_scales(stats.absmax.to(dev), wmax, a)
         errs[f"{a:g}"] = smoothed_error(X, weights, s, wspecs, aspecs, rotation, Y)
     best = min(errs, key=errs.get)
     return (None if best == "none" else float(best)), errs
@@ -187,7 +188,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         chosen[gr.linears[0]] = a
         if a is None:
             continue
-        s = smooth_scales(stats[i].absmax, weight_absmax(weights), a).to(weights[0].device)
+        s = smooth_scales(stats[i].absmax.to(weights[0].device), weight_absmax(weights), a)
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),

@@ -1,0 +1,154 @@
+"""Sequential (one pass per block) calibration: merged batches, the order layers are quantized in,
+the Hessians they are quantized from, and the Hessian accumulator's symmetric path."""
+import copy
+
+import pytest
+import torch
+import transformers
+
+from lowbit.models.blocks import capture_block_inputs, find_blocks, linear_layers, merge_block_inputs, run_block
+from lowbit.ptq.gptq import HessianAccumulator
+from lowbit.ptq.pipeline import quantize_model
+from lowbit.ptq.sequential import run_sequential
+from lowbit.quant.linear import QuantLinear
+from lowbit.quant.plan import Plan
+from lowbit.quant.spec import QuantSpec
+from lowbit.quant.weight import WeightQuantizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (6, 20), generator=torch.Generator().manual_seed(1))
+    return model, ids, [{"input_ids": ids[i: i + 3]} for i in range(0, 6, 3)]
+
+
+@pytest.mark.parametrize("cols", [96, 1536])  # the full product and the symmetric (syrk) path
+def test_hessian_accumulator_matches_float64(cols):
+    g = torch.Generator().manual_seed(cols)
+    xs = [torch.randn(n, cols, generator=g) * (1 + torch.arange(cols) / cols) for n in (700, 1, 333)]
+    with torch.inference_mode():
+        acc = HessianAccumulator(cols)
+        for x in xs:
+            acc.add(x.reshape(1, -1, cols))
+        H = acc.H
+    X = torch.cat(xs).double()
+    ref = 2 * X.t() @ X / X.shape[0]
+    assert acc.n == X.shape[0]
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if cols >= HessianAccumulator.SYRK_MIN_COLS:
+        assert torch.equal(H, H.t())
+
+
+def test_merge_concatenates_batches_and_refuses_what_it_cannot(tiny):
+    model, ids, batches = tiny
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    hidden = [i.hidden for i in inputs]
+    merged = merge_block_inputs(inputs, hidden)
+    assert merged is not None and merged.hidden.shape[0] == ids.shape[0]
+    with torch.inference_mode():
+        apart = torch.cat([run_block(blocks[0], i, i.hidden) for i in inputs])
+        together = run_block(blocks[0], merged, merged.hidden)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+    # batches of different lengths cannot run as one
+    ragged = capture_block_inputs(model, blocks[0], [{"input_ids": ids[:3]}, {"input_ids": ids[3:, :10]}])
+    assert merge_block_inputs(ragged, [i.hidden for i in ragged]) is None
+
+
+def test_sequential_quantizes_in_forward_order_from_the_quantized_prefix(tiny):
+    """Each layer is quantized from the inputs it receives in the block whose earlier layers are
+    already quantized: the Hessians recorded during the pass equal those of the final block."""
+    model, ids, batches = tiny
+    m = copy.deepcopy(model)
+    _, blocks = find_blocks(m)
+    inputs = capture_block_inputs(m, blocks[0], batches)
+    merged = merge_block_inputs(inputs, [i.hidden for i in inputs])
+    block = blocks[0]
+    spec = QuantSpec.parse("int3:g32")
+    todo = {n: (lin, spec) for n, lin in linear_layers(block, "b0").items()}
+    seen = {}
+
+    def quantize_one(name, lin, s, H):
+        seen[name] = H.clone()
+        Q, _ = WeightQuantizer(s).rtn(lin.weight.detach().float())
+        q = QuantLinear.from_linear(lin, Q, s, None)
+        parent, _, child = name[len("b0."):].rpartition(".")
+        setattr(block.get_submodule(parent), child, q)
+        return q
+
+    with torch.inference_mode():
+        out = run_sequential(block, merged, todo, quantize_one, prefix="b0")
+        order = [n.rsplit(".", 1)[1] for n in seen]
+        assert order == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert all(isinstance(mod, QuantLinear) for mod in linear_layers(block).values())
+        # the final (quantized) block: each layer's inputs give the Hessian it was quantized from
+        final = {}
+
+        def keep(name):  # a forward hook that returns something would replace the output
+            def hook(mod, args, output):
+                final[name] = args[0]
+            return hook
+
+        hooks = [lin.register_forward_hook(keep(n)) for n, lin in linear_layers(block, "b0").items()]
+        again = run_block(block, merged, merged.hidden)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(again, out)
+    for name, H in seen.items():
+        acc = HessianAccumulator(H.shape[0])
+        acc.add(final[name])
+        torch.testing.assert_close(H, acc.H, rtol=1e-6, atol=1e-6)
+    # o_proj's inputs are those of the quantized q/k/v, not of the float block
+    final_o = final["b0.self_attn.o_proj"]
+    final.clear()
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(keep("float o_proj"))
+    with torch.inference_mode():
+        run_block(model.model.layers[0], merged, merged.hidden)
+    hook.remove()
+    assert not torch.allclose(final["float o_proj"], final_o, atol=1e-4)
+
+
+def test_sequential_and_parallel_pipelines(tiny):
+    model, ids, batches = tiny
+    results = {}
+    for order in ("sequential", "parallel"):
+        m = copy.deepcopy(model)
+        res = quantize_model(m, Plan.from_scheme("w3g64"), batches, "gptq", progress=False, calibration=order)
+        assert res.calibration == order and len(res.layers) == 14
+        assert all(0 < l.rel_error < 0.2 for l in res.layers)
+        with torch.no_grad():
+            results[order] = m(ids).logits
+    with torch.no_grad():
+        ref = model(ids).logits
+    rtn = copy.deepcopy(model)
+    quantize_model(rtn, Plan.from_scheme("w3g64"), [], "rtn", progress=False)
+    with torch.no_grad():
+        err_rtn = ((rtn(ids).logits - ref) ** 2).mean()
+    for order, logits in results.items():
+        assert ((logits - ref) ** 2).mean() < err_rtn, order
+
+
+def test_a_layer_the_forward_never_calls_is_quantized_without_data(tiny):
+    model, ids, batches = tiny
+    m = copy.deepcopy(model)
+    m.model.layers[1].mlp.unused = torch.nn.Linear(64, 64)
+    res = quantize_model(m, Plan.from_scheme("w4g64"), batches, "gptq", progress=False, calibration="sequential")
+    unused = [l for l in res.layers if l.name.endswith("mlp.unused")]
+    assert len(unused) == 1 and "RTN" in unused[0].note
+    assert isinstance(m.model.layers[1].mlp.unused, QuantLinear)
+
+
+def test_bad_calibration_orders_are_refused(tiny):
+    model, ids, batches = tiny
+    with pytest.raises(ValueError, match="accepted: auto, sequential, parallel"):
+        quantize_model(copy.deepcopy(model), Plan.from_scheme("w4g64"), batches, "gptq", calibration="both")
+    ragged = [{"input_ids": ids[:3]}, {"input_ids": ids[3:, :10]}]
+    with pytest.raises(ValueError, match="cannot be concatenated"):
+        quantize_model(copy.deepcopy(model), Plan.from_scheme("w4g64"), ragged, "gptq", progress=False,
+                       calibration="sequential")
+    res = quantize_model(copy.deepcopy(model), Plan.from_scheme("w4g64"), ragged, "gptq", progress=False)
+    assert res.calibration == "parallel"  # auto falls back to one batch at a time
