@@ -97,6 +97,13 @@ def _metric_rows(b: dict, q: dict, metrics=None) -> List[List[str]]:
     return rows
 
 
+def _kept(r: Optional[dict]) -> str:
+    """A layer's retention record as 'kept (ratio) at format'."""
+    if not r or not r.get("kept"):
+        return ""
+    return f"{r['kept']} ({r.get('ratio', 0) * 100:g}%) at {r.get('format')}"
+
+
 def quantize_html(report: dict, out_dir) -> str:
     """The page for a ``lowbit quantize`` report (the dict written as report.json)."""
     out_dir = Path(out_dir)
@@ -128,12 +135,14 @@ def quantize_html(report: dict, out_dir) -> str:
         sections.append("<h2>Per-layer error</h2>" + image(out_dir / "layer_error.png"))
         lrows = [[i, l["name"], l.get("weight_spec") or "-", l.get("act_spec") or "-",
                   " x ".join(str(s) for s in l.get("shape", ())), num(l.get("bits_per_weight"), ".3f"),
-                  num(l.get("rel_error"), ".3e"), num(l.get("seconds"), ".2f"), l.get("note", "")]
+                  num(l.get("rel_error"), ".3e"), num(l.get("seconds"), ".2f"), _kept(l.get("retain")),
+                  l.get("note", "")]
                  for i, l in enumerate(layers)]
         sections.append(f"<p>Largest error: <b>{esc(layers[worst]['name'])}</b> "
                         f"({num(layers[worst].get('rel_error'), '.3e')}).</p>")
         sections.append(collapsible(f"All {len(layers)} layers", table(
-            ["#", "layer", "weight", "activation", "shape", "bits/weight", "rel. error", "seconds", "note"],
+            ["#", "layer", "weight", "activation", "shape", "bits/weight", "rel. error", "seconds", "retained",
+             "note"],
             lrows, highlight=worst), open_=len(layers) <= 60))
     sub = f"{report.get('scheme', '')} · {report.get('method', '')} · {report.get('kind', '')}"
     return page(f"lowbit quantize: {report.get('model', '')}", sub, sections)
