@@ -17,8 +17,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..quant.spec import QuantSpec
-from ..quant.weight import WeightQuantizer
 from . import retained
 from .candidates import LayerCandidates
 

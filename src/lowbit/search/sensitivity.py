@@ -32,8 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.spec import QuantSpec
-from ..quant.weight import WeightQuantizer
 from ..optimize import Problem
 from . import retained
 from .candidates import LayerCandidates
