@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lowbit.models.loader import load_model
-from lowbit.search.allocate import Infeasible, min_loss
+from lowbit.optimize import Infeasible, min_loss
 from lowbit.search.bisection import PointStore, choice_of, uniform_choices
 from lowbit.search.candidates import (INT_CANDIDATES, layer_candidates, parse_candidates, quantizable_layers,
                                       restrict)

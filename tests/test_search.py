@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.quant.plan import Plan
-from lowbit.search.allocate import Infeasible, Problem, cheapest, min_cost, min_loss
+from lowbit.optimize import Infeasible, Problem, cheapest, min_cost, min_loss
 from lowbit.search.bisection import PointStore, accuracy_search, choice_of
 from lowbit.search.candidates import (LayerCandidates, dropped_notes, layer_candidates, parse_candidates,
                                       quantizable_layers)

@@ -120,7 +120,8 @@ def cmd_quantize(args) -> int:
         print(summary_table(report))
         if args.out:
             plot = f"{args.out}/layer_error.png " if report["layers"] else ""
-            print(f"wrote {args.out}/report.json, {plot}and the checkpoint {args.out}/model.safetensors")
+            print(f"wrote {args.out}/report.json, {args.out}/report.html, {plot}and the checkpoint "
+                  f"{args.out}/model.safetensors")
     return 0
 
 
@@ -152,12 +153,24 @@ def _quantize_from_factories(args, plan) -> int:
 
 
 def _retain_config(args):
-    """RetainConfig from --retain/--retain-format/--retain-alloc/--retain-saliency, or None."""
+    """RetainConfig from --retain/--retain-format/--retain-alloc/--retain-saliency, else from the
+    ``retain`` section of a --plan file (per-layer ratios from lowbit search), or None."""
     if args.retain is None:
-        return None
+        return _plan_retain(args.plan) if getattr(args, "plan", None) else None
     from .ptq.retention import RetainConfig, parse_ratio
 
     return RetainConfig(parse_ratio(args.retain), args.retain_format, args.retain_saliency, args.retain_alloc)
+
+
+def _plan_retain(path):
+    from pathlib import Path
+
+    from .ptq.retention import RetainConfig
+
+    r = json.loads(Path(path).read_text()).get("retain")
+    if not r:
+        return None
+    return RetainConfig(0.0, r["format"], r.get("saliency", "obs"), "fixed", ratios=dict(r["ratios"]))
 
 
 def cmd_eval(args) -> int:
@@ -193,7 +206,7 @@ def cmd_search(args) -> int:
         return 1
     if args.out:
         print(f"wrote {args.out}/plan.json (apply with: lowbit quantize --plan {args.out}/plan.json), "
-              f"search.json, points.jsonl, pareto.png, layers.png")
+              f"search.json, points.jsonl, pareto.png, layers.png, report.html")
     return 0
 
 
@@ -246,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of retained weights: int8 (fp16 scale per row), int8:tensor, e4m3fn, fp16, ...")
     q.add_argument("--retain-alloc", default="fixed", choices=["fixed", "optimized"],
                    help="one ratio everywhere, or per-layer ratios from an integer program at the same bits")
-    q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher"],
+    q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
     q.add_argument("--rotate", default="none", choices=["none", "hadamard", "block"],

@@ -148,9 +148,9 @@ def run_quantize(
     device: Optional[str] = None,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
-    with ``out``, writes the checkpoint, report.json and layer_error.png there. ``calibration``:
-    auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``). ``device``: where the
-    model runs (auto | cpu | cuda | cuda:N; None leaves it where it is)."""
+    with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
+    ``calibration``: auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``).
+    ``device``: where the model runs (auto | cpu | cuda | cuda:N; None leaves it where it is)."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -254,6 +254,9 @@ def run_quantize(
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
+        from .report_html import write_quantize_html
+
+        write_quantize_html(report, out)  # report.html: the same numbers and the plot, one page
         _clear_progress(progress_dir)
     return report
 

@@ -135,6 +135,9 @@ def run_quantize_module(
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
+        from .report_html import write_quantize_html
+
+        write_quantize_html(report, out)  # report.html: the same numbers and the plot, one page
         _clear_progress(progress_dir)
     return report
 

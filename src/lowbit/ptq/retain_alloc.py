@@ -14,10 +14,8 @@ Model of the loss (measured on calibration data with the float model, block by b
 
 Objective: sum_l a_l(r_l) + sum_(a,b) 2 rho_ab sqrt(a_a(r_a) a_b(r_b)), i.e. ||sum_l delta_l||^2 with
 the neighbours' error vectors at correlation rho -- a quadratic form in the sqrt(a_l). Over the
-discrete grid it is linear in one-hot choices x_lk and in their pairwise products y_(ab)kk', which
-are linearised exactly by the marginal constraints sum_k' y_kk' = x_ak, sum_k y_kk' = x_bk'. The
-budget: sum_lk bits_lk x_lk <= the total bits of one fixed ratio everywhere. Solved by HiGHS
-(scipy.optimize.milp).
+discrete grid it is one choice per layer with pairwise terms under one budget, sum_l bits_l(r_l) <=
+the total bits of one fixed ratio everywhere: solved exactly by :func:`lowbit.optimize.min_loss`.
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, run_block
+from ..optimize import Infeasible, Problem, min_loss
 from ..quant.weight import WeightQuantizer
 from .retention import RetainFormat, hessian_saliency, retained_bits, rtn_retained, top_mask
 
@@ -184,77 +183,31 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
 
 def solve_allocation(curves: List[LayerCurve], pairs: List[Tuple[str, str, float]], base_ratio: float,
                      time_limit: float = 60.0) -> Allocation:
-    """Choose one grid ratio per layer minimising the modelled error under the fixed ratio's bits."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
-
+    """Choose one grid ratio per layer minimising the modelled error under the fixed ratio's bits
+    (the exact allocator of :mod:`lowbit.optimize`)."""
     t0 = time.time()
     L = len(curves)
-    K = [len(c.ratios) for c in curves]
-    off = np.cumsum([0] + K)
     idx = {c.name: i for i, c in enumerate(curves)}
     a = [np.array(c.errors) * c.sensitivity for c in curves]
     scale = sum(x[0] for x in a) or 1.0
     a = [x / scale for x in a]
     npairs = [(idx[p], idx[q], rho) for p, q, rho in pairs if rho > 0 and p in idx and q in idx]
-    poff = [int(off[-1])]
-    for i, j, _ in npairs:
-        poff.append(poff[-1] + K[i] * K[j])
-    n = poff[-1]
-    cost = np.zeros(n)
-    for i in range(L):
-        cost[off[i]: off[i + 1]] = a[i]
-    for p, (i, j, rho) in enumerate(npairs):
-        cost[poff[p]: poff[p + 1]] = (2 * rho * np.sqrt(np.outer(a[i], a[j]))).reshape(-1)
-    budget = 0.0
-    for c in curves:
-        k = c.ratios.index(min(c.ratios, key=lambda r: abs(r - base_ratio)))
-        budget += c.bits[k]
-    rows_n = L + sum(K[i] + K[j] for i, j, _ in npairs) + 1
-    A = lil_matrix((rows_n, n))
-    lo, hi = np.zeros(rows_n), np.zeros(rows_n)
-    r = 0
-    for i in range(L):
-        A[r, off[i]: off[i + 1]] = 1
-        lo[r] = hi[r] = 1
-        r += 1
-    for p, (i, j, _) in enumerate(npairs):
-        ki, kj = K[i], K[j]
-        for k in range(ki):  # sum_k' y[k, k'] = x_i[k]
-            A[r, poff[p] + k * kj: poff[p] + (k + 1) * kj] = 1
-            A[r, off[i] + k] = -1
-            r += 1
-        for k2 in range(kj):  # sum_k y[k, k'] = x_j[k']
-            for k in range(ki):
-                A[r, poff[p] + k * kj + k2] = 1
-            A[r, off[j] + k2] = -1
-            r += 1
-    for i, c in enumerate(curves):
-        A[r, off[i]: off[i + 1]] = np.array(c.bits)
-    lo[r], hi[r] = 0, budget
-    integrality = np.zeros(n)
-    integrality[: off[-1]] = 1
-    res = milp(cost, constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=integrality,
-               bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
-    if res.x is None:
-        raise RuntimeError(f"the ratio allocation program found no solution: {res.message}")
-    ratios, chosen = {}, 0.0
-    choice = []
-    for i, c in enumerate(curves):
-        k = int(np.argmax(res.x[off[i]: off[i + 1]]))
-        choice.append(k)
-        ratios[c.name] = c.ratios[k]
-        chosen += c.bits[k]
-
-    def modelled(ch):
-        v = sum(a[i][ch[i]] for i in range(L))
-        v += sum(2 * rho * math.sqrt(a[i][ch[i]] * a[j][ch[j]]) for i, j, rho in npairs)
-        return v * scale
-
+    terms: Dict[Tuple[int, int], np.ndarray] = {}
+    for i, j, rho in npairs:
+        t = 2 * rho * np.sqrt(np.outer(a[i], a[j]))
+        terms[(i, j)] = terms[(i, j)] + t if (i, j) in terms else t
     fixed = [c.ratios.index(min(c.ratios, key=lambda r: abs(r - base_ratio))) for c in curves]
+    budget = sum(c.bits[k] for c, k in zip(curves, fixed))
+    problem = Problem(a, [np.array(c.bits, float) for c in curves], terms)
+    try:
+        choice = min_loss(problem, budget, time_limit=time_limit).choice
+    except Infeasible as e:
+        raise RuntimeError(f"the ratio allocation program found no solution: {e}") from None
+    ratios = {c.name: c.ratios[k] for c, k in zip(curves, choice)}
+    chosen = sum(c.bits[k] for c, k in zip(curves, choice))
     weights = sum(c.shape[0] * c.shape[1] for c in curves)
-    return Allocation(ratios, budget, chosen, weights, modelled(choice), modelled(fixed),
-                      [(p, q, rho) for p, q, rho in pairs], time.time() - t0)
+    return Allocation(ratios, budget, chosen, weights, problem.evaluate(choice)[0] * scale,
+                      problem.evaluate(fixed)[0] * scale, [(p, q, rho) for p, q, rho in pairs], time.time() - t0)
 
 
 def optimize_ratios(model: nn.Module, plan, batches: List[dict], rfmt: RetainFormat, base_ratio: float,

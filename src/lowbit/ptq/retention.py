@@ -13,6 +13,8 @@ H = 2 X^T X / n, whose output error is L(dw) = dw H dw^T:
   unconditioned [H^-1]_jj, which is order-free.) q is RTN at the low-bit spec with nothing kept.
 * ``magnitude``: w_j^2 / [H^-1]_jj, the OBS cost of removing the weight (setting it to 0): large,
   well-used weights whatever the grid does to them.
+* ``diag``: (w_j - q(w_j))^2 H_jj, the output error weight j's rounding adds when nothing else moves
+  (the Hessian taken diagonal): the error RTN leaves, where ``obs`` is the error GPTQ leaves.
 * ``fisher``: w_j^2 * E[g_j^2] with g the gradient of the calibration loss (causal LMs only): the
   diagonal-Fisher estimate of the loss increase from perturbing the weight on the scale of its size.
 
@@ -36,7 +38,7 @@ from ..kernels.scalar_div import div_scalar
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_bits, unpack_bits
 
-SALIENCIES = ("obs", "magnitude", "fisher")
+SALIENCIES = ("obs", "magnitude", "fisher", "diag")
 SCALE_BITS = 16  # per-row scales are stored as fp16
 
 
@@ -139,9 +141,11 @@ def inverse_hessian_diag(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tenso
 def hessian_saliency(W: torch.Tensor, H: torch.Tensor, quantizer: WeightQuantizer, kind: str = "obs",
                      percdamp: float = 0.01) -> torch.Tensor:
     """Per-weight score (rows, cols): output error that keeping the weight saves (see module doc)."""
-    if kind not in ("obs", "magnitude"):
-        raise ValueError(f"unknown Hessian saliency {kind!r}; accepted: obs, magnitude")
+    if kind not in ("obs", "magnitude", "diag"):
+        raise ValueError(f"unknown Hessian saliency {kind!r}; accepted: obs, magnitude, diag")
     W = W.detach().float()
+    if kind == "diag":
+        return (W - quantizer.rtn(W)[0]).pow(2) * torch.diag(H).float().to(W.device)[None, :]
     d = inverse_hessian_diag(H, percdamp).to(W.device)
     if kind == "magnitude":
         return W.pow(2) / d

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .allocate import Infeasible, Problem, cheapest, min_cost, min_loss
+from ..optimize import Infeasible, Problem, cheapest, min_cost, min_loss
 from .candidates import LayerCandidates
 
 

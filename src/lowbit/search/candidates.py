@@ -10,6 +10,7 @@ from torch import nn
 from ..quant.plan import DEFAULT_SKIP, Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
+from .retained import base_spec, canonical
 
 #: INT at two group sizes and widths, FP4 (plain, MX, NV) and 8-bit: ten candidates.
 DEFAULT_CANDIDATES = ("int2:g64", "int3:g64", "int3:g128", "int4:g64", "int4:g128",
@@ -40,7 +41,7 @@ def parse_candidates(specs) -> List[str]:
     out: List[str] = []
     for s in specs:
         try:
-            c = str(QuantSpec.parse(s))
+            c = canonical(s)
         except ValueError as e:
             raise ValueError(f"bad candidate {s!r}: {e}") from None
         if c not in out:
@@ -74,7 +75,7 @@ def layer_candidates(layers: Dict[str, nn.Linear], specs: Sequence[str]) -> List
         shape = tuple(lin.weight.shape)
         ok, dropped = [], {}
         for s in specs:
-            why = WeightQuantizer(QuantSpec.parse(s)).check(shape)
+            why = WeightQuantizer(QuantSpec.parse(base_spec(s))).check(shape)
             if why:
                 dropped[s] = why
             else:

