@@ -3,13 +3,11 @@
     python3 benchmarks/on_device.py --device cuda benchmarks/ptq_quality.py --model smollm2 --calib 32 ...
 
 The quality benchmarks (ptq_quality, outliers_quality, retention_quality, kv_quality) load their
-model with ``lowbit.models.loader.load_model``, which returns it on the CPU, and
-``lowbit.jobs.calibration_batches`` gives CPU token ids. This wrapper moves every loaded model to
-``--device`` and the calibration ids with it, then runs the benchmark script as ``__main__`` with
-the remaining arguments; evaluation already follows the model's device. The cached fp32 baseline is
-kept per device (its cache key gains the device), so a CPU figure is never reported for a GPU run.
-Figures differ from the CPU's only by floating-point summation order (and any GPU kernel paths the
-quantizers take).
+model with ``lowbit.models.loader.load_model``, which returns it on the CPU. This wrapper moves every
+loaded model to ``--device``, then runs the benchmark script as ``__main__`` with the remaining
+arguments; ``lowbit.jobs`` already puts the calibration ids on the model's device, evaluates there
+and keys its cached fp32 baseline by the device type. Figures differ from the CPU's only by
+floating-point summation order (matmuls, Hessians), which GPTQ and activation quantization amplify.
 """
 from __future__ import annotations
 
@@ -21,10 +19,9 @@ import sys
 
 
 def install(device: str) -> None:
-    """Patch the loader and the calibration batches so that models and ids live on ``device``."""
+    """Patch the loader so that every model it returns lives on ``device``."""
     import torch
 
-    import lowbit.jobs as jobs
     import lowbit.models.loader as loader
 
     dev = torch.device(device)
@@ -39,23 +36,7 @@ def install(device: str) -> None:
         loaded.model.to(dev)
         return loaded
 
-    batches = jobs.calibration_batches
-
-    @functools.wraps(batches)
-    def batches_on_device(*args, **kwargs):
-        return [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-                for b in batches(*args, **kwargs)]
-
-    key = jobs._baseline_cache_key
-
-    @functools.wraps(key)
-    def key_with_device(loaded, settings):
-        base = key(loaded, settings)
-        return base if dev.type == "cpu" else f"{base}-{dev.type}"
-
     loader.load_model = load_on_device
-    jobs.calibration_batches = batches_on_device
-    jobs._baseline_cache_key = key_with_device
 
 
 def main() -> None:
