@@ -152,3 +152,20 @@ def test_bad_calibration_orders_are_refused(tiny):
                        calibration="sequential")
     res = quantize_model(copy.deepcopy(model), Plan.from_scheme("w4g64"), ragged, "gptq", progress=False)
     assert res.calibration == "parallel"  # auto falls back to one batch at a time
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("order", ["sequential", "parallel"])
+def test_offload_streams_blocks_through_the_gpu_with_the_same_result(tiny, order):
+    model, ids, batches = tiny
+    on_gpu = copy.deepcopy(model).cuda()
+    gpu_batches = [{k: v.cuda() for k, v in b.items()} for b in batches]
+    full = quantize_model(on_gpu, Plan.from_scheme("w3g64"), gpu_batches, "gptq", progress=False, calibration=order)
+    streamed_model = copy.deepcopy(model)
+    streamed = quantize_model(streamed_model, Plan.from_scheme("w3g64"), batches, "gptq", progress=False,
+                              calibration=order, device="cuda")
+    assert all(p.device.type == "cpu" for p in streamed_model.parameters())
+    assert streamed.calibration == order
+    for name, packed in full.packed.items():
+        for k, v in packed.items():
+            assert torch.equal(v.cpu(), streamed.packed[name][k].cpu()), (name, k)

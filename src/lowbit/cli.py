@@ -113,7 +113,7 @@ def cmd_quantize(args) -> int:
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
                           rotate=args.rotate, smooth=args.smooth, calibration=args.calibration,
-                          device=args.device)
+                          device=args.device, offload=args.offload)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto",
                    help="where the model runs: auto (a GPU when torch sees one, default), cpu, cuda, cuda:N "
                         "(a --model-factory model stays where its factory puts it)")
+    q.add_argument("--offload", action="store_true",
+                   help="keep the model in CPU memory; only the block being quantized visits --device "
+                        "(for models larger than the GPU's memory; evaluation runs on the CPU)")
     q.add_argument("--calibration", default="auto", choices=["auto", "sequential", "parallel"],
                    help="GPTQ: sequential = one pass per block over all calibration tokens, each layer "
                         "quantized from the outputs of the quantized layers before it; parallel = two "

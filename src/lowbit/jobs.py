@@ -146,11 +146,14 @@ def run_quantize(
     smooth=None,
     calibration: str = "auto",
     device: Optional[str] = None,
+    offload: bool = False,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
     ``calibration``: auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``).
-    ``device``: where the model runs (auto | cpu | cuda | cuda:N; None leaves it where it is)."""
+    ``device``: where the model runs (auto | cpu | cuda | cuda:N; None leaves it where it is); with
+    ``offload`` the model stays in CPU memory and only the block being quantized visits ``device``
+    (evaluation then runs on the CPU)."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -173,7 +176,7 @@ def run_quantize(
     if loaded is None:
         _log(f"loading {model or 'smollm2'} ...", quiet)
         loaded = load_model(model)
-    if dev is not None:
+    if dev is not None and not offload:
         loaded.model.to(dev)
     reference = None
     if loaded.kind == "encoder":
@@ -198,7 +201,7 @@ def run_quantize(
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
                          progress_dir=progress_dir, progress=not quiet, retain=retain,
-                         calibration=calibration)
+                         calibration=calibration, device=dev if offload else None)
     q_seconds = time.time() - t_q
     _log("evaluating the quantized model ...", quiet)
     quant = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, reference, progress=not quiet)
@@ -226,7 +229,8 @@ def run_quantize(
         "kv": res.kv,
         "groups": sorted({l.groups for l in res.layers}),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(next(loaded.model.parameters()).device)},
+                        "device": str(next(loaded.model.parameters()).device),
+                        **({"offload_to": str(dev)} if offload and dev is not None else {})},
     }
     try:
         from .data.corpus import stdlib_corpus

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models.kv_cache import apply_kv_plan
-from ..models.blocks import capture_block_inputs, find_blocks, linear_layers, merge_block_inputs, run_block
+from ..models.blocks import BlockInput, capture_block_inputs, find_blocks, linear_layers, merge_block_inputs, run_block
 from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
@@ -144,6 +144,7 @@ def quantize_model(
     progress: bool = True,
     retain=None,
     calibration: str = "auto",
+    device=None,
 ) -> QuantizationResult:
     """Quantize every linear layer the plan names, in place; returns per-layer results.
 
@@ -154,7 +155,11 @@ def quantize_model(
     tokens, quantizing each layer when the forward reaches it, so its Hessian comes from the
     outputs of the already quantized layers before it; "parallel" takes all of a block's Hessians
     from its unquantized forward, batch by batch, then runs the quantized block again (two passes,
-    one batch in memory at a time); "auto" is sequential when the merged batch fits in memory."""
+    one batch in memory at a time); "auto" is sequential when the merged batch fits in memory.
+
+    ``device`` (offload): calibrate and quantize each block on this device while the model stays
+    where it is (e.g. in CPU memory), moving one block at a time there and back, so a model larger
+    than the accelerator's memory streams through it. None: everything runs where the model is."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
     if calibration not in CALIBRATIONS:
@@ -179,9 +184,13 @@ def quantize_model(
     calibrated = method == "gptq" or retain is not None
     scores = _prepare_retention(model, plan, batches, retain, progress) if retain is not None else None
     inputs = capture_block_inputs(model, blocks[0], batches) if calibrated else []
+    home = next(model.parameters()).device
+    work = torch.device(device) if device is not None else home
+    if work != home:
+        inputs = [_to_device(inp, work) for inp in inputs]
     hidden = [inp.hidden for inp in inputs]
     if done >= 0 and calibrated:
-        hidden = _load_hidden(progress_dir, len(hidden))
+        hidden = [h.to(work) for h in _load_hidden(progress_dir, len(hidden))]
 
     merged = None
     if calibrated and calibration != "parallel":
@@ -200,6 +209,8 @@ def quantize_model(
     with torch.inference_mode():
         for bi in range(done + 1, len(blocks)):
             block = blocks[bi]
+            if work != home:
+                block.to(work)
             prefix = f"{blocks_path}.{bi}"
             layers = linear_layers(block, prefix)
             todo = {}
@@ -228,6 +239,8 @@ def quantize_model(
                     if calibrated else {}
                 blockq.quantize_block(todo, hess)
                 hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)] if calibrated else []
+            if work != home:
+                block.to(home)
             if not all(torch.isfinite(h).all() for h in hidden):
                 raise FloatingPointError(f"block {prefix} produced nan/inf after quantization")
             if progress_dir:
@@ -322,6 +335,19 @@ def _one_pass_fits(hidden: torch.Tensor, block: nn.Module) -> bool:
     return need < free / 2
 
 
+def _to_device(obj, dev):
+    """A captured block input (or any nesting of tuples/lists/dicts of tensors) on ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, BlockInput):
+        return BlockInput(obj.hidden.to(dev), _to_device(obj.args, dev), _to_device(obj.kwargs, dev))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(o, dev) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, dev) for k, v in obj.items()}
+    return obj
+
+
 def _prepare_retention(model, plan, batches, retain, progress):
     """Before any layer changes: Fisher scores (if asked) and the optimised per-layer ratios."""
     from .retention import fisher_saliency
@@ -381,7 +407,7 @@ def _save_progress(d: Path, bi: int, hidden, result: QuantizationResult, names) 
     d.mkdir(parents=True, exist_ok=True)
     state = {f"{n}.weight.{k}": v.contiguous() for n in names for k, v in result.packed[n].items()}
     save_file(state, str(d / f"block_{bi:04d}.safetensors"))
-    save_file({f"h{i}": h.contiguous() for i, h in enumerate(hidden)}, str(d / "hidden.tmp"))
+    save_file({f"h{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, str(d / "hidden.tmp"))
     (d / "hidden.tmp").replace(d / "hidden.safetensors")
     meta = {"done": bi, "result": {k: v for k, v in result.to_dict().items() if k != "seconds"}}
     (d / "progress.tmp").write_text(json.dumps(meta))
