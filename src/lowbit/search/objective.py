@@ -151,15 +151,16 @@ class Objective:
 
 def make_batches(loaded, n: int, seq_len: int, batch_size: int = 4) -> List[dict]:
     """Calibration batches for the objective: token windows (causal LM) or tokenised sentences."""
+    dev = next(loaded.model.parameters()).device  # the batches live where the model runs
     if loaded.kind == "causal_lm":
         from ..data.corpus import calibration_batches
 
-        ids = calibration_batches(loaded.tokenizer, n, seq_len, seed=0)
+        ids = calibration_batches(loaded.tokenizer, n, seq_len, seed=0).to(dev)
         return [{"input_ids": ids[i:i + batch_size]} for i in range(0, n, batch_size)]
     sents = calibration_sentences(n)
     out = []
     for i in range(0, n, batch_size * 8):
         enc = loaded.tokenizer(sents[i:i + batch_size * 8], padding=True, truncation=True, max_length=seq_len,
                                return_tensors="pt")
-        out.append(dict(enc))
+        out.append({k: v.to(dev) for k, v in enc.items()})
     return out

@@ -106,7 +106,7 @@ def hutchinson_traces(objective: Objective, layers: Dict[str, nn.Linear], sample
                 loss = objective.batch_loss(i)
                 grads = torch.autograd.grad(loss, ps, create_graph=True)
                 for s in range(samples):
-                    vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in ps]
+                    vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in ps]
                     hv = torch.autograd.grad(grads, ps, grad_outputs=vs, retain_graph=s < samples - 1)
                     tr += torch.tensor([float((v * h).sum()) for v, h in zip(vs, hv)], dtype=torch.float64)
                     if progress:
@@ -144,7 +144,7 @@ def fisher_diagonals(objective: Objective, layers: Dict[str, nn.Linear], seed: i
 
                     for _ in range(draws):  # E[(J^T u)^2] with u ~ N(0, I) per sentence = diag(J^T J)
                         e = _pool(objective._hidden_out(b), b["attention_mask"])
-                        u = torch.randn(e.shape, generator=gen)
+                        u = torch.randn(e.shape, generator=gen).to(e)  # drawn on the CPU: same probes on any device
                         gs = torch.autograd.grad((e * u).sum(), ps)
                         n_sent = e.shape[0]
                         for a, g in zip(acc, gs):
