@@ -117,6 +117,7 @@ def run_quantize(
     retain=None,
     rotate: str = "none",
     smooth=None,
+    transform_seed: int = 0,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json and layer_error.png there."""
@@ -155,7 +156,8 @@ def run_quantize(
         from .transforms.apply import apply_outlier_transforms
 
         _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
-        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth)
+        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth,
+                                                seed=transform_seed)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,
