@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--json", default=None, help="write every row here (rewritten as each finishes)")
+    ap.add_argument("--full-search", action="store_true",
+                    help="--smooth auto scores its alpha grid on all 512 sampled rows and every output channel "
+                    "(the earlier, slower search) instead of 256 rows x 256 output channels")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
                     "with a rotation run once per seed (the table shows the mean and the spread)")
     args = ap.parse_args()
@@ -56,6 +59,10 @@ def main() -> None:
             ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
     seeds = [int(x) for x in args.seeds.split(",")]
+    if args.full_search:
+        from lowbit.transforms import smooth as smooth_module
+
+        smooth_module.SEARCH_TOKENS = smooth_module.SEARCH_OUTPUTS = None
     rows = []
     for scheme in schemes:
         for row, seed in ((r, sd) for r in rows_wanted for sd in (seeds if ROWS[r][0] != "none" else [0])):
@@ -75,6 +82,7 @@ def main() -> None:
                    "gptq_layer_seconds": sum(l["seconds"] for l in rep["layers"]),
                    "float_check": tf.get("float_check"),
                    "smoothed_groups": (tf.get("smoothing") or {}).get("smoothed"),
+                   "search_sample": (tf.get("smoothing") or {}).get("search_sample"),
                    "seconds": time.time() - t}
             rows.append(res)
             print(json.dumps(res), flush=True)

@@ -10,6 +10,12 @@ also the residual stream and cannot be rescaled without changing the model).
 ``alpha="auto"`` searches a grid per group of linears and keeps the alpha (or no smoothing) with the
 least relative output error ``sum ||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` on calibration
 rows, with the plan's weight (RTN) and input quantizers and the online rotation the layer will get.
+
+The search is scored on a sample: ``search_tokens`` calibration rows (default 256) and, per linear,
+``search_outputs`` output channels (default 256, a fixed random subset that always holds the row
+with the largest weight, so per-tensor scales stay those of the whole weight). Every candidate is
+scored on the same sample, so the comparison is paired; the RTN quantization of ``W s`` per
+candidate, which dominated the cost, shrinks with the number of output channels.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from .rotation import transform_layer
 
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 MIN_SCALE = 1e-5
+SEARCH_TOKENS = 256    # calibration rows the alpha grid is scored on
+SEARCH_OUTPUTS = 256   # output channels per linear the alpha grid is scored on
 
 
 @dataclass
@@ -133,12 +141,30 @@ def smoothed_error(X: torch.Tensor, weights: Sequence[torch.Tensor], s: Optional
     return total
 
 
+def output_sample(W: torch.Tensor, k: Optional[int], seed: int = 0) -> torch.Tensor:
+    """Indices of ``k`` output channels of ``W``: a seeded random subset that holds the row with the
+    largest |weight| (all rows when ``k`` is None or not smaller than the row count)."""
+    rows = W.shape[0]
+    if k is None or k >= rows:
+        return torch.arange(rows)
+    top = int(W.detach().float().abs().amax(1).argmax())
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    perm = perm[perm != top][: k - 1]
+    return torch.cat([torch.tensor([top]), perm]).sort().values
+
+
 def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
-                 grid: Sequence[float] = ALPHA_GRID, rotation=None) -> Tuple[Optional[float], Dict[str, float]]:
-    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors."""
+                 grid: Sequence[float] = ALPHA_GRID, rotation=None, *, tokens: Optional[int] = SEARCH_TOKENS,
+                 outputs: Optional[int] = SEARCH_OUTPUTS) -> Tuple[Optional[float], Dict[str, float]]:
+    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors.
+    Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output channels per linear (None:
+    all); the scales themselves come from the full statistics and whole weights."""
     wmax = weight_absmax(weights)
     X = stats.rows.float()
-    Y = [X @ W.detach().float().T for W in weights]
+    if tokens is not None and tokens < X.shape[0]:  # rows are stored batch by batch: sample across them
+        X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:tokens]]
+    weights = [W.detach()[output_sample(W, outputs)] for W in weights]
+    Y = [X @ W.float().T for W in weights]
     errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
     for a in grid:
         s = smooth_scales(stats.absmax, wmax, a)
@@ -155,12 +181,17 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
                     act_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
                     rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
                     grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
-                    groups: Optional[List[SmoothGroup]] = None) -> dict:
+                    groups: Optional[List[SmoothGroup]] = None, search_tokens="default",
+                    search_outputs="default") -> dict:
     """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
     ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
     quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
     features)`` gives the (block, seed) of an online rotation the layer will get afterwards).
+    ``search_tokens``/``search_outputs``: the sample the grid is scored on (None: everything;
+    "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
     Returns a record with the chosen alpha per group."""
+    search_tokens = SEARCH_TOKENS if search_tokens == "default" else search_tokens
+    search_outputs = SEARCH_OUTPUTS if search_outputs == "default" else search_outputs
     if alpha != "auto":
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
@@ -180,7 +211,8 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
             rot = rotation_of(gr.linears[0], lins[0].in_features)
             rot = None if rot is None else (rot[0], None if rot[1] is None else random_signs(lins[0].in_features, rot[1]))
             a, errs = search_alpha(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
-                                   [act_spec_of(n) for n in gr.linears], grid, rot)
+                                   [act_spec_of(n) for n in gr.linears], grid, rot, tokens=search_tokens,
+                                   outputs=search_outputs)
             errors[gr.linears[0]] = errs
         else:
             a = alpha
@@ -190,6 +222,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         s = smooth_scales(stats[i].absmax, weight_absmax(weights), a).to(weights[0].device)
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
+              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if alpha == "auto" else None),
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
               "chosen": chosen}
     if errors:
