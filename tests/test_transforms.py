@@ -351,6 +351,8 @@ def test_rotation_of_real_smollm2_is_exact_in_float():
 
     model = load_model("smollm2").model
     ids = torch.arange(100, 164).reshape(1, 64)
-    rec, diff, scale = max_logit_diff(model, rotate_llama, {"input_ids": ids})
-    assert rec["block"] == 64 and rec["online_down"]["block"] == 512
+    # full-width rotations, as --rotate hadamard does: residual 576 = 36 x 16, down_proj 1536 = 12 x 128
+    rec, diff, scale = max_logit_diff(model, lambda m: rotate_llama(m, block=576, down_block=1536),
+                                      {"input_ids": ids})
+    assert rec["block"] == 576 and rec["online_down"]["block"] == 1536
     assert diff < 1e-3 * scale
