@@ -230,6 +230,22 @@ def test_every_transform_combination_is_exact_in_float(tiny_llama, tiny_bert, wh
             assert rec["online"]["blocks"] == ([64, 96] if full else [32, 64])
 
 
+def test_linears_reading_one_input_share_a_smoothing_scale_and_a_gptq_hessian(tiny_bert):
+    from lowbit.transforms.apply import apply_outlier_transforms
+    from lowbit.transforms.smooth import smoothing_groups
+
+    model, ids, batches = tiny_bert
+    groups = [g.linears for g in smoothing_groups(model, batches[0])]
+    qkv = [f"encoder.layer.0.attention.self.{x}" for x in ("query", "key", "value")]
+    assert qkv in groups and ["encoder.layer.0.attention.output.dense"] in groups
+    m = copy.deepcopy(model)
+    apply_outlier_transforms(m, Plan.from_scheme("w4a4"), batches, rotate="hadamard", smooth="auto")
+    sigs = {m.get_submodule(n).input_transform.signature() for n in qkv}
+    assert len(sigs) == 1  # one transform: GPTQ stacks q/k/v on one transformed Hessian
+    other = m.get_submodule("encoder.layer.0.attention.output.dense").input_transform.signature()
+    assert other not in sigs
+
+
 def test_smooth_scales_follow_the_formula_and_fold_into_the_norm(tiny_llama):
     from lowbit.transforms.smooth import SmoothGroup, apply_smoothing, smooth_scales
 

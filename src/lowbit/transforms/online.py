@@ -79,6 +79,12 @@ class InputTransform(nn.Module):
             x = x * self.scale.to(x.dtype)
         return x
 
+    def signature(self) -> tuple:
+        """Equal signatures mean the same transform T (so layers reading one input through equal
+        transforms share the transformed Hessian T^T H T)."""
+        scale = None if self.scale is None else tuple(self.scale.flatten().tolist())
+        return (self.features, self.rotation, self.block, self.seed, scale)
+
     # --- record --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"features": self.features, "rotation": self.rotation, "block": self.block, "seed": self.seed,

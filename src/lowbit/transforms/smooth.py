@@ -66,9 +66,35 @@ def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 # --- structure -----------------------------------------------------------------------------------
 
-def smoothing_groups(model: nn.Module) -> List[SmoothGroup]:
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, names: List[str], batch: Optional[dict]) -> List[List[str]]:
+    """``names`` grouped by the input tensor they read in one forward of ``batch`` (e.g. BERT's
+    query/key/value, which read the same hidden states), in order; singletons without a batch.
+    The captured inputs are kept alive during the pass, so tensor identity cannot be reused."""
+    if batch is None:
+        return [[n] for n in names]
+    seen: Dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0]))
+             for n in names]
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: List[List[str]] = []
+    for n in names:
+        g = next((g for g in groups if n in seen and g[0] in seen and seen[g[0]] is seen[n]), None)
+        if g is None:
+            groups.append([n])
+        else:
+            g.append(n)
+    return groups
+
+
+def smoothing_groups(model: nn.Module, batch: Optional[dict] = None) -> List[SmoothGroup]:
     """Llama-style decoders: q/k/v and gate/up fold into their norms, o_proj and down_proj get
-    explicit scales. Anything else: every linear of the repeated blocks, explicit."""
+    explicit scales. Anything else: the linears of the repeated blocks, explicit, those reading the
+    same input (found by one forward of ``batch``) in one group with one shared scale."""
     core = getattr(model, "model", None)
     layers = getattr(core, "layers", None)
     if layers is not None and all(hasattr(l, "input_layernorm") and hasattr(l, "mlp") for l in layers):
@@ -83,7 +109,8 @@ def smoothing_groups(model: nn.Module) -> List[SmoothGroup]:
     from ..models.blocks import find_blocks, linear_layers
 
     path, blocks = find_blocks(model)
-    return [SmoothGroup([n]) for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+    names = [n for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+    return [SmoothGroup(g) for g in shared_input_groups(model, names, batch)]
 
 
 @torch.no_grad()
@@ -196,7 +223,8 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--smooth takes a number in [0, 1] or 'auto', got {alpha}")
-    groups = groups if groups is not None else smoothing_groups(model)
+    probe = {k: v[:1, :16] for k, v in batches[0].items() if torch.is_tensor(v)} if batches else None
+    groups = groups if groups is not None else smoothing_groups(model, probe)
     if not explicit:
         groups = [g for g in groups if g.norm is not None]
     # groups whose layers nobody quantizes gain nothing from smoothing
