@@ -134,6 +134,13 @@ def test_input_transform_keeps_the_layer_function_and_transforms_the_hessian():
     H = x.T @ x
     xt = tf(x)
     assert torch.allclose(tf.transform_hessian(H).double(), xt.T @ xt, rtol=1e-5, atol=1e-4)
+    # remembered for the same H and an equal transform; callers get their own copy
+    first = tf.transform_hessian(H)
+    first.fill_(0.0)
+    again = tf.transform_hessian(H)
+    assert torch.allclose(again.double(), xt.T @ xt, rtol=1e-5, atol=1e-4)
+    other = InputTransform(96, scale=torch.rand(96) + 0.5).double()
+    assert not torch.allclose(other.transform_hessian(H), again)
 
 
 def test_input_transform_record_round_trips():
