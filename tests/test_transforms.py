@@ -253,6 +253,25 @@ def test_linears_reading_one_input_share_a_smoothing_scale_and_a_gptq_hessian(ti
     assert other not in sigs
 
 
+def test_statistics_pass_stops_after_the_last_group(tiny_llama):
+    from lowbit.transforms.smooth import collect_input_stats, smoothing_groups
+
+    model, ids, batches = tiny_llama
+    groups = smoothing_groups(model)
+    calls, seen = [], []
+    h1 = model.lm_head.register_forward_hook(lambda m, a, o: calls.append(1))
+    h2 = model.get_submodule(groups[-1].linears[0]).register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).abs().amax(0)))
+    try:
+        stats = collect_input_stats(model, groups, batches)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert not calls  # lm_head never ran
+    assert len(stats) == len(groups)
+    assert torch.equal(stats[len(groups) - 1].absmax, torch.stack(seen).amax(0))
+
+
 def test_smooth_scales_follow_the_formula_and_fold_into_the_norm(tiny_llama):
     from lowbit.transforms.smooth import SmoothGroup, apply_smoothing, smooth_scales
 

@@ -113,11 +113,18 @@ def smoothing_groups(model: nn.Module, batch: Optional[dict] = None) -> List[Smo
     return [SmoothGroup(g) for g in shared_input_groups(model, names, batch)]
 
 
+class _StatsDone(Exception):
+    """Raised by the statistics hook once every group has seen this batch's input."""
+
+
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: List[dict],
                         max_rows: int = 512, seed: int = 0) -> Dict[int, GroupStats]:
-    """Per group: channel absmax of its input over all batches and up to ``max_rows`` sampled rows."""
+    """Per group: channel absmax of its input over all batches and up to ``max_rows`` sampled rows.
+    Each forward stops once every group has seen its input (the rest of the model, e.g. a causal
+    LM's lm_head over the whole vocabulary, is not needed)."""
     g = torch.Generator().manual_seed(seed)
+    fired: set = set()
     per_batch = max(1, max_rows // max(1, len(batches)))
     absmax: Dict[int, torch.Tensor] = {}
     rows: Dict[int, List[torch.Tensor]] = {}
@@ -128,12 +135,19 @@ def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: Li
         absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
         idx = torch.randperm(x.shape[0], generator=g)[:per_batch].to(x.device)
         rows.setdefault(i, []).append(x[idx].cpu())
+        fired.add(i)
+        if len(fired) == len(groups):
+            raise _StatsDone
 
     hooks = [model.get_submodule(gr.linears[0]).register_forward_pre_hook(lambda m, a, i=i: hook(i, a[0]))
              for i, gr in enumerate(groups)]
     try:
         for b in batches:
-            model(**b)
+            fired.clear()
+            try:
+                model(**b)
+            except _StatsDone:
+                pass
     finally:
         for h in hooks:
             h.remove()
