@@ -31,11 +31,11 @@ def test_default_block_is_the_largest_power_of_two_divisor():
 def test_fast_transform_equals_the_explicit_matrix_and_is_orthogonal(n, block):
     x = torch.randn(5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     s = random_signs(n, seed=7).double()
-    R = hadamard_matrix(n, block, s).double()
-    assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(rotate(x, block, s), x @ R, atol=1e-10)
-    assert torch.allclose(rotate_inverse(x, block, s), x @ R.T, atol=1e-10)
-    assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, atol=1e-10)
+    R = hadamard_matrix(n, block, s, dtype=torch.float64)
+    assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(rotate(x, block, s), x @ R, rtol=0, atol=1e-10)
+    assert torch.allclose(rotate_inverse(x, block, s), x @ R.T, rtol=0, atol=1e-10)
+    assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, rtol=0, atol=1e-10)
     # orthonormal: norms are kept
     assert torch.allclose(rotate(x, block, s).norm(dim=-1), x.norm(dim=-1))
     # the radix-2 butterfly and the Kronecker-matmul route agree
