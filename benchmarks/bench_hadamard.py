@@ -20,7 +20,9 @@ import torch
 from lowbit.transforms import hadamard
 from lowbit.transforms.hadamard import block_fwht, random_signs, rotate
 
-SHAPES = [(576, 64), (1536, 512), (4096, 16), (4096, 64), (4096, 512), (4096, 1024), (4096, 4096), (128, 128)]
+SHAPES = [(576, 64), (1536, 512), (4096, 16), (4096, 64), (4096, 512), (4096, 1024), (4096, 4096), (128, 128),
+          # full-width rotations of sizes that are not powers of two (Paley factor as a dense matmul)
+          (384, 384), (576, 576), (1536, 1536), (2304, 2304), (5120, 5120), (14336, 14336)]
 # (precision, method, elements per program or None for the default) of the kernel's other settings
 VARIANTS = [("split", "dot", None), ("split", "dot", 4096), ("ieee", "dot", None), ("split", "butterfly", 2048),
             ("split", "butterfly", 4096), ("split", "butterfly", 16384)]

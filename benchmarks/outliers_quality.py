@@ -6,7 +6,8 @@ real model, measured in one run (each cell is one `lowbit quantize` job on a fre
         --schemes fp4g32,mxfp4,nvfp4,w4a4 --rows gptq,hadamard
 
 Rows: gptq (no transform), hadamard (--rotate hadamard: fused residual rotation on Llama-style
-decoders, online per-linear on encoders), block (--rotate block: MR-GPTQ block rotation at the
+decoders, online per-linear on encoders; full-width Hadamard where the width allows, e.g. 384 =
+12·32), hadamard-pow2 (the same with power-of-two blocks only), block (--rotate block: MR-GPTQ block rotation at the
 format's group size), smooth (--smooth auto), hadamard+smooth. Prints a markdown table of the metric
 (perplexity, or mean cosine to the fp32 embeddings) and the quantization time (transforms included)
 and writes every row to --json as it finishes. ``--from-json A.json B.json`` prints the tables of
@@ -23,9 +24,11 @@ from lowbit.models.loader import load_model
 
 SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
            "w4a4 int": "w4a4", "w4a8": "w4a8"}
-ROWS = {"gptq": ("none", None), "hadamard": ("hadamard", None), "block": ("block", None),
+ROWS = {"gptq": ("none", None), "hadamard": ("hadamard", None), "hadamard-pow2": ("hadamard-pow2", None),
+        "block": ("block", None),
         "smooth": ("none", "auto"), "hadamard+smooth": ("hadamard", "auto"), "block+smooth": ("block", "auto")}
-LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard)", "block": "+block rotation (MR-GPTQ)",
+LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard, full width)",
+          "hadamard-pow2": "+rotation (hadamard-pow2, power-of-two blocks)", "block": "+block rotation (MR-GPTQ)",
           "smooth": "+smoothing (auto)", "hadamard+smooth": "+both (hadamard, auto)",
           "block+smooth": "+both (block, auto)"}
 
@@ -44,29 +47,42 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--sentences", type=int, default=128)
     ap.add_argument("--json", default=None, help="write every row here (rewritten as each finishes)")
+    ap.add_argument("--full-search", action="store_true",
+                    help="--smooth auto scores its alpha grid on all 512 sampled rows and every output channel "
+                    "(the earlier, slower search) instead of 256 rows x 256 output channels")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
+                    "with a rotation run once per seed (the table shows the mean and the spread)")
     args = ap.parse_args()
     schemes, rows_wanted = args.schemes.split(","), args.rows.split(",")
     for r in rows_wanted:
         if r not in ROWS:
             ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    if args.full_search:
+        from lowbit.transforms import smooth as smooth_module
+
+        smooth_module.SEARCH_TOKENS = smooth_module.SEARCH_OUTPUTS = None
     rows = []
     for scheme in schemes:
-        for row in rows_wanted:
+        for row, seed in ((r, sd) for r in rows_wanted for sd in (seeds if ROWS[r][0] != "none" else [0])):
             rotate, smooth = ROWS[row]
             loaded = load_model(args.model)
             t = time.time()
             rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
-                               settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth)
+                               settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth,
+                               transform_seed=seed)
             q, b = rep["quantized"], rep["baseline"]
             tf = rep.get("transforms") or {}
             res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
+                   "seed": seed,
                    "metric": q.get("perplexity", q.get("cosine_mean")), "baseline": b.get("perplexity", 1.0),
                    "spearman": q.get("spearman"), "bits_per_weight": q["bits_per_weight"],
                    "quantize_seconds": q["quantize_seconds"], "transform_seconds": tf.get("seconds", 0.0),
                    "gptq_layer_seconds": sum(l["seconds"] for l in rep["layers"]),
                    "float_check": tf.get("float_check"),
                    "smoothed_groups": (tf.get("smoothing") or {}).get("smoothed"),
+                   "search_sample": (tf.get("smoothing") or {}).get("search_sample"),
                    "seconds": time.time() - t}
             rows.append(res)
             print(json.dumps(res), flush=True)
@@ -86,13 +102,29 @@ def print_tables(rows, schemes, rows_wanted, args) -> None:
         print("| | " + " | ".join(names.get(s, s) for s in schemes) + " |")
         print("|---|" + "---:|" * len(schemes))
         for row in rows_wanted:
-            found = [next((x for x in rows if x["scheme"] == s and x["row"] == row), None) for s in schemes]
+            found = [[x for x in rows if x["scheme"] == s and x["row"] == row] for s in schemes]
             print(f"| {LABELS[row]} | " + " | ".join(cell(r) for r in found) + " |")
 
-    table(lambda r: "not run" if r is None else f"{r['metric']:.4f}")
-    print("\nquantize seconds (transforms included; transform seconds in brackets)")
-    table(lambda r: "" if r is None else f"{r['quantize_seconds'] + r['transform_seconds']:.0f} "
-                                         f"({r['transform_seconds']:.0f})")
+    def metric(rs) -> str:
+        if not rs:
+            return "not run"
+        v = [r["metric"] for r in rs]
+        if len(v) == 1:
+            return f"{v[0]:.4f}"
+        mean = sum(v) / len(v)
+        sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+        return f"{mean:.4f} ± {sd:.4f} ({min(v):.4f}-{max(v):.4f}, {len(v)} seeds)"
+
+    def seconds(rs) -> str:
+        if not rs:
+            return ""
+        q = sum(r["quantize_seconds"] + r["transform_seconds"] for r in rs) / len(rs)
+        t = sum(r["transform_seconds"] for r in rs) / len(rs)
+        return f"{q:.0f} ({t:.0f})"
+
+    table(metric)
+    print("\nquantize seconds (transforms included; transform seconds in brackets; mean over seeds)")
+    table(seconds)
 
 
 def from_json(paths) -> None:

@@ -97,3 +97,15 @@ def test_dispatch_and_fallbacks():
     # blocks above the kernel's limit fall back to torch under auto
     big = torch.randn(2, 8192, device="cuda")
     assert (block_fwht(big, 8192) - _exact(big, 8192)).abs().max().item() <= _tol(big, 8192)
+
+
+@pytest.mark.parametrize("n", [384, 576, 1536, 5120])
+def test_full_width_paley_rotation_on_cuda(n):
+    """Sizes that are not powers of two (H_m ⊗ H_p): the kernel applies H_p, a matmul H_m."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = torch.randn(3, 7, n, device="cuda", generator=g)
+    s = random_signs(n, 1, device="cuda")
+    ref = _exact(x, n, s)
+    y = rotate(x, n, s)
+    assert (y.double() - ref).abs().max().item() < _tol(x, n)
+    assert (rotate_inverse(y, n, s).double() - x.double()).abs().max().item() < 2 * _tol(x, n)

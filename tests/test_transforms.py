@@ -13,7 +13,10 @@ from lowbit.transforms.hadamard import (block_fwht, default_block, fwht, hadamar
                                         rotate_inverse)
 from lowbit.transforms.online import InputTransform
 
-SIZES = [(1, None), (2, None), (8, None), (64, None), (384, None), (576, None), (576, 16), (1536, None), (96, 32)]
+SIZES = [(1, None), (2, None), (8, None), (64, None), (384, None), (576, None), (576, 16), (1536, None), (96, 32),
+         # full Hadamard matrices of sizes that are not powers of two (Paley I 12 = 11+1 and 28 over GF(27),
+         # Paley II 36 = 2(17+1), Kronecker 40 = 2 x 20), alone and as blocks
+         (12, 12), (384, 384), (576, 576), (1152, 576), (1536, 1536), (112, 28), (40, 40), (96, 96)]
 
 
 # --- the transform itself ------------------------------------------------------------------------
@@ -28,15 +31,56 @@ def test_default_block_is_the_largest_power_of_two_divisor():
 def test_fast_transform_equals_the_explicit_matrix_and_is_orthogonal(n, block):
     x = torch.randn(5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     s = random_signs(n, seed=7).double()
-    R = hadamard_matrix(n, block, s).double()
-    assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), atol=1e-6)
-    assert torch.allclose(rotate(x, block, s), x @ R, atol=1e-10)
-    assert torch.allclose(rotate_inverse(x, block, s), x @ R.T, atol=1e-10)
-    assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, atol=1e-10)
+    R = hadamard_matrix(n, block, s, dtype=torch.float64)
+    assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(rotate(x, block, s), x @ R, rtol=0, atol=1e-10)
+    assert torch.allclose(rotate_inverse(x, block, s), x @ R.T, rtol=0, atol=1e-10)
+    assert torch.allclose(rotate_inverse(rotate(x, block, s), block, s), x, rtol=0, atol=1e-10)
     # orthonormal: norms are kept
     assert torch.allclose(rotate(x, block, s).norm(dim=-1), x.norm(dim=-1))
     # the radix-2 butterfly and the Kronecker-matmul route agree
     assert torch.allclose(block_fwht(x, block, method="butterfly"), block_fwht(x, block), atol=1e-10)
+
+
+def test_paley_matrices_are_hadamard_exactly():
+    from lowbit.transforms.paley import construction, hadamard_of_order, jacobsthal
+
+    for q in (3, 5, 7, 9, 25, 27, 49):  # primes and prime powers (GF(p^k) arithmetic)
+        Q = jacobsthal(q)
+        J = torch.ones(q, q, dtype=torch.float64)
+        assert torch.equal(Q @ Q.T, q * torch.eye(q, dtype=torch.float64) - J)
+        assert torch.equal(Q.T, Q if q % 4 == 1 else -Q)
+    built = [m for m in range(1, 513) if construction(m) is not None]
+    assert {12, 20, 24, 28, 36, 40, 44, 48, 52, 60, 100, 108, 140, 148} <= set(built)
+    assert not {92, 116, 172} & set(built)  # orders no Paley/Kronecker construction reaches
+    for m in built:
+        H = hadamard_of_order(m)
+        assert torch.equal(H.abs(), torch.ones_like(H))
+        assert torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.float64)), m
+
+
+def test_every_supported_order_up_to_768_is_hadamard_exactly():
+    """n = m * p: H_m (Paley/Kronecker) ⊗ H_p (Sylvester) satisfies H H^T = n I exactly in float64.
+    (benchmarks/hadamard_orders.py checks every supported order up to 8192.)"""
+    from lowbit.transforms.paley import hadamard_of_order, split_order, supported_orders, sylvester
+
+    orders = supported_orders(768)
+    assert {384, 576, 768} <= set(orders) and 172 not in orders
+    for n in orders:
+        m, p = split_order(n)
+        H = torch.kron(hadamard_of_order(m), sylvester(p))
+        assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64)), n
+
+
+def test_widths_of_real_models_get_full_rotations():
+    from lowbit.transforms.hadamard import full_block, hadamard_block
+    from lowbit.transforms.paley import split_order
+
+    assert {n: split_order(n) for n in (384, 576, 1536, 2304, 5120, 14336)} == {
+        384: (12, 32), 576: (36, 16), 1536: (12, 128), 2304: (36, 64), 5120: (20, 256), 14336: (28, 512)}
+    assert hadamard_block(576) == 576 and hadamard_block(172) == 4  # no order-172 matrix: block fallback
+    with pytest.raises(ValueError, match="no full Hadamard matrix of order 172"):
+        full_block(172)
 
 
 def test_three_factor_sizes_match_the_butterfly():
@@ -58,8 +102,8 @@ def test_hadamard_entries_and_half_precision():
 def test_bad_sizes_say_what_is_accepted():
     with pytest.raises(ValueError, match="power-of-two last dimension"):
         fwht(torch.zeros(3, 576))
-    with pytest.raises(ValueError, match="power of two"):
-        block_fwht(torch.zeros(3, 576), 48)
+    with pytest.raises(ValueError, match="no full Hadamard matrix of order 172.*nearest to 172: 168 and 176"):
+        block_fwht(torch.zeros(3, 344), 172)
     with pytest.raises(ValueError, match="does not divide"):
         block_fwht(torch.zeros(3, 576), 128)
     with pytest.raises(ValueError, match="accepted: kron, butterfly"):
@@ -90,6 +134,13 @@ def test_input_transform_keeps_the_layer_function_and_transforms_the_hessian():
     H = x.T @ x
     xt = tf(x)
     assert torch.allclose(tf.transform_hessian(H).double(), xt.T @ xt, rtol=1e-5, atol=1e-4)
+    # remembered for the same H and an equal transform; callers get their own copy
+    first = tf.transform_hessian(H)
+    first.fill_(0.0)
+    again = tf.transform_hessian(H)
+    assert torch.allclose(again.double(), xt.T @ xt, rtol=1e-5, atol=1e-4)
+    other = InputTransform(96, scale=torch.rand(96) + 0.5).double()
+    assert not torch.allclose(other.transform_hessian(H), again)
 
 
 def test_input_transform_record_round_trips():
@@ -161,8 +212,8 @@ def test_rotation_of_a_non_llama_model_is_refused(tiny_bert):
 
 
 @pytest.mark.parametrize("which", ["llama", "bert"])
-@pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("block", None), ("none", 0.5),
-                                           ("hadamard", "auto"), ("block", "auto")])
+@pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("hadamard-pow2", None), ("block", None),
+                                           ("none", 0.5), ("hadamard", "auto"), ("block", "auto")])
 def test_every_transform_combination_is_exact_in_float(tiny_llama, tiny_bert, which, rotate, smooth):
     from lowbit.transforms.apply import apply_outlier_transforms
 
@@ -176,6 +227,49 @@ def test_every_transform_combination_is_exact_in_float(tiny_llama, tiny_bert, wh
         assert rec["smoothing"]["smoothed"] >= 1
     if rotate == "hadamard" and which == "bert":
         assert "no fused residual rotation" in rec["note"]
+    if rotate.startswith("hadamard"):
+        # full width (hidden 96 = 12 x 8, MLP 192 / 96) or the largest power-of-two block
+        full = rotate == "hadamard"
+        if which == "llama":
+            assert rec["residual"]["block"] == (96 if full else 32)
+            assert rec["online"]["blocks"] == ([192] if full else [64])
+        else:
+            assert rec["online"]["blocks"] == ([64, 96] if full else [32, 64])
+
+
+def test_linears_reading_one_input_share_a_smoothing_scale_and_a_gptq_hessian(tiny_bert):
+    from lowbit.transforms.apply import apply_outlier_transforms
+    from lowbit.transforms.smooth import smoothing_groups
+
+    model, ids, batches = tiny_bert
+    groups = [g.linears for g in smoothing_groups(model, batches[0])]
+    qkv = [f"encoder.layer.0.attention.self.{x}" for x in ("query", "key", "value")]
+    assert qkv in groups and ["encoder.layer.0.attention.output.dense"] in groups
+    m = copy.deepcopy(model)
+    apply_outlier_transforms(m, Plan.from_scheme("w4a4"), batches, rotate="hadamard", smooth="auto")
+    sigs = {m.get_submodule(n).input_transform.signature() for n in qkv}
+    assert len(sigs) == 1  # one transform: GPTQ stacks q/k/v on one transformed Hessian
+    other = m.get_submodule("encoder.layer.0.attention.output.dense").input_transform.signature()
+    assert other not in sigs
+
+
+def test_statistics_pass_stops_after_the_last_group(tiny_llama):
+    from lowbit.transforms.smooth import collect_input_stats, smoothing_groups
+
+    model, ids, batches = tiny_llama
+    groups = smoothing_groups(model)
+    calls, seen = [], []
+    h1 = model.lm_head.register_forward_hook(lambda m, a, o: calls.append(1))
+    h2 = model.get_submodule(groups[-1].linears[0]).register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).abs().amax(0)))
+    try:
+        stats = collect_input_stats(model, groups, batches)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert not calls  # lm_head never ran
+    assert len(stats) == len(groups)
+    assert torch.equal(stats[len(groups) - 1].absmax, torch.stack(seen).amax(0))
 
 
 def test_smooth_scales_follow_the_formula_and_fold_into_the_norm(tiny_llama):
@@ -283,7 +377,7 @@ def test_bad_options_name_what_is_accepted(tiny_llama):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         parse_smooth("2")
     model, _, batches = tiny_llama
-    with pytest.raises(ValueError, match="accepted: none, hadamard, block"):
+    with pytest.raises(ValueError, match="accepted: none, hadamard, hadamard-pow2, block"):
         apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), batches, rotate="givens")
     with pytest.raises(ValueError, match="calibration data"):
         apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), [], smooth="auto")
@@ -299,6 +393,8 @@ def test_rotation_of_real_smollm2_is_exact_in_float():
 
     model = load_model("smollm2").model
     ids = torch.arange(100, 164).reshape(1, 64)
-    rec, diff, scale = max_logit_diff(model, rotate_llama, {"input_ids": ids})
-    assert rec["block"] == 64 and rec["online_down"]["block"] == 512
+    # full-width rotations, as --rotate hadamard does: residual 576 = 36 x 16, down_proj 1536 = 12 x 128
+    rec, diff, scale = max_logit_diff(model, lambda m: rotate_llama(m, block=576, down_block=1536),
+                                      {"input_ids": ids})
+    assert rec["block"] == 576 and rec["online_down"]["block"] == 1536
     assert diff < 1e-3 * scale

@@ -265,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
-    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "block"],
+    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "hadamard-pow2", "block"],
                    help="outlier rotation: hadamard = fused residual rotation for Llama-style decoders "
-                        "(online per-linear for others), block = online block Hadamard at the format's "
-                        "group size (MR-GPTQ); default none")
+                        "(online per-linear for others), full width where a Hadamard matrix of that order "
+                        "exists (e.g. 576 = 36*16), else the largest power-of-two block; hadamard-pow2 = "
+                        "the same with power-of-two blocks only; block = online block Hadamard at the "
+                        "format's group size (MR-GPTQ); default none")
     q.add_argument("--smooth", default=None,
                    help="SmoothQuant channel scaling: an alpha in [0, 1] or 'auto' (searched per layer group)")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")

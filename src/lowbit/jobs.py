@@ -147,6 +147,7 @@ def run_quantize(
     calibration: str = "auto",
     device: Optional[str] = None,
     offload: bool = False,
+    transform_seed: int = 0,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
@@ -196,7 +197,8 @@ def run_quantize(
         from .transforms.apply import apply_outlier_transforms
 
         _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
-        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth)
+        transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth,
+                                                seed=transform_seed)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,

@@ -372,9 +372,9 @@ def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
     over their stacked rows: name -> (result, quantizer, seconds, split evenly over the group)."""
     groups: Dict[tuple, List[str]] = {}
     for name, (lin, wspec) in todo.items():
-        # an online input transform changes the Hessian: only layers sharing the same one may share it
+        # an online input transform changes the Hessian: only layers with equal ones may share it
         tf = getattr(lin, "input_transform", None)
-        groups.setdefault((id(hess[name]), str(wspec), id(tf)), []).append(name)
+        groups.setdefault((id(hess[name]), str(wspec), None if tf is None else tf.signature()), []).append(name)
     out = {}
     for names in groups.values():
         ts = time.time()

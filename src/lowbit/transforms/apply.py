@@ -4,9 +4,15 @@ quantization, in the one order in which they compose:
 1. fused residual rotation (``--rotate hadamard`` on a Llama-style decoder; no run-time cost);
 2. smoothing (``--smooth A|auto``): folded into norms where possible, else explicit input scales;
 3. online rotations: down_proj's input (Llama, ``hadamard``), every block linear (other models,
-   ``hadamard``, block = largest power of two dividing the input size), or every quantized linear at
-   its format's group/block size (``--rotate block``: the MR-GPTQ recipe for FP4/MX/NVFP4; GPTQ then
-   runs on ``W R`` with the Hessian ``R^T H R``, see ptq.pipeline._input_hessian).
+   ``hadamard``), or every quantized linear at its format's group/block size (``--rotate block``:
+   the MR-GPTQ recipe for FP4/MX/NVFP4; GPTQ then runs on ``W R`` with the Hessian ``R^T H R``, see
+   ptq.pipeline._input_hessian).
+
+``hadamard`` rotates the full width wherever a Hadamard matrix of that order is available
+(powers of two, and Paley/Kronecker sizes such as 384 = 12·32, 576 = 36·16, 1536 = 12·128; see
+transforms/paley.py), else the largest power-of-two block dividing it (recorded as a fallback).
+``hadamard-pow2`` always uses that largest power-of-two block (the earlier behaviour: 576 is
+rotated as 9 independent blocks of 64), kept for comparison.
 
 The float model's outputs are compared before and after on a short calibration slice; the largest
 absolute change is recorded with the rest.
@@ -20,11 +26,11 @@ import torch
 from torch import nn
 
 from ..quant.plan import Plan
-from .hadamard import default_block, is_power_of_two
+from .hadamard import default_block, hadamard_block, is_power_of_two
 from .rotation import _logits, online_rotate, rotate_llama
 from .smooth import apply_smoothing
 
-ROTATIONS = ("none", "hadamard", "block")
+ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block")
 
 
 def parse_smooth(value) -> Optional[Union[float, str]]:
@@ -94,16 +100,21 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     before = _logits(model, check).float() if check is not None else None
     llama = is_llama_like(model)
 
+    hadamard = rotate in ("hadamard", "hadamard-pow2")
+    width = hadamard_block if rotate == "hadamard" else default_block
+
     # 1. fused residual rotation
-    if rotate == "hadamard" and llama:
-        record["residual"] = rotate_llama(model, seed=seed, online_down=False)
+    if hadamard and llama:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        record["residual"] = rotate_llama(model, seed=seed, block=width(hidden), online_down=False,
+                                          full_heads=rotate == "hadamard")
 
     # the online rotation each layer will get in step 3: (block, seed) or None
     def rotation_of(name: str, features: int):
-        if rotate == "hadamard":
+        if hadamard:
             if llama:
-                return (default_block(features), seed + 1) if name.endswith("mlp.down_proj") else None
-            return default_block(features), seed
+                return (width(features), seed + 1) if name.endswith("mlp.down_proj") else None
+            return width(features), seed
         if rotate == "block":
             return _format_block(plan, name, features), seed
         return None
@@ -117,14 +128,19 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     # 3. online rotations
     if rotate != "none":
         names = _block_linears(model, plan)
-        if rotate == "hadamard" and llama:
+        if hadamard and llama:
             names = [n for n in names if n.endswith("mlp.down_proj")]
         recs = []
         for n in names:
             b, sd = rotation_of(n, model.get_submodule(n).in_features)
             recs.append(online_rotate(model, n, b, sd))
         record["online"] = {"layers": len(recs), "blocks": sorted({r["block"] for r in recs})}
-        if rotate == "hadamard" and not llama:
+        if rotate == "hadamard":
+            widths = {model.get_submodule(n).in_features for n in names}
+            partial = sorted(w for w in widths if hadamard_block(w) != w)
+            if partial:  # no full Hadamard matrix of these orders: block rotation instead
+                record["block_fallback"] = {w: default_block(w) for w in partial}
+        if hadamard and not llama:
             record["note"] = ("no fused residual rotation for this architecture (only Llama-style RMSNorm "
                               "decoders admit one); every block linear rotates its input online")
     if before is not None:

@@ -7,12 +7,14 @@ work per row). ``n`` must be a power of two. On CUDA, float32 inputs go to a fus
 (``kernels/triton_hadamard.py``: signs, transform and scaling in one read and one write) when
 Triton imports; the torch routes stay the fallback and the CPU path.
 
-Sizes that are not powers of two are handled by block decomposition: ``block_fwht(x, b)`` applies
-``H_b`` to each consecutive block of ``b`` features (a block-diagonal orthogonal matrix). For a
-dimension ``n`` the default block is the largest power of two dividing ``n``
-(``default_block(576) == 64`` = 9 blocks, ``default_block(1536) == 512``, ``default_block(384) == 128``).
-No Hadamard matrix of order 9 or 3 exists in Sylvester form, so such a rotation mixes features
-within each block only; that is the documented trade-off.
+``block_fwht(x, b)`` applies ``H_b`` to each consecutive block of ``b`` features (a block-diagonal
+orthogonal matrix). ``b`` may also be a size that is not a power of two but has a full Hadamard
+matrix (``paley.py``: ``b = m·p`` with ``H_b = H_m ⊗ H_p``, ``H_m`` from Paley's constructions,
+e.g. 384 = 12·32, 576 = 36·16, 1536 = 12·128): the power-of-two factor goes through the fast
+transform above (each run of ``p`` features), the ``m``-factor is one small dense matmul mixing the
+``m`` runs. ``full_block(n)`` is ``n`` when such a matrix exists (``hadamard_block(n)`` falls back to
+the largest power of two dividing ``n``, ``default_block(n)``, which mixes within blocks only).
+Paley I matrices are not symmetric, so the inverse is ``transpose=True``, not the same call.
 
 Random signs: ``R = diag(s) H`` with ``s`` in {-1, +1}^n drawn from a seeded generator, so
 ``x R = fwht(x * s)`` and ``x R^T = fwht(x) * s``.
@@ -23,6 +25,8 @@ import math
 from typing import Optional
 
 import torch
+
+from . import paley
 
 
 def is_power_of_two(n: int) -> bool:
@@ -36,12 +40,26 @@ def default_block(n: int) -> int:
     return n & -n
 
 
+def full_block(n: int) -> int:
+    """``n`` itself when a full Hadamard matrix of order n is available (``paley.split_order``);
+    otherwise a ValueError naming the supported sizes near ``n``."""
+    paley.check_order(int(n))
+    return int(n)
+
+
+def hadamard_block(n: int) -> int:
+    """The widest rotation available for ``n`` features: the full width when supported, else the
+    largest power of two dividing ``n`` (a block rotation)."""
+    return int(n) if paley.is_supported(int(n)) else default_block(n)
+
+
 def _check_block(n: int, block: int) -> None:
     if not is_power_of_two(block):
-        raise ValueError(f"Hadamard block size must be a power of two, got {block}")
+        paley.check_order(block)  # raises, naming the supported sizes
     if n % block:
         raise ValueError(f"Hadamard block {block} does not divide the dimension {n}; "
-                         f"use a power of two dividing it, e.g. {default_block(n)}")
+                         f"use a power of two dividing it, e.g. {default_block(n)}"
+                         + (f", or the full width {n}" if paley.is_supported(n) else ""))
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +132,50 @@ def _use_triton(y: torch.Tensor, b: int, method: str) -> bool:
     return False
 
 
+_DENSE_CACHE: dict = {}
+DENSE_POW2 = 256  # Paley sizes: power-of-two factors up to this are one dense matmul
+
+
+def _dense_factor(m: int, dtype, device) -> torch.Tensor:
+    """Paley/Kronecker Hadamard matrix of order m (±1), cached per dtype and device."""
+    key = (m, dtype, str(device))
+    if key not in _DENSE_CACHE:
+        _DENSE_CACHE[key] = paley.hadamard_of_order(m).to(device=device, dtype=dtype)
+    return _DENSE_CACHE[key]
+
+
+def _paley_fwht(x: torch.Tensor, b: int, method: str, signs: Optional[torch.Tensor], signs_after: bool,
+                transpose: bool) -> torch.Tensor:
+    """``x @ blockdiag(H_m ⊗ H_p) / sqrt(b)`` (or its transpose) for a block b = m·p that is not a
+    power of two: the fast transform on each run of p features, then H_m mixing the m runs."""
+    m, p = paley.check_order(b)
+    n = x.shape[-1]
+    dtype = x.dtype
+    y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    if signs is not None and not signs_after:
+        y = y * signs.to(y.device, y.dtype)
+    lead = y.shape[:-1]
+    if p > 1:  # H_p is symmetric: the same for the transpose
+        if p <= DENSE_POW2 and method in ("auto", "kron") and not _use_triton(y, p, method):
+            # one dense matmul with H_p: p multiply-adds per element, BLAS speed (measured faster
+            # on the CPU than the factored route at these sizes)
+            y, scale = y.reshape(-1, p) @ _sylvester(p, y.dtype, y.device), 1.0 / math.sqrt(m * p)
+        else:
+            y, scale = block_fwht(y.contiguous(), p, method), 1.0 / math.sqrt(m)
+    else:
+        scale = 1.0 / math.sqrt(m)
+    A = _dense_factor(m, y.dtype, y.device)
+    A = A if transpose else A.T
+    # y[..., a, j] = sum_i A[i, a] y[..., i, j]: (A^T @ Y) for each (m, p) slab, one batched matmul
+    y = torch.matmul(A, y.reshape(-1, m, p)).reshape(*lead, n) * scale
+    if signs is not None and signs_after:
+        y = y * signs.to(y.device, y.dtype)
+    return y.to(dtype)
+
+
 def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "auto",
-               signs: Optional[torch.Tensor] = None, signs_after: bool = False) -> torch.Tensor:
+               signs: Optional[torch.Tensor] = None, signs_after: bool = False,
+               transpose: bool = False) -> torch.Tensor:
     """``x @ blockdiag(H_b, ..., H_b)`` over the last dim; ``block`` defaults to ``default_block(n)``.
 
     ``method="auto"`` (default) runs the fused Triton kernel (``kernels/triton_hadamard.py``) for
@@ -124,7 +184,9 @@ def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "auto
     ``method="kron"`` uses Sylvester's structure ``H_b = H_f1 ⊗ H_f2 ⊗ ...`` with factors of
     at most 64: one small batched matmul per factor, O(n · sum f_i) work that runs at matmul speed.
     ``method="butterfly"`` is the textbook O(n log n) radix-2 transform (log2 b vectorised stages).
-    ``signs`` (length n) multiply ``x`` first, or the result when ``signs_after`` (fused in the kernel)."""
+    ``signs`` (length n) multiply ``x`` first, or the result when ``signs_after`` (fused in the kernel).
+    A block that is not a power of two (a Paley size, see the module docstring) applies
+    ``H_m ⊗ H_p``; ``transpose`` then applies its transpose (powers of two are symmetric)."""
     n = x.shape[-1]
     b = default_block(n) if block is None else int(block)
     _check_block(n, b)
@@ -132,6 +194,8 @@ def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "auto
         raise ValueError(f"unknown Hadamard method {method!r}; accepted: {', '.join(METHODS)}")
     if signs is not None and signs.numel() != n:
         raise ValueError(f"signs must have one entry per feature ({n}), got {signs.numel()}")
+    if not is_power_of_two(b):
+        return _paley_fwht(x, b, method, signs, signs_after, transpose)
     dtype = x.dtype
     y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     if _use_triton(y, b, method):
@@ -176,18 +240,20 @@ def random_signs(n: int, seed: int, device=None) -> torch.Tensor:
     return s.to(device) if device is not None else s
 
 
-def hadamard_matrix(n: int, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
+def hadamard_matrix(n: int, block: Optional[int] = None, signs: Optional[torch.Tensor] = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The explicit n x n matrix R with ``x R == rotate(x)`` (for tests and small folds):
-    ``diag(signs) @ blockdiag(H_b)``, built by Sylvester's recursion, not by the fast transform."""
+    ``diag(signs) @ blockdiag(H_b)``, built by Sylvester's recursion (times Paley's matrix for a
+    block that is not a power of two: ``kron(H_m, H_p)``), not by the fast transform. float32, or
+    float64 with ``dtype``."""
     b = default_block(n) if block is None else int(block)
     _check_block(n, b)
-    H = torch.ones(1, 1)
-    while H.shape[0] < b:
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    m, p = paley.check_order(b)
+    H = torch.kron(paley.hadamard_of_order(m), paley.sylvester(p)) if m > 1 else paley.sylvester(p)
     H = torch.block_diag(*([H / math.sqrt(b)] * (n // b)))
     if signs is not None:
-        H = signs.float().reshape(-1, 1) * H
-    return H
+        H = signs.double().reshape(-1, 1) * H
+    return H.to(dtype)
 
 
 def rotate(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -197,4 +263,4 @@ def rotate(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.T
 
 def rotate_inverse(x: torch.Tensor, block: Optional[int] = None, signs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x R^T`` (the inverse of ``rotate``)."""
-    return block_fwht(x, block, signs=signs, signs_after=True)
+    return block_fwht(x, block, signs=signs, signs_after=True, transpose=True)

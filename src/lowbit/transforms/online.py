@@ -8,12 +8,16 @@ state dict as the buffer ``scale``; the signs are regenerated from the seed).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .hadamard import default_block, random_signs, rotate, rotate_inverse
+
+
+_HESSIAN_CACHE: dict = {}  # (id(H), signature) -> (weakref to H, T^T H T); at most 4 entries
 
 
 class InputTransform(nn.Module):
@@ -51,7 +55,21 @@ class InputTransform(nn.Module):
 
     def transform_hessian(self, H: torch.Tensor) -> torch.Tensor:
         """``T^T H T`` for ``T = diag(1/s) R``: the Hessian of the transformed inputs from that of
-        the raw inputs (GPTQ needs the statistics of what the stored weight actually multiplies)."""
+        the raw inputs (GPTQ needs the statistics of what the stored weight actually multiplies).
+        The last few results are remembered per (H, transform signature): layers reading one input
+        through equal transforms (BERT q/k/v), and the per-layer error report, reuse them."""
+        key = (id(H), self.signature())
+        hit = _HESSIAN_CACHE.get(key)
+        if hit is not None and hit[0]() is H:
+            return hit[1].clone()
+        out = self._transform_hessian(H)
+        # a weak reference: an entry goes when its H does (then its id may be reused)
+        _HESSIAN_CACHE[key] = (weakref.ref(H, lambda _, k=key: _HESSIAN_CACHE.pop(k, None)), out)
+        while len(_HESSIAN_CACHE) > 4:
+            _HESSIAN_CACHE.pop(next(iter(_HESSIAN_CACHE)))
+        return out.clone()
+
+    def _transform_hessian(self, H: torch.Tensor) -> torch.Tensor:
         H = H.float()
         if self.scale is not None:
             inv = 1.0 / self.scale.to(H.device)
@@ -78,6 +96,12 @@ class InputTransform(nn.Module):
         if self.scale is not None:
             x = x * self.scale.to(x.dtype)
         return x
+
+    def signature(self) -> tuple:
+        """Equal signatures mean the same transform T (so layers reading one input through equal
+        transforms share the transformed Hessian T^T H T)."""
+        scale = None if self.scale is None else tuple(self.scale.flatten().tolist())
+        return (self.features, self.rotation, self.block, self.seed, scale)
 
     # --- record --------------------------------------------------------------------------------
     def to_dict(self) -> dict:

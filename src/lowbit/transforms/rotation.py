@@ -8,7 +8,8 @@
   stream. RMSNorm scales are folded into the linears that read the normed stream, lm_head is untied
   from the embeddings, and then every residual writer (embeddings, o_proj, down_proj) writes
   ``h Q`` and every reader (q/k/v, gate/up, lm_head) reads ``h Q`` with ``Q = diag(s) blockdiag(H_b)``
-  (random signs, block ``b`` = the largest power of two dividing the hidden size). RMSNorm with unit
+  (random signs; block ``b`` = the largest power of two dividing the hidden size by default, or the
+  full hidden size when a Hadamard matrix of that order exists, e.g. 576 = 36·16). RMSNorm with unit
   weight commutes with an orthogonal Q (``||hQ|| = ||h||``), so the model computes the same function
   with no run-time cost. Optionally: V/O head-wise Hadamard rotation (fused, per head of
   ``head_dim``: attention mixes tokens, not features, so a per-head rotation of V is undone by
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..quant.linear import QuantLinear
 from .hadamard import default_block, random_signs, rotate
+from .paley import is_supported
 from .online import InputTransform
 
 
@@ -116,8 +118,11 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def rotate_llama(model: nn.Module, seed: int = 0, block: Optional[int] = None, *, heads: bool = True,
-                 online_down: bool = True, down_block: Optional[int] = None) -> dict:
+                 online_down: bool = True, down_block: Optional[int] = None, full_heads: bool = False) -> dict:
     """Fused residual rotation of a Llama-style decoder (see the module docstring), in place.
+    ``block``: residual rotation block (default: largest power of two dividing the hidden size;
+    any supported Hadamard order, e.g. the hidden size itself). ``full_heads``: also rotate heads
+    whose head_dim is not a power of two but has a Hadamard matrix (e.g. 96 = 12·8).
     Returns a record: blocks, seed, which parts were rotated, whether lm_head was untied."""
     core, layers, head = _llama_parts(model)
     hidden = core.embed_tokens.weight.shape[1]
@@ -157,7 +162,7 @@ def rotate_llama(model: nn.Module, seed: int = 0, block: Optional[int] = None, *
     #    same matrix serves every query head sharing a KV head under grouped-query attention)
     if heads:
         hd = getattr(layers[0].self_attn, "head_dim", None)
-        if hd and hd == default_block(hd):
+        if hd and (hd == default_block(hd) or (full_heads and is_supported(hd))):
             for l in layers:
                 a = l.self_attn
                 a.v_proj.weight.copy_(rotate(a.v_proj.weight.float().T, hd).T.contiguous().to(a.v_proj.weight.dtype))

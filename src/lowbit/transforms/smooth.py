@@ -10,6 +10,12 @@ also the residual stream and cannot be rescaled without changing the model).
 ``alpha="auto"`` searches a grid per group of linears and keeps the alpha (or no smoothing) with the
 least relative output error ``sum ||XW^T - Qa(X/s R) Qw(W s R)^T||^2 / ||XW^T||^2`` on calibration
 rows, with the plan's weight (RTN) and input quantizers and the online rotation the layer will get.
+
+The search is scored on a sample: ``search_tokens`` calibration rows (default 256) and, per linear,
+``search_outputs`` output channels (default 256, a fixed random subset that always holds the row
+with the largest weight, so per-tensor scales stay those of the whole weight). Every candidate is
+scored on the same sample, so the comparison is paired; the RTN quantization of ``W s`` per
+candidate, which dominated the cost, shrinks with the number of output channels.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from .rotation import transform_layer
 
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 MIN_SCALE = 1e-5
+SEARCH_TOKENS = 256    # calibration rows the alpha grid is scored on
+SEARCH_OUTPUTS = 256   # output channels per linear the alpha grid is scored on
 
 
 @dataclass
@@ -58,9 +66,35 @@ def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 # --- structure -----------------------------------------------------------------------------------
 
-def smoothing_groups(model: nn.Module) -> List[SmoothGroup]:
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, names: List[str], batch: Optional[dict]) -> List[List[str]]:
+    """``names`` grouped by the input tensor they read in one forward of ``batch`` (e.g. BERT's
+    query/key/value, which read the same hidden states), in order; singletons without a batch.
+    The captured inputs are kept alive during the pass, so tensor identity cannot be reused."""
+    if batch is None:
+        return [[n] for n in names]
+    seen: Dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0]))
+             for n in names]
+    try:
+        model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: List[List[str]] = []
+    for n in names:
+        g = next((g for g in groups if n in seen and g[0] in seen and seen[g[0]] is seen[n]), None)
+        if g is None:
+            groups.append([n])
+        else:
+            g.append(n)
+    return groups
+
+
+def smoothing_groups(model: nn.Module, batch: Optional[dict] = None) -> List[SmoothGroup]:
     """Llama-style decoders: q/k/v and gate/up fold into their norms, o_proj and down_proj get
-    explicit scales. Anything else: every linear of the repeated blocks, explicit."""
+    explicit scales. Anything else: the linears of the repeated blocks, explicit, those reading the
+    same input (found by one forward of ``batch``) in one group with one shared scale."""
     core = getattr(model, "model", None)
     layers = getattr(core, "layers", None)
     if layers is not None and all(hasattr(l, "input_layernorm") and hasattr(l, "mlp") for l in layers):
@@ -75,14 +109,22 @@ def smoothing_groups(model: nn.Module) -> List[SmoothGroup]:
     from ..models.blocks import find_blocks, linear_layers
 
     path, blocks = find_blocks(model)
-    return [SmoothGroup([n]) for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+    names = [n for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
+    return [SmoothGroup(g) for g in shared_input_groups(model, names, batch)]
+
+
+class _StatsDone(Exception):
+    """Raised by the statistics hook once every group has seen this batch's input."""
 
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: List[dict],
                         max_rows: int = 512, seed: int = 0) -> Dict[int, GroupStats]:
-    """Per group: channel absmax of its input over all batches and up to ``max_rows`` sampled rows."""
+    """Per group: channel absmax of its input over all batches and up to ``max_rows`` sampled rows.
+    Each forward stops once every group has seen its input (the rest of the model, e.g. a causal
+    LM's lm_head over the whole vocabulary, is not needed)."""
     g = torch.Generator().manual_seed(seed)
+    fired: set = set()
     per_batch = max(1, max_rows // max(1, len(batches)))
     absmax: Dict[int, torch.Tensor] = {}
     rows: Dict[int, List[torch.Tensor]] = {}
@@ -93,12 +135,19 @@ def collect_input_stats(model: nn.Module, groups: List[SmoothGroup], batches: Li
         absmax[i] = m if i not in absmax else torch.maximum(absmax[i], m)
         idx = torch.randperm(x.shape[0], generator=g)[:per_batch].to(x.device)
         rows.setdefault(i, []).append(x[idx].cpu())
+        fired.add(i)
+        if len(fired) == len(groups):
+            raise _StatsDone
 
     hooks = [model.get_submodule(gr.linears[0]).register_forward_pre_hook(lambda m, a, i=i: hook(i, a[0]))
              for i, gr in enumerate(groups)]
     try:
         for b in batches:
-            model(**b)
+            fired.clear()
+            try:
+                model(**b)
+            except _StatsDone:
+                pass
     finally:
         for h in hooks:
             h.remove()
@@ -133,13 +182,32 @@ def smoothed_error(X: torch.Tensor, weights: Sequence[torch.Tensor], s: Optional
     return total
 
 
+def output_sample(W: torch.Tensor, k: Optional[int], seed: int = 0) -> torch.Tensor:
+    """Indices of ``k`` output channels of ``W``: a seeded random subset that holds the row with the
+    largest |weight| (all rows when ``k`` is None or not smaller than the row count)."""
+    rows = W.shape[0]
+    if k is None or k >= rows:
+        return torch.arange(rows)
+    top = int(W.detach().float().abs().amax(1).argmax())
+    perm = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    perm = perm[perm != top][: k - 1]
+    return torch.cat([torch.tensor([top]), perm]).sort().values
+
+
 def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
-                 grid: Sequence[float] = ALPHA_GRID, rotation=None) -> Tuple[Optional[float], Dict[str, float]]:
-    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors."""
+                 grid: Sequence[float] = ALPHA_GRID, rotation=None, *, tokens: Optional[int] = SEARCH_TOKENS,
+                 outputs: Optional[int] = SEARCH_OUTPUTS) -> Tuple[Optional[float], Dict[str, float]]:
+    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors.
+    Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output channels per linear (None:
+    all); the scales themselves come from the full statistics and whole weights."""
     wmax = weight_absmax(weights)
     dev = weights[0].device  # the statistics are kept on the CPU; the weights may be on a GPU
-    X = stats.rows.float().to(dev)
-    Y = [X @ W.detach().float().T for W in weights]
+    X = stats.rows.float()
+    if tokens is not None and tokens < X.shape[0]:  # rows are stored batch by batch: sample across them
+        X = X[torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))[:tokens]]
+    X = X.to(dev)
+    weights = [W.detach()[output_sample(W, outputs).to(W.device)] for W in weights]
+    Y = [X @ W.float().T for W in weights]
     errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
     for a in grid:
         s = smooth_scales(stats.absmax.to(dev), wmax, a)
@@ -156,17 +224,23 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
                     act_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
                     rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
                     grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
-                    groups: Optional[List[SmoothGroup]] = None) -> dict:
+                    groups: Optional[List[SmoothGroup]] = None, search_tokens="default",
+                    search_outputs="default") -> dict:
     """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
     ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
     quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
     features)`` gives the (block, seed) of an online rotation the layer will get afterwards).
+    ``search_tokens``/``search_outputs``: the sample the grid is scored on (None: everything;
+    "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
     Returns a record with the chosen alpha per group."""
+    search_tokens = SEARCH_TOKENS if search_tokens == "default" else search_tokens
+    search_outputs = SEARCH_OUTPUTS if search_outputs == "default" else search_outputs
     if alpha != "auto":
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--smooth takes a number in [0, 1] or 'auto', got {alpha}")
-    groups = groups if groups is not None else smoothing_groups(model)
+    probe = {k: v[:1, :16] for k, v in batches[0].items() if torch.is_tensor(v)} if batches else None
+    groups = groups if groups is not None else smoothing_groups(model, probe)
     if not explicit:
         groups = [g for g in groups if g.norm is not None]
     # groups whose layers nobody quantizes gain nothing from smoothing
@@ -181,7 +255,8 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
             rot = rotation_of(gr.linears[0], lins[0].in_features)
             rot = None if rot is None else (rot[0], None if rot[1] is None else random_signs(lins[0].in_features, rot[1]))
             a, errs = search_alpha(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
-                                   [act_spec_of(n) for n in gr.linears], grid, rot)
+                                   [act_spec_of(n) for n in gr.linears], grid, rot, tokens=search_tokens,
+                                   outputs=search_outputs)
             errors[gr.linears[0]] = errs
         else:
             a = alpha
@@ -191,6 +266,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         s = smooth_scales(stats[i].absmax.to(weights[0].device), weight_absmax(weights), a)
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
+              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if alpha == "auto" else None),
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
               "chosen": chosen}
     if errors:
