@@ -59,57 +59,94 @@ def test_merge_concatenates_batches_and_refuses_what_it_cannot(tiny):
     assert merge_block_inputs(ragged, [i.hidden for i in ragged]) is None
 
 
-def test_sequential_quantizes_in_forward_order_from_the_quantized_prefix(tiny):
-    """Each layer is quantized from the inputs it receives in the block whose earlier layers are
-    already quantized: the Hessians recorded during the pass equal those of the final block."""
-    model, ids, batches = tiny
+def _block_pass(model, hint=None):
+    """Block 0 of a copy of ``model`` run sequentially with RTN int3 and a recording quantizer."""
     m = copy.deepcopy(model)
     _, blocks = find_blocks(m)
+    batches = [{"input_ids": torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(i))} for i in range(2)]
     inputs = capture_block_inputs(m, blocks[0], batches)
     merged = merge_block_inputs(inputs, [i.hidden for i in inputs])
     block = blocks[0]
     spec = QuantSpec.parse("int3:g32")
     todo = {n: (lin, spec) for n, lin in linear_layers(block, "b0").items()}
-    seen = {}
+    calls, last_H = [], {}
 
-    def quantize_one(name, lin, s, H):
-        seen[name] = H.clone()
-        Q, _ = WeightQuantizer(s).rtn(lin.weight.detach().float())
-        q = QuantLinear.from_linear(lin, Q, s, None)
-        parent, _, child = name[len("b0."):].rpartition(".")
-        setattr(block.get_submodule(parent), child, q)
-        return q
+    def quantize_group(items, H):
+        calls.append([n.split(".", 1)[1] for n, _, _ in items])
+        out = {}
+        for name, lin, s in items:
+            last_H[name] = H.clone()
+            Q, _ = WeightQuantizer(s).rtn(lin.weight.detach().float())
+            q = QuantLinear.from_linear(lin, Q, s, None)
+            parent, _, child = name[len("b0."):].rpartition(".")
+            setattr(block.get_submodule(parent), child, q)
+            out[name] = q
+        return out
 
     with torch.inference_mode():
-        out = run_sequential(block, merged, todo, quantize_one, prefix="b0")
-        order = [n.rsplit(".", 1)[1] for n in seen]
-        assert order == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        assert all(isinstance(mod, QuantLinear) for mod in linear_layers(block).values())
-        # the final (quantized) block: each layer's inputs give the Hessian it was quantized from
-        final = {}
+        out, groups = run_sequential(block, merged, todo, quantize_group, prefix="b0", groups=hint)
+    return block, merged, out, groups, calls, last_H
 
-        def keep(name):  # a forward hook that returns something would replace the output
-            def hook(mod, args, output):
-                final[name] = args[0]
-            return hook
 
-        hooks = [lin.register_forward_hook(keep(n)) for n, lin in linear_layers(block, "b0").items()]
+def _final_inputs(block, merged):
+    final = {}
+
+    def keep(name):  # a forward hook that returns something would replace the output
+        def hook(mod, args, output):
+            final[name] = args[0]
+        return hook
+
+    hooks = [lin.register_forward_hook(keep(n)) for n, lin in linear_layers(block, "b0").items()]
+    with torch.inference_mode():
         again = run_block(block, merged, merged.hidden)
-        for h in hooks:
-            h.remove()
+    for h in hooks:
+        h.remove()
+    return again, final
+
+
+def test_sequential_quantizes_in_forward_order_from_the_quantized_prefix(tiny):
+    """Each layer is quantized from the inputs it receives in the block whose earlier layers are
+    already quantized: the Hessians used equal those of the final block's inputs."""
+    model, ids, batches = tiny
+    block, merged, out, groups, calls, last_H = _block_pass(model)
+    assert calls == [["self_attn.q_proj"], ["self_attn.k_proj"], ["self_attn.v_proj"], ["self_attn.o_proj"],
+                     ["mlp.gate_proj"], ["mlp.up_proj"], ["mlp.down_proj"]]
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert groups["self_attn.k_proj"] == qkv and groups["mlp.up_proj"] == ("mlp.gate_proj", "mlp.up_proj")
+    assert groups["self_attn.o_proj"] == ("self_attn.o_proj",)
+    assert all(isinstance(mod, QuantLinear) for mod in linear_layers(block).values())
+    again, final = _final_inputs(block, merged)
     assert torch.equal(again, out)
-    for name, H in seen.items():
+    for name, H in last_H.items():
         acc = HessianAccumulator(H.shape[0])
         acc.add(final[name])
         torch.testing.assert_close(H, acc.H, rtol=1e-6, atol=1e-6)
     # o_proj's inputs are those of the quantized q/k/v, not of the float block
-    final_o = final["b0.self_attn.o_proj"]
-    final.clear()
-    hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(keep("float o_proj"))
+    float_out = {}
+    hook = model.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda mod, a, o: float_out.__setitem__("x", a[0]))
     with torch.inference_mode():
         run_block(model.model.layers[0], merged, merged.hidden)
     hook.remove()
-    assert not torch.allclose(final["float o_proj"], final_o, atol=1e-4)
+    assert not torch.allclose(float_out["x"], final["b0.self_attn.o_proj"], atol=1e-4)
+
+
+def test_groups_seen_in_one_block_are_quantized_together_in_the_next(tiny):
+    model, ids, batches = tiny
+    *_, groups, _, _ = _block_pass(model)
+    block, merged, out, _, calls, last_H = _block_pass(model, hint=groups)
+    assert calls == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    # a wrong guess (o_proj does not read q_proj's input) is caught: o_proj is quantized again, alone,
+    # from its own inputs, before it produces any output
+    wrong = {**groups, "self_attn.q_proj": ("self_attn.q_proj", "self_attn.o_proj")}
+    block, merged, out, _, calls, last_H = _block_pass(model, hint=wrong)
+    assert calls[0] == ["self_attn.q_proj", "self_attn.o_proj"] and ["self_attn.o_proj"] in calls[1:]
+    again, final = _final_inputs(block, merged)
+    assert torch.equal(again, out)
+    acc = HessianAccumulator(last_H["b0.self_attn.o_proj"].shape[0])
+    acc.add(final["b0.self_attn.o_proj"])
+    torch.testing.assert_close(last_H["b0.self_attn.o_proj"], acc.H, rtol=1e-6, atol=1e-6)
 
 
 def test_sequential_and_parallel_pipelines(tiny):

@@ -205,6 +205,7 @@ def quantize_model(
     blockq = _BlockQuantizer(model, plan, method, result, retain, scores, on_layer,
                              dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
 
+    groups = None  # which layers of a block read the same tensor, as seen in the previous block
     bar = _progress_bar(len(blocks), progress, initial=done + 1)
     with torch.inference_mode():
         for bi in range(done + 1, len(blocks)):
@@ -232,7 +233,7 @@ def quantize_model(
                 # one pass: each layer is quantized when the block's forward first reaches it, from the
                 # inputs the already quantized layers before it produce
                 merged.hidden = torch.cat(hidden)
-                out = run_sequential(block, merged, todo, blockq.quantize_one, prefix)
+                out, groups = run_sequential(block, merged, todo, blockq.quantize_group, prefix, groups)
                 hidden = list(out.split([h.shape[0] for h in hidden]))
             else:
                 hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
@@ -258,6 +259,7 @@ class _BlockQuantizer:
     def __init__(self, model, plan, method, result, retain, scores, on_layer, gptq_kw):
         self.model, self.plan, self.method, self.result = model, plan, method, result
         self.retain, self.scores, self.on_layer, self.gptq_kw = retain, scores, on_layer, gptq_kw
+        self.done = set()
 
     def quantize_block(self, todo, hess) -> None:
         """Every layer of ``todo`` (name -> (linear, spec)) with Hessians from ``hess`` (name ->
@@ -267,17 +269,28 @@ class _BlockQuantizer:
         for name, (lin, wspec) in todo.items():
             self._finish(name, lin, wspec, hess[name].H if name in hess else None, shared.get(name))
 
-    def quantize_one(self, name: str, lin: nn.Module, wspec: QuantSpec, H: Optional[torch.Tensor]) -> nn.Module:
-        """One layer given the Hessian of its inputs; returns the installed quantized module."""
-        gptq_res = None
-        if self.method == "gptq" and self.retain is None and H is not None:
-            ts = time.time()
-            q = WeightQuantizer(wspec)
-            res = gptq_shared([lin.weight.detach().float()], _input_hessian(lin, H), [q], **self.gptq_kw)[0]
-            gptq_res = (res, q, time.time() - ts)
-        note = "never called by the calibration forward: RTN" if H is None and self.method == "gptq" else ""
-        self._finish(name, lin, wspec, H, gptq_res, note)
-        return self.model.get_submodule(name)
+    def quantize_group(self, items, H: Optional[torch.Tensor]) -> Dict[str, nn.Module]:
+        """Layers ``[(name, linear, spec)]`` reading one input with Hessian ``H`` (None: no data,
+        RTN); GPTQ of those with the same spec and input transform runs as one stacked matrix.
+        Returns the installed quantized modules by name."""
+        parts: Dict[tuple, list] = {}
+        for name, lin, spec in items:
+            tf = getattr(lin, "input_transform", None)
+            parts.setdefault((str(spec), None if tf is None else tf.signature()), []).append((name, lin, spec))
+        for part in parts.values():
+            if self.method == "gptq" and self.retain is None and H is not None:
+                ts = time.time()
+                qs = [WeightQuantizer(spec) for _, _, spec in part]
+                res = gptq_shared([lin.weight.detach().float() for _, lin, _ in part], _input_hessian(part[0][1], H),
+                                  qs, **self.gptq_kw)
+                took = (time.time() - ts) / len(part)
+                for (name, lin, spec), r, q in zip(part, res, qs):
+                    self._finish(name, lin, spec, H, (r, q, took))
+            else:
+                note = "never called by the calibration forward: RTN" if H is None and self.method == "gptq" else ""
+                for name, lin, spec in part:
+                    self._finish(name, lin, spec, H, None, note)
+        return {name: self.model.get_submodule(name) for name, _, _ in items}
 
     def _finish(self, name, lin, wspec, H_raw, gptq_res, note: str = "") -> None:
         ts = time.time()
@@ -308,6 +321,9 @@ class _BlockQuantizer:
         _replace_module(self.model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
         if rinfo is not None:
             self.model.get_submodule(name).retain = rinfo["format"]
+        if name in self.done:  # quantized again (sequential calibration: its group's guess was wrong)
+            self.result.layers = [l for l in self.result.layers if l.name != name]
+        self.done.add(name)
         lr = LayerResult(name, str(wspec), str(aspec) if aspec else None, tuple(W.shape),
                          q.describe_groups(W.shape[1]), q.bits_per_weight(W.shape[1]) + extra_bits,
                          _relative_error(W, Q, H), time.time() - ts, note, rinfo)
