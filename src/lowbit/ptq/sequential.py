@@ -119,4 +119,9 @@ def run_sequential(block: nn.Module, inp: BlockInput, todo: Dict[str, Tuple[nn.M
     for probe in run.probes.values():
         if not probe.called:
             quantize_group([(probe.name, probe.linear, probe.spec)], None)
-    return out, run.groups()
+    groups = run.groups()
+    # probes and the pass refer to each other: free the block's activations now, not at the next
+    # cyclic garbage collection
+    run.inputs.clear()
+    run.probes.clear()
+    return out, groups
