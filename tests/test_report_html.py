@@ -75,3 +75,13 @@ def test_pages_escape_and_survive_missing_figures(tmp_path):
     s = search_html({"model": "m", "search": {"mode": "max-loss", "note": "over the limit", "steps": []},
                      "limit": {"max_loss": 0.01}}, tmp_path)
     assert "No plan" in s and "over the limit" in s
+
+
+def test_search_with_gptq_measures_gptq_models(tiny_loaded, tmp_path):
+    from lowbit.jobs import run_search
+
+    rep = run_search(None, str(tmp_path), budget=5.0, candidates="int2:g32,int8:g32", pairs=False,
+                     calib=2, seq_len=16, sentences=8, method="gptq", uniform=False, quiet=True,
+                     loaded=tiny_loaded())
+    points = [json.loads(l) for l in (tmp_path / "points.jsonl").read_text().splitlines() if l.strip()]
+    assert rep["plan"]["bits_per_weight"] <= 5.0 and any(p.get("kind") == "budget" for p in points)

@@ -92,6 +92,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     problem = table.problem(estimator, costs, with_pairs=pairs)
 
     evaluator = MetricEvaluator(loaded, layers, metric, method, eval_tokens, context, sentences,
+                                gptq_batches=objective.batches if method == "gptq" else None,
                                 input_power=objective.input_power)
     store = PointStore(outp / "points.jsonl" if outp else None, {"method": method, **evaluator.settings})
     if store.ignored:
