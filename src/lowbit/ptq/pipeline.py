@@ -264,10 +264,12 @@ class _BlockQuantizer:
     def quantize_block(self, todo, hess) -> None:
         """Every layer of ``todo`` (name -> (linear, spec)) with Hessians from ``hess`` (name ->
         HessianAccumulator; empty for RTN); GPTQ of layers sharing a Hessian runs as one matrix."""
-        shared = _gptq_shared_groups(todo, hess, **self.gptq_kw) \
-            if self.method == "gptq" and self.retain is None else {}
+        groups: Dict[int, list] = {}  # layers fed the same input share one accumulator
         for name, (lin, wspec) in todo.items():
-            self._finish(name, lin, wspec, hess[name].H if name in hess else None, shared.get(name))
+            groups.setdefault(id(hess.get(name)), []).append((name, lin, wspec))
+        for items in groups.values():
+            first = items[0][0]
+            self.quantize_group(items, hess[first].H if first in hess else None)
 
     def quantize_group(self, items, H: Optional[torch.Tensor]) -> Dict[str, nn.Module]:
         """Layers ``[(name, linear, spec)]`` reading one input with Hessian ``H`` (None: no data,
@@ -381,26 +383,6 @@ def _prepare_retention(model, plan, batches, retain, progress):
         retain.ratios = alloc.ratios
         retain.allocation = alloc.to_dict()
     return scores
-
-
-def _gptq_shared_groups(todo, hess, block_size, percdamp, act_order):
-    """GPTQ of the block's layers, those sharing a Hessian and a spec (q/k/v, gate/up) in one loop
-    over their stacked rows: name -> (result, quantizer, seconds, split evenly over the group)."""
-    groups: Dict[tuple, List[str]] = {}
-    for name, (lin, wspec) in todo.items():
-        # an online input transform changes the Hessian: only layers with equal ones may share it
-        tf = getattr(lin, "input_transform", None)
-        groups.setdefault((id(hess[name]), str(wspec), None if tf is None else tf.signature()), []).append(name)
-    out = {}
-    for names in groups.values():
-        ts = time.time()
-        qs = [WeightQuantizer(todo[n][1]) for n in names]
-        H = _input_hessian(todo[names[0]][0], hess[names[0]].H)
-        res = gptq_shared([todo[n][0].weight.detach().float() for n in names], H, qs,
-                          block_size=block_size, percdamp=percdamp, act_order=act_order)
-        took = (time.time() - ts) / len(names)
-        out.update({n: (r, q, took) for n, r, q in zip(names, res, qs)})
-    return out
 
 
 # --- progress / resume -------------------------------------------------------------------------
