@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..models.blocks import replace_module
 from ..quant.conv import QuantConv1d, QuantConv2d
 from ..quant.linear import QuantLinear
 
@@ -69,11 +70,6 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
     return (out / WEIGHTS_FILE).stat().st_size
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def load_quantized(path, dtype=torch.float32):
     """(model, tokenizer, meta) from a directory written by ``save_quantized``."""
     from safetensors.torch import load_file
@@ -105,13 +101,13 @@ def load_quantized(path, dtype=torch.float32):
         lin = model.get_submodule(name)
         q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, wspec, aspec)
         q.retain = info.get("retain")
-        _replace(model, name, q)
+        replace_module(model, name, q)
         state[f"{name}.weight"] = W.to(dtype)
     for name, spec in meta.get("act_only", {}).items():
         lin = model.get_submodule(name)
         q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, None,
                         QuantSpec.parse(spec))
-        _replace(model, name, q)
+        replace_module(model, name, q)
     _restore_transforms(model, meta.get("input_transforms", {}))
     for name, source in tied.items():
         state[name] = state[source]
@@ -140,6 +136,6 @@ def _restore_transforms(model: nn.Module, transforms: dict) -> None:
         lin = model.get_submodule(name)
         if not isinstance(lin, QuantLinear):
             q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, None, None)
-            _replace(model, name, q)
+            replace_module(model, name, q)
             lin = q
         lin.input_transform = InputTransform.from_dict(d)

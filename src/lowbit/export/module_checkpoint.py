@@ -11,16 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.blocks import replace_module
 from ..quant.conv import CONV_TYPES, quant_conv_from
 from ..quant.linear import QuantLinear
 from ..quant.spec import QuantSpec
 from .checkpoint import CHECKPOINT_VERSION, META_FILE, WEIGHTS_FILE
 from .packing import unpack_weight
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def load_quantized_into(model: nn.Module, path) -> dict:
@@ -58,13 +54,13 @@ def load_quantized_into(model: nn.Module, path) -> dict:
         else:
             raise ValueError(f"checkpoint layer {name} is a {type(mod).__name__} in this model; expected a "
                              "Linear, Conv1d or Conv2d")
-        _replace(model, name, new)
+        replace_module(model, name, new)
         state[f"{name}.weight"] = new.weight.detach()
     for name, spec in meta.get("act_only", {}).items():
         mod = model.get_submodule(name)
         new = quant_conv_from(mod, mod.weight.detach(), None, QuantSpec.parse(spec)) if isinstance(mod, CONV_TYPES) \
             else QuantLinear.from_linear(mod, mod.weight.detach(), None, QuantSpec.parse(spec))
-        _replace(model, name, new)
+        replace_module(model, name, new)
     for name, source in tied.items():
         state[name] = state[source]
     missing, unexpected = model.load_state_dict(state, strict=False)

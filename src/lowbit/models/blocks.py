@@ -39,6 +39,12 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
     )
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule of dotted ``name`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def linear_layers(module: nn.Module, prefix: str = "") -> Dict[str, nn.Linear]:
     """Every nn.Linear inside ``module`` by full dotted name."""
     return {f"{prefix}.{n}" if prefix else n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}

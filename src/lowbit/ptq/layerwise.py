@@ -31,7 +31,8 @@ from ..quant.spec import QuantSpec
 from ..quant.weight import GroupParams, WeightQuantizer
 from .gptq import HessianAccumulator, gptq
 from .layer_progress import fingerprint, load_progress, save_progress
-from .pipeline import METHODS, LayerResult, QuantizationResult, _progress_bar, _replace_module
+from ..models.blocks import replace_module
+from .pipeline import METHODS, LayerResult, QuantizationResult, _progress_bar
 
 LAYER_TYPES = (nn.Linear,) + CONV_TYPES
 
@@ -165,7 +166,7 @@ def _swap_act_only(model: nn.Module, name: str, layer: nn.Module, aspec) -> None
     """A layer whose input is quantized and whose weight is kept."""
     new = quant_conv_from(layer, layer.weight, None, aspec) if isinstance(layer, CONV_TYPES) else \
         QuantLinear.from_linear(layer, layer.weight, None, aspec)
-    _replace_module(model, name, new)
+    replace_module(model, name, new)
 
 
 def _quantize_layer(model, name, layer, plan, batches, method, result, *, block_size, percdamp,
@@ -213,7 +214,7 @@ def _quantize_layer(model, name, layer, plan, batches, method, result, *, block_
     params = plist[0] if groups == 1 else _merge_params(plist)
     result.packed[name] = pack_weight(Q.cpu(), q, params)
     new = quant_conv_from(layer, Q, wspec, aspec) if is_conv else QuantLinear.from_linear(layer, Q, wspec, aspec)
-    _replace_module(model, name, new)
+    replace_module(model, name, new)
     note = f"conv weight {tuple(layer.weight.shape)} as ({W.shape[0]}, {cols})" if is_conv else ""
     if groups > 1:
         note += f", {groups} conv groups of {rows} rows, one Hessian each"
@@ -246,6 +247,6 @@ def _restore(model, plan, finished, saved: dict, packed, result: QuantizationRes
         W = unpack_weight(packed[name], wspec, lr.shape)
         new = quant_conv_from(layer, W, wspec, aspec) if isinstance(layer, CONV_TYPES) else \
             QuantLinear.from_linear(layer, W, wspec, aspec)
-        _replace_module(model, name, new)
+        replace_module(model, name, new)
         result.packed[name] = packed[name]
         result.layers.append(lr)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..models.kv_cache import apply_kv_plan
-from ..models.blocks import BlockInput, capture_block_inputs, find_blocks, linear_layers, merge_block_inputs, run_block
+from ..models.blocks import (BlockInput, capture_block_inputs, find_blocks, linear_layers, merge_block_inputs,
+                             replace_module, run_block)
 from ..models.loader import UnsupportedArchitectureError
 from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
@@ -104,12 +105,6 @@ def _input_hessian(lin: nn.Module, H: torch.Tensor) -> torch.Tensor:
     (rotation/smoothing, lowbit.transforms) stores W T and sees x T, so GPTQ needs T^T H T."""
     tf = getattr(lin, "input_transform", None)
     return H if tf is None else tf.transform_hessian(H)
-
-
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _relative_error(W: torch.Tensor, Q: torch.Tensor, H: Optional[torch.Tensor]) -> float:
@@ -228,7 +223,7 @@ def quantize_model(
             # activation-only layers (weight kept) still get their input quantizer
             for name, lin in layers.items():
                 if name not in todo and plan.act_spec(name) is not None and plan.weight_spec(name) is None:
-                    _replace_module(model, name, QuantLinear.from_linear(lin, lin.weight, None, plan.act_spec(name)))
+                    replace_module(model, name, QuantLinear.from_linear(lin, lin.weight, None, plan.act_spec(name)))
             if merged is not None:
                 # one pass: each layer is quantized when the block's forward first reaches it, from the
                 # inputs the already quantized layers before it produce
@@ -320,7 +315,7 @@ class _BlockQuantizer:
         else:
             self.result.packed[name] = packed
         aspec = self.plan.act_spec(name)
-        _replace_module(self.model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
+        replace_module(self.model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
         if rinfo is not None:
             self.model.get_submodule(name).retain = rinfo["format"]
         if name in self.done:  # quantized again (sequential calibration: its group's guess was wrong)
@@ -436,7 +431,7 @@ def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int
         aspec = QuantSpec.parse(layer.act_spec) if layer.act_spec else None
         retain_fmt = layer.retain["format"] if layer.retain else None
         W = unpack_weight(result.packed[layer.name], wspec, layer.shape, retain=retain_fmt)
-        _replace_module(model, layer.name, QuantLinear.from_linear(model.get_submodule(layer.name), W, wspec, aspec))
+        replace_module(model, layer.name, QuantLinear.from_linear(model.get_submodule(layer.name), W, wspec, aspec))
         if retain_fmt:
             model.get_submodule(layer.name).retain = retain_fmt
     result.skipped.update(meta["result"]["skipped"])

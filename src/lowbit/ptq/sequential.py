@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..models.blocks import BlockInput, run_block
+from ..models.blocks import BlockInput, replace_module, run_block
 from ..quant.spec import QuantSpec
 from .gptq import HessianAccumulator
 
@@ -83,16 +83,11 @@ class _Pass:
             p.quantized = modules[p.name]
             p.expected = x
             if not p.called:  # the quantizer installed it; the probe stays until the layer is reached
-                _set(self.block, p.rel, p)
+                replace_module(self.block, p.rel, p)
 
     def groups(self) -> Dict[str, Tuple[str, ...]]:
         """Layer (name within the block) -> the layers that read the same tensor, in call order."""
         return {r: tuple(readers) for _, _, readers in self.inputs.values() for r in readers}
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def run_sequential(block: nn.Module, inp: BlockInput, todo: Dict[str, Tuple[nn.Module, QuantSpec]],
@@ -107,7 +102,7 @@ def run_sequential(block: nn.Module, inp: BlockInput, todo: Dict[str, Tuple[nn.M
     cut = len(prefix) + 1 if prefix else 0
     for name, (lin, spec) in todo.items():
         run.probes[name[cut:]] = _Probe(name, name[cut:], lin, spec, run)
-        _set(block, name[cut:], run.probes[name[cut:]])
+        replace_module(block, name[cut:], run.probes[name[cut:]])
     try:
         out = run_block(block, inp, inp.hidden)
     finally:
@@ -115,7 +110,7 @@ def run_sequential(block: nn.Module, inp: BlockInput, todo: Dict[str, Tuple[nn.M
             # the quantizer installed each quantized layer in the model; a probe still in place
             # means the layer was never called (or the pass failed): restore the original for now
             if block.get_submodule(rel) is probe:
-                _set(block, rel, probe.quantized if probe.called else probe.linear)
+                replace_module(block, rel, probe.quantized if probe.called else probe.linear)
     for probe in run.probes.values():
         if not probe.called:
             quantize_group([(probe.name, probe.linear, probe.spec)], None)

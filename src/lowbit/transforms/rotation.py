@@ -23,15 +23,11 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from ..models.blocks import replace_module
 from ..quant.linear import QuantLinear
 from .hadamard import default_block, random_signs, rotate
 from .paley import is_supported
 from .online import InputTransform
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def transform_layer(model: nn.Module, name: str) -> QuantLinear:
@@ -42,7 +38,7 @@ def transform_layer(model: nn.Module, name: str) -> QuantLinear:
         raise TypeError(f"{name} is a {type(lin).__name__}, not an nn.Linear")
     if not isinstance(lin, QuantLinear):
         q = QuantLinear.from_linear(lin, lin.weight.detach(), None, None)
-        _replace(model, name, q)
+        replace_module(model, name, q)
         lin = q
     if lin.input_transform is None:
         lin.input_transform = InputTransform(lin.in_features).to(lin.weight.device)
