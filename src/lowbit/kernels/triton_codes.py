@@ -20,7 +20,8 @@ from . import reference
 from .codes import block_code_claims, code_dtype, code_spec, table
 from .cpu_fast import element_spec
 from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, _DTYPES, _MODES, _OVF, _amax_bits_kernel,
-                           _amax_rule_constants, _block_amax, _block_offsets, _block_random, _flags, _nan_where,
+                           _amax_rule_block, _amax_rule_constants, _block_amax, _block_offsets, _block_random, _flags,
+                           _mx_block, _nan_where,
                            _on_device, _params, _pick4, _pow2, _pow2ceil, _round_bits, _seed)
 
 
@@ -119,16 +120,9 @@ def _mx_encode_kernel(x_ptr, code_ptr, sc_ptr, nrows, size, P, C, seed, emax_ele
     """triton_quant._mx_kernel with element codes and scale codes (exponent + bias) out."""
     pid = tl.program_id(0)
     offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax = _block_amax(ab, ROWS, SIZE, LAYOUT)
-    shared = tl.minimum(tl.maximum((amax >> 23) - 127 - emax_elem, sc_emin), sc_emax)
-    s1 = shared >> 1
-    s2 = shared - s1
-    y = (x * _pow2(-s1)) * _pow2(-s2)
-    q = _round_bits(y, P, rb, ab > 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM,
-                    ZERO_SHIFT, True)
+    q, s1, s2, shared, amax = _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
+                                        HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
+                                        NR, LAYOUT)
     bad = amax >= C_INF
     code = tl.where(bad, 0, _codes(q, C, C_FLOAT, C_NEG_ZERO, C_HAS_INF, C_HAS_NAN))
     tl.store(code_ptr + offs, code.to(code_ptr.dtype.element_ty), mask=m)
@@ -152,31 +146,10 @@ def _amax_rule_encode_kernel(x_ptr, code_ptr, sc_ptr, nrows, size, P, Ps, C, Cs,
     """triton_quant._amax_rule_kernel with element codes and scale codes out."""
     pid = tl.program_id(0)
     offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax_bits = _block_amax(ab, ROWS, SIZE, LAYOUT)
-    amax = amax_bits.to(tl.float32, bitcast=True)
-    s32 = tl.math.div_rn(amax, tl.zeros_like(amax) + elem_max)
-    if HAS_TS:
-        if AMAX_SCALAR:
-            amax_t = amax_s
-        else:
-            amax_t = tl.load(amax_t_ptr).to(tl.float32, bitcast=True)
-        ts = tl.math.div_rn(amax_t, ts_den)
-        ts = tl.where((ts > 0) & (ts < C_INFF), ts, 1.0)
-        s32 = tl.math.div_rn(s32, tl.zeros_like(s32) + ts)
-    scale = _round_bits(s32, Ps, 0, 0, 0, 0, S_HAS_INF, S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, False,
-                        S_ZERO_SHIFT, False)
-    scale = _nan_where(amax_bits >= C_INF, scale)
-    if HAS_TS:
-        d = scale * ts
-    else:
-        d = scale
-    y = tl.math.div_rn(x, tl.broadcast_to(d, x.shape))
-    y = tl.where(scale > 0, y, 0.0)
-    q = _round_bits(y, P, rb, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
-                    False)
+    q, scale, d = _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                                   MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
+                                   S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
+                                   ROWS, SIZE, NR, LAYOUT)
     code = tl.where(scale != scale, 0, _codes(q, C, C_FLOAT, C_NEG_ZERO, C_HAS_INF, C_HAS_NAN))
     tl.store(code_ptr + offs, code.to(code_ptr.dtype.element_ty), mask=m)
     rows, keep = _block_rows(pid, nrows, ROWS, SIZE, LAYOUT)

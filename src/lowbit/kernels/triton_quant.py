@@ -266,14 +266,13 @@ def _block_amax(ab, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr
 
 
 @triton.jit
-def _mx_kernel(x_ptr, out_ptr, nrows, size, P, seed, emax_elem, sc_emin, sc_emax,
-               MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
-               MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
-               ZERO_SHIFT: tl.constexpr, STOCH: tl.constexpr, ROWS: tl.constexpr,
-               SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
-    """Power-of-two (E8M0-style) shared scale: amax reduction, exponent arithmetic, elements."""
-    pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+def _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE: tl.constexpr,
+              HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr,
+              ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr, ROWS: tl.constexpr, SIZE: tl.constexpr,
+              NR: tl.constexpr, LAYOUT: tl.constexpr):
+    """One tile of blocks with a power-of-two (E8M0-style) shared scale: amax reduction, exponent
+    arithmetic, rounded elements. Returns (elements in the scaled domain, the scale exponents split
+    in two halves s1 + s2, the amax bits); shared by the quantize and encode kernels."""
     rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -284,6 +283,21 @@ def _mx_kernel(x_ptr, out_ptr, nrows, size, P, seed, emax_elem, sc_emin, sc_emax
     y = (x * _pow2(-s1)) * _pow2(-s2)
     q = _round_bits(y, P, rb, ab > 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM,
                     ZERO_SHIFT, True)
+    return q, s1, s2, shared, amax
+
+
+@triton.jit
+def _mx_kernel(x_ptr, out_ptr, nrows, size, P, seed, emax_elem, sc_emin, sc_emax,
+               MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
+               MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
+               ZERO_SHIFT: tl.constexpr, STOCH: tl.constexpr, ROWS: tl.constexpr,
+               SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
+    """Power-of-two (E8M0-style) shared scale: amax reduction, exponent arithmetic, elements."""
+    pid = tl.program_id(0)
+    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, s1, s2, shared, amax = _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
+                                        HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
+                                        NR, LAYOUT)
     out = (q * _pow2(s2)) * _pow2(s1)
     out = _nan_where(amax >= C_INF, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
@@ -304,19 +318,19 @@ def _amax_bits_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constex
 
 
 @triton.jit
-def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den, amax_t_ptr, amax_s,
-                      MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
-                      MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
-                      ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
-                      S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
-                      STOCH: tl.constexpr, HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr,
-                      ROWS: tl.constexpr, SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
-    """Scale = amax / max_elem [/ tensor scale], rounded to the scale format (NVFP4: E4M3), in
-    float32 with correctly rounded division as the reference does it. The tensor amax comes from
-    ``amax_t_ptr`` (float32 bits: the amax pass, or a caller's tensor) or, with AMAX_SCALAR, from
-    the float32 argument ``amax_s`` (a caller's number: no device memory read)."""
-    pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+def _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                     MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
+                     MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
+                     ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
+                     S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
+                     HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr, ROWS: tl.constexpr,
+                     SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
+    """One tile of blocks with scale = amax / max_elem [/ tensor scale], rounded to the scale
+    format (NVFP4: E4M3), in float32 with correctly rounded division as the reference does it.
+    The tensor amax comes from ``amax_t_ptr`` (float32 bits: the amax pass, or a caller's tensor)
+    or, with AMAX_SCALAR, from the float32 argument ``amax_s`` (a caller's number: no device memory
+    read). Returns (rounded elements, the block scale, the full divisor); shared by the quantize and
+    encode kernels."""
     rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -342,6 +356,24 @@ def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den
     y = tl.where(scale > 0, y, 0.0)
     q = _round_bits(y, P, rb, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
                     False)
+    return q, scale, d
+
+
+@triton.jit
+def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den, amax_t_ptr, amax_s,
+                      MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
+                      MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
+                      ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
+                      S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
+                      STOCH: tl.constexpr, HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr,
+                      ROWS: tl.constexpr, SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
+    """Blocks scaled by the amax rule (NVFP4), values out: see _amax_rule_block."""
+    pid = tl.program_id(0)
+    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, scale, d = _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                                   MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
+                                   S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
+                                   ROWS, SIZE, NR, LAYOUT)
     q = tl.where(scale != scale, scale, q)
     out = q * d
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
