@@ -21,8 +21,8 @@ from .codes import block_code_claims, code_dtype, code_spec, table
 from .cpu_fast import element_spec
 from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, _DTYPES, _MODES, _OVF, _amax_bits_kernel,
                            _amax_rule_block, _amax_rule_constants, _block_amax, _block_offsets, _block_random, _flags,
-                           _mx_block, _nan_where,
-                           _on_device, _params, _pick4, _pow2, _pow2ceil, _round_bits, _seed)
+                           _elem_tile, _mx_block, _nan_where, _on_device, _params, _pow2, _pow2ceil, _round_bits,
+                           _seed)
 
 
 @triton.jit
@@ -69,16 +69,7 @@ def _elem_encode_kernel(x_ptr, code_ptr, flag_ptr, n, P, C, seed, MODE: tl.const
                         BLOCK: tl.constexpr, NR: tl.constexpr):
     """triton_quant._elem_kernel with codes out; CHECK_NAN: flag a nan input (formats without a
     nan code refuse it) with one atomic per program that saw one."""
-    pid = tl.program_id(0)
-    if STOCH:
-        rows = tl.arange(0, BLOCK // 4)
-        lane = tl.arange(0, 4)[None, :]
-        offs = pid * BLOCK + rows[:, None] * 4 + lane
-        r0, r1, r2, r3 = tl.randint4x(seed, pid * (BLOCK // 4) + rows, NR)
-        rb = _pick4(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        rb = 0
+    offs, rb = _elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     q = _round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, False)

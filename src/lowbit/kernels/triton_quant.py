@@ -171,11 +171,8 @@ def _pick4(r0, r1, r2, r3, lane):
 
 
 @triton.jit
-def _elem_kernel(x_ptr, out_ptr, n, P, seed, MODE: tl.constexpr, OVF: tl.constexpr,
-                 HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr,
-                 VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr,
-                 STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
-    pid = tl.program_id(0)
+def _elem_tile(pid, seed, STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
+    """Offsets of program ``pid``'s tile and, when STOCH, each element's 32 random bits."""
     if STOCH:
         # the tile as (BLOCK/4, 4): one Philox call per row gives the four words of its four
         # elements, computed in the layout the loads use (no shuffles through shared memory)
@@ -187,6 +184,15 @@ def _elem_kernel(x_ptr, out_ptr, n, P, seed, MODE: tl.constexpr, OVF: tl.constex
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         rb = 0
+    return offs, rb
+
+
+@triton.jit
+def _elem_kernel(x_ptr, out_ptr, n, P, seed, MODE: tl.constexpr, OVF: tl.constexpr,
+                 HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr,
+                 VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr,
+                 STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
+    offs, rb = _elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     q = _round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
