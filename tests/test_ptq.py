@@ -13,6 +13,7 @@ from lowbit.ptq.gptq import HessianAccumulator, gptq
 from lowbit.quant.plan import Plan
 from lowbit.quant.spec import SCHEMES, QuantSpec, scheme
 from lowbit.quant.weight import WeightQuantizer
+from _tiny import batches, token_ids, tiny_llama
 
 SPECS = ["int4:g64", "int3:g128", "int2:g32:asym", "int4:g32:asym:mse", "int8:channel", "int4:tensor",
          "e2m1fn:g32", "e4m3fn:channel", "nf4:g64", "fp4_bnb:g64", "mxfp4", "mxfp8_e4m3", "nvfp4",
@@ -190,13 +191,9 @@ def test_plan_rules_override_in_order_and_skip_the_head():
 
 @pytest.fixture(scope="module")
 def tiny():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
-    return model, ids, [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+    pytest.importorskip("transformers")
+    ids = token_ids(8, 24)
+    return tiny_llama(), ids, batches(ids, 4)
 
 
 def _logits(model, ids):

@@ -10,17 +10,13 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from lowbit.quant.plan import Plan  # noqa: E402
+from _tiny import batches, token_ids, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    return model, ids
+    pytest.importorskip("transformers")
+    return tiny_llama(intermediate_size=128), token_ids(8, 32)
 
 
 def _run(model, ids, device, scheme, method, rotate="none", smooth=None, retain=None):

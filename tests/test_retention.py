@@ -18,6 +18,7 @@ from lowbit.ptq.retention import (RetainConfig, RetainFormat, finish_retained, g
 from lowbit.quant.plan import Plan
 from lowbit.quant.spec import QuantSpec
 from lowbit.quant.weight import WeightQuantizer
+from _tiny import batches, token_ids, tiny_llama
 
 
 def _problem(rows=24, cols=128, n=384, seed=0, outliers=True):
@@ -174,13 +175,9 @@ def test_allocation_interaction_term_changes_the_choice():
 
 @pytest.fixture(scope="module")
 def tiny():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
-    return model, ids, [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+    pytest.importorskip("transformers")
+    ids = token_ids(8, 24)
+    return tiny_llama(), ids, batches(ids, 4)
 
 
 def _logits(model, ids):

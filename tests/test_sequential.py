@@ -14,16 +14,13 @@ from lowbit.quant.linear import QuantLinear
 from lowbit.quant.plan import Plan
 from lowbit.quant.spec import QuantSpec
 from lowbit.quant.weight import WeightQuantizer
+from _tiny import batches, token_ids, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (6, 20), generator=torch.Generator().manual_seed(1))
-    return model, ids, [{"input_ids": ids[i: i + 3]} for i in range(0, 6, 3)]
+    ids = token_ids(6, 20)
+    return tiny_llama(), ids, batches(ids, 3)
 
 
 @pytest.mark.parametrize("cols", [96, 1536])  # the full product and the symmetric (syrk) path

@@ -12,6 +12,8 @@ from lowbit.quant.plan import Plan
 from lowbit.transforms.hadamard import (block_fwht, default_block, fwht, hadamard_matrix, random_signs, rotate,
                                         rotate_inverse)
 from lowbit.transforms.online import InputTransform
+from _tiny import batches, token_ids
+from _tiny import tiny_llama as make_tiny_llama
 
 SIZES = [(1, None), (2, None), (8, None), (64, None), (384, None), (576, None), (576, 16), (1536, None), (96, 32),
          # full Hadamard matrices of sizes that are not powers of two (Paley I 12 = 11+1 and 28 over GF(27),
@@ -159,17 +161,14 @@ def test_input_transform_record_round_trips():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    model = make_tiny_llama(hidden_size=96, intermediate_size=192, heads=6)
     with torch.no_grad():  # non-trivial norm scales, so that folding them matters
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.copy_(torch.rand_like(p) + 0.5)
-    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
-    return model, ids, [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+    ids = token_ids(8, 24)
+    return model, ids, batches(ids, 4)
 
 
 @pytest.fixture(scope="module")
