@@ -109,3 +109,135 @@ def test_full_width_paley_rotation_on_cuda(n):
     y = rotate(x, n, s)
     assert (y.double() - ref).abs().max().item() < _tol(x, n)
     assert (rotate_inverse(y, n, s).double() - x.double()).abs().max().item() < 2 * _tol(x, n)
+
+
+# --- the fused kernel for full widths that are not powers of two (H_m ⊗ H_p in one pass) ----------------
+
+PALEY_WIDTHS = [384, 576, 1536, 2304, 5120, 14336]   # every full-width row of benchmarks/bench_hadamard.py
+
+
+def _kron_ref(x: torch.Tensor, b: int, signs=None, signs_after=False, transpose=False) -> torch.Tensor:
+    """float64 x @ blockdiag(H_m ⊗ H_p)/sqrt(b) (or its transpose) from the explicit ±1 factors
+    (paley.hadamard_of_order, paley.sylvester), applied as two dense float64 products per block."""
+    from lowbit.transforms import paley
+    m, p = paley.split_order(b)
+    Hm = paley.hadamard_of_order(m).to(x.device)
+    Hp = paley.sylvester(p).to(x.device)
+    y = x.double()
+    if signs is not None and not signs_after:
+        y = y * signs.double()
+    Y = y.reshape(-1, m, p)
+    # vec(X) @ (A ⊗ B) = vec(A^T X B) for row-major blocks X (m, p)
+    Y = (Hm if transpose else Hm.t()) @ (Y @ Hp)
+    y = Y.reshape(x.shape) / math.sqrt(b)
+    if signs is not None and signs_after:
+        y = y * signs.double()
+    return y
+
+
+@pytest.fixture
+def no_two_pass(monkeypatch):
+    """Fail if a call falls back to the torch route: the fused kernel must take these inputs."""
+    def boom(*a, **k):
+        raise AssertionError("fell back to _paley_two_pass")
+    monkeypatch.setattr(hadamard, "_paley_two_pass", boom)
+
+
+@pytest.mark.parametrize("n", PALEY_WIDTHS)
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_fused_paley_matches_reference(n, rows, no_two_pass):
+    g = torch.Generator(device="cuda").manual_seed(n + rows)
+    x = torch.randn(rows, n, device="cuda", generator=g) * 3
+    s = random_signs(n, 5, device="cuda")
+    tol = _tol(x, n)
+    y = rotate(x, n, s)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert (y.double() - _kron_ref(x, n, s)).abs().max().item() <= tol
+    # rotate_inverse = x R^T: transposed factor, signs after; the round trip gives x back
+    z = rotate_inverse(x, n, s)
+    assert (z.double() - _kron_ref(x, n, s, signs_after=True, transpose=True)).abs().max().item() <= tol
+    assert (rotate_inverse(y, n, s) - x).abs().max().item() <= 2 * tol
+    # no signs, both orientations
+    for t in (False, True):
+        assert (block_fwht(x, n, transpose=t).double() - _kron_ref(x, n, transpose=t)).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("n", [384, 576, 1536, 2304])
+def test_fused_paley_matches_explicit_matrix_and_cpu(n):
+    """Against hadamard_matrix (kron of the explicit matrices) and the unchanged CPU path."""
+    x = torch.randn(2, 5, n, device="cuda")
+    s = random_signs(n, 9, device="cuda")
+    y = rotate(x, n, s)
+    assert (y.double() - _exact(x, n, s)).abs().max().item() <= _tol(x, n)
+    assert (y.cpu() - rotate(x.cpu(), n, s.cpu())).abs().max().item() <= _tol(x, n)
+    z = rotate_inverse(x, n, s)
+    assert (z.cpu() - rotate_inverse(x.cpu(), n, s.cpu())).abs().max().item() <= _tol(x, n)
+
+
+@pytest.mark.parametrize("n,b", [(12, 12), (24, 24), (40, 40), (768, 384), (1152, 576), (10240, 5120)])
+def test_fused_paley_small_orders_and_blocks(n, b, no_two_pass):
+    """p = 1 and 2 (several blocks per program), and several Paley blocks per row (signs per feature)."""
+    x = torch.randn(9, n, device="cuda")
+    s = random_signs(n, 2, device="cuda")
+    assert (rotate(x, b, s).double() - _kron_ref(x, b, s)).abs().max().item() <= _tol(x, b)
+    z = rotate_inverse(x, b, s)
+    assert (z.double() - _kron_ref(x, b, s, signs_after=True, transpose=True)).abs().max().item() <= _tol(x, b)
+
+
+def test_fused_paley_layouts_and_dtypes(no_two_pass):
+    n = 1536
+    base = torch.randn(n, 11, device="cuda")
+    xt = base.t()                        # non-contiguous: made contiguous, then the kernel
+    assert not xt.is_contiguous()
+    s = random_signs(n, 4, device="cuda")
+    assert (rotate(xt, n, s).double() - _kron_ref(xt, n, s)).abs().max().item() <= _tol(xt, n)
+    xs = torch.randn(6, 2 * n, device="cuda")[:, ::2]   # strided last dim
+    assert (rotate(xs, n, s).double() - _kron_ref(xs, n, s)).abs().max().item() <= _tol(xs, n)
+    xh = torch.randn(4, 3, n, device="cuda").half()      # upcast, kernel, cast back
+    yh = rotate(xh, n, s)
+    assert yh.dtype == torch.float16 and yh.shape == xh.shape
+    assert (yh.double() - _kron_ref(xh.float(), n, s)).abs().max().item() <= 2e-3 * xh.float().abs().max().item()
+    assert torch.equal(block_fwht(xs.contiguous(), n, method="triton", signs=s), rotate(xs, n, s))
+
+
+@pytest.mark.parametrize("n", [576, 5120])
+@pytest.mark.parametrize("kw", [{"mix": "fma", "rows": 2, "num_warps": 8}, {"mix": "fma", "unroll": True},
+                                {"mix": "left"}, {"mix": "right"}, {"mix": "batched"},
+                                {"mix": "right", "precision": "ieee"}, {"mix": "left", "precision": "split3"},
+                                {"mix": "right", "rows": 2, "num_warps": 4},
+                                {"mix": "left", "rows": 2}, {"mix": "left", "rows": 4, "num_warps": 8},
+                                {"mix": "left", "rows": 4, "prefetch": True}, {"mix": "left", "rows": 1, "prefetch": True},
+                                {"mix": "left", "two_tiles": False}, {"mix": "batched", "rows": 2}])
+def test_fused_paley_settings(n, kw):
+    """The kernel's other settings (benchmarks/bench_hadamard.py --paley-variants) give the same result."""
+    from lowbit.kernels import triton_hadamard as th
+    from lowbit.transforms import paley
+    m, p = paley.split_order(n)
+    x = torch.randn(13, n, device="cuda")
+    s = random_signs(n, 6, device="cuda")
+    for t, after in ((False, False), (True, True)):
+        hop = th.paley_operand(paley.hadamard_of_order(m), t, x.device)
+        y = th.paley_fwht(x, hop, m, p, s, signs_after=after, **kw)
+        assert (y.double() - _kron_ref(x, n, s, signs_after=after, transpose=t)).abs().max().item() <= _tol(x, n)
+
+
+def test_fused_paley_limits_and_errors():
+    from lowbit.kernels import triton_hadamard as th
+    from lowbit.transforms import paley
+    # 28672 = 28 x 1024: the padded tile (32 x 1024) exceeds the kernel's limit -> two-pass route, still exact
+    n = 28672
+    x = torch.randn(3, n, device="cuda")
+    assert not th.paley_supports(x, *paley.split_order(n))
+    s = random_signs(n, 1, device="cuda")
+    assert (rotate(x, n, s).double() - _kron_ref(x, n, s)).abs().max().item() <= _tol(x, n)
+    hop = th.paley_operand(paley.hadamard_of_order(12), False, "cuda")
+    with pytest.raises(ValueError, match="fused Triton Paley kernel needs"):
+        th.paley_fwht(torch.zeros(2, 384), hop, 12, 32)
+    with pytest.raises(ValueError, match="unknown mix"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop, 12, 32, mix="diagonal")
+    with pytest.raises(ValueError, match="power of two"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop, 12, 32, rows=3)
+    with pytest.raises(ValueError, match="two_tiles"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop, 12, 32, mix="left", two_tiles=True)
+    with pytest.raises(ValueError, match="hop must be"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop[:12, :12], 12, 32)

@@ -24,6 +24,14 @@ tf32 truncation is lost, a relative error near 2^-20 per term, close to fp32 rou
 ``precision="split3"`` splits ``lo`` once more (three dots); ``precision="ieee"`` asks Triton for
 true fp32 products (no tensor cores).
 
+Full-width sizes that are not powers of two (``H_b = H_m ⊗ H_p``, ``H_m`` a Paley matrix of order
+m = 12, 20, 28, 36, ..., see ``transforms/paley.py``) have their own fused kernels (``paley_fwht``):
+each block of b = m·p features is held on chip as an (m, p) tile, gets its signs, the same
+butterfly stages along p, then ``H_m`` mixes the m runs as hi/lo-split tf32 dots (±1 entries are
+exact), and is stored once. On an H200 that is 0.38-0.83 of a copy for b = 384..14336 (the
+two-pass route before it: 0.11-0.19); ``mix`` selects how the m-mixing is laid out (measured by
+``benchmarks/bench_hadamard.py --paley-variants``).
+
 This module imports triton at the top; ``transforms.hadamard`` imports it lazily, only with CUDA.
 """
 from __future__ import annotations
@@ -61,21 +69,49 @@ def _tf32_trunc(a):
 
 
 @triton.jit
-def _dot_h(a, H, PREC: tl.constexpr):
-    """``a @ H`` for a ±1 matrix ``H`` at the requested precision (see the module docstring)."""
+def _split_dot(a, H, PREC: tl.constexpr, H_LEFT: tl.constexpr):
+    """``a @ H`` (or ``H @ a`` with ``H_LEFT``; 2-D or batched 3-D operands) for a ±1 matrix ``H`` at
+    the requested precision (see the module docstring): only ``a`` is split, ``H`` is exact in tf32."""
     if PREC == 0:
-        acc = tl.dot(a, H, input_precision="ieee")
+        if H_LEFT:
+            acc = tl.dot(H, a, input_precision="ieee")
+        else:
+            acc = tl.dot(a, H, input_precision="ieee")
     else:
         hi = _tf32_trunc(a)
         lo = a - hi
         if PREC == 3:
             lo_hi = _tf32_trunc(lo)
-            acc = tl.dot(lo - lo_hi, H, input_precision="tf32")
-            acc = tl.dot(lo_hi, H, acc, input_precision="tf32")
+            acc = _dot_tf32(lo - lo_hi, H, H_LEFT)
+            acc = _dot_tf32_acc(lo_hi, H, acc, H_LEFT)
         else:
-            acc = tl.dot(lo, H, input_precision="tf32")
-        acc = tl.dot(hi, H, acc, input_precision="tf32")   # the small terms first, then the large
+            acc = _dot_tf32(lo, H, H_LEFT)
+        acc = _dot_tf32_acc(hi, H, acc, H_LEFT)   # the small terms first, then the large
     return acc
+
+
+@triton.jit
+def _dot_tf32(a, H, H_LEFT: tl.constexpr):
+    if H_LEFT:
+        acc = tl.dot(H, a, input_precision="tf32")
+    else:
+        acc = tl.dot(a, H, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def _dot_tf32_acc(a, H, acc, H_LEFT: tl.constexpr):
+    if H_LEFT:
+        acc = tl.dot(H, a, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, H, acc, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def _dot_h(a, H, PREC: tl.constexpr):
+    """``a @ H`` for a ±1 matrix ``H`` at the requested precision (see the module docstring)."""
+    return _split_dot(a, H, PREC, False)
 
 
 @triton.jit
@@ -171,4 +207,331 @@ def block_fwht(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None
                            LOG_F2=f2.bit_length() - 1, K1=max(f1, 16), K2=max(f2, 16), ROWS=ROWS,
                            SIGNS=0 if signs is None else (2 if signs_after else 1),
                            PREC=PRECISIONS[precision], BUTTERFLY=butterfly, num_warps=warps)
+    return y
+
+
+# --- full-width rotations of sizes that are not powers of two: H_b = H_m ⊗ H_p ------------------------
+
+PALEY_MAX_M = 128       # largest padded Paley factor (its ±1 matrix is one dot operand)
+PALEY_MAX_TILE = 16384  # largest padded block (MP x p elements) one program holds in registers
+PALEY_TILE = 4096       # elements per program when a block is smaller: several blocks per program
+MIXES = ("fma", "left", "batched", "right")
+
+
+def paley_pad(m: int) -> int:
+    """The m-factor padded to a power of two of at least 16 (the smallest ``tl.dot`` operand)."""
+    return max(16, 1 << (int(m) - 1).bit_length())
+
+
+@triton.jit
+def _paley_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scale,
+                  M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                  ROWS: tl.constexpr, SIGNS: tl.constexpr, PREC: tl.constexpr, LEFT: tl.constexpr):
+    # One program: ROWS blocks of b = M*P features, each held as an (MP, P) tile (feature i*P + j at
+    # [i, j], rows i >= M masked to zero). SIGNS: 0 none, 1 before (rotate), 2 after (rotate_inverse).
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    i = tl.arange(0, MP)
+    j = tl.arange(0, P)
+    col = i[:, None] * P + j[None, :]                                    # (MP, P) feature index
+    mask = (r < n_blocks)[:, None, None] & (i < M)[None, :, None]        # (ROWS, MP, 1)
+    offs = r[:, None, None] * (M * P) + col[None, :, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if SIGNS != 0:
+        s = tl.load(s_ptr + ((r % blocks_per_row)[:, None, None] * (M * P) + col[None, :, :]), mask=mask,
+                    other=0.0)
+    if SIGNS == 1:
+        x = x * s
+    # H_p on each run of P contiguous features: the same add/subtract stages as the block kernel
+    x = _butterfly(tl.reshape(x, (ROWS * MP, P)), ROWS * MP, P, LOG_P)
+    # H_m mixing the M runs: out[a, j] = sum_i Hop[i, a] x[i, j], Hop = H_m (or H_m^T for the
+    # transpose) padded with zeros to MP x MP; ±1 entries, so only x is split for the tensor cores
+    ii = tl.arange(0, MP)
+    if LEFT:   # batched (MP, MP) @ (MP, P) dots over the ROWS blocks, no transpose of the tile
+        hop_t = tl.load(h_ptr + ii[None, :] * MP + ii[:, None])          # hop_t[a, i] = Hop[i, a]
+        hop_t = tl.broadcast_to(hop_t[None, :, :], (ROWS, MP, MP))
+        x = _split_dot(tl.reshape(x, (ROWS, MP, P)), hop_t, PREC, True)
+    else:      # the tile transposed on chip to (ROWS*P, MP), one 2-D dot, and back
+        hop = tl.load(h_ptr + ii[:, None] * MP + ii[None, :])
+        x = tl.permute(tl.reshape(x, (ROWS, MP, P)), (0, 2, 1))
+        x = _split_dot(tl.reshape(x, (ROWS * P, MP)), hop, PREC, False)
+        x = tl.permute(tl.reshape(x, (ROWS, P, MP)), (0, 2, 1))
+    x = x * scale
+    if SIGNS == 2:
+        x = x * s
+    tl.store(y_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _paley_load(x_ptr, base, valid, I0: tl.constexpr, MT: tl.constexpr, M: tl.constexpr, P: tl.constexpr):
+    """Rows I0 .. I0+MT of one block viewed as (M, P), rows >= M masked to zero; with offsets and mask."""
+    i = I0 + tl.arange(0, MT)
+    col = i[:, None] * P + tl.arange(0, P)[None, :]
+    mask = (i < M)[:, None] & valid
+    return tl.load(x_ptr + base + col, mask=mask, other=0.0), col, mask
+
+
+@triton.jit
+def _paley_prep(x, s_ptr, sbase, col, mask, MT: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                SIGNS: tl.constexpr):
+    """Signs (SIGNS == 1: before) and H_p on each row of a loaded tile; returns it and the signs."""
+    s = x
+    if SIGNS != 0:
+        s = tl.load(s_ptr + sbase + col, mask=mask, other=0.0)
+    if SIGNS == 1:
+        x = x * s
+    return _butterfly(x, MT, P, LOG_P), s
+
+
+@triton.jit
+def _hop_t(h_ptr, LD: tl.constexpr, A0: tl.constexpr, NA: tl.constexpr, I0: tl.constexpr, NI: tl.constexpr):
+    """Rows A0.. of Hop^T against columns I0.. (Hop stored LD x LD, zero-padded): hop_t[a, i] = Hop[i, a]."""
+    a = A0 + tl.arange(0, NA)
+    i = I0 + tl.arange(0, NI)
+    return tl.load(h_ptr + i[None, :] * LD + a[:, None])
+
+
+@triton.jit
+def _paley_left_block(x1, c1, m1, x2, c2, m2, s_ptr, y_ptr, base, sbase, scale, h11, h12, h21, h22,
+                      MA: tl.constexpr, MB: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+                      SIGNS: tl.constexpr, PREC: tl.constexpr):
+    """One loaded block: signs, H_p, the ±1 factor as left dots (one or two row tiles), store."""
+    x1, s1 = _paley_prep(x1, s_ptr, sbase, c1, m1, MA, P, LOG_P, SIGNS)
+    if MB > 0:
+        x2, s2 = _paley_prep(x2, s_ptr, sbase, c2, m2, MB, P, LOG_P, SIGNS)
+        o1 = _split_dot(x1, h11, PREC, True) + _split_dot(x2, h12, PREC, True)
+        o2 = (_split_dot(x1, h21, PREC, True) + _split_dot(x2, h22, PREC, True)) * scale
+        if SIGNS == 2:
+            o2 = o2 * s2
+        tl.store(y_ptr + base + c2, o2, mask=m2)
+    else:
+        o1 = _split_dot(x1, h11, PREC, True)
+    o1 = o1 * scale
+    if SIGNS == 2:
+        o1 = o1 * s1
+    tl.store(y_ptr + base + c1, o1, mask=m1)
+
+
+@triton.jit
+def _paley_left_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scale,
+                       M: tl.constexpr, LD: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, P: tl.constexpr,
+                       LOG_P: tl.constexpr, LOOP: tl.constexpr, SIGNS: tl.constexpr, PREC: tl.constexpr,
+                       PREFETCH: tl.constexpr):
+    # One block at a time (LOOP of them per program), held as (M, P): out = Hop^T @ X as 2-D dots with
+    # the ±1 factor on the left, no on-chip transpose. The M rows are one tile of MA (a power of two)
+    # or, when that saves padding (36 -> 32 + 16 instead of 64), two tiles of MA and MB rows.
+    # PREFETCH issues the next block's loads before this block's arithmetic (more bytes in flight).
+    h11 = _hop_t(h_ptr, LD, 0, MA, 0, MA)
+    h12 = h11
+    h21 = h11
+    h22 = h11
+    if MB > 0:
+        h12 = _hop_t(h_ptr, LD, 0, MA, MA, MB)
+        h21 = _hop_t(h_ptr, LD, MA, MB, 0, MA)
+        h22 = _hop_t(h_ptr, LD, MA, MB, MA, MB)
+    first = tl.program_id(0).to(tl.int64) * LOOP
+    if PREFETCH:
+        x1, c1, m1 = _paley_load(x_ptr, first * (M * P), first < n_blocks, 0, MA, M, P)
+        x2, c2, m2 = x1, c1, m1
+        if MB > 0:
+            x2, c2, m2 = _paley_load(x_ptr, first * (M * P), first < n_blocks, MA, MB, M, P)
+        for k in range(LOOP):
+            blk = first + k
+            nxt = blk + 1
+            nvalid = (k + 1 < LOOP) & (nxt < n_blocks)
+            n1, c1, nm1 = _paley_load(x_ptr, nxt * (M * P), nvalid, 0, MA, M, P)
+            n2 = n1
+            nm2 = nm1
+            if MB > 0:
+                n2, c2, nm2 = _paley_load(x_ptr, nxt * (M * P), nvalid, MA, MB, M, P)
+            _paley_left_block(x1, c1, m1, x2, c2, m2, s_ptr, y_ptr, blk * (M * P),
+                              (blk % blocks_per_row) * (M * P), scale, h11, h12, h21, h22, MA, MB, P, LOG_P,
+                              SIGNS, PREC)
+            x1, m1, x2, m2 = n1, nm1, n2, nm2
+    else:
+        for k in range(LOOP):
+            blk = first + k
+            valid = blk < n_blocks
+            x1, c1, m1 = _paley_load(x_ptr, blk * (M * P), valid, 0, MA, M, P)
+            x2, c2, m2 = x1, c1, m1
+            if MB > 0:
+                x2, c2, m2 = _paley_load(x_ptr, blk * (M * P), valid, MA, MB, M, P)
+            _paley_left_block(x1, c1, m1, x2, c2, m2, s_ptr, y_ptr, blk * (M * P),
+                              (blk % blocks_per_row) * (M * P), scale, h11, h12, h21, h22, MA, MB, P, LOG_P,
+                              SIGNS, PREC)
+
+
+@triton.jit
+def _paley_fma_step(x_ptr, s_ptr, h_ptr, acc1, acc2, i, r, srow, rmask, M: tl.constexpr, LD: tl.constexpr,
+                    MA: tl.constexpr, MB: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr, ROWS: tl.constexpr,
+                    SIGNS: tl.constexpr):
+    """Run i of each block (P features, straight from memory): signs, H_p, then added into every output
+    run a with weight Hop[i, a] (exact fp32 multiply-adds by ±1)."""
+    j = tl.arange(0, P)[None, :]
+    xi = tl.load(x_ptr + (r[:, None] * (M * P) + i * P + j), mask=rmask, other=0.0)
+    if SIGNS == 1:
+        xi = xi * tl.load(s_ptr + (srow[:, None] * (M * P) + i * P + j), mask=rmask, other=0.0)
+    xi = _butterfly(xi, ROWS, P, LOG_P)[:, None, :]
+    acc1 += tl.load(h_ptr + i * LD + tl.arange(0, MA))[None, :, None] * xi
+    if MB > 0:
+        acc2 += tl.load(h_ptr + i * LD + MA + tl.arange(0, MB))[None, :, None] * xi
+    return acc1, acc2
+
+
+@triton.jit
+def _paley_fma_store(s_ptr, y_ptr, acc, r, srow, rmask, scale, A0: tl.constexpr, NA: tl.constexpr,
+                     M: tl.constexpr, P: tl.constexpr, SIGNS: tl.constexpr):
+    a = A0 + tl.arange(0, NA)[None, :, None]
+    col = a * P + tl.arange(0, P)[None, None, :]
+    mask = rmask[:, :, None] & (a < M)
+    acc = acc * scale
+    if SIGNS == 2:
+        acc = acc * tl.load(s_ptr + (srow[:, None, None] * (M * P) + col), mask=mask, other=0.0)
+    tl.store(y_ptr + (r[:, None, None] * (M * P) + col), acc, mask=mask)
+
+
+@triton.jit
+def _paley_fma_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scale,
+                      M: tl.constexpr, LD: tl.constexpr, MA: tl.constexpr, MB: tl.constexpr, P: tl.constexpr,
+                      LOG_P: tl.constexpr, ROWS: tl.constexpr, SIGNS: tl.constexpr, UNROLL: tl.constexpr):
+    # ROWS blocks per program; the M runs of P features are read one at a time (each exactly once),
+    # transformed by H_p and accumulated into the output tile (ROWS, MA + MB, P) held in registers:
+    # M fp32 multiply-adds per element, no tensor cores, no padding of the contraction; output runs
+    # are two power-of-two tiles (36 = 32 + 4, 20 = 16 + 4, 12 = 8 + 4) so little of it is padding.
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    srow = r % blocks_per_row
+    rmask = (r < n_blocks)[:, None]
+    acc1 = tl.zeros((ROWS, MA, P), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, MB if MB > 0 else 1, P), dtype=tl.float32)
+    if UNROLL:
+        for i in tl.static_range(M):
+            acc1, acc2 = _paley_fma_step(x_ptr, s_ptr, h_ptr, acc1, acc2, i, r, srow, rmask, M, LD, MA, MB, P,
+                                         LOG_P, ROWS, SIGNS)
+    else:
+        for i in range(M):
+            acc1, acc2 = _paley_fma_step(x_ptr, s_ptr, h_ptr, acc1, acc2, i, r, srow, rmask, M, LD, MA, MB, P,
+                                         LOG_P, ROWS, SIGNS)
+    _paley_fma_store(s_ptr, y_ptr, acc1, r, srow, rmask, scale, 0, MA, M, P, SIGNS)
+    if MB > 0:
+        _paley_fma_store(s_ptr, y_ptr, acc2, r, srow, rmask, scale, MA, MB, M, P, SIGNS)
+
+
+def paley_operand(hm: torch.Tensor, transpose: bool, device) -> torch.Tensor:
+    """The kernel's m-factor operand: ``H_m`` (``H_m^T`` for the transpose) as float32, zero-padded to
+    ``paley_pad(m)`` square, on ``device``. Callers cache it (it is the same for every call)."""
+    m = hm.shape[0]
+    mp = paley_pad(m)
+    op = torch.zeros(mp, mp, dtype=torch.float32)
+    op[:m, :m] = (hm.t() if transpose else hm).to(torch.float32)
+    return op.to(device).contiguous()
+
+
+def paley_supports(x: torch.Tensor, m: int, p: int) -> bool:
+    """Whether the fused kernel takes a block of ``m * p`` features of this input as is: CUDA float32,
+    contiguous, ``p`` a power of two, the padded tile ``paley_pad(m) * p`` at most PALEY_MAX_TILE."""
+    mp = paley_pad(m)
+    return (x.is_cuda and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0 and m >= 2
+            and p >= 1 and p & (p - 1) == 0 and mp <= PALEY_MAX_M and mp * p <= PALEY_MAX_TILE
+            and x.shape[-1] % (m * p) == 0)
+
+
+def paley_fma_runs(m: int) -> tuple:
+    """The "fma" route's output tiles ``(MA, MB)``: MA the largest power of two <= m, MB the rest
+    padded to a power of two (0 when m is a power of two): 36 -> 32 + 4, 28 -> 16 + 16."""
+    ma = 1 << (int(m).bit_length() - 1)
+    return ma, (0 if ma == m else 1 << (int(m - ma) - 1).bit_length())
+
+
+def _paley_tiles(m: int) -> tuple:
+    """Row tiles of the "left" route: ``(MA, MB)`` with MA a power of two >= 16 and MB the rest padded
+    (>= 16) when two tiles pad less than one (36 -> 32 + 16 rather than 64), else ``(paley_pad(m), 0)``."""
+    mp = paley_pad(m)
+    ma = 1 << (int(m).bit_length() - 1)
+    if ma >= 16 and ma < m:
+        mb = paley_pad(m - ma)
+        if ma + mb < mp:
+            return ma, mb
+    return mp, 0
+
+
+def paley_fwht(x: torch.Tensor, hop: torch.Tensor, m: int, p: int, signs: Optional[torch.Tensor] = None,
+               signs_after: bool = False, precision: str = "split", mix: Optional[str] = None,
+               rows: Optional[int] = None, num_warps: Optional[int] = None,
+               two_tiles: Optional[bool] = None, unroll: bool = False, prefetch: bool = False) -> torch.Tensor:
+    """``x @ blockdiag(Hop ⊗ H_p) / sqrt(m p)`` over the last dim in one read and one write, with
+    ``hop`` from ``paley_operand`` (``H_m``, or ``H_m^T`` for the transposed rotation) and ``x``
+    multiplied by ``signs`` first (the result, with ``signs_after``). ``H_p`` runs as butterfly
+    stages in fp32. ``mix`` says how ``H_m`` mixes the m runs: "left" (2-D tensor-core dots
+    ``Hop^T @ X`` per block, ``rows`` blocks per program, the rows in two tiles when ``two_tiles``,
+    by default when that pads less; ``prefetch`` loads the next block before this one's arithmetic),
+    "batched" (one batched dot over ``rows`` blocks), "right" (the tile transposed on chip, one 2-D
+    dot), "fma" (no tensor cores: each run read once and multiply-added into the output tile, exact
+    fp32); None picks per size what measured fastest. The dots run at ``precision`` ("split": hi/lo
+    tf32, near fp32 rounding, as the block kernel). ``num_warps`` overrides the default."""
+    if not paley_supports(x, m, p):
+        raise ValueError(f"the fused Triton Paley kernel needs a non-empty contiguous CUDA float32 tensor whose "
+                         f"last dim is a multiple of the block m*p={m * p} (p a power of two, padded tile "
+                         f"{paley_pad(m)}x{p} <= {PALEY_MAX_TILE} elements, m padded <= {PALEY_MAX_M}); got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}, contiguous={x.is_contiguous()}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if mix is not None and mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; accepted: {', '.join(MIXES)}")
+    mp = paley_pad(m)
+    if tuple(hop.shape) != (mp, mp) or hop.dtype != torch.float32 or hop.device != x.device:
+        raise ValueError(f"hop must be paley_operand's float32 {mp}x{mp} matrix on {x.device}, got "
+                         f"{tuple(hop.shape)} {hop.dtype} on {hop.device}")
+    n, b = x.shape[-1], m * p
+    if signs is not None:
+        if signs.numel() != n:
+            raise ValueError(f"signs must have one entry per feature ({n}), got {signs.numel()}")
+        signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
+    tile = None
+    if mix is None:   # the fastest setting measured per shape on an H200 (bench_hadamard.py --paley-variants)
+        if p >= 16 and paley_pad(m) * p <= 512:
+            mix = "batched"               # 384 = 12 x 32: 0.77-0.85 of a copy
+        elif p <= 16:
+            mix, tile = "right", 8192     # 576 = 36 x 16: 0.38-0.39
+        else:
+            mix = "left"                  # 1536, 2304, 5120, 14336: 0.82, 0.43, 0.51, 0.59 (4 warps)
+    if p < 16 and mix in ("left", "batched"):   # their dots need p >= 16 columns
+        mix = "right"
+    n_blocks = x.numel() // b
+    y = torch.empty_like(x)
+    sign_mode = 0 if signs is None else (2 if signs_after else 1)
+    s_arg = signs if signs is not None else x
+    if mix == "fma":
+        ma, mb = paley_fma_runs(m)
+        ROWS = 1 << (max(1, PALEY_TILE // ((ma + mb) * p)).bit_length() - 1) if rows is None else int(rows)
+        if ROWS < 1 or ROWS & (ROWS - 1):
+            raise ValueError(f"rows must be a power of two, got {ROWS}")
+        tile = ROWS * (ma + mb) * p
+        warps = (4 if tile <= 4096 else 8 if tile <= 8192 else 16) if num_warps is None else int(num_warps)
+        _paley_fma_kernel[(triton.cdiv(n_blocks, ROWS),)](
+            x, s_arg, hop, y, n_blocks, n // b, 1.0 / b ** 0.5, M=m, LD=mp, MA=ma, MB=mb, P=p,
+            LOG_P=p.bit_length() - 1, ROWS=ROWS, SIGNS=sign_mode, UNROLL=bool(unroll), num_warps=warps)
+        return y
+    if mix == "left":
+        ma, mb = _paley_tiles(m)
+        if two_tiles is False or (two_tiles is None and mb == 0):
+            ma, mb = mp, 0
+        elif two_tiles and mb == 0:
+            raise ValueError(f"two_tiles: m={m} has no split into a power of two >= 16 and a smaller rest")
+        loop = 1 if rows is None else int(rows)
+        warps = 4 if num_warps is None else int(num_warps)   # 4 measured best for every size
+        _paley_left_kernel[(triton.cdiv(n_blocks, loop),)](
+            x, s_arg, hop, y, n_blocks, n // b, 1.0 / b ** 0.5, M=m, LD=mp, MA=ma, MB=mb, P=p,
+            LOG_P=p.bit_length() - 1, LOOP=loop, SIGNS=sign_mode, PREC=PRECISIONS[precision],
+            PREFETCH=bool(prefetch), num_warps=warps)
+        return y
+    ROWS = max(1, (tile or PALEY_TILE) // (mp * p)) if rows is None else int(rows)
+    if ROWS < 1 or ROWS & (ROWS - 1):
+        raise ValueError(f"rows must be a power of two for mix={mix!r}, got {ROWS}")
+    while ROWS * p < 16:   # the 2-D dot needs at least 16 rows
+        ROWS *= 2
+    tile = ROWS * mp * p
+    warps = (4 if tile <= 2048 else 8 if tile <= 8192 else 16) if num_warps is None else int(num_warps)
+    _paley_kernel[(triton.cdiv(n_blocks, ROWS),)](
+        x, s_arg, hop, y, n_blocks, n // b, 1.0 / b ** 0.5,
+        M=m, MP=mp, P=p, LOG_P=p.bit_length() - 1, ROWS=ROWS, SIGNS=sign_mode, PREC=PRECISIONS[precision],
+        LEFT=mix == "batched", num_warps=warps)
     return y

@@ -12,7 +12,7 @@ orthogonal matrix). ``b`` may also be a size that is not a power of two but has 
 matrix (``paley.py``: ``b = m·p`` with ``H_b = H_m ⊗ H_p``, ``H_m`` from Paley's constructions,
 e.g. 384 = 12·32, 576 = 36·16, 1536 = 12·128): the power-of-two factor goes through the fast
 transform above (each run of ``p`` features), the ``m``-factor is one small dense matmul mixing the
-``m`` runs. ``full_block(n)`` is ``n`` when such a matrix exists (``hadamard_block(n)`` falls back to
+``m`` runs; on CUDA one fused Triton kernel does both in a single pass (``triton_hadamard.paley_fwht``). ``full_block(n)`` is ``n`` when such a matrix exists (``hadamard_block(n)`` falls back to
 the largest power of two dividing ``n``, ``default_block(n)``, which mixes within blocks only).
 Paley I matrices are not symmetric, so the inverse is ``transpose=True``, not the same call.
 
@@ -144,10 +144,39 @@ def _dense_factor(m: int, dtype, device) -> torch.Tensor:
     return _DENSE_CACHE[key]
 
 
+_PALEY_OPERANDS: dict = {}
+
+
+def _paley_operand(mod, m: int, transpose: bool, device) -> torch.Tensor:
+    """The fused kernel's padded float32 ``H_m`` (or ``H_m^T``), cached per order and device."""
+    key = (m, bool(transpose), str(device))
+    if key not in _PALEY_OPERANDS:
+        _PALEY_OPERANDS[key] = mod.paley_operand(paley.hadamard_of_order(m), transpose, device)
+    return _PALEY_OPERANDS[key]
+
+
 def _paley_fwht(x: torch.Tensor, b: int, method: str, signs: Optional[torch.Tensor], signs_after: bool,
                 transpose: bool) -> torch.Tensor:
     """``x @ blockdiag(H_m ⊗ H_p) / sqrt(b)`` (or its transpose) for a block b = m·p that is not a
-    power of two: the fast transform on each run of p features, then H_m mixing the m runs."""
+    power of two. On CUDA (``method`` "auto" or "triton", float32 or upcast half inputs, made
+    contiguous) one fused Triton kernel does signs, H_p, H_m and scaling in one read and one write
+    (``kernels/triton_hadamard.paley_fwht``); otherwise ``_paley_two_pass``."""
+    m, p = paley.check_order(b)
+    if method in ("auto", "triton") and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        mod = _triton_kernels()
+        if mod is not None:
+            y = x.float().contiguous()
+            if mod.paley_supports(y, m, p):
+                hop = _paley_operand(mod, m, transpose, y.device)
+                return mod.paley_fwht(y, hop, m, p, signs, signs_after).to(x.dtype)
+    return _paley_two_pass(x, b, method, signs, signs_after, transpose)
+
+
+def _paley_two_pass(x: torch.Tensor, b: int, method: str, signs: Optional[torch.Tensor], signs_after: bool,
+                    transpose: bool) -> torch.Tensor:
+    """The torch route for ``_paley_fwht`` (the CPU path, and the CUDA fallback): the fast transform
+    on each run of p features (the Triton block kernel on CUDA), then H_m mixing the m runs as one
+    batched matmul; two or more passes over the tensor."""
     m, p = paley.check_order(b)
     n = x.shape[-1]
     dtype = x.dtype
