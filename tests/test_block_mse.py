@@ -137,3 +137,31 @@ def test_gptq_with_mse_scales_packs_and_decodes_exactly(name):
     base = gptq(W, H, WeightQuantizer(QuantSpec.parse(name.split(":")[0])), act_order=True)
     err = lambda Q: float(torch.einsum("ij,jk,ik->", W - Q, H, W - Q))
     assert err(res.weight) < err(base.weight)
+
+
+# --- one online rotation per shared input --------------------------------------------------------
+
+def test_layers_reading_one_input_through_equal_transforms_rotate_it_once(monkeypatch):
+    from lowbit.transforms import online
+    from lowbit.transforms.online import InputTransform
+
+    calls = []
+    real = online.rotate
+    monkeypatch.setattr(online, "rotate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = torch.rand(64) + 0.5
+    a = InputTransform(64, rotation=True, block=64, seed=3, scale=s)
+    b = InputTransform(64, rotation=True, block=64, seed=3, scale=s.clone())
+    c = InputTransform(64, rotation=True, block=64, seed=4, scale=s.clone())
+    x = torch.randn(5, 64)
+    ya = a(x)
+    assert torch.equal(b(x), ya) and len(calls) == 1          # equal transform, same tensor: reused
+    yc = c(x)
+    assert len(calls) == 2 and not torch.equal(yc, ya)        # other signs: computed
+    assert torch.equal(a(x.clone()), ya) and len(calls) == 3  # another tensor: computed
+    x2 = x.clone()
+    a(x2)
+    x2.mul_(2)                                                # changed in place: computed again
+    assert torch.allclose(b(x2), 2 * ya, atol=1e-5) and len(calls) == 5
+    b.scale.mul_(2)                                           # a transform changed since: computed
+    y = a(x)
+    assert torch.allclose(b(x), y / 2, atol=1e-5) and len(calls) == 7

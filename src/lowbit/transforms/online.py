@@ -20,6 +20,41 @@ from .hadamard import default_block, random_signs, rotate, rotate_inverse
 _HESSIAN_CACHE: dict = {}  # (id(H), signature) -> (weakref to H, T^T H T); at most 4 entries
 
 
+class _LastOutput:
+    """The last rotated input, for the next layer that reads the very same tensor through an equal
+    transform (BERT's query/key/value, each rotating its input online): the rotation is computed
+    once per input instead of once per layer. The input is held by a weak reference and its
+    version counter, so an input modified in place or a new tensor at a reused address misses; the
+    transform by a snapshot of its parameters, so a transform changed since does too."""
+
+    def __init__(self):
+        self.entry = None  # (weakref to input, input version, transform snapshot, output)
+
+    @staticmethod
+    def _snapshot(tf: "InputTransform") -> tuple:
+        return (tf.features, tf.rotation, tf.block, tf.seed, None if tf.scale is None else tf.scale.clone())
+
+    def get(self, tf: "InputTransform", x: torch.Tensor):
+        e = self.entry
+        if e is None or e[0]() is not x or x.is_inference() or e[1] != x._version or x.requires_grad:
+            return None
+        snap = e[2]
+        if snap[:4] != (tf.features, tf.rotation, tf.block, tf.seed):
+            return None
+        if (snap[4] is None) != (tf.scale is None) or (snap[4] is not None and not torch.equal(snap[4], tf.scale)):
+            return None
+        return e[3]
+
+    def put(self, tf: "InputTransform", x: torch.Tensor, out: torch.Tensor) -> None:
+        if x.requires_grad or out.requires_grad or x.is_inference():  # inference tensors have no version
+            self.entry = None
+            return
+        self.entry = (weakref.ref(x), x._version, self._snapshot(tf), out)
+
+
+_LAST_OUTPUT = _LastOutput()
+
+
 class InputTransform(nn.Module):
     def __init__(self, features: int, *, rotation: bool = False, block: Optional[int] = None,
                  seed: Optional[int] = None, scale: Optional[torch.Tensor] = None, smooth_scale: bool = False):
@@ -38,10 +73,15 @@ class InputTransform(nn.Module):
 
     # --- the maths -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hit = _LAST_OUTPUT.get(self, x)
+        if hit is not None:
+            return hit
+        inp = x
         if self.scale is not None:
             x = x / self.scale.to(x.dtype)
         if self.rotation:
             x = rotate(x, self.block, self.signs)
+            _LAST_OUTPUT.put(self, inp, x)
         return x
 
     def fold_into_weight(self, W: torch.Tensor) -> torch.Tensor:
