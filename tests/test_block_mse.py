@@ -165,3 +165,20 @@ def test_layers_reading_one_input_through_equal_transforms_rotate_it_once(monkey
     b.scale.mul_(2)                                           # a transform changed since: computed
     y = a(x)
     assert torch.allclose(b(x), y / 2, atol=1e-5) and len(calls) == 7
+
+
+def test_the_shared_rotation_under_inference_mode_notices_a_change_in_place(monkeypatch):
+    from lowbit.transforms import online
+    from lowbit.transforms.online import InputTransform
+
+    calls = []
+    real = online.rotate
+    monkeypatch.setattr(online, "rotate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = InputTransform(32, rotation=True, block=32, seed=1)
+    b = InputTransform(32, rotation=True, block=32, seed=1)
+    with torch.inference_mode():
+        x = torch.randn(4, 32)
+        y = a(x)
+        assert torch.equal(b(x), y) and len(calls) == 1
+        x[0, 0] += 1.0
+        assert not torch.equal(b(x), y) and len(calls) == 2
