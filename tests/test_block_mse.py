@@ -182,3 +182,25 @@ def test_the_shared_rotation_under_inference_mode_notices_a_change_in_place(monk
         assert torch.equal(b(x), y) and len(calls) == 1
         x[0, 0] += 1.0
         assert not torch.equal(b(x), y) and len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "block(e2m1,e4m3,32,tensor)", "block(e2m1,e4m3,16)"])
+def test_float32_amax_rule_scales_equal_the_reference(name):
+    from lowbit.quant.exp_round import amax_block_scales
+
+    fmt = format(name)
+    g = torch.Generator().manual_seed(5)
+    size = fmt.size
+    w = torch.randn(3000, size, generator=g) * torch.logspace(-12, 12, 3000).reshape(-1, 1).float()
+    w[0] = 0.0
+    w[1, 3] = float("nan")
+    w[2, 0] = float("inf")
+    w[3] = 1e38
+    for ts in ([None] if not fmt.tensor_scale else []) + ([reference.tensor_scale(w[4:].double(), fmt),
+                                                           torch.tensor(1e-30), torch.tensor(3.7)]
+                                                          if fmt.tensor_scale else []):
+        want = reference.block_scales(w.double().reshape(-1, 1, size), fmt, ts)
+        got = amax_block_scales(w, fmt, ts)
+        assert torch.equal(torch.isnan(want), torch.isnan(got))
+        assert torch.equal(want.nan_to_num(0.0), got.nan_to_num(0.0))
+    assert amax_block_scales(w, format("mxfp4"), None) is None  # power-of-two scales: the reference

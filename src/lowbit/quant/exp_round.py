@@ -65,3 +65,26 @@ def exp_params(fmt, table: Optional[tuple]) -> Optional[Tuple[int, int, int, flo
     same = (torch.equal(torch.isnan(want), torch.isnan(got))
             and torch.equal(want.nan_to_num(0.0).view(torch.int32), got.nan_to_num(0.0).view(torch.int32)))
     return params if same else None
+
+
+def amax_block_scales(w: torch.Tensor, fmt, ts: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The amax-rule block scales of ``kernels.reference.block_scales`` (NVFP4-like formats: scale =
+    amax / max_elem / tensor scale rounded to the scale format) for float32 blocks ``w`` (n, size),
+    computed in float32 with the exponent rounding: (n, 1) float64, the same values (nan for a block
+    holding nan/inf); None where this path does not apply (power-of-two scales, other dtypes, a scale
+    format the arithmetic does not reproduce), and the caller takes the reference."""
+    from ..formats import BlockFormat
+    from .weight import _float_table
+
+    if not isinstance(fmt, BlockFormat) or fmt.pow2_scale or w.dtype != torch.float32 or w.dim() != 2:
+        return None
+    params = exp_params(fmt.scale, _float_table(fmt.scale))
+    if params is None:
+        return None
+    amax = w.abs().amax(dim=1, keepdim=True)
+    bad = ~torch.isfinite(amax)
+    s32 = amax / torch.tensor(fmt.element.max, dtype=torch.float32, device=w.device)
+    if ts is not None:
+        s32 = s32 / ts.to(device=w.device, dtype=torch.float32)
+    s = round_by_exponent(s32, params, fmt.scale.has_negative_zero).double()
+    return torch.where(bad, torch.full_like(s, float("nan")), s)

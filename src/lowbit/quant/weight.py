@@ -129,8 +129,12 @@ class WeightQuantizer:
     def params(self, w: torch.Tensor) -> GroupParams:
         """Scale (and zero) for a slab of columns w: (rows, k)."""
         if isinstance(self.fmt, BlockFormat):
-            xb = w.detach().double().reshape(w.shape[0], 1, w.shape[1])
-            scale = reference.block_scales(xb, self.fmt, self.tensor_scale)
+            from .exp_round import amax_block_scales
+
+            scale = amax_block_scales(w.detach(), self.fmt, self.tensor_scale)  # float32, same values
+            if scale is None:
+                xb = w.detach().double().reshape(w.shape[0], 1, w.shape[1])
+                scale = reference.block_scales(xb, self.fmt, self.tensor_scale)
             if self.spec.scale_method == "mse":  # search the scale grid near the amax rule
                 from .block_mse import mse_block_scales
 
