@@ -204,3 +204,39 @@ def test_float32_amax_rule_scales_equal_the_reference(name):
         assert torch.equal(torch.isnan(want), torch.isnan(got))
         assert torch.equal(want.nan_to_num(0.0), got.nan_to_num(0.0))
     assert amax_block_scales(w, format("mxfp4"), None) is None  # power-of-two scales: the reference
+
+
+# --- with the outlier transforms -----------------------------------------------------------------
+
+@pytest.mark.parametrize("rotate", ["block", "hadamard"])
+def test_rotated_model_with_mse_scales_saves_and_reloads_identically(tmp_path, rotate):
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    from lowbit.export.checkpoint import load_quantized, save_quantized
+    from lowbit.ptq.pipeline import quantize_model
+    from lowbit.quant.plan import Plan
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids[i : i + 4]} for i in range(0, 8, 4)]
+    with torch.no_grad():
+        ref = model(ids).logits
+    err = {}
+    for scheme_name in ("nvfp4", "nvfp4:mse"):
+        m = copy.deepcopy(model)
+        plan = Plan.from_scheme(scheme_name)
+        apply_outlier_transforms(m, plan, batches, rotate=rotate)
+        res = quantize_model(m, plan, batches, "gptq", progress=False)
+        assert {l.weight_spec for l in res.layers} == {scheme_name}
+        save_quantized(m, res.packed, tmp_path / scheme_name, kind="causal_lm")
+        m2, _, meta = load_quantized(tmp_path / scheme_name)
+        with torch.no_grad():
+            out, out2 = m(ids).logits, m2(ids).logits
+        assert torch.equal(out, out2)
+        err[scheme_name] = sum(l.rel_error for l in res.layers)
+    assert err["nvfp4:mse"] < err["nvfp4"]  # summed GPTQ output error of the layers
