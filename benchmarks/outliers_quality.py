@@ -135,6 +135,7 @@ def from_json(paths) -> None:
         rows += d["rows"]
         args = args or d["args"]
     schemes = [s for s in SCHEMES.values() if any(r["scheme"] == s for r in rows)]
+    schemes += [s for s in dict.fromkeys(r["scheme"] for r in rows) if s not in schemes]  # e.g. nvfp4:mse
     wanted = [r for r in ROWS if any(x["row"] == r for x in rows)]
     print_tables(rows, schemes, wanted, args)
 

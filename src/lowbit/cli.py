@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2 (default), minilm, a Hugging Face model directory or a .gguf file")
     q.add_argument("--scheme", default="w3g64",
                    help="named scheme (w4g64, w3g64, w2g64, w4g128, fp4g32, mxfp4, nvfp4, w4a8, fp8, ...) or a "
-                        "quant spec like int4:g64:asym, optionally WEIGHT+ACT (default w3g64)")
+                        "quant spec like int4:g64:asym or nvfp4:mse (block scales searched for the least squared error "
+                        "instead of the amax rule), optionally WEIGHT+ACT (default w3g64)")
     q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
     q.add_argument("--kv", help="quantize the KV cache: kv8, kv4, kv4c (KIVI: keys per channel), kvfp8, kvnvfp4, "
                                "a spec like int8:token, or KEY_SPEC/VALUE_SPEC (also as a scheme suffix: w4a8kv4)")
@@ -271,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(online per-linear for others), full width where a Hadamard matrix of that order "
                         "exists (e.g. 576 = 36*16), else the largest power-of-two block; hadamard-pow2 = "
                         "the same with power-of-two blocks only; block = online block Hadamard at the "
-                        "format's group size (MR-GPTQ); default none")
+                        "format's group size (MR-GPTQ); default none. With FP4 block formats pair a rotation with "
+                        "MSE block scales (--scheme nvfp4:mse): rotated groups look Gaussian, for which the "
+                        "amax scale wastes the top of the E2M1 grid")
     q.add_argument("--smooth", default=None,
                    help="SmoothQuant channel scaling: an alpha in [0, 1] or 'auto' (searched per layer group)")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")

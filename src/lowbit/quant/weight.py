@@ -80,6 +80,9 @@ class WeightQuantizer:
         self.fmt = format(spec.format)
         self.scale_dtype = scale_dtype
         self.tensor_scale: Optional[torch.Tensor] = None
+        # block formats with an MSE scale search: optional per-column weights of the squared error
+        # (shape (cols of the slab,) or like the slab); set by a caller that knows them (GPTQ's H diagonal)
+        self.column_weight: Optional[torch.Tensor] = None
         if not spec.symmetric:
             assert isinstance(self.fmt, IntFormat)
             self.grid = IntFormat(self.fmt.width, is_signed=False)
@@ -126,8 +129,18 @@ class WeightQuantizer:
     def params(self, w: torch.Tensor) -> GroupParams:
         """Scale (and zero) for a slab of columns w: (rows, k)."""
         if isinstance(self.fmt, BlockFormat):
-            xb = w.detach().double().reshape(w.shape[0], 1, w.shape[1])
-            return GroupParams(reference.block_scales(xb, self.fmt, self.tensor_scale))
+            from .exp_round import amax_block_scales
+
+            scale = amax_block_scales(w.detach(), self.fmt, self.tensor_scale)  # float32, same values
+            if scale is None:
+                xb = w.detach().double().reshape(w.shape[0], 1, w.shape[1])
+                scale = reference.block_scales(xb, self.fmt, self.tensor_scale)
+            if self.spec.scale_method == "mse":  # search the scale grid near the amax rule
+                from .block_mse import mse_block_scales
+
+                scale = mse_block_scales(w.detach(), scale, self.fmt, lambda x, s: self.fake(x, GroupParams(s)),
+                                         self.column_weight)
+            return GroupParams(scale)
         if self.spec.granularity == "tensor":
             p = self._tensor_params
             return GroupParams(p.scale.expand(w.shape[0], 1),
@@ -207,6 +220,11 @@ class WeightQuantizer:
             return torch.clamp(torch.round(y), grid.qmin, grid.qmax)
         table = _float_table(grid) if mode == "nearest_even" else None
         if table is not None:
+            from .exp_round import exp_params, round_by_exponent
+
+            fast = exp_params(grid, table) if y.dtype == torch.float32 else None
+            if fast is not None:  # same bits as the table, a few elementwise ops (quant/exp_round.py)
+                return round_by_exponent(y, fast, grid.has_negative_zero)
             return _round_by_table(y, table, grid.has_negative_zero)
         return kernels.quantize_element(y, grid, mode, "saturate")
 

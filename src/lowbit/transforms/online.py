@@ -20,6 +20,51 @@ from .hadamard import default_block, random_signs, rotate, rotate_inverse
 _HESSIAN_CACHE: dict = {}  # (id(H), signature) -> (weakref to H, T^T H T); at most 4 entries
 
 
+class _LastOutput:
+    """The last rotated input, for the next layer that reads the very same tensor through an equal
+    transform (BERT's query/key/value, each rotating its input online): the rotation is computed
+    once per input instead of once per layer. The input is held by a weak reference, so a new
+    tensor at a reused address misses; the transform by a snapshot of its parameters, so a
+    transform changed since does too. An input changed in place misses through its version counter;
+    inference tensors (quantization and evaluation run under ``torch.inference_mode``) have none, so
+    for them the sum and the sum of squares of the input are compared instead (one read of x,
+    a few percent of a rotation); a change in place that keeps both exactly is not caught."""
+
+    def __init__(self):
+        self.entry = None  # (weakref to input, version or fingerprint, transform snapshot, output)
+
+    @staticmethod
+    def _snapshot(tf: "InputTransform") -> tuple:
+        return (tf.features, tf.rotation, tf.block, tf.seed, None if tf.scale is None else tf.scale.clone())
+
+    @staticmethod
+    def _state(x: torch.Tensor):
+        if x.is_inference():
+            xf = x.detach().reshape(-1)
+            return ("fingerprint", float(xf.sum()), float(xf.dot(xf)) if xf.is_floating_point() else None)
+        return ("version", x._version)
+
+    def get(self, tf: "InputTransform", x: torch.Tensor):
+        e = self.entry
+        if e is None or e[0]() is not x or x.requires_grad:
+            return None
+        snap = e[2]
+        if snap[:4] != (tf.features, tf.rotation, tf.block, tf.seed):
+            return None
+        if (snap[4] is None) != (tf.scale is None) or (snap[4] is not None and not torch.equal(snap[4], tf.scale)):
+            return None
+        return e[3] if self._state(x) == e[1] else None
+
+    def put(self, tf: "InputTransform", x: torch.Tensor, out: torch.Tensor) -> None:
+        if x.requires_grad or out.requires_grad:
+            self.entry = None
+            return
+        self.entry = (weakref.ref(x), self._state(x), self._snapshot(tf), out)
+
+
+_LAST_OUTPUT = _LastOutput()
+
+
 class InputTransform(nn.Module):
     def __init__(self, features: int, *, rotation: bool = False, block: Optional[int] = None,
                  seed: Optional[int] = None, scale: Optional[torch.Tensor] = None, smooth_scale: bool = False):
@@ -38,10 +83,15 @@ class InputTransform(nn.Module):
 
     # --- the maths -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hit = _LAST_OUTPUT.get(self, x)
+        if hit is not None:
+            return hit
+        inp = x
         if self.scale is not None:
             x = x / self.scale.to(x.dtype)
         if self.rotation:
             x = rotate(x, self.block, self.signs)
+            _LAST_OUTPUT.put(self, inp, x)
         return x
 
     def fold_into_weight(self, W: torch.Tensor) -> torch.Tensor:
