@@ -244,3 +244,11 @@ def test_e8m0_outside_its_values():
     # unsigned without zero: 0 and tiny values give 2**-127; negative values are nan
     q = lowbit.quantize(torch.tensor([0.0, -0.0, 1e-45, -1.0, -1e-45]), "e8m0")
     assert q[:3].tolist() == [2.0**-127] * 3 and torch.isnan(q[3:]).all()
+
+
+def test_percentile_scales_on_a_block_format_are_refused():
+    from lowbit.quant.spec import QuantSpec
+
+    with pytest.raises(ValueError, match="block format.*absmax.*mse"):
+        QuantSpec.parse("nvfp4:p99.9")
+    assert QuantSpec.parse("mxfp4:mse").scale_method == "mse"

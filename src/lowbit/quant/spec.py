@@ -41,6 +41,10 @@ class QuantSpec:
                                  f"granularity {self.granularity!r} does not apply")
             object.__setattr__(self, "granularity", "block")
             object.__setattr__(self, "group_size", fmt.size)
+            if self.scale_method == "percentile":  # the format's rule sets each block's scale
+                raise ValueError(f"{fmt} is a block format: its block scales follow the format's amax rule "
+                                 "or an MSE search; accepted scale methods: absmax (the rule) or mse, "
+                                 "not a percentile")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity == "group" and (not self.group_size or self.group_size < 1):
