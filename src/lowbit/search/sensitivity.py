@@ -8,9 +8,13 @@ Estimators, all on one :class:`~lowbit.search.objective.Objective` (calibration 
   objective, whose gradient vanishes at the fp32 weights, squared gradients of random Gaussian
   projections of the embeddings, whose expectation is the Gauss-Newton diagonal), then
   ``0.5 * sum(F * dW^2)``;
-* ``measured``: the loss change when only that layer takes that candidate (RTN weights);
+* ``measured``: how far the model moves from its fp32 self when only that layer takes that
+  candidate (RTN weights), by :meth:`Objective.increase_with`: for causal LMs the mean per-token
+  KL(p_fp32 || p_quantized) of the next-token distributions (>= 0; unlike a difference of two
+  cross-entropies on a finite sample it has no first-order noise term, and its expectation is the
+  expected cross-entropy increase); for encoders the objective itself (a distance to the fp32 self);
 * ``pairs`` (inter-layer dependencies): for neighbours within a block and the most sensitive
-  layers, the measured loss with both layers quantized minus the two single changes, at a few
+  layers, the measured value with both layers quantized minus the two single values, at a few
   candidate levels, fitted as ``rho * sqrt(d_a d_b)`` over all candidate combinations.
 
 Results are cached on disk as JSON keyed by model weights + calibration data + candidate set +
@@ -38,7 +42,7 @@ from .candidates import LayerCandidates
 from .objective import Objective
 
 ESTIMATORS = ("hutchinson", "fisher", "measured")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: causal-LM measured values and pairs are KL divergences (1: cross-entropy differences)
 RHO_RANGE = (-0.9, 5.0)  # keeps a pair's total >= 0.55 (d_a + d_b) when both singles are positive
 
 
@@ -277,7 +281,7 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
             W = layers[c.name].weight.detach().float()
             row = {}
             for s in c.specs:
-                row[s] = objective.loss_with(layers, {c.name: rtn_weight(W, s, _power(objective, c.name))}) - table.base_loss
+                row[s] = objective.increase_with(layers, {c.name: rtn_weight(W, s, _power(objective, c.name))})
                 bar.update(1)
             meas[c.name] = row
             if j % 8 == 7:
@@ -320,8 +324,8 @@ def measure_pairs(objective, layers, cands, costs, table, settings, bar) -> List
         pts = []
         for sa, sb in zip(la, lb):
             Wa, Wb = layers[a].weight.detach().float(), layers[b].weight.detach().float()
-            both = objective.loss_with(layers, {a: rtn_weight(Wa, sa, _power(objective, a)),
-                                                 b: rtn_weight(Wb, sb, _power(objective, b))}) - table.base_loss
+            both = objective.increase_with(layers, {a: rtn_weight(Wa, sa, _power(objective, a)),
+                                                     b: rtn_weight(Wb, sb, _power(objective, b))})
             da, db = table.values["measured"][a][sa], table.values["measured"][b][sb]
             pts.append([sa, sb, both - da - db])
             bar.update(1)
@@ -411,8 +415,9 @@ def random_configs(cands: List[LayerCandidates], costs: List[np.ndarray], n: int
 def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[str, nn.Linear],
                    cands: List[LayerCandidates], costs: List[np.ndarray], n: int = 16, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Spearman between each estimator's predicted loss and the measured calibration loss of ``n``
-    random mixed configurations (RTN)."""
+    """Spearman between each estimator's predicted loss and the measured calibration loss increase
+    (:meth:`Objective.increase_with`: KL to the fp32 model for causal LMs) of ``n`` random mixed
+    configurations (RTN)."""
     from scipy.stats import spearmanr
 
     configs = random_configs(cands, costs, n, seed)
@@ -421,7 +426,7 @@ def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[s
     measured = []
     for cfg in configs:
         w = {c.name: rtn_weight(layers[c.name].weight, c.specs[i], _power(objective, c.name)) for c, i in zip(cands, cfg)}
-        measured.append(objective.loss_with(layers, w) - table.base_loss)
+        measured.append(objective.increase_with(layers, w))
         bar.update(1)
     bar.close()
     out = {"configs": n, "measured": measured, "spearman": {}, "predicted": {}}

@@ -1,0 +1,97 @@
+"""The measured estimator of causal LMs scores a change by KL(p_fp32 || p_quantized), not by a
+difference of two cross-entropies (which is noisy and often negative on a finite sample)."""
+import json
+
+import pytest
+import torch
+
+from lowbit.search.candidates import layer_candidates, parse_candidates, quantizable_layers
+from lowbit.search.cost import CostModel, cost_matrix
+
+
+def _tiny(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _setup(specs="int2:g64,int4:g64,int8:g128"):
+    from lowbit.search.objective import Objective
+
+    model = _tiny()
+    ids = torch.randint(0, 160, (4, 24), generator=torch.Generator().manual_seed(3))
+    layers = quantizable_layers(model)
+    cands = layer_candidates(layers, parse_candidates(specs))
+    costs = cost_matrix(cands, CostModel("bits"))
+    return model, layers, cands, costs, Objective(model, "causal_lm", [{"input_ids": ids[i:i + 2]} for i in (0, 2)])
+
+
+def _direct_kl(model, layers, batches, weights):
+    """KL(p_fp32 || p) from the whole model's logits at every position, the textbook formula."""
+    from lowbit.search.objective import swapped
+
+    def kl_from_logits(r, n):
+        lp, lq = torch.log_softmax(r.double(), -1), torch.log_softmax(n.double(), -1)
+        return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+    with torch.no_grad():
+        ref = [model(**b, use_cache=False).logits for b in batches]
+        with swapped(layers, weights):
+            new = [model(**b, use_cache=False).logits for b in batches]
+    return sum(float(kl_from_logits(r, n)) for r, n in zip(ref, new)) / len(batches)
+
+
+def test_measured_values_are_the_kl_to_the_fp32_model(tmp_path):
+    from lowbit.search.sensitivity import SensitivitySettings, compute, rtn_weight
+
+    model, layers, cands, costs, obj = _setup()
+    table = compute(obj, layers, cands, costs, ("measured",), False, SensitivitySettings(), None, progress=False)
+    vals = table.values["measured"]
+    for c in cands:
+        for s in c.specs:
+            v = vals[c.name][s]
+            assert v >= 0, (c.name, s, v)
+            direct = _direct_kl(model, layers, obj.batches, {c.name: rtn_weight(layers[c.name].weight, s)})
+            assert v == pytest.approx(direct, rel=1e-3, abs=1e-9), (c.name, s, v, direct)
+    # the change measured is a real one: 2-bit moves the model far more than 8-bit
+    tot = {s: sum(vals[n][s] for n in table.layers) for s in ("int2:g64", "int8:g128")}
+    assert tot["int2:g64"] > 100 * tot["int8:g128"] > 0
+    assert obj.increase_with(layers, {}) == pytest.approx(0.0, abs=1e-9)  # unchanged model: no divergence
+
+
+def test_pair_terms_are_kl_interactions():
+    from lowbit.search.sensitivity import SensitivitySettings, compute, rtn_weight
+
+    model, layers, cands, costs, obj = _setup()
+    table = compute(obj, layers, cands, costs, ("measured",), True, SensitivitySettings(top_layers=2), None,
+                    progress=False)
+    p = table.pairs[0]
+    sa, sb, inter = p["points"][0]
+    both = _direct_kl(model, layers, obj.batches, {p["a"]: rtn_weight(layers[p["a"]].weight, sa),
+                                                   p["b"]: rtn_weight(layers[p["b"]].weight, sb)})
+    m = table.values["measured"]
+    assert inter == pytest.approx(both - m[p["a"]][sa] - m[p["b"]][sb], rel=1e-3, abs=1e-8)
+
+
+def test_a_cache_of_the_old_format_is_not_reused(tmp_path):
+    from lowbit.search.sensitivity import SensitivitySettings, compute
+
+    cache = tmp_path / "s.json"
+    model, layers, cands, costs, obj = _setup("int2:g64,int8:g128")
+    compute(obj, layers, cands, costs, ("measured",), False, SensitivitySettings(), cache, progress=False)
+    d = json.loads(cache.read_text())
+    d["key"]["format"] = 1  # a cache written when 'measured' meant a cross-entropy difference
+    cache.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="cache format"):
+        compute(obj, layers, cands, costs, ("measured",), False, SensitivitySettings(), cache, progress=False)
+
+
+def test_changing_the_output_head_is_refused():
+    model, layers, cands, costs, obj = _setup()
+    obj.increase_with(layers, {})
+    with torch.no_grad():
+        model.lm_head.weight.data = model.lm_head.weight.data.clone()
+    with pytest.raises(RuntimeError, match="output head"):
+        obj.increase_with(layers, {})
