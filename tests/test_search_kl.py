@@ -17,7 +17,7 @@ def _tiny(seed=0):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _setup(specs="int2:g64,int4:g64,int8:g128"):
+def _setup(specs="int2:g64,int4:g64,int8:g128", kl_dtype=torch.float32):
     from lowbit.search.objective import Objective
 
     model = _tiny()
@@ -25,7 +25,8 @@ def _setup(specs="int2:g64,int4:g64,int8:g128"):
     layers = quantizable_layers(model)
     cands = layer_candidates(layers, parse_candidates(specs))
     costs = cost_matrix(cands, CostModel("bits"))
-    return model, layers, cands, costs, Objective(model, "causal_lm", [{"input_ids": ids[i:i + 2]} for i in (0, 2)])
+    return model, layers, cands, costs, Objective(model, "causal_lm", [{"input_ids": ids[i:i + 2]} for i in (0, 2)],
+                                                  kl_dtype=kl_dtype)
 
 
 def _direct_kl(model, layers, batches, weights):
@@ -95,3 +96,25 @@ def test_changing_the_output_head_is_refused():
         model.lm_head.weight.data = model.lm_head.weight.data.clone()
     with pytest.raises(RuntimeError, match="output head"):
         obj.increase_with(layers, {})
+
+
+def test_bfloat16_logit_change_stays_close_to_the_exact_kl():
+    from lowbit.search.sensitivity import rtn_weight
+
+    model, layers, cands, costs, obj = _setup(kl_dtype=torch.bfloat16)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        for s in ("int2:g64", "int8:g128"):
+            w = {name: rtn_weight(layers[name].weight, s)}
+            v, direct = obj.increase_with(layers, w), _direct_kl(model, layers, obj.batches, w)
+            assert v >= 0 and v == pytest.approx(direct, rel=0.03), (name, s, v, direct)
+
+
+@pytest.mark.parametrize("kl_dtype", [torch.float32, torch.bfloat16])
+def test_a_huge_change_falls_back_to_the_logsumexp_form(kl_dtype):
+    model, layers, cands, costs, obj = _setup(kl_dtype=kl_dtype)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(300)  # logits in the hundreds
+    name = "model.layers.1.mlp.down_proj"
+    w = {name: -layers[name].weight.detach() * 30}  # logit changes of hundreds: exp overflows in fp32
+    v, direct = obj.increase_with(layers, w), _direct_kl(model, layers, obj.batches, w)
+    assert direct > 10 and v == pytest.approx(direct, rel=1e-3), (v, direct)

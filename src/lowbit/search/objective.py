@@ -77,12 +77,32 @@ class _KLRef:
     weight_ptr: int        # data_ptr of the head weight the reference was computed with
 
 
+def _fast_bf16(device: torch.device) -> torch.dtype:
+    """bfloat16 where matmuls in it are fast (CUDA, or a CPU with bf16 instructions), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):
+            pass
+    return torch.float32
+
+
 class Objective:
     """Task loss of ``model`` (kind 'causal_lm' or 'encoder') on fixed calibration batches."""
 
-    def __init__(self, model: nn.Module, kind: str, batches: List[dict]):
+    def __init__(self, model: nn.Module, kind: str, batches: List[dict], kl_dtype: Optional[torch.dtype] = None):
+        """``kl_dtype``: the dtype of the head product of the logit *change* dz = W (h - h_ref) in the
+        KL (causal LMs); None picks bfloat16 where the hardware has fast bfloat16 matmuls (a
+        relative error ~0.3% in dz, far below the calibration sample's noise, for ~2x on the
+        vocabulary-wide product), else float32."""
         if kind not in ("causal_lm", "encoder"):
             raise ValueError(f"kind must be 'causal_lm' or 'encoder', got {kind!r}")
+        if kl_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"kl_dtype must be None (auto), torch.float32 or torch.bfloat16, got {kl_dtype!r}")
+        self.kl_dtype = kl_dtype
         self.model, self.kind, self.batches = model, kind, batches
         self.blocks_path, self.blocks = find_blocks(model)
         self.ref: List[torch.Tensor] = []
@@ -91,6 +111,7 @@ class Objective:
                 self.ref = [_pool(self._hidden_out(b), b["attention_mask"]).clone() for b in batches]
         self._inputs = None  # per block: list over batches of its input hidden state (fp32 weights)
         self._kl_ref: Optional[List[_KLRef]] = None
+        self._dz_weight: Optional[torch.Tensor] = None  # the head weight in the dz product's dtype
         self._base: Optional[float] = None
         self.input_power: Optional[Dict[str, torch.Tensor]] = None  # per layer E[x^2]: retention candidates
 
@@ -173,6 +194,8 @@ class Objective:
                     p = torch.exp(z.sub_(lse.unsqueeze(-1)))       # in place: one vocabulary-wide buffer
                     pw = (p.flatten(0, 1) @ W.float()).view(*hn.shape[:-1], -1)
                     refs.append(_KLRef(p, lse.double(), hn, pw, W.data_ptr()))
+            dtype = self.kl_dtype or _fast_bf16(W.device)
+            self._dz_weight = W.to(dtype) if dtype != W.dtype else W
             self._kl_ref = refs
         return self._kl_ref
 
@@ -189,15 +212,21 @@ class Objective:
             raise RuntimeError("the output head's weights changed after the fp32 reference was taken; "
                                "the KL objective scores changes to the repeated blocks only")
         dh = self._final_norm(hidden).float() - ref.hidden
-        m = (dh * ref.pw).sum(-1)
-        dz = F.linear(dh, head.weight.float())
+        Wd = self._dz_weight
+        if Wd.dtype == torch.float32:
+            dz = F.linear(dh, Wd)
+            m = (dh * ref.pw).sum(-1)
+        else:  # m from these very dz: E_p[dz - m] = 0 holds exactly, the result is the KL of z_ref + dz
+            dz = F.linear(dh.to(Wd.dtype), Wd).float()
+            m = torch.linalg.vecdot(dz, ref.p)
         dz.sub_(m.unsqueeze(-1)).expm1_()
         kl = torch.log1p(torch.linalg.vecdot(dz, ref.p).double())
         bad = ~torch.isfinite(kl)
         if bad.any():  # exp overflowed (a change of tens of nats): the logsumexp form is exact enough there
             z = F.linear(ref.hidden[bad] + dh[bad], head.weight.float(),
                          None if head.bias is None else head.bias.float())
-            kl[bad] = torch.logsumexp(z, -1).double() - ref.lse[bad] - m[bad].double()
+            m32 = (dh[bad] * ref.pw[bad]).sum(-1)
+            kl[bad] = torch.logsumexp(z, -1).double() - ref.lse[bad] - m32.double()
         return kl.mean()
 
     def increase_with(self, layers: Dict[str, nn.Linear], weights: Dict[str, torch.Tensor]) -> float:
