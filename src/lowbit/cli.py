@@ -6,6 +6,7 @@ import json
 import sys
 
 from .formats import BlockFormat, FormatError, format, known_names
+from .heap import reuse_freed_memory
 
 
 def _fmt_num(v) -> str:
@@ -324,7 +325,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with reuse_freed_memory():  # CPU jobs churn through large activations
+            return args.func(args)
     except (FormatError, ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
 from ..export.packing import pack_weight, unpack_weight
+from ..heap import reuse_freed_memory
 from .gptq import HessianAccumulator, gptq_shared
 from .sequential import run_sequential
 
@@ -202,7 +203,7 @@ def quantize_model(
 
     groups = None  # which layers of a block read the same tensor, as seen in the previous block
     bar = _progress_bar(len(blocks), progress, initial=done + 1)
-    with torch.inference_mode():
+    with torch.inference_mode(), reuse_freed_memory():
         for bi in range(done + 1, len(blocks)):
             block = blocks[bi]
             if work != home:
