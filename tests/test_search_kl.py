@@ -118,3 +118,25 @@ def test_a_huge_change_falls_back_to_the_logsumexp_form(kl_dtype):
     w = {name: -layers[name].weight.detach() * 30}  # logit changes of hundreds: exp overflows in fp32
     v, direct = obj.increase_with(layers, w), _direct_kl(model, layers, obj.batches, w)
     assert direct > 10 and v == pytest.approx(direct, rel=1e-3), (v, direct)
+
+
+def test_pairs_with_the_fisher_estimator_measure_only_the_pair_levels():
+    from lowbit.search.sensitivity import SensitivitySettings, compute
+
+    model, layers, cands, costs, obj = _setup()
+    st_ = SensitivitySettings(top_layers=2)
+    fis = compute(obj, layers, cands, costs, ("fisher",), True, st_, None, progress=False)
+    assert "measured" not in fis.values and fis.pairs
+    used = {(p[k], pt[j]) for p in fis.pairs for pt in p["points"] for k, j in (("a", 0), ("b", 1))}
+    assert {(n, s) for n, row in fis.pair_singles.items() for s in row} == used  # the pair levels, no more
+    assert len(used) < sum(len(c.specs) for c in cands)
+    full = compute(obj, layers, cands, costs, ("measured",), True, SensitivitySettings(top_layers=2), None,
+                   progress=False)
+    for n, row in fis.pair_singles.items():  # the same measurement as the full pass
+        for s, v in row.items():
+            assert v == pytest.approx(full.values["measured"][n][s], rel=1e-9)
+    neighbours = [(p["a"], p["b"], p["points"]) for p in fis.pairs if obj.block_of(p["a"]) == obj.block_of(p["b"])]
+    assert neighbours == [(p["a"], p["b"], p["points"]) for p in full.pairs
+                          if obj.block_of(p["a"]) == obj.block_of(p["b"])]
+    p = fis.problem("fisher", costs, with_pairs=True)
+    assert len(p.pairs) == len(fis.pairs)

@@ -80,7 +80,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         objective.input_power = input_power(lambda b: loaded.model(**b), layers, objective.batches)
     outp = Path(out) if out else None
     cache = Path(sensitivity_cache) if sensitivity_cache else (outp / "sensitivity.json" if outp else None)
-    ests = list(dict.fromkeys([estimator] + (["measured"] if pairs else []) + list(extra_estimators)))
+    ests = list(dict.fromkeys([estimator] + list(extra_estimators)))  # pairs measure their own singles
     _log(f"sensitivities ({', '.join(ests)}{' + dependency pairs' if pairs else ''}) of {len(cands)} layers x "
          f"{len(specs)} candidates on {n_cal} calibration {'sequences' if loaded.kind == 'causal_lm' else 'sentences'} "
          f"of {L} tokens", quiet)

@@ -28,7 +28,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -180,6 +180,8 @@ class SensitivityTable:
     pairs: List[dict]                                 # {"a", "b", "rho", "points": [[spec_a, spec_b, inter]]}
     seconds: Dict[str, float]
     complete: bool = True
+    # single-layer measured values at the pair levels only, when the full measured pass was not run
+    pair_singles: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -235,8 +237,6 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
     unknown = set(estimators) - set(ESTIMATORS)
     if unknown:
         raise ValueError(f"unknown estimators {sorted(unknown)}; accepted: {', '.join(ESTIMATORS)}")
-    if pairs and "measured" not in estimators:
-        raise ValueError("dependency pairs are measured: they need the 'measured' estimator")
     key = cache_key(layers, objective, cands, settings, model_name)
     table = _load(cache, key, log) if cache else None
     if table is None:
@@ -291,7 +291,9 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         _save(cache, table)
     if pairs and not table.pairs:
         t = time.time()
-        table.pairs = measure_pairs(objective, layers, cands, costs, table, settings, bar)
+        table.pairs = measure_pairs(objective, layers, cands, costs, table, settings, bar,
+                                    rank_by=next(e for e in ("measured", *estimators) if e in table.values),
+                                    save=lambda: _save(cache, table))
         table.seconds["pairs"] = time.time() - t
     table.complete = True
     bar.close()
@@ -299,10 +301,13 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
     return table
 
 
-def select_pairs(table: SensitivityTable, objective: Objective, settings: SensitivitySettings) -> List[Tuple[str, str]]:
+def select_pairs(table: SensitivityTable, objective: Objective, settings: SensitivitySettings,
+                 rank_by: str = "measured") -> List[Tuple[str, str]]:
+    """Neighbours within a block, and every pair among the ``top_layers`` layers that the
+    ``rank_by`` estimator finds most sensitive (at their most damaging candidate)."""
     names = table.layers
     chosen: List[Tuple[str, str]] = _neighbour_pairs(names, objective) if settings.neighbours else []
-    worst = {n: max(table.values["measured"][n].values()) for n in names}
+    worst = {n: max(table.values[rank_by][n].values()) for n in names}
     top = sorted(names, key=lambda n: -worst[n])[: settings.top_layers]
     top = sorted(top, key=names.index)
     for i, a in enumerate(top):
@@ -312,26 +317,45 @@ def select_pairs(table: SensitivityTable, objective: Objective, settings: Sensit
     return chosen
 
 
-def measure_pairs(objective, layers, cands, costs, table, settings, bar) -> List[dict]:
-    """Interaction terms: loss with both quantized minus the two single changes, at a few levels."""
-    chosen = select_pairs(table, objective, settings)
+def measure_pairs(objective, layers, cands, costs, table, settings, bar, rank_by: str = "measured",
+                  save=None) -> List[dict]:
+    """Interaction terms: the measured value with both quantized minus the two single values, at a
+    few levels. The singles come from the measured pass when it ran, else they are measured here at
+    the pair levels only (``table.pair_singles``), so other estimators get dependency terms cheaply."""
+    chosen = select_pairs(table, objective, settings, rank_by)
     by_name = {c.name: (c, k) for c, k in zip(cands, costs)}
-    bar.reset(len(chosen) * settings.pair_levels, "pairs")
-    out = []
+    meas = table.values.get("measured")
+    levels = {}
     for a, b in chosen:
         (ca, ka), (cb, kb) = by_name[a], by_name[b]
-        la, lb = _levels(ca.specs, ka, settings.pair_levels), _levels(cb.specs, kb, settings.pair_levels)
+        levels[(a, b)] = (_levels(ca.specs, ka, settings.pair_levels), _levels(cb.specs, kb, settings.pair_levels))
+    todo = set()
+    if meas is None:
+        for (a, b), (la, lb) in levels.items():
+            todo |= {(a, s) for s in la} | {(b, s) for s in lb}
+        todo = {(n, s) for n, s in todo if s not in table.pair_singles.get(n, {})}
+    bar.reset(len(todo) + sum(len(list(zip(*v))) for v in levels.values()), "pairs")
+
+    def q(name, spec):
+        return rtn_weight(layers[name].weight.detach().float(), spec, _power(objective, name))
+
+    for j, (n, s) in enumerate(sorted(todo, key=lambda ns: (table.layers.index(ns[0]), ns[1]))):
+        table.pair_singles.setdefault(n, {})[s] = objective.increase_with(layers, {n: q(n, s)})
+        bar.update(1)
+        if save and j % 16 == 15:
+            save()
+    single = meas if meas is not None else table.pair_singles
+    out = []
+    for a, b in chosen:
+        la, lb = levels[(a, b)]
         pts = []
         for sa, sb in zip(la, lb):
-            Wa, Wb = layers[a].weight.detach().float(), layers[b].weight.detach().float()
-            both = objective.increase_with(layers, {a: rtn_weight(Wa, sa, _power(objective, a)),
-                                                     b: rtn_weight(Wb, sb, _power(objective, b))})
-            da, db = table.values["measured"][a][sa], table.values["measured"][b][sb]
-            pts.append([sa, sb, both - da - db])
+            both = objective.increase_with(layers, {a: q(a, sa), b: q(b, sb)})
+            pts.append([sa, sb, both - single[a][sa] - single[b][sb]])
             bar.update(1)
         num = den = 0.0
         for sa, sb, inter in pts:
-            g = math.sqrt(max(table.values["measured"][a][sa], 0.0) * max(table.values["measured"][b][sb], 0.0))
+            g = math.sqrt(max(single[a][sa], 0.0) * max(single[b][sb], 0.0))
             num += inter * g
             den += g * g
         rho = float(np.clip(num / den, *RHO_RANGE)) if den > 0 else 0.0
@@ -430,7 +454,7 @@ def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[s
         bar.update(1)
     bar.close()
     out = {"configs": n, "measured": measured, "spearman": {}, "predicted": {}}
-    variants = [(e, False) for e in table.values] + ([("measured", True)] if table.pairs else [])
+    variants = [(e, False) for e in table.values] + ([(e, True) for e in table.values] if table.pairs else [])
     for est, with_pairs in variants:
         p = table.problem(est, costs, with_pairs)
         pred = [p.evaluate(cfg)[0] for cfg in configs]
