@@ -140,3 +140,11 @@ def test_pairs_with_the_fisher_estimator_measure_only_the_pair_levels():
                           if obj.block_of(p["a"]) == obj.block_of(p["b"])]
     p = fis.problem("fisher", costs, with_pairs=True)
     assert len(p.pairs) == len(fis.pairs)
+
+
+def test_default_calibration_is_smaller_only_for_the_kl_estimator():
+    from lowbit.search.job import calibration_size
+
+    assert calibration_size("causal_lm", "measured") == (2, 256)
+    assert calibration_size("causal_lm", "fisher") == calibration_size("causal_lm", "hutchinson") == (4, 256)
+    assert calibration_size("encoder", "measured") == calibration_size("encoder", "fisher") == (16, 128)
