@@ -34,7 +34,7 @@ from lowbit.search.bisection import PointStore, choice_of, uniform_choices
 from lowbit.search.candidates import (INT_CANDIDATES, layer_candidates, parse_candidates, quantizable_layers,
                                       restrict)
 from lowbit.search.cost import CostModel, bits_per_weight, cost_matrix
-from lowbit.search.job import CALIB
+from lowbit.search.job import calibration_size
 from lowbit.search.measure import MetricEvaluator
 from lowbit.search.objective import Objective, make_batches
 from lowbit.search.sensitivity import SensitivitySettings, compute, rank_agreement
@@ -67,7 +67,7 @@ def main() -> None:
     specs = parse_candidates("default")
     cands = layer_candidates(layers, specs)
     costs = cost_matrix(cands, CostModel("bits"))
-    n_cal, L = CALIB[loaded.kind]
+    n_cal, L = calibration_size(loaded.kind, "measured" if "measured" in args.estimators.split(",") else "fisher")
     obj = Objective(loaded.model, loaded.kind, make_batches(loaded, args.calib or n_cal, args.seq_len or L, batch_size=2))
     ests = tuple(args.estimators.split(","))
     table = compute(obj, layers, cands, costs, ests, "measured" in ests,

@@ -8,9 +8,13 @@ Estimators, all on one :class:`~lowbit.search.objective.Objective` (calibration 
   objective, whose gradient vanishes at the fp32 weights, squared gradients of random Gaussian
   projections of the embeddings, whose expectation is the Gauss-Newton diagonal), then
   ``0.5 * sum(F * dW^2)``;
-* ``measured``: the loss change when only that layer takes that candidate (RTN weights);
+* ``measured``: how far the model moves from its fp32 self when only that layer takes that
+  candidate (RTN weights), by :meth:`Objective.increase_with`: for causal LMs the mean per-token
+  KL(p_fp32 || p_quantized) of the next-token distributions (>= 0; unlike a difference of two
+  cross-entropies on a finite sample it has no first-order noise term, and its expectation is the
+  expected cross-entropy increase); for encoders the objective itself (a distance to the fp32 self);
 * ``pairs`` (inter-layer dependencies): for neighbours within a block and the most sensitive
-  layers, the measured loss with both layers quantized minus the two single changes, at a few
+  layers, the measured value with both layers quantized minus the two single values, at a few
   candidate levels, fitted as ``rho * sqrt(d_a d_b)`` over all candidate combinations.
 
 Results are cached on disk as JSON keyed by model weights + calibration data + candidate set +
@@ -24,7 +28,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,7 +42,7 @@ from .candidates import LayerCandidates
 from .objective import Objective
 
 ESTIMATORS = ("hutchinson", "fisher", "measured")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: causal-LM measured values and pairs are KL divergences (1: cross-entropy differences)
 RHO_RANGE = (-0.9, 5.0)  # keeps a pair's total >= 0.55 (d_a + d_b) when both singles are positive
 
 
@@ -176,6 +180,8 @@ class SensitivityTable:
     pairs: List[dict]                                 # {"a", "b", "rho", "points": [[spec_a, spec_b, inter]]}
     seconds: Dict[str, float]
     complete: bool = True
+    # single-layer measured values at the pair levels only, when the full measured pass was not run
+    pair_singles: Dict[str, Dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -231,8 +237,6 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
     unknown = set(estimators) - set(ESTIMATORS)
     if unknown:
         raise ValueError(f"unknown estimators {sorted(unknown)}; accepted: {', '.join(ESTIMATORS)}")
-    if pairs and "measured" not in estimators:
-        raise ValueError("dependency pairs are measured: they need the 'measured' estimator")
     key = cache_key(layers, objective, cands, settings, model_name)
     table = _load(cache, key, log) if cache else None
     if table is None:
@@ -277,7 +281,7 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
             W = layers[c.name].weight.detach().float()
             row = {}
             for s in c.specs:
-                row[s] = objective.loss_with(layers, {c.name: rtn_weight(W, s, _power(objective, c.name))}) - table.base_loss
+                row[s] = objective.increase_with(layers, {c.name: rtn_weight(W, s, _power(objective, c.name))})
                 bar.update(1)
             meas[c.name] = row
             if j % 8 == 7:
@@ -287,7 +291,9 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
         _save(cache, table)
     if pairs and not table.pairs:
         t = time.time()
-        table.pairs = measure_pairs(objective, layers, cands, costs, table, settings, bar)
+        table.pairs = measure_pairs(objective, layers, cands, costs, table, settings, bar,
+                                    rank_by=next(e for e in ("measured", *estimators) if e in table.values),
+                                    save=lambda: _save(cache, table))
         table.seconds["pairs"] = time.time() - t
     table.complete = True
     bar.close()
@@ -295,10 +301,13 @@ def compute(objective: Objective, layers: Dict[str, nn.Linear], cands: List[Laye
     return table
 
 
-def select_pairs(table: SensitivityTable, objective: Objective, settings: SensitivitySettings) -> List[Tuple[str, str]]:
+def select_pairs(table: SensitivityTable, objective: Objective, settings: SensitivitySettings,
+                 rank_by: str = "measured") -> List[Tuple[str, str]]:
+    """Neighbours within a block, and every pair among the ``top_layers`` layers that the
+    ``rank_by`` estimator finds most sensitive (at their most damaging candidate)."""
     names = table.layers
     chosen: List[Tuple[str, str]] = _neighbour_pairs(names, objective) if settings.neighbours else []
-    worst = {n: max(table.values["measured"][n].values()) for n in names}
+    worst = {n: max(table.values[rank_by][n].values()) for n in names}
     top = sorted(names, key=lambda n: -worst[n])[: settings.top_layers]
     top = sorted(top, key=names.index)
     for i, a in enumerate(top):
@@ -308,26 +317,45 @@ def select_pairs(table: SensitivityTable, objective: Objective, settings: Sensit
     return chosen
 
 
-def measure_pairs(objective, layers, cands, costs, table, settings, bar) -> List[dict]:
-    """Interaction terms: loss with both quantized minus the two single changes, at a few levels."""
-    chosen = select_pairs(table, objective, settings)
+def measure_pairs(objective, layers, cands, costs, table, settings, bar, rank_by: str = "measured",
+                  save=None) -> List[dict]:
+    """Interaction terms: the measured value with both quantized minus the two single values, at a
+    few levels. The singles come from the measured pass when it ran, else they are measured here at
+    the pair levels only (``table.pair_singles``), so other estimators get dependency terms cheaply."""
+    chosen = select_pairs(table, objective, settings, rank_by)
     by_name = {c.name: (c, k) for c, k in zip(cands, costs)}
-    bar.reset(len(chosen) * settings.pair_levels, "pairs")
-    out = []
+    meas = table.values.get("measured")
+    levels = {}
     for a, b in chosen:
         (ca, ka), (cb, kb) = by_name[a], by_name[b]
-        la, lb = _levels(ca.specs, ka, settings.pair_levels), _levels(cb.specs, kb, settings.pair_levels)
+        levels[(a, b)] = (_levels(ca.specs, ka, settings.pair_levels), _levels(cb.specs, kb, settings.pair_levels))
+    todo = set()
+    if meas is None:
+        for (a, b), (la, lb) in levels.items():
+            todo |= {(a, s) for s in la} | {(b, s) for s in lb}
+        todo = {(n, s) for n, s in todo if s not in table.pair_singles.get(n, {})}
+    bar.reset(len(todo) + sum(len(list(zip(*v))) for v in levels.values()), "pairs")
+
+    def q(name, spec):
+        return rtn_weight(layers[name].weight.detach().float(), spec, _power(objective, name))
+
+    for j, (n, s) in enumerate(sorted(todo, key=lambda ns: (table.layers.index(ns[0]), ns[1]))):
+        table.pair_singles.setdefault(n, {})[s] = objective.increase_with(layers, {n: q(n, s)})
+        bar.update(1)
+        if save and j % 16 == 15:
+            save()
+    single = meas if meas is not None else table.pair_singles
+    out = []
+    for a, b in chosen:
+        la, lb = levels[(a, b)]
         pts = []
         for sa, sb in zip(la, lb):
-            Wa, Wb = layers[a].weight.detach().float(), layers[b].weight.detach().float()
-            both = objective.loss_with(layers, {a: rtn_weight(Wa, sa, _power(objective, a)),
-                                                 b: rtn_weight(Wb, sb, _power(objective, b))}) - table.base_loss
-            da, db = table.values["measured"][a][sa], table.values["measured"][b][sb]
-            pts.append([sa, sb, both - da - db])
+            both = objective.increase_with(layers, {a: q(a, sa), b: q(b, sb)})
+            pts.append([sa, sb, both - single[a][sa] - single[b][sb]])
             bar.update(1)
         num = den = 0.0
         for sa, sb, inter in pts:
-            g = math.sqrt(max(table.values["measured"][a][sa], 0.0) * max(table.values["measured"][b][sb], 0.0))
+            g = math.sqrt(max(single[a][sa], 0.0) * max(single[b][sb], 0.0))
             num += inter * g
             den += g * g
         rho = float(np.clip(num / den, *RHO_RANGE)) if den > 0 else 0.0
@@ -411,8 +439,9 @@ def random_configs(cands: List[LayerCandidates], costs: List[np.ndarray], n: int
 def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[str, nn.Linear],
                    cands: List[LayerCandidates], costs: List[np.ndarray], n: int = 16, seed: int = 0,
                    progress: bool = True) -> dict:
-    """Spearman between each estimator's predicted loss and the measured calibration loss of ``n``
-    random mixed configurations (RTN)."""
+    """Spearman between each estimator's predicted loss and the measured calibration loss increase
+    (:meth:`Objective.increase_with`: KL to the fp32 model for causal LMs) of ``n`` random mixed
+    configurations (RTN)."""
     from scipy.stats import spearmanr
 
     configs = random_configs(cands, costs, n, seed)
@@ -421,11 +450,11 @@ def rank_agreement(table: SensitivityTable, objective: Objective, layers: Dict[s
     measured = []
     for cfg in configs:
         w = {c.name: rtn_weight(layers[c.name].weight, c.specs[i], _power(objective, c.name)) for c, i in zip(cands, cfg)}
-        measured.append(objective.loss_with(layers, w) - table.base_loss)
+        measured.append(objective.increase_with(layers, w))
         bar.update(1)
     bar.close()
     out = {"configs": n, "measured": measured, "spearman": {}, "predicted": {}}
-    variants = [(e, False) for e in table.values] + ([("measured", True)] if table.pairs else [])
+    variants = [(e, False) for e in table.values] + ([(e, True) for e in table.values] if table.pairs else [])
     for est, with_pairs in variants:
         p = table.problem(est, costs, with_pairs)
         pred = [p.evaluate(cfg)[0] for cfg in configs]
