@@ -74,6 +74,8 @@ class LayerCurve:
     errors: List[float]           # the objective's error at each ratio: tr(dW H dW^T) or 1/4 sum_i G_i e_i
     bits: List[float]             # total stored bits at each ratio
     sensitivity: float = 1.0      # s_l (objective "block"; 1 for "fisher", whose errors are in loss units)
+    local_errors: List[float] = field(default_factory=list)  # tr(dW H dW^T) at each ratio, unweighted
+    block_sensitivity: float = 0.0                            # s_l, measured under either objective
 
 
 @dataclass
@@ -143,9 +145,12 @@ def layer_curve(name: str, W: torch.Tensor, H: torch.Tensor, spec, rfmt: RetainF
         weights = _gptq_grid_weights(W, H, spec, rfmt, keeps, dict(gptq_kw or {}))
     else:
         weights = [rtn_retained(W, k, WeightQuantizer(spec), rfmt).weight for k in keeps]
-    errs = [_out_err(W, Q.to(W.device), H, row_weights) for Q in weights]
+    rows_err = [_row_err(W, Q.to(W.device), H) for Q in weights]
+    local = [float(e.sum()) for e in rows_err]
+    errs = local if row_weights is None else \
+        [0.25 * float((row_weights.double().to(e.device) * e).sum()) for e in rows_err]
     bits = [low + retained_bits(rows, cols, int(k.sum()), rfmt) for k in keeps]
-    return LayerCurve(name, (rows, cols), low, list(grid), errs, bits)
+    return LayerCurve(name, (rows, cols), low, list(grid), errs, bits, local_errors=local)
 
 
 def _first_rows(x, b: int, n: int):
@@ -235,9 +240,10 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                 layers[c.name].weight.data = rtn[c.name]
                 alone[c.name] = _block_rel_err(block, s_in, s_h, ref)
                 layers[c.name].weight.data = orig[c.name]
+                e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), hess[c.name].H)
+                c.block_sensitivity = alone[c.name] / e0 if e0 > 0 else 0.0
                 if objective == "block":
-                    e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), hess[c.name].H)
-                    c.sensitivity = alone[c.name] / e0 if e0 > 0 else 0.0
+                    c.sensitivity = c.block_sensitivity
             names = [c.name for c in block_curves]
             for a, b in zip(names, names[1:]):
                 layers[a].weight.data, layers[b].weight.data = rtn[a], rtn[b]
@@ -251,6 +257,22 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
             bar.update(1)
     bar.close()
     return curves_out, pairs
+
+
+def as_block_objective(c: LayerCurve) -> LayerCurve:
+    """The same measurement under the ``block`` objective (s_l times the unweighted error)."""
+    return LayerCurve(c.name, c.shape, c.lowbit_bits, c.ratios, list(c.local_errors), c.bits,
+                      c.block_sensitivity, list(c.local_errors), c.block_sensitivity)
+
+
+def restrict(c: LayerCurve, ratios: Sequence[float]) -> LayerCurve:
+    """The curve on a sub-grid (ratios must be points of c's grid)."""
+    idx = [min(range(len(c.ratios)), key=lambda k: abs(c.ratios[k] - r)) for r in ratios]
+    if any(abs(c.ratios[k] - r) > 1e-12 for k, r in zip(idx, ratios)):
+        raise ValueError(f"ratios {list(ratios)} are not all on the measured grid {c.ratios}")
+    pick = lambda xs: [xs[k] for k in idx] if xs else []
+    return LayerCurve(c.name, c.shape, c.lowbit_bits, pick(c.ratios), pick(c.errors), pick(c.bits),
+                      c.sensitivity, pick(c.local_errors), c.block_sensitivity)
 
 
 def solve_allocation(curves: List[LayerCurve], pairs: List[Tuple[str, str, float]], base_ratio: float,
