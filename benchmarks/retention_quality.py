@@ -130,7 +130,7 @@ def print_table(rows, args, schemes, fp16_schemes) -> None:
         cells = []
         for s in schemes:
             r = next((x for x in rows if x["scheme"] == s and x["row"] == label), None)
-            cells.append(f"{r['metric']:.4g} ({r['bits_per_weight']:.3f} b)" if r else "")
+            cells.append(f"{r['metric']:.4g} ({r['bits_per_weight']:.4f} b)" if r else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
     for scheme in fp16_schemes:
         print(f"\nint8 vs fp16 retention at equal bits, {scheme}:")
