@@ -182,3 +182,25 @@ def test_cli_parses_the_objective_flags():
                                       "--retain-curves", "gptq", "--retain-grid", "0,1,2,8"])
     cfg = _retain_config(args)
     assert (cfg.objective, cfg.curves, cfg.grid) == ("block", "gptq", (0.0, 1.0, 2.0, 8.0))
+
+
+def test_curves_use_the_hessian_of_what_a_transformed_layer_multiplies(tiny):
+    # a layer with an online input transform (rotation/smoothing) stores W T and multiplies x T: its
+    # curve must use T^T H T, as GPTQ does in the pipeline (here a stand-in transform returning 4 H)
+    from lowbit.ptq.retain_alloc import measure_curves
+
+    class Quadruple:
+        def transform_hessian(self, H):
+            return 4 * H
+
+    model, batches = tiny
+    m = copy.deepcopy(model)
+    name = "model.layers.0.mlp.down_proj"
+    kw = dict(objective="block", multipliers=(0, 1), progress=False)
+    plain = {c.name: c for c in measure_curves(m, Plan.from_scheme("w3g64"), batches, RetainFormat("int8"), 0.02, **kw)[0]}
+    m.get_submodule(name).input_transform = Quadruple()
+    tf = {c.name: c for c in measure_curves(m, Plan.from_scheme("w3g64"), batches, RetainFormat("int8"), 0.02, **kw)[0]}
+    assert tf[name].local_errors == pytest.approx([4 * e for e in plain[name].local_errors], rel=1e-5)
+    assert tf[name].block_sensitivity == pytest.approx(plain[name].block_sensitivity / 4, rel=1e-5)
+    other = "model.layers.0.mlp.up_proj"
+    assert tf[other].local_errors == pytest.approx(plain[other].local_errors, rel=1e-9)

@@ -198,7 +198,7 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                    gptq_kw: Optional[dict] = None, fisher_seqs: int = 8):
     """(curves, pairs): per-layer error curves in the objective's units, and the measured
     correlation of neighbouring layers' block-output errors. The model is left unchanged."""
-    from .pipeline import _collect_hessians, _progress_bar
+    from .pipeline import _collect_hessians, _input_hessian, _progress_bar
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown retention objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
@@ -229,7 +229,9 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
             block_curves = []
             for n, lin in layers.items():
                 W = lin.weight.detach().float()
-                c = layer_curve(n, W, hess[n].H, plan.weight_spec(n), rfmt, grid,
+                # a layer with an online input transform (rotation/smoothing) stores W T and sees
+                # x T: its output error needs T^T H T, as GPTQ gets it in the pipeline
+                c = layer_curve(n, W, _input_hessian(lin, hess[n].H), plan.weight_spec(n), rfmt, grid,
                                 None if scores is None else scores[n], saliency,
                                 None if fisher is None else fisher[n], curves, gptq_kw)
                 rtn[n] = WeightQuantizer(plan.weight_spec(n)).rtn(W)[0].to(lin.weight.dtype)
@@ -240,7 +242,7 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                 layers[c.name].weight.data = rtn[c.name]
                 alone[c.name] = _block_rel_err(block, s_in, s_h, ref)
                 layers[c.name].weight.data = orig[c.name]
-                e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), hess[c.name].H)
+                e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), _input_hessian(layers[c.name], hess[c.name].H))
                 c.block_sensitivity = alone[c.name] / e0 if e0 > 0 else 0.0
                 if objective == "block":
                     c.sensitivity = c.block_sensitivity
