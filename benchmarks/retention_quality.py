@@ -6,6 +6,12 @@ per-layer ratios from the integer program} x schemes, and int8 vs fp16 retention
         --seq-len 512 --eval-tokens 4096
     python benchmarks/retention_quality.py --merge a.json b.json ...   # one table from several runs
 
+Rows: gptq, fixed, optimized, or optimized:OBJECTIVE[:CURVES] for one loss model of the ratio
+program (objective fisher = each layer's output error weighted by the loss's output Fisher, the
+default; block = block-output relative error; curves rtn (default) or gptq), e.g.
+--rows fixed,optimized:block,optimized:fisher,optimized:fisher:gptq. --grid sets the ratio
+multiples the program chooses from (default 0,0.25,0.5,1,1.5,2,3,4).
+
 The int8-vs-fp16 comparison (--compare-fp16 SCHEMES) adds an fp16 row at the ratio whose bits match
 --ratio at --format; compare it with that scheme's "fixed" row.
 
@@ -47,7 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES))
-    ap.add_argument("--rows", default=",".join(ROWS), help="any of gptq, fixed, optimized")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help="any of gptq, fixed, optimized, optimized:OBJECTIVE[:CURVES] (fisher|block, rtn|gptq)")
+    ap.add_argument("--grid", default=None, help="ratio multiples for the optimised rows, e.g. 0,0.5,1,2,4,8")
     ap.add_argument("--ratio", default="1%")
     ap.add_argument("--format", default="int8")
     ap.add_argument("--saliency", default="obs")
@@ -84,8 +92,7 @@ def main() -> None:
     schemes = args.schemes.split(",")
     for scheme in schemes:
         for label in [x for x in args.rows.split(",") if x]:
-            retain = None if label == "gptq" else RetainConfig(ratio, args.format, args.saliency, label)
-            run(scheme, label, retain)
+            run(scheme, label, _config(label, ratio, args))
     fp16_schemes = [s for s in args.compare_fp16.split(",") if s]
     for scheme in fp16_schemes:
         shapes = _shapes(load_model(args.model).model, scheme)
@@ -93,6 +100,22 @@ def main() -> None:
         run(scheme, f"fixed fp16 {r16:.3%}", RetainConfig(r16, "fp16", args.saliency, "fixed"))
 
     print_table(rows, args, schemes, fp16_schemes)
+
+
+def _config(label: str, ratio: float, args):
+    """RetainConfig of one row label (None for plain GPTQ)."""
+    if label == "gptq":
+        return None
+    alloc, _, rest = label.partition(":")
+    objective, _, curves = rest.partition(":")
+    if alloc not in ("fixed", "optimized") or (alloc == "fixed" and rest):
+        raise SystemExit(f"unknown row {label!r}; accepted: gptq, fixed, optimized[:fisher|block[:rtn|gptq]]")
+    extra = {}
+    if alloc == "optimized":
+        extra = {k: v for k, v in (("objective", objective), ("curves", curves)) if v}
+        if args.grid:
+            extra["grid"] = tuple(float(x) for x in args.grid.split(","))
+    return RetainConfig(ratio, args.format, args.saliency, alloc, **extra)
 
 
 def print_table(rows, args, schemes, fp16_schemes) -> None:
@@ -107,7 +130,7 @@ def print_table(rows, args, schemes, fp16_schemes) -> None:
         cells = []
         for s in schemes:
             r = next((x for x in rows if x["scheme"] == s and x["row"] == label), None)
-            cells.append(f"{r['metric']:.4g} ({r['bits_per_weight']:.3f} b)" if r else "")
+            cells.append(f"{r['metric']:.4g} ({r['bits_per_weight']:.4f} b)" if r else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
     for scheme in fp16_schemes:
         print(f"\nint8 vs fp16 retention at equal bits, {scheme}:")
@@ -128,7 +151,7 @@ def merge(paths) -> None:
     schemes = list(dict.fromkeys(r["scheme"] for r in rows))
     fp16 = list(dict.fromkeys(r["scheme"] for r in rows if r["row"].startswith("fixed fp16")))
     order = {label: i for i, label in enumerate(ROWS)}
-    rows.sort(key=lambda r: (order.get(r["row"], 99), schemes.index(r["scheme"])))
+    rows.sort(key=lambda r: (order.get(r["row"].split(":")[0], 99), r["row"], schemes.index(r["scheme"])))
     print_table(rows, args, schemes, fp16)
 
 

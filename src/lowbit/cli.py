@@ -160,7 +160,16 @@ def _retain_config(args):
         return _plan_retain(args.plan) if getattr(args, "plan", None) else None
     from .ptq.retention import RetainConfig, parse_ratio
 
-    return RetainConfig(parse_ratio(args.retain), args.retain_format, args.retain_saliency, args.retain_alloc)
+    extra = {}
+    if getattr(args, "retain_grid", None):
+        try:
+            extra["grid"] = tuple(float(x) for x in args.retain_grid.split(","))
+        except ValueError:
+            raise ValueError(f"--retain-grid {args.retain_grid!r} is not a comma-separated list of numbers "
+                             "(multiples of --retain, e.g. 0,0.5,1,2,4)") from None
+    return RetainConfig(parse_ratio(args.retain), args.retain_format, args.retain_saliency, args.retain_alloc,
+                        objective=getattr(args, "retain_objective", "fisher"),
+                        curves=getattr(args, "retain_curves", "rtn"), **extra)
 
 
 def _plan_retain(path):
@@ -264,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of retained weights: int8 (fp16 scale per row), int8:tensor, e4m3fn, fp16, ...")
     q.add_argument("--retain-alloc", default="fixed", choices=["fixed", "optimized"],
                    help="one ratio everywhere, or per-layer ratios from an integer program at the same bits")
+    q.add_argument("--retain-objective", default="fisher", choices=["fisher", "block"],
+                   help="optimized: each layer's error weighted by the loss's output Fisher (default), or "
+                        "by its block's relative output error")
+    q.add_argument("--retain-curves", default="rtn", choices=["rtn", "gptq"],
+                   help="optimized: each ratio's error from RTN (default, fast) or from GPTQ with the keep mask")
+    q.add_argument("--retain-grid", default=None,
+                   help="optimized: ratios to choose from as multiples of --retain (default 0,0.25,0.5,1,1.5,2,3,4)")
     q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")

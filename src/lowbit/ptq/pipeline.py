@@ -178,7 +178,9 @@ def quantize_model(
 
     # RTN needs no data: only GPTQ (or retention's saliency) runs the blocks
     calibrated = method == "gptq" or retain is not None
-    scores = _prepare_retention(model, plan, batches, retain, progress) if retain is not None else None
+    scores = (_prepare_retention(model, plan, batches, retain, progress,
+                                 dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
+              if retain is not None else None)
     inputs = capture_block_inputs(model, blocks[0], batches) if calibrated else []
     home = next(model.parameters()).device
     work = torch.device(device) if device is not None else home
@@ -362,7 +364,7 @@ def _to_device(obj, dev):
     return obj
 
 
-def _prepare_retention(model, plan, batches, retain, progress):
+def _prepare_retention(model, plan, batches, retain, progress, gptq_kw=None):
     """Before any layer changes: Fisher scores (if asked) and the optimised per-layer ratios."""
     from .retention import fisher_saliency
 
@@ -375,7 +377,8 @@ def _prepare_retention(model, plan, batches, retain, progress):
         from .retain_alloc import optimize_ratios
 
         alloc = optimize_ratios(model, plan, batches, retain.fmt, retain.ratio, retain.saliency,
-                                retain.sens_seqs, progress, scores)
+                                retain.sens_seqs, progress, scores, retain.objective, retain.curves,
+                                retain.grid, gptq_kw)
         retain.ratios = alloc.ratios
         retain.allocation = alloc.to_dict()
     return scores

@@ -316,6 +316,9 @@ class RetainConfig:
     ratios: Optional[Dict[str, float]] = None  # per layer, filled by the allocation program
     sens_seqs: int = 4                         # calibration sequences for the block sensitivities
     allocation: Optional[dict] = None          # the program's summary, for the report
+    objective: str = "fisher"                  # optimized: loss model (ptq.retain_alloc.OBJECTIVES)
+    curves: str = "rtn"                        # optimized: how each ratio's error is made (rtn | gptq)
+    grid: Tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # optimized: ratios = ratio x these
 
     def __post_init__(self):
         if not 0.0 <= self.ratio < 0.5:
@@ -326,6 +329,14 @@ class RetainConfig:
             raise ValueError(f"unknown retain allocation {self.alloc!r}; accepted: {', '.join(ALLOCATIONS)}")
         if isinstance(self.fmt, str):
             self.fmt = RetainFormat.parse(self.fmt)
+        if self.objective not in ("fisher", "block"):
+            raise ValueError(f"unknown retention objective {self.objective!r}; accepted: fisher, block")
+        if self.curves not in ("rtn", "gptq"):
+            raise ValueError(f"unknown retention curves {self.curves!r}; accepted: rtn, gptq")
+        self.grid = tuple(float(m) for m in self.grid)
+        if not self.grid or any(not (m >= 0 and math.isfinite(m)) for m in self.grid) or 1.0 not in self.grid:
+            raise ValueError(f"retention grid {list(self.grid)} not accepted: multiples of the ratio, each "
+                             "finite and >= 0, including 1 (e.g. 0,0.5,1,2,4)")
 
     def ratio_for(self, name: str) -> float:
         if self.ratios is not None and name in self.ratios:
@@ -333,8 +344,11 @@ class RetainConfig:
         return self.ratio
 
     def to_dict(self) -> dict:
-        return {"ratio": self.ratio, "format": str(self.fmt), "saliency": self.saliency,
-                "alloc": self.alloc, "allocation": self.allocation}
+        d = {"ratio": self.ratio, "format": str(self.fmt), "saliency": self.saliency,
+             "alloc": self.alloc, "allocation": self.allocation}
+        if self.alloc == "optimized":
+            d.update(objective=self.objective, curves=self.curves, grid=list(self.grid))
+        return d
 
 
 def parse_ratio(text) -> float:
