@@ -240,14 +240,7 @@ class Objective:
         if self._inputs is None:
             self._cache_inputs()
         self._reference_kl()
-        start = min((self.block_of(n) for n in weights), default=len(self.blocks))
-        total = 0.0
-        with torch.inference_mode(), swapped(layers, weights):
-            for i, (cap, h) in enumerate(zip(self._caps, self._inputs[start])):
-                for block in self.blocks[start:]:
-                    h = run_block(block, cap, h)
-                total += float(self._kl(h, i))
-        return max(total / len(self.batches), 0.0)
+        return max(self._replayed(layers, weights, self._kl), 0.0)
 
     def base_value(self) -> float:
         """The objective of the unchanged model (cached): what :meth:`increase_with` is relative to."""
@@ -260,13 +253,18 @@ class Objective:
         one touched. The cache holds the fp32 model's block inputs."""
         if self._inputs is None:
             self._cache_inputs()
+        return self._replayed(layers, weights, self._head)
+
+    def _replayed(self, layers, weights, score) -> float:
+        """Mean over batches of ``score(last hidden state, batch index)`` with the weights swapped in,
+        re-running the blocks from the first one touched."""
         start = min((self.block_of(n) for n in weights), default=len(self.blocks))
         total = 0.0
         with torch.inference_mode(), swapped(layers, weights):
             for i, (cap, h) in enumerate(zip(self._caps, self._inputs[start])):
                 for block in self.blocks[start:]:
                     h = run_block(block, cap, h)
-                total += float(self._head(h, i))
+                total += float(score(h, i))
         return total / len(self.batches)
 
 
