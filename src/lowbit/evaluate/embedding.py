@@ -11,15 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.embedding import last_hidden, mean_pool
+
 __all__ = ["embed", "embedding_fidelity"]
-
-
-def _last_hidden(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**batch)
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-    return hidden
 
 
 def embed(model: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int = 32,
@@ -47,10 +41,8 @@ def embed(model: nn.Module, tokenizer, sentences: Sequence[str], batch_size: int
                 enc = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
                                 max_length=max_length, return_tensors="pt")
                 enc = {k: v.to(device) for k, v in enc.items()}
-                hidden = _last_hidden(model, enc).float()
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                out.append(pooled.cpu())
+                hidden = last_hidden(model, enc).float()
+                out.append(mean_pool(hidden, enc["attention_mask"], normalize=False).cpu())
     finally:
         model.train(was_training)
     emb = torch.cat(out)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.embedding import mean_pool
+
 
 def _losses(model: nn.Module, batch: dict, draws: int, gen: torch.Generator) -> List[torch.Tensor]:
     """One forward: [summed causal-LM cross-entropy], or ``draws`` random projections of the pooled
@@ -42,11 +44,7 @@ def _losses(model: nn.Module, batch: dict, draws: int, gen: torch.Generator) -> 
         ids = batch["input_ids"]
         return [F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")]
     hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = out[0]
-    mask = batch.get("attention_mask")
-    m = (torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask).unsqueeze(-1).to(hidden.dtype)
-    e = F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+    e = mean_pool(hidden if hidden is not None else out[0], batch.get("attention_mask"))
     # drawn on the CPU: the same probes on any device
     return [(e * torch.randn(e.shape, generator=gen).to(e)).sum() for _ in range(draws)]
 

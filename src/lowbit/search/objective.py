@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import capture_block_inputs, find_blocks, run_block
+from ..models.embedding import last_hidden, mean_pool
 
 
 def calibration_sentences(n: int, seed: int = 0) -> List[str]:
@@ -47,11 +48,6 @@ def calibration_sentences(n: int, seed: int = 0) -> List[str]:
     if n > len(pool):
         raise ValueError(f"asked for {n} calibration sentences; the calibration split has {len(pool)}")
     return [pool[(i * len(pool) + seed) // n] for i in range(n)]
-
-
-def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
 @contextmanager
@@ -108,7 +104,7 @@ class Objective:
         self.ref: List[torch.Tensor] = []
         if kind == "encoder":
             with torch.inference_mode():
-                self.ref = [_pool(self._hidden_out(b), b["attention_mask"]).clone() for b in batches]
+                self.ref = [mean_pool(self._hidden_out(b), b["attention_mask"]).clone() for b in batches]
         self._inputs = None  # per block: list over batches of its input hidden state (fp32 weights)
         self._kl_ref: Optional[List[_KLRef]] = None
         self._dz_weight: Optional[torch.Tensor] = None  # the head weight in the dz product's dtype
@@ -125,9 +121,7 @@ class Objective:
 
     # --- whole model ---------------------------------------------------------------------------
     def _hidden_out(self, batch: dict) -> torch.Tensor:
-        out = self.model(**batch)
-        h = getattr(out, "last_hidden_state", None)
-        return h if h is not None else out[0]
+        return last_hidden(self.model, batch)
 
     def _loss_from_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -138,7 +132,7 @@ class Objective:
         b = self.batches[i]
         if self.kind == "causal_lm":
             return self._loss_from_logits(self.model(**b, use_cache=False).logits, b)
-        e = _pool(self._hidden_out(b), b["attention_mask"])
+        e = mean_pool(self._hidden_out(b), b["attention_mask"])
         return (e - self.ref[i]).pow(2).sum(-1).mean()
 
     def loss(self) -> float:
@@ -155,7 +149,7 @@ class Objective:
         b = self.batches[i]
         if self.kind == "causal_lm":
             return self._loss_from_logits(self.model.lm_head(self._final_norm(hidden)), b)
-        e = _pool(hidden, b["attention_mask"])
+        e = mean_pool(hidden, b["attention_mask"])
         return (e - self.ref[i]).pow(2).sum(-1).mean()
 
     def _cache_inputs(self) -> None:

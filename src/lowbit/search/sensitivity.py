@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.embedding import mean_pool
 from ..optimize import Problem
 from . import retained
 from .candidates import LayerCandidates
@@ -144,10 +145,8 @@ def fisher_diagonals(objective: Objective, layers: Dict[str, nn.Linear], seed: i
                             a += g.float().pow(2) * tokens  # per-sequence mean -> per-token scale
                         count += 1
                 else:
-                    from .objective import _pool
-
                     for _ in range(draws):  # E[(J^T u)^2] with u ~ N(0, I) per sentence = diag(J^T J)
-                        e = _pool(objective._hidden_out(b), b["attention_mask"])
+                        e = mean_pool(objective._hidden_out(b), b["attention_mask"])
                         u = torch.randn(e.shape, generator=gen).to(e)  # drawn on the CPU: same probes on any device
                         gs = torch.autograd.grad((e * u).sum(), ps)
                         n_sent = e.shape[0]
