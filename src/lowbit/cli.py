@@ -208,7 +208,7 @@ def cmd_search(args) -> int:
                         seq_len=args.seq_len, eval_tokens=args.eval_tokens, sentences=args.sentences,
                         hutchinson_samples=args.hutchinson_samples, extra_estimators=extra,
                         sensitivity_cache=args.sensitivity_cache, uniform=args.uniform,
-                        rank_configs=args.rank_configs, tol=args.tol, quiet=args.quiet)
+                        rank_configs=args.rank_configs, tol=args.tol, portfolio=args.portfolio, quiet=args.quiet)
     if args.json:
         print(json.dumps(report, indent=1))
     if not report["search"]["reachable"]:
@@ -333,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank-configs", type=int, default=0,
                    help="measure N random mixed configurations and report each estimator's Spearman")
     s.add_argument("--tol", type=float, default=0.0625, help="bisection stops when the bracket is this narrow")
+    s.add_argument("--no-portfolio", dest="portfolio", action="store_false",
+                   help="use the predicted optimum at each budget as it is, instead of scoring a few exactly "
+                        "solved plans (with/without pair terms; all, integer-only, non-integer-only candidates) "
+                        "on the calibration data and keeping the best")
     s.add_argument("--out", help="directory for plan.json, search.json, points.jsonl and the plots")
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..optimize import Infeasible, Problem, cheapest, min_cost, min_loss
+from ..optimize import Allocation, Infeasible, Problem, cheapest, min_cost, min_loss
 from .candidates import LayerCandidates
 
 
@@ -72,11 +72,15 @@ def choice_of(alloc, cands: List[LayerCandidates]) -> Dict[str, str]:
 def accuracy_search(problem: Problem, cands: List[LayerCandidates], measure: Callable[[Dict[str, str]], dict],
                     limit: float, budget_lo: float, budget_hi: float, per_unit: Callable[[float], float],
                     store: PointStore, tol: float, predicted_limit: Optional[float] = None,
-                    max_steps: int = 12, log=print, label: str = "search") -> SearchResult:
-    """Bisection on the budget (totals in cost units; ``per_unit`` converts to what users read)."""
+                    max_steps: int = 12, log=print, label: str = "search",
+                    plan_at: Optional[Callable[[float], Allocation]] = None) -> SearchResult:
+    """Bisection on the budget (totals in cost units; ``per_unit`` converts to what users read).
+    ``plan_at(budget)`` picks the plan at a budget (default: the exact optimum of ``problem``)."""
+    chosen_by = plan_at
+    plan_at = plan_at or (lambda b: min_loss(problem, b))
 
     def probe(budget: float, how: str, alloc=None) -> dict:
-        alloc = alloc or min_loss(problem, budget)
+        alloc = alloc or plan_at(budget)
         choice = choice_of(alloc, cands)
         pt = store.get(choice)
         if pt is None:
@@ -104,7 +108,7 @@ def accuracy_search(problem: Problem, cands: List[LayerCandidates], measure: Cal
         try:
             guess = min_cost(problem, predicted_limit)
             if lo < guess.cost < hi:
-                pt = probe(guess.cost, "dual", guess)
+                pt = probe(guess.cost, "dual", None if chosen_by else guess)
                 if pt["loss"] <= limit:
                     best, hi = pt, min(hi, guess.cost)
                 else:

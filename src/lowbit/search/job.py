@@ -20,7 +20,8 @@ from .cost import CostModel, bits_per_weight, cost_matrix, true_bits
 from .measure import MetricEvaluator
 from .retained import check_retained, has_retained, input_power, plan_layers
 from .objective import Objective, make_batches
-from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement
+from .portfolio import CalibrationScores, Portfolio
+from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement, rtn_weight
 
 # Calibration for sensitivities: small on purpose (measured sensitivities re-run the model once per
 # layer and candidate). Causal LMs with the measured estimator: 2 x 256 tokens, since the measured
@@ -58,8 +59,11 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
                calib: Optional[int] = None, seq_len: Optional[int] = None, eval_tokens: int = 4096,
                context: int = 512, sentences: int = 128, hutchinson_samples: int = 4,
                extra_estimators: Sequence[str] = (), sensitivity_cache: Optional[str] = None,
-               uniform: bool = True, rank_configs: int = 0, tol: float = 0.0625, quiet: bool = False,
-               loaded=None) -> dict:
+               uniform: bool = True, rank_configs: int = 0, tol: float = 0.0625, portfolio: bool = True,
+               quiet: bool = False, loaded=None) -> dict:
+    """The search behind `lowbit search` (see the module docstring); ``portfolio``: at each budget,
+    score a few exactly solved plans on the calibration data and keep the best (search.portfolio),
+    instead of trusting the predicted loss of one."""
     from ..models.loader import load_model
 
     t0 = time.time()
@@ -136,10 +140,22 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         pt = measure(choice)
         return {k: v for k, v in pt.items() if k not in ("key", "choice", "kind", "label")}
 
+    plan_at = None
+    pf = None
+    if portfolio:
+        power = objective.input_power or {}
+        scores = CalibrationScores(objective, layers, lambda n, s: rtn_weight(layers[n].weight, s, power.get(n)),
+                                   outp / "calibration_scores.jsonl" if outp else None,
+                                   {"model": loaded.name, "method": "rtn"})
+        pf = Portfolio(lambda with_pairs, cs, ks: table.problem(estimator, ks, with_pairs, cs), cands, costs,
+                       scores, pairs=pairs, log=lambda m: _log(m, quiet))
+        plan_at = lambda total: pf.best(total, problem)[0]
+
     lo_total = cheapest(problem).cost
     hi_total = cm.budget_total(budget_max, cands) if budget_max else float(sum(c.max() for c in costs))
     if budget is not None:
-        alloc = min_loss(problem, cm.budget_total(budget, cands))
+        total = cm.budget_total(budget, cands)
+        alloc = plan_at(total) if plan_at else min_loss(problem, total)
         best = measure(choice_of(alloc, cands), "budget")
         result = {"mode": "budget", "budget": budget, "steps": [], "reachable": True, "note": ""}
     else:
@@ -149,7 +165,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
             pred_limit = 2 * limit if evaluator.metric == "cosine" else None  # objective: 2 (1 - cos)
         _log(f"bisection on the budget for {evaluator.metric} loss <= {limit * 100:g}% ...", quiet)
         sr = accuracy_search(problem, cands, measure_search, limit, lo_total, hi_total, per_unit, store, tol,
-                             pred_limit, log=lambda m: _log(m, quiet))
+                             pred_limit, log=lambda m: _log(m, quiet), plan_at=plan_at)
         best = store.get(sr.best["choice"]) if sr.best else None
         result = {"mode": "max-loss", "steps": sr.steps, "reachable": sr.reachable, "note": sr.note}
         if not sr.reachable:
@@ -172,6 +188,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         "calibration": {"items": n_cal, "tokens": L}, "sensitivity_seconds": table.seconds,
         "sensitivity_wall_seconds": sens_seconds, "negative_values": negative, "dropped": notes, "uniform": uniform_pts,
         "search": result, "rank_agreement": agreement,
+        "portfolio": ({"families": list(pf.families), "pairs": pairs, "score": "calibration loss increase, RTN",
+                       "budgets": [{**h, "budget": per_unit(h["budget"])} for h in pf.history]} if pf else None),
     }
     if best is not None:
         plan = {"name": f"search-{loaded.name}", **plan_layers(best["choice"]), "bits_per_weight": best["bits"],
