@@ -11,9 +11,10 @@ Kronecker-matmul route (``method="kron"``) on the same tensor. ``--variants`` ad
 settings: its tensor-core ``dot`` method (precisions, tiles) and other tile sizes of the butterfly.
 
 Full-width sizes that are not powers of two (``H_m ⊗ H_p``, Paley ``m``) run one fused kernel
-(``triton_hadamard.paley_fwht``); their "two-pass" column times the route used before it (the block
-kernel for ``H_p``, then a torch batched matmul for ``H_m``). ``--paley-variants`` prints a second
-table with that kernel's other settings (on-chip mixing layout, tile size, warps, precision).
+(``triton_hadamard.paley_fwht``; "rotate route" names the default ``mix`` it picks for the shape); their
+"two-pass" column times the route used before it (the block kernel for ``H_p``, then a torch batched
+matmul for ``H_m``). ``--paley-variants`` prints a second table with that kernel's other settings (how
+``H_m`` mixes the runs, group size, tile, warps).
 """
 from __future__ import annotations
 
@@ -29,13 +30,10 @@ SHAPES = [(576, 64), (1536, 512), (4096, 16), (4096, 64), (4096, 512), (4096, 10
           # full-width rotations of sizes that are not powers of two (Paley factor as a dense matmul)
           (384, 384), (576, 576), (1536, 1536), (2304, 2304), (5120, 5120), (14336, 14336)]
 # (label, keyword arguments of triton_hadamard.paley_fwht; "tile" = padded elements per program)
-PALEY_VARIANTS = [("left", {"mix": "left"}), ("left 2 warps", {"mix": "left", "num_warps": 2}),
-                  ("left 8 warps", {"mix": "left", "num_warps": 8}),
-                  ("left prefetch 2 blocks", {"mix": "left", "rows": 2, "prefetch": True}),
-                  ("left prefetch 4 blocks", {"mix": "left", "rows": 4, "prefetch": True}),
-                  ("left prefetch 8 blocks", {"mix": "left", "rows": 8, "prefetch": True}),
-                  ("batched", {"mix": "batched"}), ("right tile 8192", {"mix": "right", "tile": 8192}),
-                  ("right tile 16384", {"mix": "right", "tile": 16384}), ("fma 4 warps", {"mix": "fma", "num_warps": 4})]
+PALEY_VARIANTS = [("adds", {"mix": "adds"}), ("adds group 2", {"mix": "adds", "group": 2}),
+                  ("tree", {"mix": "tree"}), ("tree 8 warps", {"mix": "tree", "num_warps": 8}),
+                  ("left", {"mix": "left"}), ("batched", {"mix": "batched"}),
+                  ("right tile 8192", {"mix": "right", "tile": 8192}), ("fma 4 warps", {"mix": "fma", "num_warps": 4})]
 # (precision, method, elements per program or None for the default) of the kernel's other settings
 VARIANTS = [("split", "dot", None), ("split", "dot", 4096), ("ieee", "dot", None), ("split", "butterfly", 2048),
             ("split", "butterfly", 4096), ("split", "butterfly", 16384)]
@@ -80,9 +78,9 @@ def main() -> None:
           f"rotate runs: {route}")
     if args.paley_variants:
         return _paley_variants(args)
-    head = ("| n | block | copy Gelem/s | torch rotate Gelem/s | torch / copy | two-pass / copy | rotate Gelem/s "
-            "| rotate / copy |")
-    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = ("| n | block | copy Gelem/s | torch rotate Gelem/s | torch / copy | two-pass / copy | rotate route "
+            "| rotate Gelem/s | rotate / copy |")
+    rule = "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
     variants = VARIANTS if args.variants and route == "triton kernel" else []
     for prec, meth, tile in variants:
         head += f" {meth}{f' {prec}' if meth == 'dot' else ''}{'' if tile is None else f' tile {tile}'} / copy |"
@@ -98,11 +96,16 @@ def main() -> None:
         t_torch = _time(lambda: block_fwht(x, b, method="kron", signs=s), args.device, args.reps)
         t_rot = _time(lambda: rotate(x, b, s), args.device, args.reps)
         two = ""   # the route before the fused Paley kernel, for sizes that are not powers of two
+        via = "block kernel" if route == "triton kernel" else "torch"
         if not hadamard.is_power_of_two(b):
             t_two = _time(lambda: hadamard._paley_two_pass(x, b, "auto", s, False, False), args.device, args.reps)
             two = f"{t_copy / t_two:.2f}"
+            if route == "triton kernel":
+                from lowbit.kernels import triton_hadamard as th
+                from lowbit.transforms import paley
+                via = f"paley {th.paley_route(*paley.split_order(b))}"
         line = (f"| {n} | {b} | {el / t_copy / 1e9:.1f} | {el / t_torch / 1e9:.1f} | {t_copy / t_torch:.2f} "
-                f"| {two} | {el / t_rot / 1e9:.1f} | {t_copy / t_rot:.2f} |")
+                f"| {two} | {via} | {el / t_rot / 1e9:.1f} | {t_copy / t_rot:.2f} |")
         for prec, meth, tile in variants:
             from lowbit.kernels import triton_hadamard as th
             tile_rows = None if tile is None else max(1, tile // b)
@@ -120,8 +123,9 @@ def _paley_variants(args) -> None:
     """The fused Paley kernel's settings on the sizes that are not powers of two (ratios to a copy)."""
     from lowbit.kernels import triton_hadamard as th
     from lowbit.transforms import paley
-    print("| n | m x p | copy Gelem/s | rotate / copy | " + " | ".join(f"{v} / copy" for v, _ in PALEY_VARIANTS) + " |")
-    print("|---:|---:|---:|---:|" + "---:|" * len(PALEY_VARIANTS))
+    print("| n | m x p | copy Gelem/s | rotate's mix | rotate / copy | " + " | ".join(f"{v} / copy" for v, _ in PALEY_VARIANTS)
+          + " |")
+    print("|---:|---:|---:|---|---:|" + "---:|" * len(PALEY_VARIANTS))
     for n, b in SHAPES:
         if hadamard.is_power_of_two(b):
             continue
@@ -131,7 +135,7 @@ def _paley_variants(args) -> None:
         hop = th.paley_operand(paley.hadamard_of_order(m), False, x.device)
         t_copy = _time(lambda: x * 1.0, args.device, args.reps)
         t_rot = _time(lambda: rotate(x, b, s), args.device, args.reps)
-        line = f"| {n} | {m} x {p} | {x.numel() / t_copy / 1e9:.1f} | {t_copy / t_rot:.2f} |"
+        line = f"| {n} | {m} x {p} | {x.numel() / t_copy / 1e9:.1f} | {th.paley_route(m, p)} | {t_copy / t_rot:.2f} |"
         for _, kw in PALEY_VARIANTS:
             kw = dict(kw)
             tile = kw.pop("tile", None)

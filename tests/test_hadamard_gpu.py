@@ -1,6 +1,7 @@
 """The fused Triton block Walsh-Hadamard kernel (kernels/triton_hadamard.py) against the torch
 routes and the explicit matrix, on CUDA only."""
 import math
+import re
 
 import pytest
 import torch
@@ -220,6 +221,66 @@ def test_fused_paley_settings(n, kw):
         y = th.paley_fwht(x, hop, m, p, s, signs_after=after, **kw)
         assert (y.double() - _kron_ref(x, n, s, signs_after=after, transpose=t)).abs().max().item() <= _tol(x, n)
 
+
+
+@pytest.mark.parametrize("n,b,kw", [(384, 384, {"group": 1}), (384, 384, {"group": 2, "rows": 2, "num_warps": 2}),
+                                    (384, 384, {"group": 4, "rows": 16}), (768, 384, {}),
+                                    (12, 12, {}), (48, 48, {"group": 5}), (48, 48, {"group": 12}),
+                                    (384, 384, {"mix": "tree", "group": 2, "num_warps": 2}),
+                                    (768, 384, {"mix": "tree"}), (12, 12, {"mix": "tree"}),
+                                    (48, 48, {"mix": "tree", "group": 5, "num_warps": 8})])
+def test_fused_paley_adds_settings(n, b, kw):
+    """The generated signed-sum kernels (mix="adds": runs loaded one by one; "tree": the block as one tile,
+    split into runs after the butterfly): any group size (5 leaves a short last group of 12), several
+    blocks per row and per program, p = 1 and 4; both orientations, signs before and after."""
+    kw = {"mix": "adds", **kw}
+    from lowbit.kernels import triton_hadamard as th
+    from lowbit.transforms import paley
+    m, p = paley.split_order(b)
+    x = torch.randn(19, n, device="cuda") * 5
+    s = random_signs(n, 8, device="cuda")
+    for t, after in ((False, False), (True, True)):
+        hop = th.paley_operand(paley.hadamard_of_order(m), t, x.device)
+        y = th.paley_fwht(x, hop, m, p, s, signs_after=after, **kw)
+        assert (y.double() - _kron_ref(x, b, s, signs_after=after, transpose=t)).abs().max().item() <= _tol(x, b)
+
+
+def test_fused_paley_adds_source_is_the_matrix():
+    """The generated source names every run once on input and output, and its signed sums reproduce the
+    ±1 matrix (evaluated here in float64 with the runs as unit vectors)."""
+    from lowbit.kernels import triton_hadamard as th
+    from lowbit.transforms import paley
+    m = 36
+    H = paley.hadamard_of_order(m)
+    A = tuple(tuple(int(v) for v in row) for row in H.tolist())
+    src = th._adds_source("k", A, 3)
+    env = {f"x{i}": torch.eye(m, dtype=torch.float64)[i] for i in range(m)}
+    outs = {}
+    for line in src.splitlines():
+        line = line.strip()
+        if re.match(r"^c\d+_\w* = ", line):
+            var, expr = line.split(" = ", 1)
+            env[var] = eval(expr, {}, env)
+        elif line.startswith("_adds_out("):
+            expr, off = re.match(r"_adds_out\(y_ptr, s_ptr, (.*), offs, soffs, rmask, (\d+) \* P", line).groups()
+            outs[int(off)] = eval(expr, {}, env)
+    assert sorted(outs) == list(range(m))
+    got = torch.stack([outs[a] for a in range(m)], 1)   # got[i, a]: weight of run i in output a
+    assert torch.equal(got, H)
+    # about m/3 + 8/3 adds per element, against m for a plain signed sum
+    adds = sum(line.count(" + ") + line.count(" - ") for line in src.splitlines()
+               if line.strip().startswith(("c", "_adds_out")))
+    assert adds / m < 14
+
+
+def test_fused_paley_adds_errors():
+    from lowbit.kernels import triton_hadamard as th
+    hop = th.paley_operand(torch.full((12, 12), 0.5, dtype=torch.float64), False, "cuda")
+    with pytest.raises(ValueError, match="±1 operand"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop, 12, 32, mix="adds")
+    hop = th.paley_operand(torch.ones(12, 12, dtype=torch.float64), False, "cuda")
+    with pytest.raises(ValueError, match="power of two"):
+        th.paley_fwht(torch.zeros(2, 384, device="cuda"), hop, 12, 32, mix="adds", rows=3)
 
 def test_fused_paley_limits_and_errors():
     from lowbit.kernels import triton_hadamard as th

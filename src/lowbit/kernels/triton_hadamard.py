@@ -36,9 +36,12 @@ This module imports triton at the top; ``transforms.hadamard`` imports it lazily
 """
 from __future__ import annotations
 
+import hashlib
+import linecache
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 import triton
 import triton.language as tl
 
@@ -215,7 +218,7 @@ def block_fwht(x: torch.Tensor, block: int, signs: Optional[torch.Tensor] = None
 PALEY_MAX_M = 128       # largest padded Paley factor (its ±1 matrix is one dot operand)
 PALEY_MAX_TILE = 16384  # largest padded block (MP x p elements) one program holds in registers
 PALEY_TILE = 4096       # elements per program when a block is smaller: several blocks per program
-MIXES = ("fma", "left", "batched", "right")
+MIXES = ("adds", "tree", "fma", "left", "batched", "right")
 
 
 def paley_pad(m: int) -> int:
@@ -415,6 +418,165 @@ def _paley_fma_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scal
         _paley_fma_store(s_ptr, y_ptr, acc2, r, srow, rmask, scale, MA, MB, M, P, SIGNS)
 
 
+# --- the m-mixing as generated adds: no tensor cores, no padding, exact fp32 -----------------------------
+#
+# ``y_a = sum_i Hop[i, a] x_i`` with every entry ±1 is a signed sum, so the kernel below is generated per
+# ±1 matrix as straight-line fp32 adds and subtracts on m separate (ROWS, P) tiles, one per run of P
+# features (loads are per run, so no on-chip transpose or padding is needed). The runs go in groups of
+# ``group``: all 2^(group-1) signed sums of a group (leading sign +) are formed once, then each output run
+# adds one of them per group: about m/group + 2^group/group adds per element instead of m (36: 13-20
+# instead of 36), far below the GPU's fp32 throughput per byte moved.
+
+PALEY_ADD_GROUP = 3     # runs per group of signed sums
+ADDS_MAX_M = 40         # default route for m up to this (the generated code, and its compile time, grow as m^2)
+ADDS_PER_THREAD = 2     # elements of each run tile per thread by default (2: 8-byte accesses)
+_ADD_KERNELS: dict = {}
+
+
+def _adds_source(name: str, A, group: int, tree: int = 0) -> str:
+    """Triton source of a kernel applying ``y_a = sum_i A[i][a] x_i`` (A an m x m ±1 nested list) to each
+    block, with signs, the P-point butterfly on the input runs, scaling and signs after. ``tree == 0``:
+    ROWS blocks per program, each run loaded (and transformed) as its own (ROWS, P) tile. ``tree`` = the
+    padded order MP (a power of two >= m): one block per program loaded as one (MP, P) tile, the butterfly
+    on the whole tile (cheaper for long runs), then the runs taken apart by a binary tree of ``tl.split``
+    (free once the run axis is held per thread) and stored one by one."""
+    m = len(A)
+    groups = [list(range(k, min(k + group, m))) for k in range(0, m, group)]
+    lines = [f"def {name}(x_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, scale, ROWS: tl.constexpr,",
+             "        P: tl.constexpr, LOG_P: tl.constexpr, SIGNS: tl.constexpr):"]
+    if not tree:
+        lines += ["    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)",
+                  "    j = tl.arange(0, P)[None, :]",
+                  "    rmask = (r < n_blocks)[:, None]",
+                  f"    offs = r[:, None] * ({m} * P) + j",
+                  f"    soffs = (r % blocks_per_row)[:, None] * ({m} * P) + j"]
+        for i in range(m):
+            lines.append(f"    x{i} = _adds_in(x_ptr, s_ptr, offs, soffs, rmask, {i} * P, ROWS, P, LOG_P, SIGNS)")
+    else:
+        lines += ["    blk = tl.program_id(0).to(tl.int64)",
+                  "    jj = tl.arange(0, P)",
+                  "    rmask = jj < P",
+                  f"    offs = blk * ({m} * P) + jj",
+                  f"    soffs = (blk % blocks_per_row) * ({m} * P) + jj",
+                  f"    v = _tree_in(x_ptr, s_ptr, blk, blocks_per_row, {m}, {tree}, P, LOG_P, SIGNS)"]
+        count = [0]
+
+        def split(var: str, k: int, base: int, stride: int) -> None:
+            # var: (P, k) holding runs base + stride * (0 .. k-1)
+            if base >= m:
+                return
+            if k == 1:
+                lines.append(f"    x{base} = tl.reshape({var}, (P,))")
+                return
+            a, b = f"v{count[0]}", f"v{count[0] + 1}"
+            count[0] += 2
+            lines.append(f"    {a}, {b} = tl.split(tl.reshape({var}, (P, {k // 2}, 2)))")
+            split(a, k // 2, base, 2 * stride)
+            split(b, k // 2, base + stride, 2 * stride)
+
+        split("v", int(tree), 0, 1)
+    # per group: the signed sums each output needs (patterns relative to the group's first run)
+    terms = [[] for _ in range(m)]
+    for k, idx in enumerate(groups):
+        need = set()
+        for a in range(m):
+            lead = A[idx[0]][a]
+            pat = tuple(int(A[i][a] * lead) for i in idx[1:])
+            need.add(pat)
+            terms[a].append((lead, f"c{k}_" + "".join("p" if s > 0 else "m" for s in pat)))
+        made = {(): f"x{idx[0]}"}
+        for pat in sorted(need, key=len):
+            for t in range(1, len(pat) + 1):   # build every prefix once, each from the one before it
+                pre = pat[:t]
+                if pre in made:
+                    continue
+                var = f"c{k}_" + "".join("p" if s > 0 else "m" for s in pre)
+                lines.append(f"    {var} = {made[pre[:-1]]} {'+' if pre[-1] > 0 else '-'} x{idx[t]}")
+                made[pre] = var
+        if len(idx) == 1:
+            lines.append(f"    c{k}_ = x{idx[0]}")
+    for a in range(m):
+        pos = [v for s, v in terms[a] if s > 0]
+        neg = [v for s, v in terms[a] if s < 0]
+        if pos:
+            expr = " + ".join(pos) + "".join(f" - {v}" for v in neg)
+        else:
+            expr = "-(" + " + ".join(neg) + ")"
+        lines.append(f"    _adds_out(y_ptr, s_ptr, {expr}, offs, soffs, rmask, {a} * P, scale, SIGNS)")
+    return "\n".join(lines) + "\n"
+
+
+@triton.jit
+def _adds_in(x_ptr, s_ptr, offs, soffs, rmask, off, ROWS: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr,
+             SIGNS: tl.constexpr):
+    """One run of P features of ROWS blocks: load, signs (SIGNS == 1), the P-point butterfly."""
+    x = tl.load(x_ptr + offs + off, mask=rmask, other=0.0)
+    if SIGNS == 1:
+        x = x * tl.load(s_ptr + soffs + off, mask=rmask, other=0.0)
+    return _butterfly(x, ROWS, P, LOG_P)
+
+
+@triton.jit
+def _tree_in(x_ptr, s_ptr, blk, blocks_per_row, M: tl.constexpr, MP: tl.constexpr, P: tl.constexpr,
+             LOG_P: tl.constexpr, SIGNS: tl.constexpr):
+    """One block as an (MP, P) tile (rows >= M zero): signs (SIGNS == 1), the butterfly along P, and the
+    tile transposed to (P, MP) for the split tree."""
+    i = tl.arange(0, MP)[:, None]
+    col = i * P + tl.arange(0, P)[None, :]
+    x = tl.load(x_ptr + blk * (M * P) + col, mask=i < M, other=0.0)
+    if SIGNS == 1:
+        x = x * tl.load(s_ptr + (blk % blocks_per_row) * (M * P) + col, mask=i < M, other=0.0)
+    return tl.permute(_butterfly(x, MP, P, LOG_P), (1, 0))
+
+
+@triton.jit
+def _adds_out(y_ptr, s_ptr, y, offs, soffs, rmask, off, scale, SIGNS: tl.constexpr):
+    """One output run: scale, signs (SIGNS == 2), store."""
+    y = y * scale
+    if SIGNS == 2:
+        y = y * tl.load(s_ptr + soffs + off, mask=rmask, other=0.0)
+    tl.store(y_ptr + offs + off, y, mask=rmask)
+
+
+def _adds_kernel(A: tuple, group: int, tree: int = 0):
+    """The generated kernel for the ±1 matrix ``A`` (tuple of row tuples), compiled by Triton on first
+    launch and cached. Its source is registered with ``linecache`` so that Triton (which reads a kernel's
+    source through ``inspect``) can parse it like any function defined in a file."""
+    key = (A, int(group), int(tree))
+    if key not in _ADD_KERNELS:
+        # a name from the matrix itself, so that every process generates the same source (Triton's
+        # on-disk cache is keyed by it)
+        name = "_paley_adds_" + hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+        src = _adds_source(name, A, int(group), int(tree))
+        filename = f"<lowbit-generated {name} m={len(A)} group={group} tree={tree}>"
+        linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+        scope = {"tl": tl, "triton": triton, "_adds_in": _adds_in, "_adds_out": _adds_out, "_tree_in": _tree_in,
+                 "__name__": __name__}
+        exec(compile(src, filename, "exec"), scope)
+        # sizes not specialised: one compile serves every batch and row layout (big m compiles take seconds)
+        _ADD_KERNELS[key] = triton.jit(scope[name], do_not_specialize=["n_blocks", "blocks_per_row"])
+    return _ADD_KERNELS[key]
+
+
+_HOST_PATTERNS = WeakIdKeyDictionary()
+
+
+def _host_pattern(hop: torch.Tensor, m: int) -> tuple:
+    """``hop[:m, :m]`` as a tuple of ±1 int rows, read from the device once per operand tensor."""
+    if hop not in _HOST_PATTERNS:
+        A = hop[:m, :m].detach().cpu()
+        if not bool(((A == 1) | (A == -1)).all()):
+            raise ValueError("mix='adds' needs a ±1 operand (paley_operand's matrix)")
+        _HOST_PATTERNS[hop] = tuple(tuple(int(v) for v in row) for row in A.tolist())
+    return _HOST_PATTERNS[hop]
+
+
+def adds_rows(m: int, p: int, num_warps: int, per_thread: int = 1) -> int:
+    """Blocks per program for mix="adds": ``per_thread`` elements of each run tile per thread (a power of
+    two), i.e. ROWS·P = 32·num_warps·per_thread, at least one block."""
+    return max(1, (32 * int(num_warps) * int(per_thread)) // int(p))
+
+
 def paley_operand(hm: torch.Tensor, transpose: bool, device) -> torch.Tensor:
     """The kernel's m-factor operand: ``H_m`` (``H_m^T`` for the transpose) as float32, zero-padded to
     ``paley_pad(m)`` square, on ``device``. Callers cache it (it is the same for every call)."""
@@ -453,10 +615,24 @@ def _paley_tiles(m: int) -> tuple:
     return mp, 0
 
 
+def paley_route(m: int, p: int) -> str:
+    """The ``mix`` that ``paley_fwht`` uses by default for a block of ``m * p`` features: the fastest
+    setting measured per shape on an H200 (``benchmarks/bench_hadamard.py --paley-variants``)."""
+    if 16 <= p <= 64 and m <= ADDS_MAX_M:
+        return "adds"      # 384, 576, 2304: 0.87-0.89, 0.82-0.83, 0.81 of a copy (group 3, 4 warps)
+    if p >= 128 and m <= ADDS_MAX_M:
+        return "tree"      # 1536, 5120, 14336: 0.85, 0.67, 0.71-0.73 (group 3, 4 warps)
+    if p >= 16 and paley_pad(m) * p <= 512:
+        return "batched"   # larger m (tensor-core dots)
+    if p <= 16:
+        return "right"     # p = 1, 2 (12, 24, 40) and large m with short runs: 8192-element tiles
+    return "left"
+
 def paley_fwht(x: torch.Tensor, hop: torch.Tensor, m: int, p: int, signs: Optional[torch.Tensor] = None,
                signs_after: bool = False, precision: str = "split", mix: Optional[str] = None,
                rows: Optional[int] = None, num_warps: Optional[int] = None,
-               two_tiles: Optional[bool] = None, unroll: bool = False, prefetch: bool = False) -> torch.Tensor:
+               two_tiles: Optional[bool] = None, unroll: bool = False, prefetch: bool = False,
+               group: Optional[int] = None) -> torch.Tensor:
     """``x @ blockdiag(Hop ⊗ H_p) / sqrt(m p)`` over the last dim in one read and one write, with
     ``hop`` from ``paley_operand`` (``H_m``, or ``H_m^T`` for the transposed rotation) and ``x``
     multiplied by ``signs`` first (the result, with ``signs_after``). ``H_p`` runs as butterfly
@@ -486,19 +662,30 @@ def paley_fwht(x: torch.Tensor, hop: torch.Tensor, m: int, p: int, signs: Option
             raise ValueError(f"signs must have one entry per feature ({n}), got {signs.numel()}")
         signs = signs.to(device=x.device, dtype=torch.float32).contiguous()
     tile = None
-    if mix is None:   # the fastest setting measured per shape on an H200 (bench_hadamard.py --paley-variants)
-        if p >= 16 and paley_pad(m) * p <= 512:
-            mix = "batched"               # 384 = 12 x 32: 0.77-0.85 of a copy
-        elif p <= 16:
-            mix, tile = "right", 8192     # 576 = 36 x 16: 0.38-0.39
-        else:
-            mix = "left"                  # 1536, 2304, 5120, 14336: 0.82, 0.43, 0.51, 0.59 (4 warps)
+    if mix is None:
+        mix = paley_route(m, p)
+        tile = 8192 if mix == "right" else None
     if p < 16 and mix in ("left", "batched"):   # their dots need p >= 16 columns
         mix = "right"
     n_blocks = x.numel() // b
     y = torch.empty_like(x)
     sign_mode = 0 if signs is None else (2 if signs_after else 1)
     s_arg = signs if signs is not None else x
+    if mix == "tree":
+        warps = 4 if num_warps is None else int(num_warps)   # 4 measured best for 1536, 5120, 14336
+        kernel = _adds_kernel(_host_pattern(hop, m), PALEY_ADD_GROUP if group is None else int(group), mp)
+        kernel[(n_blocks,)](x, s_arg, y, n_blocks, n // b, 1.0 / b ** 0.5, ROWS=1, P=p, LOG_P=p.bit_length() - 1,
+                            SIGNS=sign_mode, num_warps=warps)
+        return y
+    if mix == "adds":
+        warps = min(16, max(4, p // 64)) if num_warps is None else int(num_warps)
+        ROWS = adds_rows(m, p, warps, ADDS_PER_THREAD) if rows is None else int(rows)
+        if ROWS < 1 or ROWS & (ROWS - 1):
+            raise ValueError(f"rows must be a power of two, got {ROWS}")
+        kernel = _adds_kernel(_host_pattern(hop, m), PALEY_ADD_GROUP if group is None else int(group))
+        kernel[(triton.cdiv(n_blocks, ROWS),)](x, s_arg, y, n_blocks, n // b, 1.0 / b ** 0.5, ROWS=ROWS, P=p,
+                                               LOG_P=p.bit_length() - 1, SIGNS=sign_mode, num_warps=warps)
+        return y
     if mix == "fma":
         ma, mb = paley_fma_runs(m)
         ROWS = 1 << (max(1, PALEY_TILE // ((ma + mb) * p)).bit_length() - 1) if rows is None else int(rows)
