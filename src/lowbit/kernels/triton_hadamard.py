@@ -26,11 +26,17 @@ true fp32 products (no tensor cores).
 
 Full-width sizes that are not powers of two (``H_b = H_m ⊗ H_p``, ``H_m`` a Paley matrix of order
 m = 12, 20, 28, 36, ..., see ``transforms/paley.py``) have their own fused kernels (``paley_fwht``):
-each block of b = m·p features is held on chip as an (m, p) tile, gets its signs, the same
-butterfly stages along p, then ``H_m`` mixes the m runs as hi/lo-split tf32 dots (±1 entries are
-exact), and is stored once. On an H200 that is 0.38-0.83 of a copy for b = 384..14336 (the
-two-pass route before it: 0.11-0.19); ``mix`` selects how the m-mixing is laid out (measured by
-``benchmarks/bench_hadamard.py --paley-variants``).
+each block of b = m·p features gets its signs, the same butterfly stages along each run of p
+features, then ``H_m`` mixes the m runs, and is stored once (one read, one write). ``H_m`` has ±1
+entries, so by default (m <= 40) the mixing is generated straight-line fp32 code: the runs are
+separate tiles, grouped by three, every signed sum of a group is formed once and each output run adds
+one per group (about m/3 + 1 adds per element: 13 for m = 36 instead of 36 multiply-adds). "adds"
+loads each run as its own tile (short runs, p <= 64); "tree" loads the block as one tile, does the
+butterfly on it and takes the runs apart with a tree of ``tl.split`` (long runs, p >= 128). On an
+H200 that is 0.69-0.91 of a copy for b = 384..14336 (the tensor-core mixing before it: 0.38-0.83;
+the two-pass route: 0.11-0.19). The tensor-core layouts ("left", "batched", "right": hi/lo-split
+tf32 dots, ±1 entries exact) and "fma" stay selectable with ``mix`` and are the default for larger m
+(measured by ``benchmarks/bench_hadamard.py --paley-variants``).
 
 This module imports triton at the top; ``transforms.hadamard`` imports it lazily, only with CUDA.
 """
@@ -418,14 +424,16 @@ def _paley_fma_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scal
         _paley_fma_store(s_ptr, y_ptr, acc2, r, srow, rmask, scale, MA, MB, M, P, SIGNS)
 
 
-# --- the m-mixing as generated adds: no tensor cores, no padding, exact fp32 -----------------------------
+# --- the m-mixing as generated adds: no tensor cores, no padded products, plain fp32 --------------------
 #
 # ``y_a = sum_i Hop[i, a] x_i`` with every entry ±1 is a signed sum, so the kernel below is generated per
-# ±1 matrix as straight-line fp32 adds and subtracts on m separate (ROWS, P) tiles, one per run of P
-# features (loads are per run, so no on-chip transpose or padding is needed). The runs go in groups of
-# ``group``: all 2^(group-1) signed sums of a group (leading sign +) are formed once, then each output run
-# adds one of them per group: about m/group + 2^group/group adds per element instead of m (36: 13-20
-# instead of 36), far below the GPU's fp32 throughput per byte moved.
+# ±1 matrix as straight-line fp32 adds and subtracts on m separate tiles, one per run of P features.
+# The runs go in groups of ``group``: the 2^(group-1) signed sums of a group (leading sign +) that some
+# output needs are formed once, then each output run adds one of them per group: about
+# m/group + 2^group/group adds per element instead of m (m = 36: 18, 13, 11.5 for groups of 2, 3, 4),
+# far below the GPU's fp32 throughput per byte moved. The separate run tiles come either from one load
+# per run ("adds": no on-chip transpose, but each run gets its own butterfly, which costs for long runs)
+# or from one (MP, P) tile per block, its butterfly, and a binary tree of ``tl.split`` ("tree").
 
 PALEY_ADD_GROUP = 3     # runs per group of signed sums
 ADDS_MAX_M = 40         # default route for m up to this (the generated code, and its compile time, grow as m^2)
@@ -641,8 +649,13 @@ def paley_fwht(x: torch.Tensor, hop: torch.Tensor, m: int, p: int, signs: Option
     by default when that pads less; ``prefetch`` loads the next block before this one's arithmetic),
     "batched" (one batched dot over ``rows`` blocks), "right" (the tile transposed on chip, one 2-D
     dot), "fma" (no tensor cores: each run read once and multiply-added into the output tile, exact
-    fp32); None picks per size what measured fastest. The dots run at ``precision`` ("split": hi/lo
-    tf32, near fp32 rounding, as the block kernel). ``num_warps`` overrides the default."""
+    fp32), "adds" (generated fp32 signed sums over runs in groups of ``group``, default 3, each run
+    loaded as its own (rows, p) tile; ``rows`` blocks per program, by default 2 elements of a run per
+    thread), "tree" (the same sums, one block per program loaded as one tile, butterfly on it, runs split
+    apart on chip); None picks per size what measured fastest (``paley_route``). The dots run at
+    ``precision`` ("split": hi/lo tf32, near fp32 rounding, as the block kernel; the sums are plain fp32
+    and ignore it). ``num_warps`` overrides the default. The generated kernels compile on first use per
+    matrix, group and sign mode (seconds for m = 36; Triton caches them on disk)."""
     if not paley_supports(x, m, p):
         raise ValueError(f"the fused Triton Paley kernel needs a non-empty contiguous CUDA float32 tensor whose "
                          f"last dim is a multiple of the block m*p={m * p} (p a power of two, padded tile "
