@@ -28,7 +28,7 @@ Full-width sizes that are not powers of two (``H_b = H_m ⊗ H_p``, ``H_m`` a Pa
 m = 12, 20, 28, 36, ..., see ``transforms/paley.py``) have their own fused kernels (``paley_fwht``):
 each block of b = m·p features gets its signs, the same butterfly stages along each run of p
 features, then ``H_m`` mixes the m runs, and is stored once (one read, one write). ``H_m`` has ±1
-entries, so by default (m <= 40) the mixing is generated straight-line fp32 code: the runs are
+entries, so by default (m <= 40, p >= 16) the mixing is generated straight-line fp32 code: the runs are
 separate tiles, grouped by three, every signed sum of a group is formed once and each output run adds
 one per group (about m/3 + 1 adds per element: 13 for m = 36 instead of 36 multiply-adds). "adds"
 loads each run as its own tile (short runs, p <= 64); "tree" loads the block as one tile, does the
