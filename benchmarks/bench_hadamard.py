@@ -123,8 +123,8 @@ def _paley_variants(args) -> None:
     """The fused Paley kernel's settings on the sizes that are not powers of two (ratios to a copy)."""
     from lowbit.kernels import triton_hadamard as th
     from lowbit.transforms import paley
-    print("| n | m x p | copy Gelem/s | rotate's mix | rotate / copy | " + " | ".join(f"{v} / copy" for v, _ in PALEY_VARIANTS)
-          + " |")
+    cols = " | ".join(f"{v} / copy" for v, _ in PALEY_VARIANTS)
+    print(f"| n | m x p | copy Gelem/s | rotate's mix | rotate / copy | {cols} |")
     print("|---:|---:|---:|---|---:|" + "---:|" * len(PALEY_VARIANTS))
     for n, b in SHAPES:
         if hadamard.is_power_of_two(b):
