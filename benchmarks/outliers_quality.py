@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--full-search", action="store_true",
                     help="--smooth auto scores its alpha grid on all 512 sampled rows and every output channel "
                     "(the earlier, slower search) instead of 256 rows x 256 output channels")
+    ap.add_argument("--smooth-tokens", default="default",
+                    help="calibration tokens the smoothing statistics are collected on: a number, 'all' (every "
+                    "calibration token, the earlier behaviour) or 'default' (transforms.smooth.STATS_TOKENS)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
                     "with a rotation run once per seed (the table shows the mean and the spread)")
     args = ap.parse_args()
@@ -59,6 +62,12 @@ def main() -> None:
             ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
     seeds = [int(x) for x in args.seeds.split(",")]
+    smooth_tokens = {"all": None, "default": "default"}.get(args.smooth_tokens, None)
+    if args.smooth_tokens not in ("all", "default"):
+        try:
+            smooth_tokens = int(args.smooth_tokens)
+        except ValueError:
+            ap.error(f"--smooth-tokens takes a number, 'all' or 'default', got {args.smooth_tokens!r}")
     if args.full_search:
         from lowbit.transforms import smooth as smooth_module
 
@@ -71,7 +80,7 @@ def main() -> None:
             t = time.time()
             rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
                                settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth,
-                               transform_seed=seed)
+                               transform_seed=seed, smooth_tokens=smooth_tokens)
             q, b = rep["quantized"], rep["baseline"]
             tf = rep.get("transforms") or {}
             res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
@@ -83,6 +92,8 @@ def main() -> None:
                    "float_check": tf.get("float_check"),
                    "smoothed_groups": (tf.get("smoothing") or {}).get("smoothed"),
                    "search_sample": (tf.get("smoothing") or {}).get("search_sample"),
+                   "smooth_stats": (tf.get("smoothing") or {}).get("stats"),
+                   "chosen_alpha": (tf.get("smoothing") or {}).get("chosen"),
                    "seconds": time.time() - t}
             rows.append(res)
             print(json.dumps(res), flush=True)

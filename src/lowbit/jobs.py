@@ -148,6 +148,7 @@ def run_quantize(
     device: Optional[str] = None,
     offload: bool = False,
     transform_seed: int = 0,
+    smooth_tokens="default",
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
@@ -198,7 +199,7 @@ def run_quantize(
 
         _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
         transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth,
-                                                seed=transform_seed)
+                                                seed=transform_seed, smooth_tokens=smooth_tokens)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,

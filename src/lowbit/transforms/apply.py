@@ -84,8 +84,10 @@ def _check_batch(batches: List[dict], tokens: int = 64) -> Optional[dict]:
 
 @torch.no_grad()
 def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], *, rotate: str = "none",
-                             smooth=None, seed: int = 0, smooth_grid=None) -> dict:
-    """Apply the requested rotation/smoothing in place; returns the record for report.json."""
+                             smooth=None, seed: int = 0, smooth_grid=None, smooth_tokens="default") -> dict:
+    """Apply the requested rotation/smoothing in place; returns the record for report.json.
+    ``smooth_tokens``: calibration tokens the smoothing statistics are collected on (None: all;
+    "default": transforms.smooth.STATS_TOKENS)."""
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     smooth = parse_smooth(smooth)
@@ -122,6 +124,7 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     # 2. smoothing
     if smooth is not None:
         kw = {"grid": smooth_grid} if smooth_grid else {}
+        kw["stats_tokens"] = smooth_tokens
         record["smoothing"] = apply_smoothing(model, batches, smooth, weight_spec_of=plan.weight_spec,
                                               act_spec_of=plan.act_spec, rotation_of=rotation_of, **kw)
 
