@@ -21,6 +21,7 @@ import time
 
 from lowbit.jobs import EvalSettings, run_quantize
 from lowbit.models.loader import load_model
+from lowbit.transforms.apply import parse_smooth_tokens
 
 SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
            "w4a4 int": "w4a4", "w4a8": "w4a8"}
@@ -62,12 +63,10 @@ def main() -> None:
             ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
     seeds = [int(x) for x in args.seeds.split(",")]
-    smooth_tokens = {"all": None, "default": "default"}.get(args.smooth_tokens, None)
-    if args.smooth_tokens not in ("all", "default"):
-        try:
-            smooth_tokens = int(args.smooth_tokens)
-        except ValueError:
-            ap.error(f"--smooth-tokens takes a number, 'all' or 'default', got {args.smooth_tokens!r}")
+    try:
+        smooth_tokens = parse_smooth_tokens(args.smooth_tokens)
+    except ValueError as e:
+        ap.error(str(e))
     if args.full_search:
         from lowbit.transforms import smooth as smooth_module
 

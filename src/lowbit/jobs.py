@@ -160,10 +160,12 @@ def run_quantize(
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
-    from .transforms.apply import ROTATIONS, parse_smooth
+    from .transforms.apply import ROTATIONS, parse_smooth, parse_smooth_tokens
 
     settings = settings or EvalSettings()
     smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
+    if smooth_tokens is not None:  # None: every calibration token; "default": STATS_TOKENS
+        smooth_tokens = parse_smooth_tokens(smooth_tokens)
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     from .ptq.pipeline import CALIBRATIONS

@@ -51,6 +51,24 @@ def parse_smooth(value) -> Optional[Union[float, str]]:
     return a
 
 
+def parse_smooth_tokens(value):
+    """--smooth-tokens as given on the command line: None (not given) or 'default' -> "default"
+    (transforms.smooth.STATS_TOKENS), 'all' -> None (every calibration token), a positive integer
+    (or its string) -> that many tokens."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
+        return "default"
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and value != n):
+        raise ValueError(f"--smooth-tokens takes a positive number of calibration tokens, 'all' or 'default', "
+                         f"got {value!r}")
+    return n
+
+
 def is_llama_like(model: nn.Module) -> bool:
     core = getattr(model, "model", None)
     layers = getattr(core, "layers", None)
@@ -91,6 +109,8 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     smooth = parse_smooth(smooth)
+    if smooth_tokens is not None:  # None: every calibration token
+        smooth_tokens = parse_smooth_tokens(smooth_tokens)
     if smooth is not None and not batches:
         raise ValueError("smoothing needs calibration data (activation statistics); got no batches")
     t0 = time.time()
