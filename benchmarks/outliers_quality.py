@@ -54,9 +54,6 @@ def main() -> None:
     ap.add_argument("--smooth-tokens", default="default",
                     help="calibration tokens the smoothing statistics are collected on: a number, 'all' (every "
                     "calibration token, the earlier behaviour) or 'default' (transforms.smooth.STATS_TOKENS)")
-    ap.add_argument("--exhaustive-grid", action="store_true",
-                    help="--smooth auto scores every alpha of its grid (the earlier behaviour) instead of descending "
-                    "the grid from its middle")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
                     "with a rotation run once per seed (the table shows the mean and the spread)")
     args = ap.parse_args()
@@ -70,12 +67,10 @@ def main() -> None:
         smooth_tokens = parse_smooth_tokens(args.smooth_tokens)
     except ValueError as e:
         ap.error(str(e))
-    from lowbit.transforms import smooth as smooth_module
-
     if args.full_search:
+        from lowbit.transforms import smooth as smooth_module
+
         smooth_module.SEARCH_TOKENS = smooth_module.SEARCH_OUTPUTS = None
-    if args.exhaustive_grid:
-        smooth_module.SEARCH_WALK = False
     rows = []
     for scheme in schemes:
         for row, seed in ((r, sd) for r in rows_wanted for sd in (seeds if ROWS[r][0] != "none" else [0])):

@@ -42,7 +42,6 @@ MIN_SCALE = 1e-5
 SEARCH_TOKENS = 256    # calibration rows the alpha grid is scored on
 SEARCH_OUTPUTS = 256   # output channels per linear the alpha grid is scored on
 STATS_TOKENS = 2048    # calibration tokens the channel statistics are collected on (None: all)
-SEARCH_WALK = True     # descend the sorted alpha grid from its middle instead of scoring every alpha
 
 
 @dataclass
@@ -231,38 +230,12 @@ def output_sample(W: torch.Tensor, k: Optional[int], seed: int = 0) -> torch.Ten
     return torch.cat([torch.tensor([top]), perm]).sort().values
 
 
-def grid_walk(n: int, err: Callable[[int], float]) -> int:
-    """Index of a local minimum of ``err`` over ``0..n-1`` found by descent: score the middle point
-    and its neighbours, move to the best of them, repeat until the current point is the best (ties
-    keep it). The argmin whenever ``err`` is unimodal over the grid; each point is scored at most once
-    (3 to n of the n points)."""
-    if n < 1:
-        raise ValueError(f"grid_walk needs a grid of at least one point, got {n}")
-    cache: Dict[int, float] = {}
-
-    def e(i: int) -> float:
-        if i not in cache:
-            cache[i] = err(i)
-        return cache[i]
-
-    i = (n - 1) // 2
-    while True:
-        best = min((j for j in (i - 1, i, i + 1) if 0 <= j < n), key=lambda j: (e(j), j != i))
-        if best == i:
-            return i
-        i = best
-
-
 def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
                  grid: Sequence[float] = ALPHA_GRID, rotation=None, *, tokens: Optional[int] = SEARCH_TOKENS,
-                 outputs: Optional[int] = SEARCH_OUTPUTS,
-                 walk: bool = SEARCH_WALK) -> Tuple[Optional[float], Dict[str, float]]:
-    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and the errors
-    scored. Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output
-    channels per linear (None: all); the scales themselves come from the full statistics and whole
-    weights. ``walk``: descend the sorted grid from its middle (``grid_walk``: the same alpha as
-    scoring every point when the error is unimodal in alpha, for 3-4 of the 5 default points) instead
-    of scoring every alpha."""
+                 outputs: Optional[int] = SEARCH_OUTPUTS) -> Tuple[Optional[float], Dict[str, float]]:
+    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors.
+    Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output channels per linear (None:
+    all); the scales themselves come from the full statistics and whole weights."""
     wmax = weight_absmax(weights)
     dev = weights[0].device  # the statistics are kept on the CPU; the weights may be on a GPU
     X = stats.rows.float()
@@ -272,18 +245,9 @@ def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, asp
     weights = [W.detach()[output_sample(W, outputs).to(W.device)] for W in weights]
     Y = [X @ W.float().T for W in weights]
     errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
-    absmax = stats.absmax.to(dev)
-
-    def score(a: float) -> float:
-        errs[f"{a:g}"] = smoothed_error(X, weights, smooth_scales(absmax, wmax, a), wspecs, aspecs, rotation, Y)
-        return errs[f"{a:g}"]
-
-    if walk and len(grid) > 0:
-        alphas = sorted(grid)
-        grid_walk(len(alphas), lambda i: score(alphas[i]))
-    else:
-        for a in grid:
-            score(a)
+    for a in grid:
+        s = smooth_scales(stats.absmax.to(dev), wmax, a)
+        errs[f"{a:g}"] = smoothed_error(X, weights, s, wspecs, aspecs, rotation, Y)
     best = min(errs, key=errs.get)
     return (None if best == "none" else float(best)), errs
 
@@ -297,7 +261,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
                     rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
                     grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
                     groups: Optional[List[SmoothGroup]] = None, search_tokens="default",
-                    search_outputs="default", stats_tokens="default", search_walk="default") -> dict:
+                    search_outputs="default", stats_tokens="default") -> dict:
     """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
     ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
     quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
@@ -306,13 +270,10 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
     "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
     ``stats_tokens``: the calibration tokens the statistics (absmax, sampled rows) are collected on,
     the leading whole sequences (None: all; "default": the module's STATS_TOKENS).
-    ``search_walk``: descend the grid (``grid_walk``) rather than score every alpha ("default": the
-    module's SEARCH_WALK).
     Returns a record with the chosen alpha per group."""
     search_tokens = SEARCH_TOKENS if search_tokens == "default" else search_tokens
     search_outputs = SEARCH_OUTPUTS if search_outputs == "default" else search_outputs
     stats_tokens = STATS_TOKENS if stats_tokens == "default" else stats_tokens
-    search_walk = SEARCH_WALK if search_walk == "default" else bool(search_walk)
     if alpha != "auto":
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
@@ -336,7 +297,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
             rot = None if rot is None else (rot[0], None if rot[1] is None else random_signs(lins[0].in_features, rot[1]))
             a, errs = search_alpha(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
                                    [act_spec_of(n) for n in gr.linears], grid, rot, tokens=search_tokens,
-                                   outputs=search_outputs, walk=search_walk)
+                                   outputs=search_outputs)
             errors[gr.linears[0]] = errs
         else:
             a = alpha
@@ -346,8 +307,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         s = smooth_scales(stats[i].absmax.to(weights[0].device), weight_absmax(weights), a)
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
-              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs, "walk": search_walk}
-                                if alpha == "auto" else None),
+              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if alpha == "auto" else None),
               "stats": {"token_budget": stats_tokens, "tokens": count(subset),
                         "sequences": sum(_batch_tokens(b)[0] for b in subset), "calibration_tokens": count(batches)},
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
