@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--variants", default="gptq,pipeline,pipeline-full-search",
                     help="which of gptq, pipeline, pipeline-all-tokens, pipeline-full-search to run")
+    ap.add_argument("--transforms-only", action="store_true",
+                    help="time only the transforms of the pipeline variants (no GPTQ; for a machine too loaded for "
+                    "the whole run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -65,7 +68,9 @@ def main() -> None:
                     tokens = None if variant == "pipeline-all-tokens" else "default"
                     _, tf_c, tf_w = _timed(lambda: apply_outlier_transforms(m, plan, batches, rotate=args.rotate,
                                                                             smooth="auto", smooth_tokens=tokens))
-                _, q_c, q_w = _timed(lambda: quantize_model(m, plan, batches, "gptq", progress=False))
+                q_c = q_w = float("nan")
+                if not args.transforms_only:
+                    _, q_c, q_w = _timed(lambda: quantize_model(m, plan, batches, "gptq", progress=False))
                 r = {"scheme": scheme, "rep": rep, "variant": variant, "transform_cpu": tf_c, "gptq_cpu": q_c,
                      "transform_wall": tf_w, "gptq_wall": q_w}
                 rows.append(r)
@@ -79,6 +84,17 @@ def main() -> None:
 
 def print_table(rows, args) -> None:
     med = lambda xs: statistics.median(xs) if xs else float("nan")
+    if args.transforms_only:
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "gptq"]
+        print(f"\n{args.model}, {args.calib}x{args.seq_len} calibration; transforms only, CPU seconds (median of "
+              f"{args.reps}); --rotate {args.rotate} --smooth auto")
+        print("| scheme | " + " | ".join(variants) + " |")
+        print("|---|" + "---:|" * len(variants))
+        for scheme in dict.fromkeys(r["scheme"] for r in rows):
+            cells = [med([r["transform_cpu"] for r in rows if r["scheme"] == scheme and r["variant"] == v])
+                     for v in variants]
+            print(f"| {scheme} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        return
     print(f"\n{args.model}, {args.calib}x{args.seq_len} calibration; CPU seconds (median of {args.reps}); "
           f"pipeline = --rotate {args.rotate} --smooth auto + GPTQ")
     variants = [v for v in ("pipeline", "pipeline-all-tokens", "pipeline-full-search")
