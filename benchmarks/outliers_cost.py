@@ -4,8 +4,10 @@
 
 For each scheme, ``--reps`` rounds; each round runs, on fresh copies of the float model and the same
 calibration batches (``--calib`` x ``--seq-len``): GPTQ alone; ``--rotate`` + ``--smooth auto`` +
-GPTQ with the sampled alpha search (the default); and the same with the full search (every sampled
-row and output channel, the earlier behaviour). Times are CPU seconds of this process
+GPTQ with the sampled alpha search and the smoothing statistics on the first 2048 calibration
+tokens (the defaults); ``pipeline-all-tokens``: the same with the statistics over every calibration
+token (the earlier behaviour); and ``pipeline-full-search``: the full search (every sampled row and
+output channel, the earlier behaviour). Times are CPU seconds of this process
 (``time.process_time``, one thread), which a shared, loaded machine inflates far less than wall
 time; wall seconds are printed too. No evaluation: only quantization is timed. Prints the median
 over rounds of each part and the overhead of the whole pipeline relative to GPTQ alone.
@@ -43,7 +45,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--variants", default="gptq,pipeline,pipeline-full-search",
-                    help="which of gptq, pipeline, pipeline-full-search to run")
+                    help="which of gptq, pipeline, pipeline-all-tokens, pipeline-full-search to run")
+    ap.add_argument("--transforms-only", action="store_true",
+                    help="time only the transforms of the pipeline variants (no GPTQ; for a machine too loaded for "
+                    "the whole run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -60,9 +65,12 @@ def main() -> None:
                     (None, None) if variant == "pipeline-full-search" else defaults)
                 tf_c = tf_w = 0.0
                 if variant != "gptq":
+                    tokens = None if variant == "pipeline-all-tokens" else "default"
                     _, tf_c, tf_w = _timed(lambda: apply_outlier_transforms(m, plan, batches, rotate=args.rotate,
-                                                                            smooth="auto"))
-                _, q_c, q_w = _timed(lambda: quantize_model(m, plan, batches, "gptq", progress=False))
+                                                                            smooth="auto", smooth_tokens=tokens))
+                q_c = q_w = float("nan")
+                if not args.transforms_only:
+                    _, q_c, q_w = _timed(lambda: quantize_model(m, plan, batches, "gptq", progress=False))
                 r = {"scheme": scheme, "rep": rep, "variant": variant, "transform_cpu": tf_c, "gptq_cpu": q_c,
                      "transform_wall": tf_w, "gptq_wall": q_w}
                 rows.append(r)
@@ -76,17 +84,32 @@ def main() -> None:
 
 def print_table(rows, args) -> None:
     med = lambda xs: statistics.median(xs) if xs else float("nan")
+    if args.transforms_only:
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "gptq"]
+        print(f"\n{args.model}, {args.calib}x{args.seq_len} calibration; transforms only, CPU seconds (median of "
+              f"{args.reps}); --rotate {args.rotate} --smooth auto")
+        print("| scheme | " + " | ".join(variants) + " |")
+        print("|---|" + "---:|" * len(variants))
+        for scheme in dict.fromkeys(r["scheme"] for r in rows):
+            cells = [med([r["transform_cpu"] for r in rows if r["scheme"] == scheme and r["variant"] == v])
+                     for v in variants]
+            print(f"| {scheme} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        return
     print(f"\n{args.model}, {args.calib}x{args.seq_len} calibration; CPU seconds (median of {args.reps}); "
           f"pipeline = --rotate {args.rotate} --smooth auto + GPTQ")
-    print("| scheme | GPTQ | pipeline: transforms + GPTQ | overhead | full search: transforms + GPTQ | overhead |")
-    print("|---|---:|---:|---:|---:|---:|")
+    variants = [v for v in ("pipeline", "pipeline-all-tokens", "pipeline-full-search")
+                if any(r["variant"] == v for r in rows)]
+    heads = {"pipeline": "pipeline", "pipeline-all-tokens": "statistics on all tokens",
+             "pipeline-full-search": "full search"}
+    print("| scheme | GPTQ | " + " | ".join(f"{heads[v]}: transforms + GPTQ | overhead" for v in variants) + " |")
+    print("|---|---:|" + "---:|---:|" * len(variants))
     for scheme in dict.fromkeys(r["scheme"] for r in rows):
         get = lambda v, k: med([r[k] for r in rows if r["scheme"] == scheme and r["variant"] == v])
         g = get("gptq", "gptq_cpu")
         cells = [f"{g:.1f}"]
-        for v in ("pipeline", "pipeline-full-search"):
+        for v in variants:
             t, q = get(v, "transform_cpu"), get(v, "gptq_cpu")
-            if q != q:  # not run
+            if q != q:  # not run for this scheme
                 cells += ["", ""]
                 continue
             cells += [f"{t:.1f} + {q:.1f} = {t + q:.1f}", f"{(t + q) / g - 1:+.0%}"]

@@ -21,6 +21,7 @@ import time
 
 from lowbit.jobs import EvalSettings, run_quantize
 from lowbit.models.loader import load_model
+from lowbit.transforms.apply import parse_smooth_tokens
 
 SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
            "w4a4 int": "w4a4", "w4a8": "w4a8"}
@@ -50,6 +51,9 @@ def main() -> None:
     ap.add_argument("--full-search", action="store_true",
                     help="--smooth auto scores its alpha grid on all 512 sampled rows and every output channel "
                     "(the earlier, slower search) instead of 256 rows x 256 output channels")
+    ap.add_argument("--smooth-tokens", default="default",
+                    help="calibration tokens the smoothing statistics are collected on: a number, 'all' (every "
+                    "calibration token, the earlier behaviour) or 'default' (transforms.smooth.STATS_TOKENS)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
                     "with a rotation run once per seed (the table shows the mean and the spread)")
     args = ap.parse_args()
@@ -59,6 +63,10 @@ def main() -> None:
             ap.error(f"unknown row {r!r}; accepted: {', '.join(ROWS)}")
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, sentences=args.sentences)
     seeds = [int(x) for x in args.seeds.split(",")]
+    try:
+        smooth_tokens = parse_smooth_tokens(args.smooth_tokens)
+    except ValueError as e:
+        ap.error(str(e))
     if args.full_search:
         from lowbit.transforms import smooth as smooth_module
 
@@ -71,7 +79,7 @@ def main() -> None:
             t = time.time()
             rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
                                settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth,
-                               transform_seed=seed)
+                               transform_seed=seed, smooth_tokens=smooth_tokens)
             q, b = rep["quantized"], rep["baseline"]
             tf = rep.get("transforms") or {}
             res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
@@ -83,6 +91,8 @@ def main() -> None:
                    "float_check": tf.get("float_check"),
                    "smoothed_groups": (tf.get("smoothing") or {}).get("smoothed"),
                    "search_sample": (tf.get("smoothing") or {}).get("search_sample"),
+                   "smooth_stats": (tf.get("smoothing") or {}).get("stats"),
+                   "chosen_alpha": (tf.get("smoothing") or {}).get("chosen"),
                    "seconds": time.time() - t}
             rows.append(res)
             print(json.dumps(res), flush=True)

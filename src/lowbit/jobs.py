@@ -148,6 +148,7 @@ def run_quantize(
     device: Optional[str] = None,
     offload: bool = False,
     transform_seed: int = 0,
+    smooth_tokens="default",
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
@@ -159,10 +160,12 @@ def run_quantize(
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
-    from .transforms.apply import ROTATIONS, parse_smooth
+    from .transforms.apply import ROTATIONS, parse_smooth, parse_smooth_tokens
 
     settings = settings or EvalSettings()
     smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
+    if smooth_tokens is not None:  # None: every calibration token; "default": STATS_TOKENS
+        smooth_tokens = parse_smooth_tokens(smooth_tokens)
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     from .ptq.pipeline import CALIBRATIONS
@@ -198,7 +201,7 @@ def run_quantize(
 
         _log(f"outlier transforms: rotate={rotate}, smooth={smooth}", quiet)
         transforms = apply_outlier_transforms(loaded.model, plan, batches, rotate=rotate, smooth=smooth,
-                                                seed=transform_seed)
+                                                seed=transform_seed, smooth_tokens=smooth_tokens)
     progress_dir = Path(out) / ".progress" if out else None
     t_q = time.time()
     res = quantize_model(loaded.model, plan, batches, method, act_order=act_order, percdamp=percdamp,

@@ -51,6 +51,24 @@ def parse_smooth(value) -> Optional[Union[float, str]]:
     return a
 
 
+def parse_smooth_tokens(value):
+    """--smooth-tokens as given on the command line: None (not given) or 'default' -> "default"
+    (transforms.smooth.STATS_TOKENS), 'all' -> None (every calibration token), a positive integer
+    (or its string) -> that many tokens."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "default"):
+        return "default"
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or isinstance(value, bool) or (isinstance(value, float) and value != n):
+        raise ValueError(f"--smooth-tokens takes a positive number of calibration tokens, 'all' or 'default', "
+                         f"got {value!r}")
+    return n
+
+
 def is_llama_like(model: nn.Module) -> bool:
     core = getattr(model, "model", None)
     layers = getattr(core, "layers", None)
@@ -84,11 +102,15 @@ def _check_batch(batches: List[dict], tokens: int = 64) -> Optional[dict]:
 
 @torch.no_grad()
 def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], *, rotate: str = "none",
-                             smooth=None, seed: int = 0, smooth_grid=None) -> dict:
-    """Apply the requested rotation/smoothing in place; returns the record for report.json."""
+                             smooth=None, seed: int = 0, smooth_grid=None, smooth_tokens="default") -> dict:
+    """Apply the requested rotation/smoothing in place; returns the record for report.json.
+    ``smooth_tokens``: calibration tokens the smoothing statistics are collected on (None: all;
+    "default": transforms.smooth.STATS_TOKENS)."""
     if rotate not in ROTATIONS:
         raise ValueError(f"unknown rotation {rotate!r}; accepted: {', '.join(ROTATIONS)}")
     smooth = parse_smooth(smooth)
+    if smooth_tokens is not None:  # None: every calibration token
+        smooth_tokens = parse_smooth_tokens(smooth_tokens)
     if smooth is not None and not batches:
         raise ValueError("smoothing needs calibration data (activation statistics); got no batches")
     t0 = time.time()
@@ -122,6 +144,7 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     # 2. smoothing
     if smooth is not None:
         kw = {"grid": smooth_grid} if smooth_grid else {}
+        kw["stats_tokens"] = smooth_tokens
         record["smoothing"] = apply_smoothing(model, batches, smooth, weight_spec_of=plan.weight_spec,
                                               act_spec_of=plan.act_spec, rotation_of=rotation_of, **kw)
 

@@ -16,6 +16,12 @@ The search is scored on a sample: ``search_tokens`` calibration rows (default 25
 with the largest weight, so per-tensor scales stay those of the whole weight). Every candidate is
 scored on the same sample, so the comparison is paired; the RTN quantization of ``W s`` per
 candidate, which dominated the cost, shrinks with the number of output channels.
+
+The statistics themselves (channel absmax and the sampled rows) come from a forward over the first
+``stats_tokens`` calibration tokens (default 2048, whole sequences, at least one; None: all of
+them), not over every calibration token: the absmax is set by a few outlier channels that show up
+in any few thousand tokens, and the search keeps only 512 rows anyway, while the forward over all
+calibration tokens cost as much as a third of GPTQ's own time (SmolLM2-135M, 16 x 512 tokens).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 MIN_SCALE = 1e-5
 SEARCH_TOKENS = 256    # calibration rows the alpha grid is scored on
 SEARCH_OUTPUTS = 256   # output channels per linear the alpha grid is scored on
+STATS_TOKENS = 2048    # calibration tokens the channel statistics are collected on (None: all)
 
 
 @dataclass
@@ -111,6 +118,35 @@ def smoothing_groups(model: nn.Module, batch: Optional[dict] = None) -> List[Smo
     path, blocks = find_blocks(model)
     names = [n for i, b in enumerate(blocks) for n in linear_layers(b, f"{path}.{i}")]
     return [SmoothGroup(g) for g in shared_input_groups(model, names, batch)]
+
+
+def _batch_tokens(batch: dict) -> Tuple[int, int]:
+    """(sequences, tokens per sequence) of a calibration batch (its first tensor's leading dims)."""
+    t = batch["input_ids"] if "input_ids" in batch else next(v for v in batch.values() if torch.is_tensor(v))
+    return int(t.shape[0]), int(t.shape[1]) if t.dim() > 1 else 1
+
+
+def stats_batches(batches: List[dict], tokens: Optional[int]) -> List[dict]:
+    """The leading whole sequences of ``batches`` that fit in ``tokens`` tokens (at least one
+    sequence; all of them when ``tokens`` is None). Batches are cut along their first dimension;
+    every tensor of a batch (ids, attention mask, ...) is cut alike."""
+    if tokens is None:
+        return list(batches)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"smoothing statistics token budget must be a positive integer or None (all), got {tokens!r}")
+    out: List[dict] = []
+    left = tokens
+    for b in batches:
+        n, length = _batch_tokens(b)
+        take = min(n, left // length) if out else max(1, min(n, left // length))
+        if take <= 0:
+            break
+        out.append(b if take == n else {k: (v[:take] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+                                        for k, v in b.items()})
+        left -= take * length
+        if take < n or left <= 0:
+            break
+    return out
 
 
 class _StatsDone(Exception):
@@ -225,16 +261,19 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
                     rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
                     grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
                     groups: Optional[List[SmoothGroup]] = None, search_tokens="default",
-                    search_outputs="default") -> dict:
+                    search_outputs="default", stats_tokens="default") -> dict:
     """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
     ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
     quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
     features)`` gives the (block, seed) of an online rotation the layer will get afterwards).
     ``search_tokens``/``search_outputs``: the sample the grid is scored on (None: everything;
     "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
+    ``stats_tokens``: the calibration tokens the statistics (absmax, sampled rows) are collected on,
+    the leading whole sequences (None: all; "default": the module's STATS_TOKENS).
     Returns a record with the chosen alpha per group."""
     search_tokens = SEARCH_TOKENS if search_tokens == "default" else search_tokens
     search_outputs = SEARCH_OUTPUTS if search_outputs == "default" else search_outputs
+    stats_tokens = STATS_TOKENS if stats_tokens == "default" else stats_tokens
     if alpha != "auto":
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
@@ -245,7 +284,9 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         groups = [g for g in groups if g.norm is not None]
     # groups whose layers nobody quantizes gain nothing from smoothing
     groups = [g for g in groups if any(weight_spec_of(n) or act_spec_of(n) for n in g.linears)]
-    stats = collect_input_stats(model, groups, batches, max_rows=max_rows)
+    subset = stats_batches(batches, stats_tokens)
+    stats = collect_input_stats(model, groups, subset, max_rows=max_rows)
+    count = lambda bs: sum(_batch_tokens(b)[0] * _batch_tokens(b)[1] for b in bs)
     chosen: Dict[str, Optional[float]] = {}
     errors: Dict[str, Dict[str, float]] = {}
     for i, gr in enumerate(groups):
@@ -267,6 +308,8 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
               "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if alpha == "auto" else None),
+              "stats": {"token_budget": stats_tokens, "tokens": count(subset),
+                        "sequences": sum(_batch_tokens(b)[0] for b in subset), "calibration_tokens": count(batches)},
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
               "chosen": chosen}
     if errors:
