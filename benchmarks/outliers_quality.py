@@ -25,11 +25,10 @@ from lowbit.models.loader import load_model
 SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
            "w4a4 int": "w4a4", "w4a8": "w4a8"}
 ROWS = {"gptq": ("none", None), "hadamard": ("hadamard", None), "hadamard-pow2": ("hadamard-pow2", None),
-        "block": ("block", None), "hadamard-residual": ("hadamard-residual", None),
+        "block": ("block", None),
         "smooth": ("none", "auto"), "hadamard+smooth": ("hadamard", "auto"), "block+smooth": ("block", "auto")}
 LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard, full width)",
           "hadamard-pow2": "+rotation (hadamard-pow2, power-of-two blocks)", "block": "+block rotation (MR-GPTQ)",
-          "hadamard-residual": "+rotation (hadamard, residual + V/O only, no online down_proj)",
           "smooth": "+smoothing (auto)", "hadamard+smooth": "+both (hadamard, auto)",
           "block+smooth": "+both (block, auto)"}
 

@@ -233,37 +233,3 @@ def test_gptq_with_4over6_scales_packs_and_decodes_exactly():
     err = lambda Q: float(torch.einsum("ij,jk,ik->", W - Q, H, W - Q))
     assert err(res.weight) < err(base.weight)
 
-
-# --- the residual-only rotation ------------------------------------------------------------------
-
-def test_residual_only_rotation_is_exact_and_leaves_down_proj_unrotated():
-    pytest.importorskip("transformers")
-    import copy
-
-    from _tiny import batches, tiny_llama, token_ids
-    from lowbit.quant.plan import Plan
-    from lowbit.transforms.apply import apply_outlier_transforms
-    from lowbit.transforms.online import input_transform_of
-
-    model = tiny_llama(hidden_size=64, intermediate_size=128)
-    ids = token_ids(4, 16)
-    m = copy.deepcopy(model)
-    rec = apply_outlier_transforms(m, Plan.from_scheme("nvfp4:mse+nvfp4:4over6"), batches(ids, 2),
-                                   rotate="hadamard-residual")
-    with torch.no_grad():
-        ref, out = model(ids).logits, m(ids).logits
-    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
-    assert rec["residual"]["block"] == 64 and rec["online"]["layers"] == 0
-    assert all(input_transform_of(l.mlp.down_proj) is None for l in m.model.layers)
-    full = copy.deepcopy(model)
-    apply_outlier_transforms(full, Plan.from_scheme("nvfp4a"), batches(ids, 2), rotate="hadamard")
-    assert all(input_transform_of(l.mlp.down_proj) is not None for l in full.model.layers)
-
-
-def test_residual_only_rotation_is_refused_without_a_residual_stream_to_rotate():
-    from lowbit.quant.plan import Plan
-    from lowbit.transforms.apply import apply_outlier_transforms
-
-    mlp = torch.nn.Sequential(torch.nn.Linear(32, 32))
-    with pytest.raises(ValueError, match="Llama-style"):
-        apply_outlier_transforms(mlp, Plan.from_scheme("nvfp4a"), [], rotate="hadamard-residual")

@@ -284,12 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
-    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "hadamard-pow2", "block", "hadamard-residual"],
+    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "hadamard-pow2", "block"],
                    help="outlier rotation: hadamard = fused residual rotation for Llama-style decoders "
                         "(online per-linear for others), full width where a Hadamard matrix of that order "
                         "exists (e.g. 576 = 36*16), else the largest power-of-two block; hadamard-pow2 = "
-                        "the same with power-of-two blocks only; hadamard-residual = hadamard without the "
-                        "online down_proj rotation (Llama-style only); block = online block Hadamard at the "
+                        "the same with power-of-two blocks only; block = online block Hadamard at the "
                         "format's group size (MR-GPTQ); default none. With FP4 block formats pair a rotation with "
                         "MSE block scales (--scheme nvfp4:mse): rotated groups look Gaussian, for which the "
                         "amax scale wastes the top of the E2M1 grid")

@@ -12,11 +12,7 @@ quantization, in the one order in which they compose:
 (powers of two, and Paley/Kronecker sizes such as 384 = 12·32, 576 = 36·16, 1536 = 12·128; see
 transforms/paley.py), else the largest power-of-two block dividing it (recorded as a fallback).
 ``hadamard-pow2`` always uses that largest power-of-two block (the earlier behaviour: 576 is
-rotated as 9 independent blocks of 64), kept for comparison. ``hadamard-residual`` (Llama-style
-decoders only) is ``hadamard`` without the online rotation of down_proj's input: the fused residual
-and V/O rotations alone. down_proj's input holds the MLP's massive channels (SmolLM2: largest channel
-absmax ~3600x the median's); a fine-grained block format (NVFP4) gives them their own block scale,
-and a full-width rotation would spread them over every block of the token.
+rotated as 9 independent blocks of 64), kept for comparison.
 
 The float model's outputs are compared before and after on a short calibration slice; the largest
 absolute change is recorded with the rest.
@@ -34,7 +30,7 @@ from .hadamard import default_block, hadamard_block, is_power_of_two
 from .rotation import _logits, online_rotate, rotate_llama
 from .smooth import apply_smoothing
 
-ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block", "hadamard-residual")
+ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block")
 
 
 def parse_smooth(value) -> Optional[Union[float, str]]:
@@ -103,25 +99,21 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     model.eval()
     before = _logits(model, check).float() if check is not None else None
     llama = is_llama_like(model)
-    if rotate == "hadamard-residual" and not llama:
-        raise ValueError("--rotate hadamard-residual rotates the residual stream of a Llama-style (RMSNorm) "
-                         "decoder, fused into its weights; this model has none; use hadamard or block")
 
-    hadamard = rotate in ("hadamard", "hadamard-pow2", "hadamard-residual")
-    width = hadamard_block if rotate in ("hadamard", "hadamard-residual") else default_block
-    online_down = rotate != "hadamard-residual"
+    hadamard = rotate in ("hadamard", "hadamard-pow2")
+    width = hadamard_block if rotate == "hadamard" else default_block
 
     # 1. fused residual rotation
     if hadamard and llama:
         hidden = model.get_input_embeddings().weight.shape[1]
         record["residual"] = rotate_llama(model, seed=seed, block=width(hidden), online_down=False,
-                                          full_heads=rotate in ("hadamard", "hadamard-residual"))
+                                          full_heads=rotate == "hadamard")
 
     # the online rotation each layer will get in step 3: (block, seed) or None
     def rotation_of(name: str, features: int):
         if hadamard:
             if llama:
-                return (width(features), seed + 1) if online_down and name.endswith("mlp.down_proj") else None
+                return (width(features), seed + 1) if name.endswith("mlp.down_proj") else None
             return width(features), seed
         if rotate == "block":
             return _format_block(plan, name, features), seed
@@ -137,7 +129,7 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     if rotate != "none":
         names = _block_linears(model, plan)
         if hadamard and llama:
-            names = [n for n in names if online_down and n.endswith("mlp.down_proj")]
+            names = [n for n in names if n.endswith("mlp.down_proj")]
         recs = []
         for n in names:
             b, sd = rotation_of(n, model.get_submodule(n).in_features)
