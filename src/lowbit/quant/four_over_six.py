@@ -11,7 +11,7 @@ E4M3 scale value: storage, packing and decoding are plain NVFP4, and the two can
 quantizations per block, cheap enough for activations quantized on the fly.
 
 Exact semantics (float32, as the amax rule in ``kernels.reference.block_scales``), per block of
-``size`` elements with amax ``a`` (largest finite magnitude) and the tensor scale ``ts`` of the
+``size`` elements with amax ``a`` (largest magnitude) and the tensor scale ``ts`` of the
 plain format (NVFP4: tensor amax / (6 * 448), unchanged):
 
 * ``s6 = E4M3(a / 6 / ts)``, the plain amax-rule scale;
