@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default="w3g64",
                    help="named scheme (w4g64, w3g64, w2g64, w4g128, fp4g32, mxfp4, nvfp4, w4a8, fp8, ...) or a "
                         "quant spec like int4:g64:asym or nvfp4:mse (block scales searched for the least squared error "
-                        "instead of the amax rule), optionally WEIGHT+ACT (default w3g64)")
+                        "instead of the amax rule) or nvfp4:4over6 (each block's amax onto 6 or 4, the better), "
+                        "optionally WEIGHT+ACT, e.g. nvfp4:mse+nvfp4:4over6 (default w3g64)")
     q.add_argument("--plan", help="a plan JSON (per-layer specs, e.g. from lowbit search); overrides --scheme")
     q.add_argument("--kv", help="quantize the KV cache: kv8, kv4, kv4c (KIVI: keys per channel), kvfp8, kvnvfp4, "
                                "a spec like int8:token, or KEY_SPEC/VALUE_SPEC (also as a scheme suffix: w4a8kv4)")

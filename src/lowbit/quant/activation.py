@@ -14,6 +14,10 @@ def quantize_activation(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantize activations ``x`` (..., features) according to ``spec`` (symmetric only)."""
     fmt = spec.fmt
     if isinstance(fmt, BlockFormat):
+        if spec.scale_method in ("4over6", "mse"):  # per-block scale choice, computed on the fly
+            from .four_over_six import quantize_blocks_dynamic
+
+            return quantize_blocks_dynamic(x, spec)
         return quantize(x, fmt, spec.rounding, axis=-1, ste=True)
     if not spec.symmetric:
         raise ValueError(f"activation spec {spec} must be symmetric")

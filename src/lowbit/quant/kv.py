@@ -70,6 +70,10 @@ def quantize_kv(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if isinstance(fmt, BlockFormat):
         if x.shape[-1] % fmt.size:
             raise ValueError(f"{fmt} needs head_dim ({x.shape[-1]}) to be a multiple of {fmt.size}")
+        if spec.scale_method in ("4over6", "mse"):  # per-block scale choice (quant/four_over_six.py)
+            from .four_over_six import quantize_blocks_dynamic
+
+            return quantize_blocks_dynamic(x, spec, ste=False)
         return quantize(x, fmt, spec.rounding, axis=-1)
     xf = x.float()
     shape = xf.shape

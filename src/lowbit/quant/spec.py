@@ -2,11 +2,12 @@
 
 String form (round-trips through ``QuantSpec.parse``)::
 
-    FORMAT[:gN|:channel|:tensor|:token][:asym][:mse|:pNN.N][:ROUNDING]
+    FORMAT[:gN|:channel|:tensor|:token][:asym][:mse|:4over6|:pNN.N][:ROUNDING]
 
 ``int3:g64`` (int3, groups of 64 along the input axis, symmetric absmax), ``int4:g128:asym:mse``,
 ``e2m1fn:g32``, ``mxfp4`` (block formats carry their own scaling), ``e4m3fn:tensor`` (fp8 with a
-per-tensor scale), ``int8:token`` (activations: one dynamic scale per token).
+per-tensor scale), ``int8:token`` (activations: one dynamic scale per token), ``nvfp4:4over6``
+(each NVFP4 block's amax onto E2M1's 6 or 4, whichever rounds the block better: quant/four_over_six.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..formats import BlockFormat, FormatError, IntFormat, format
 from ..rounding import check_rounding
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "block", "head")  # head: KV states only
-SCALE_METHODS = ("absmax", "mse", "percentile")
+SCALE_METHODS = ("absmax", "mse", "percentile", "4over6")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class QuantSpec:
             raise ValueError("granularity 'group' needs group_size >= 1")
         if self.scale_method not in SCALE_METHODS:
             raise ValueError(f"scale_method must be one of {', '.join(SCALE_METHODS)}, got {self.scale_method!r}")
+        if self.scale_method == "4over6":
+            from .four_over_six import check_four_over_six
+
+            reason = check_four_over_six(fmt, self.rounding)
+            if reason:
+                raise ValueError(reason)
         if not self.symmetric and not isinstance(fmt, IntFormat):
             raise ValueError(f"asymmetric (zero-point) quantization needs an integer format, got {fmt}")
         if not 0 < self.percentile <= 100:
@@ -72,8 +79,8 @@ class QuantSpec:
             parts.append(self.granularity)
         if not self.symmetric:
             parts.append("asym")
-        if self.scale_method == "mse":
-            parts.append("mse")
+        if self.scale_method in ("mse", "4over6"):
+            parts.append(self.scale_method)
         elif self.scale_method == "percentile":
             parts.append(f"p{self.percentile:g}")
         if self.rounding != "nearest_even":
@@ -105,7 +112,7 @@ class QuantSpec:
                 kw["granularity"] = ol
             elif ol in ("asym", "sym"):
                 kw["symmetric"] = ol == "sym"
-            elif ol in ("mse", "absmax"):
+            elif ol in ("mse", "absmax", "4over6"):
                 kw["scale_method"] = ol
             elif m := re.fullmatch(r"p(\d+(?:\.\d*)?)", ol):
                 kw["scale_method"], kw["percentile"] = "percentile", float(m[1])
@@ -115,7 +122,7 @@ class QuantSpec:
                 except ValueError:
                     raise ValueError(
                         f"unknown option {o!r} in quant spec {text!r}; accepted: gN, channel, tensor, token, head (KV), "
-                        "asym, sym, mse, absmax, pNN (percentile), or a rounding mode"
+                        "asym, sym, mse, absmax, 4over6 (NVFP4 block scales), pNN (percentile), or a rounding mode"
                     ) from None
         try:
             return cls(**kw)

@@ -140,6 +140,11 @@ class WeightQuantizer:
 
                 scale = mse_block_scales(w.detach(), scale, self.fmt, lambda x, s: self.fake(x, GroupParams(s)),
                                          self.column_weight)
+            elif self.spec.scale_method == "4over6":  # amax onto 6 or onto 4, the better per block
+                from .four_over_six import four_over_six_scales
+
+                scale = four_over_six_scales(w.detach(), self.fmt, self.tensor_scale,
+                                             lambda x, s: self.fake(x, GroupParams(s)), self.column_weight, scale)
             return GroupParams(scale)
         if self.spec.granularity == "tensor":
             p = self._tensor_params
