@@ -39,7 +39,8 @@ def _rel(a, b):
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-@pytest.mark.parametrize("scheme", ["w3g64", "w4g128", "fp4g32", "mxfp4", "nvfp4", "w4a8", "w4a4", "w8a8fp8"])
+@pytest.mark.parametrize("scheme", ["w3g64", "w4g128", "fp4g32", "mxfp4", "nvfp4", "w4a8", "w4a4", "w8a8fp8",
+                                    "nvfp4:4over6+nvfp4:4over6"])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_methods_on_cuda_match_cpu(tiny, scheme, method):
     model, ids = tiny
@@ -95,7 +96,8 @@ def test_perplexity_on_cuda_matches_cpu(tiny):
         perplexity(model, tokens, context=64), rel=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["int8:token", "e4m3fn:token", "int4:token", "int4:g32", "int8"])
+@pytest.mark.parametrize("spec", ["int8:token", "e4m3fn:token", "int4:token", "int4:g32", "int8", "nvfp4",
+                                  "nvfp4:4over6", "nvfp4:mse"])
 def test_activation_quantization_is_bit_identical_on_cuda(spec):
     # CUDA divides by a Python scalar through its reciprocal: the per-token scale amax / fmt.max must
     # not be computed that way, or half the rows get another scale than on the CPU
