@@ -172,3 +172,20 @@ def test_cyclic_components_with_small_terms_match_brute_force():
         assert min_loss(p, budget).loss == pytest.approx(min(l for l, c, _ in allc if c <= budget), abs=1e-6)
         limit = float(np.median([l for l, _, _ in allc]))
         assert min_cost(p, limit).cost == pytest.approx(min(c for l, c, _ in allc if l <= limit))
+
+
+def test_native_stdout_is_silenced_only_inside_the_solver_call(capfd):
+    import os
+
+    from lowbit.optimize.milp import native_stdout_silenced
+
+    print("before", flush=True)
+    with native_stdout_silenced():
+        os.write(1, b"native noise\n")
+    with pytest.raises(KeyError):
+        with native_stdout_silenced():
+            raise KeyError("passes through")
+    os.write(1, b"native after\n")
+    print("after", flush=True)
+    out = capfd.readouterr().out
+    assert "before" in out and "native after" in out and "after\n" in out and "native noise" not in out

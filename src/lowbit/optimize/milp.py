@@ -7,6 +7,9 @@ and their relaxation is the local marginal polytope, tighter than McCormick's in
 """
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -14,6 +17,26 @@ import numpy as np
 from .problem import Problem
 
 MIP_REL_GAP = 1e-6
+
+
+@contextmanager
+def native_stdout_silenced():
+    """Send what native code writes to file descriptor 1 to /dev/null meanwhile: some scipy builds
+    of HiGHS print a debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution ...") from
+    C++ with ``disp`` off. Python's own stdout is flushed first; anything raised passes through."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 1 (e.g. an embedded interpreter)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def solve_milp(p: Problem, objective: str, bound: Optional[float], time_limit: float,
@@ -57,8 +80,9 @@ def solve_milp(p: Problem, objective: str, bound: Optional[float], time_limit: f
         cons.append(LinearConstraint(row[None, :] * s, -np.inf, bound * s))
     integrality = np.zeros(n)
     integrality[:nx] = 1
-    res = milp(c * objective_scale, constraints=cons, integrality=integrality, bounds=Bounds(0, 1),
-               options={"time_limit": time_limit, "mip_rel_gap": MIP_REL_GAP, "presolve": presolve})
+    with native_stdout_silenced():
+        res = milp(c * objective_scale, constraints=cons, integrality=integrality, bounds=Bounds(0, 1),
+                   options={"time_limit": time_limit, "mip_rel_gap": MIP_REL_GAP, "presolve": presolve})
     if res.x is None:
         return None, res.status, res.message
     x = res.x[:nx]
