@@ -42,7 +42,7 @@ from lowbit.search.job import calibration_size
 from lowbit.search.measure import MetricEvaluator
 from lowbit.search.objective import Objective, make_batches
 from lowbit.search.portfolio import CalibrationScores, Portfolio
-from lowbit.search.sensitivity import SensitivitySettings, compute, rank_agreement, rtn_weight
+from lowbit.search.sensitivity import SensitivitySettings, compute, rank_agreement
 
 # (column, estimator, pair terms, candidate subset, portfolio)
 VARIANTS = [("hawq-v2", "hutchinson", False, None, False), ("fisher", "fisher", False, None, False),
@@ -94,9 +94,7 @@ def main() -> None:
         return pt
 
     n = sum(c.numel for c in cands)
-    power = obj.input_power or {}
-    scores = CalibrationScores(obj, layers, lambda nm, s_: rtn_weight(layers[nm].weight, s_, power.get(nm)),
-                               out / "calibration_scores.jsonl", {"model": loaded.name, "method": "rtn"})
+    scores = CalibrationScores.rtn(obj, layers, out / "calibration_scores.jsonl", loaded.name)
     rows = []
     variants = [v for v in VARIANTS if v[1] in table.values and (not v[2] or table.pairs)]
     for b in [float(x) for x in args.budgets.split(",")]:

@@ -114,7 +114,7 @@ def cmd_quantize(args) -> int:
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
                           rotate=args.rotate, smooth=args.smooth, calibration=args.calibration,
-                          device=args.device, offload=args.offload, smooth_tokens=_smooth_tokens(args.smooth_tokens))
+                          device=args.device, offload=args.offload, smooth_tokens=args.smooth_tokens)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -124,12 +124,6 @@ def cmd_quantize(args) -> int:
             print(f"wrote {args.out}/report.json, {args.out}/report.html, {plot}and the checkpoint "
                   f"{args.out}/model.safetensors")
     return 0
-
-
-def _smooth_tokens(value):
-    from .transforms.apply import parse_smooth_tokens
-
-    return parse_smooth_tokens(value)  # not given -> "default"; 'all' -> None (every token)
 
 
 def _quantize_from_factories(args, plan) -> int:
@@ -142,7 +136,7 @@ def _quantize_from_factories(args, plan) -> int:
     if args.model:
         raise ValueError(f"give either MODEL ({args.model!r}) or --model-factory, not both")
     unsupported = [f for f, on in (("--kv", args.kv), ("--retain", args.retain), ("--rotate", args.rotate != "none"),
-                                   ("--smooth", args.smooth), ("--smooth-tokens", args.smooth_tokens)) if on]
+                                   ("--smooth", args.smooth), ("--smooth-tokens", args.smooth_tokens != "default")) if on]
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} not supported with --model-factory; accepted there: --scheme, "
                          "--plan, --method, --out, --no-act-order, --damp, --json, --quiet")
@@ -300,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "amax scale wastes the top of the E2M1 grid")
     q.add_argument("--smooth", default=None,
                    help="SmoothQuant channel scaling: an alpha in [0, 1] or 'auto' (searched per layer group)")
-    q.add_argument("--smooth-tokens", default=None,
+    q.add_argument("--smooth-tokens", default="default",
                    help="calibration tokens the smoothing statistics are collected on (leading whole sequences): "
                         "a number, or 'all'; default 2048")
     q.add_argument("--json", action="store_true", help="print the whole report as JSON")

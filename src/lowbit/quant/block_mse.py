@@ -49,6 +49,24 @@ def candidate_offsets(fmt: BlockFormat, lo: float = MIN_RATIO, hi: Optional[floa
     return range(-down, up + 1)
 
 
+def block_error(x: torch.Tensor, fake: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                col_weight: Optional[torch.Tensor] = None,
+                dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``err(s)``: per block (n, 1), sum_j c_j (fake(x, s) - x)_j^2 of blocks ``x`` (n, size) in
+    ``dtype``; ``col_weight`` c: (size,), (n, size) or None (all 1)."""
+    xd = x.detach().float().to(dtype)
+    w = None
+    if col_weight is not None:
+        w = col_weight.to(device=x.device, dtype=dtype)
+        w = w.reshape(1, -1) if w.dim() == 1 else w
+
+    def err(s: torch.Tensor) -> torch.Tensor:
+        e = (fake(x, s).to(dtype) - xd).pow(2)
+        return (e if w is None else e * w).sum(dim=1, keepdim=True)
+
+    return err
+
+
 def mse_block_scales(
     x: torch.Tensor,
     base: torch.Tensor,
@@ -71,16 +89,7 @@ def mse_block_scales(
     idx = torch.searchsorted(vals, safe.reshape(-1)).reshape(base.shape)
     # base is representable, so vals[idx] == base; guard anyway (a caller's rounding) by clamping
     idx = idx.clamp(0, vals.numel() - 1)
-    xf = x.float()
-    w = None
-    if col_weight is not None:
-        w = col_weight.to(device=x.device, dtype=torch.float32)
-        w = w.reshape(1, -1) if w.dim() == 1 else w
-
-    def err(s: torch.Tensor) -> torch.Tensor:
-        e = (fake(x, s) - xf).pow(2)
-        return (e if w is None else e * w).sum(dim=1, keepdim=True)
-
+    err = block_error(x, fake, col_weight)
     best = base.clone()
     best_err = err(base)
     for k in offsets:

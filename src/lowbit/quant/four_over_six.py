@@ -38,6 +38,7 @@ import torch
 from ..formats import BlockFormat
 from ..kernels import reference
 from ..rounding import STOCHASTIC_MODES
+from .block_mse import block_error
 
 TOP = 6.0      # E2M1's largest magnitude: the plain rule's target
 LOWER = 4.0    # E2M1's second largest: the alternative target
@@ -92,17 +93,9 @@ def four_over_six_scales(
     good = torch.isfinite(a) & (a > 0)
     s6 = _rule_scales(a, TOP, fmt, ts) if base is None else base
     s4 = _rule_scales(a, LOWER, fmt, ts)
-    xd = x.detach().float().double()
-    w = None
-    if col_weight is not None:
-        w = col_weight.to(device=x.device, dtype=torch.float64)
-        w = w.reshape(1, -1) if w.dim() == 1 else w
-
-    def err(s: torch.Tensor) -> torch.Tensor:
-        # float64: the difference of two float32 values and its square are exact, so the choice
-        # does not hinge on float32 summation order (a device's reduction tree)
-        e = (fake(x, s).double() - xd).pow(2)
-        return (e if w is None else e * w).sum(dim=1, keepdim=True)
+    # float64: the difference of two float32 values and its square are exact, so the choice does
+    # not hinge on float32 summation order (a device's reduction tree)
+    err = block_error(x, fake, col_weight, torch.float64)
 
     safe4 = torch.where(good, s4, s6)   # nan/inf/zero blocks: never evaluate a second candidate
     pick4 = good & (err(safe4) < err(s6))

@@ -21,7 +21,7 @@ from .measure import MetricEvaluator
 from .retained import check_retained, has_retained, input_power, plan_layers
 from .objective import Objective, make_batches
 from .portfolio import CalibrationScores, Portfolio
-from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement, rtn_weight
+from .sensitivity import ESTIMATORS, SensitivitySettings, compute, rank_agreement
 
 # Calibration for sensitivities: small on purpose (measured sensitivities re-run the model once per
 # layer and candidate). Causal LMs with the measured estimator: 2 x 256 tokens, since the measured
@@ -143,10 +143,8 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     plan_at = None
     pf = None
     if portfolio:
-        power = objective.input_power or {}
-        scores = CalibrationScores(objective, layers, lambda n, s: rtn_weight(layers[n].weight, s, power.get(n)),
-                                   outp / "calibration_scores.jsonl" if outp else None,
-                                   {"model": loaded.name, "method": "rtn"})
+        scores = CalibrationScores.rtn(objective, layers, outp / "calibration_scores.jsonl" if outp else None,
+                                       loaded.name)
         pf = Portfolio(lambda with_pairs, cs, ks: table.problem(estimator, ks, with_pairs, cs), cands, costs,
                        scores, pairs=pairs, log=lambda m: _log(m, quiet))
         plan_at = lambda total: pf.best(total, problem)[0]

@@ -28,6 +28,7 @@ from torch import nn
 from ..formats import IntFormat, format as parse_format
 from ..optimize import Allocation, Infeasible, Problem, min_loss
 from ..quant.spec import QuantSpec
+from .bisection import config_key
 from .candidates import LayerCandidates, restrict
 from .objective import Objective
 from .retained import base_spec
@@ -130,9 +131,17 @@ class CalibrationScores:
                     if r.get("context") == self.context:
                         self.cache[r["key"]] = r["loss"]
 
-    def __call__(self, choice: Dict[str, str]) -> float:
-        from .bisection import config_key
+    @classmethod
+    def rtn(cls, objective: Objective, layers: Dict[str, nn.Linear], path: Optional[Path], model_name: str
+            ) -> "CalibrationScores":
+        """Scores of RTN configurations (retention candidates weighted by the objective's input power)."""
+        from .sensitivity import rtn_weight
 
+        power = objective.input_power or {}
+        return cls(objective, layers, lambda n, s: rtn_weight(layers[n].weight, s, power.get(n)), path,
+                   {"model": model_name, "method": "rtn"})
+
+    def __call__(self, choice: Dict[str, str]) -> float:
         key = config_key(choice)
         if key not in self.cache:
             w = {n: self.weight_of(n, s) for n, s in choice.items()}
