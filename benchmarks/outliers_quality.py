@@ -1,5 +1,5 @@
-"""Outlier transforms table: {GPTQ, +rotation, +block rotation, +smoothing, +both} x schemes on a
-real model, measured in one run (each cell is one `lowbit quantize` job on a freshly loaded model).
+"""Outlier transforms table: {GPTQ, +rotation, +block rotation, +smoothing, +both, +retention,
+all} x schemes on a real model, measured in one run (each cell is one `lowbit quantize` job on a freshly loaded model).
 
     python benchmarks/outliers_quality.py --model minilm --calib 32 --seq-len 128 --sentences 128
     python benchmarks/outliers_quality.py --model smollm2 --calib 16 --seq-len 512 --eval-tokens 4096 \
@@ -8,8 +8,11 @@ real model, measured in one run (each cell is one `lowbit quantize` job on a fre
 Rows: gptq (no transform), hadamard (--rotate hadamard: fused residual rotation on Llama-style
 decoders, online per-linear on encoders; full-width Hadamard where the width allows, e.g. 384 =
 12·32), hadamard-pow2 (the same with power-of-two blocks only), block (--rotate block: MR-GPTQ block rotation at the
-format's group size), smooth (--smooth auto), hadamard+smooth. Prints a markdown table of the metric
-(perplexity, or mean cosine to the fp32 embeddings) and the quantization time (transforms included)
+format's group size), auto (--rotate auto: none, block or full-width online rotation chosen per group
+of linears), smooth (--smooth auto), hadamard+smooth, block+smooth, auto+smooth, retain-fixed /
+retain-opt (1% of the weights kept at int8, one ratio / per-layer ratios from the program), and
+all:ROTATION (ROTATION + smoothing + optimised retention). Prints a markdown table of the metric
+(perplexity, or mean cosine to the fp32 embeddings), the true bits per weight and the quantization time (transforms included)
 and writes every row to --json as it finishes. ``--from-json A.json B.json`` prints the tables of
 rows measured earlier (in one or several runs).
 """
@@ -21,17 +24,30 @@ import time
 
 from lowbit.jobs import EvalSettings, run_quantize
 from lowbit.models.loader import load_model
+from lowbit.ptq.retention import RetainConfig
 from lowbit.transforms.apply import parse_smooth_tokens
 
 SCHEMES = {"int3 g64": "w3g64", "fp4_e2m1 g32": "fp4g32", "mxfp4": "mxfp4", "nvfp4": "nvfp4",
            "w4a4 int": "w4a4", "w4a8": "w4a8"}
-ROWS = {"gptq": ("none", None), "hadamard": ("hadamard", None), "hadamard-pow2": ("hadamard-pow2", None),
-        "block": ("block", None),
-        "smooth": ("none", "auto"), "hadamard+smooth": ("hadamard", "auto"), "block+smooth": ("block", "auto")}
+# row -> (rotation, smoothing, retention: None, "fixed" or "optimized"; 1% of the weights at int8, obs saliency)
+ROWS = {"gptq": ("none", None, None), "hadamard": ("hadamard", None, None),
+        "hadamard-pow2": ("hadamard-pow2", None, None), "block": ("block", None, None),
+        "auto": ("auto", None, None), "smooth": ("none", "auto", None),
+        "hadamard+smooth": ("hadamard", "auto", None), "block+smooth": ("block", "auto", None),
+        "auto+smooth": ("auto", "auto", None),
+        "retain-fixed": ("none", None, "fixed"), "retain-opt": ("none", None, "optimized"),
+        "all:hadamard": ("hadamard", "auto", "optimized"), "all:block": ("block", "auto", "optimized"),
+        "all:auto": ("auto", "auto", "optimized")}
 LABELS = {"gptq": "GPTQ", "hadamard": "+rotation (hadamard, full width)",
           "hadamard-pow2": "+rotation (hadamard-pow2, power-of-two blocks)", "block": "+block rotation (MR-GPTQ)",
-          "smooth": "+smoothing (auto)", "hadamard+smooth": "+both (hadamard, auto)",
-          "block+smooth": "+both (block, auto)"}
+          "auto": "+rotation chosen per layer (auto)", "smooth": "+smoothing (auto)",
+          "hadamard+smooth": "+both (hadamard, auto)", "block+smooth": "+both (block, auto)",
+          "auto+smooth": "+both (rotation chosen per layer, auto)",
+          "retain-fixed": "+retention 1% int8, fixed ratio", "retain-opt": "+retention 1% int8, optimised ratios",
+          "all:hadamard": "all: hadamard + smoothing + retention (optimised)",
+          "all:block": "all: block + smoothing + retention (optimised)",
+          "all:auto": "all: auto rotation + smoothing + retention (optimised)"}
+RETAIN_RATIO, RETAIN_FORMAT = 0.01, "int8"
 
 
 def main() -> None:
@@ -74,12 +90,13 @@ def main() -> None:
     rows = []
     for scheme in schemes:
         for row, seed in ((r, sd) for r in rows_wanted for sd in (seeds if ROWS[r][0] != "none" else [0])):
-            rotate, smooth = ROWS[row]
+            rotate, smooth, alloc = ROWS[row]
+            retain = RetainConfig(RETAIN_RATIO, RETAIN_FORMAT, "obs", alloc) if alloc else None
             loaded = load_model(args.model)
             t = time.time()
             rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
                                settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth,
-                               transform_seed=seed, smooth_tokens=smooth_tokens)
+                               transform_seed=seed, smooth_tokens=smooth_tokens, retain=retain)
             q, b = rep["quantized"], rep["baseline"]
             tf = rep.get("transforms") or {}
             res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
@@ -93,6 +110,8 @@ def main() -> None:
                    "search_sample": (tf.get("smoothing") or {}).get("search_sample"),
                    "smooth_stats": (tf.get("smoothing") or {}).get("stats"),
                    "chosen_alpha": (tf.get("smoothing") or {}).get("chosen"),
+                   "rotation_choice": (tf.get("choice") or {}).get("count"),
+                   "chosen_rotation": {k: v["rotation"] for k, v in ((tf.get("choice") or {}).get("chosen") or {}).items()} or None,
                    "seconds": time.time() - t}
             rows.append(res)
             print(json.dumps(res), flush=True)
@@ -125,6 +144,9 @@ def print_tables(rows, schemes, rows_wanted, args) -> None:
         sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
         return f"{mean:.4f} ± {sd:.4f} ({min(v):.4f}-{max(v):.4f}, {len(v)} seeds)"
 
+    def bits(rs) -> str:
+        return f"{rs[0]['bits_per_weight']:.3f}" if rs else ""
+
     def seconds(rs) -> str:
         if not rs:
             return ""
@@ -133,6 +155,8 @@ def print_tables(rows, schemes, rows_wanted, args) -> None:
         return f"{q:.0f} ({t:.0f})"
 
     table(metric)
+    print("\nbits per weight (codes, scales, retained values with their positions; weights only)")
+    table(bits)
     print("\nquantize seconds (transforms included; transform seconds in brackets; mean over seeds)")
     table(seconds)
 

@@ -62,7 +62,7 @@ def test_methods_on_cuda_match_cpu(tiny, scheme, method):
 
 
 @pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("block", None), ("none", "auto"),
-                                           ("hadamard", "auto")])
+                                           ("hadamard", "auto"), ("auto", None), ("auto", "auto")])
 def test_outlier_transforms_on_cuda(tiny, rotate, smooth):
     model, ids = tiny
     with torch.no_grad():

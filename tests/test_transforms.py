@@ -5,6 +5,8 @@ import importlib.util
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -212,7 +214,8 @@ def test_rotation_of_a_non_llama_model_is_refused(tiny_bert):
 
 @pytest.mark.parametrize("which", ["llama", "bert"])
 @pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("hadamard-pow2", None), ("block", None),
-                                           ("none", 0.5), ("hadamard", "auto"), ("block", "auto")])
+                                           ("none", 0.5), ("hadamard", "auto"), ("block", "auto"),
+                                           ("auto", None), ("auto", "auto"), ("auto", 0.5)])
 def test_every_transform_combination_is_exact_in_float(tiny_llama, tiny_bert, which, rotate, smooth):
     from lowbit.transforms.apply import apply_outlier_transforms
 
@@ -302,6 +305,79 @@ def test_alpha_search_never_does_worse_than_no_smoothing():
     assert a is not None and errs[f"{a:g}"] < 0.7 * errs["none"]  # smoothing the outlier pays off
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), outlier=st.floats(1.0, 60.0), with_grid=st.booleans())
+def test_joint_search_returns_the_least_error_pair_and_agrees_with_the_alpha_search(seed, outlier, with_grid):
+    from lowbit.quant.spec import QuantSpec
+    from lowbit.transforms.hadamard import random_signs
+    from lowbit.transforms.smooth import GroupStats, search_alpha, search_transform, smooth_scales, smoothed_error
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(64, 32, generator=g)
+    X[:, 5] *= outlier
+    W = torch.randn(16, 32, generator=g)
+    stats, ws, as_ = GroupStats(X.abs().amax(0), X), [QuantSpec.parse("int4:g16")], [QuantSpec.parse("int4:token")]
+    grid = (0.5,) if with_grid else ()
+    rots = {"none": None, "block": (8, random_signs(32, 1)), "full": (32, random_signs(32, 1))}
+    a, label, errs = search_transform(stats, [W], ws, as_, grid, rots)
+    assert len(errs) == 3 * (1 + len(grid))
+    assert errs[f"{label}/{'none' if a is None else f'{a:g}'}"] == min(errs.values())
+    # each pair's error is the plain smoothed error of that pair, and one rotation is the alpha search
+    s = None if a is None else smooth_scales(X.abs().amax(0), W.abs().amax(0), a)
+    assert smoothed_error(X, [W], s, ws, as_, rots[label]) == pytest.approx(min(errs.values()), rel=1e-6)
+    a1, errs1 = search_alpha(stats, [W], ws, as_, grid, rots["block"])
+    assert errs1 == {k.split("/")[1]: v for k, v in errs.items() if k.startswith("block/")}
+
+
+def test_rotation_auto_chooses_per_group_and_applies_what_it_chose(tiny_llama):
+    """Per group the rotation of least sampled error is kept and really applied online; with an
+    outlier channel in the residual stream W4A4 picks rotations and beats no rotation."""
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_llama
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        base.model.embed_tokens.weight[:, :3] *= 30
+    plan = Plan.from_scheme("w4a4")
+    m = copy.deepcopy(base)
+    rec = apply_outlier_transforms(m, plan, batches, rotate="auto")
+    choice = rec["choice"]
+    assert choice["groups"] == 4 * len(m.model.layers) and sum(choice["count"].values()) == choice["groups"]
+    assert choice["count"]["none"] < choice["groups"]
+    for first, c in choice["chosen"].items():
+        errs = choice["search_error"][first]
+        assert errs[f"{c['rotation']}/none"] == min(errs.values())
+        lin = m.get_submodule(first)
+        tf = getattr(lin, "input_transform", None)
+        if c["rotation"] == "none":
+            assert tf is None or not tf.rotation
+        else:
+            assert tf.rotation and tf.block == c["block"]
+    assert "smoothing" not in rec
+    ref = _out(base, ids)
+    errs = {}
+    for rotate in ("none", "auto"):
+        mm = copy.deepcopy(base)
+        apply_outlier_transforms(mm, plan, batches, rotate=rotate)
+        _gptq(mm, plan, batches)
+        errs[rotate] = float(((_out(mm, ids) - ref) ** 2).mean())
+    assert errs["auto"] < errs["none"]
+
+
+def test_rotation_auto_with_smoothing_records_both(tiny_bert):
+    from lowbit.transforms.apply import apply_outlier_transforms
+
+    model, ids, batches = tiny_bert
+    m = copy.deepcopy(model)
+    rec = apply_outlier_transforms(m, Plan.from_scheme("nvfp4a"), batches, rotate="auto", smooth="auto")
+    assert set(rec["smoothing"]["chosen"]) == set(rec["choice"]["chosen"])
+    for first, c in rec["choice"]["chosen"].items():
+        errs = rec["choice"]["search_error"][first]
+        a = rec["smoothing"]["chosen"][first]
+        assert errs[f"{c['rotation']}/{'none' if a is None else f'{a:g}'}"] == min(errs.values())
+        assert set(k.split("/")[0] for k in errs) <= {"none", "block", "full"}
+
+
 def _gptq(model, plan, batches, **kw):
     from lowbit.ptq.pipeline import quantize_model
 
@@ -333,7 +409,8 @@ def test_gptq_sees_the_hessian_of_the_transformed_inputs(tiny_llama):
     assert layer.rel_error == pytest.approx(measured, rel=0.5)
 
 
-@pytest.mark.parametrize("rotate,smooth,scheme", [("hadamard", "auto", "w4a4"), ("block", None, "nvfp4")])
+@pytest.mark.parametrize("rotate,smooth,scheme", [("hadamard", "auto", "w4a4"), ("block", None, "nvfp4"),
+                                                  ("auto", "auto", "nvfp4a")])
 def test_transformed_checkpoint_reloads_identically(tiny_llama, tmp_path, rotate, smooth, scheme):
     from lowbit.export.checkpoint import load_quantized, save_quantized
     from lowbit.transforms.apply import apply_outlier_transforms
@@ -376,10 +453,12 @@ def test_bad_options_name_what_is_accepted(tiny_llama):
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
         parse_smooth("2")
     model, _, batches = tiny_llama
-    with pytest.raises(ValueError, match="accepted: none, hadamard, hadamard-pow2, block"):
+    with pytest.raises(ValueError, match="accepted: none, hadamard, hadamard-pow2, block, auto"):
         apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), batches, rotate="givens")
     with pytest.raises(ValueError, match="calibration data"):
         apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), [], smooth="auto")
+    with pytest.raises(ValueError, match="calibration data"):
+        apply_outlier_transforms(copy.deepcopy(model), Plan.from_scheme("w4a4"), [], rotate="auto")
 
 
 @pytest.mark.slow

@@ -284,12 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retain-saliency", default="obs", choices=["obs", "magnitude", "fisher", "diag"],
                    help="which weights to keep: obs (w-q(w))^2/[H^-1]_jj (default), magnitude w^2/[H^-1]_jj, "
                    "fisher w^2 E[g^2] (causal LMs)")
-    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "hadamard-pow2", "block"],
+    q.add_argument("--rotate", default="none", choices=["none", "hadamard", "hadamard-pow2", "block", "auto"],
                    help="outlier rotation: hadamard = fused residual rotation for Llama-style decoders "
                         "(online per-linear for others), full width where a Hadamard matrix of that order "
                         "exists (e.g. 576 = 36*16), else the largest power-of-two block; hadamard-pow2 = "
                         "the same with power-of-two blocks only; block = online block Hadamard at the "
-                        "format's group size (MR-GPTQ); default none. With FP4 block formats pair a rotation with "
+                        "format's group size (MR-GPTQ); auto = per group of linears sharing an input, none, block or "
+                        "full-width online rotation, whichever gives the least output error on calibration rows "
+                        "(with the smoothing alpha when --smooth auto); default none. With FP4 block formats pair a rotation with "
                         "MSE block scales (--scheme nvfp4:mse): rotated groups look Gaussian, for which the "
                         "amax scale wastes the top of the E2M1 grid")
     q.add_argument("--smooth", default=None,

@@ -14,6 +14,14 @@ transforms/paley.py), else the largest power-of-two block dividing it (recorded 
 ``hadamard-pow2`` always uses that largest power-of-two block (the earlier behaviour: 576 is
 rotated as 9 independent blocks of 64), kept for comparison.
 
+``auto`` chooses per group of linears reading one input (Llama q/k/v, o, gate/up, down; BERT's
+shared-input groups) between no rotation, the ``block`` rotation and a full-width online rotation,
+by the output error under the plan's quantizers (RTN weights, the input quantizer) on calibration
+rows, jointly with the smoothing alpha when ``--smooth auto`` is on. Every rotation is online (no
+fused residual rotation), so each group's choice is free. Rotations are not a uniform win: on
+NVFP4 W4A4, whose 16-element blocks already isolate channel outliers, a rotation that spreads
+down_proj's outlier channel over every block costs more than it gains on the weights.
+
 The float model's outputs are compared before and after on a short calibration slice; the largest
 absolute change is recorded with the rest.
 """
@@ -30,7 +38,7 @@ from .hadamard import default_block, hadamard_block, is_power_of_two
 from .rotation import _logits, online_rotate, rotate_llama
 from .smooth import apply_smoothing
 
-ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block")
+ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block", "auto")
 
 
 def parse_smooth(value) -> Optional[Union[float, str]]:
@@ -120,8 +128,21 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
     check = _check_batch(batches)
     model.eval()
     before = _logits(model, check).float() if check is not None else None
-    llama = is_llama_like(model)
+    if rotate == "auto":
+        _chosen_transforms(model, plan, batches, record, smooth, seed, smooth_grid, smooth_tokens)
+    else:
+        _fixed_transforms(model, plan, batches, record, rotate, smooth, seed, smooth_grid, smooth_tokens)
+    if before is not None:
+        after = _logits(model, check).float()
+        record["float_check"] = {"max_abs_diff": float((after - before).abs().max()),
+                                 "max_abs_output": float(before.abs().max()),
+                                 "tokens": int(check["input_ids"].numel()) if "input_ids" in check else None}
+    record["seconds"] = time.time() - t0
+    return record
 
+
+def _fixed_transforms(model, plan, batches, record, rotate, smooth, seed, smooth_grid, smooth_tokens) -> None:
+    llama = is_llama_like(model)
     hadamard = rotate in ("hadamard", "hadamard-pow2")
     width = hadamard_block if rotate == "hadamard" else default_block
 
@@ -166,10 +187,31 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
         if hadamard and not llama:
             record["note"] = ("no fused residual rotation for this architecture (only Llama-style RMSNorm "
                               "decoders admit one); every block linear rotates its input online")
-    if before is not None:
-        after = _logits(model, check).float()
-        record["float_check"] = {"max_abs_diff": float((after - before).abs().max()),
-                                 "max_abs_output": float(before.abs().max()),
-                                 "tokens": int(check["input_ids"].numel()) if "input_ids" in check else None}
-    record["seconds"] = time.time() - t0
-    return record
+
+
+def _chosen_transforms(model, plan, batches, record, smooth, seed, smooth_grid, smooth_tokens) -> None:
+    """``--rotate auto``: each group's rotation (none, block, full width) chosen with its alpha."""
+    if not batches:
+        raise ValueError("--rotate auto chooses each layer's rotation on calibration data; got no batches")
+
+    def choices(name: str, features: int):
+        block = _format_block(plan, name, features)
+        out = {"none": None, "block": (block, seed)}
+        if hadamard_block(features) != block:
+            out["full"] = (hadamard_block(features), seed)
+        return out
+
+    kw = {"grid": smooth_grid} if smooth_grid else {}
+    rec = apply_smoothing(model, batches, smooth, weight_spec_of=plan.weight_spec, act_spec_of=plan.act_spec,
+                          rotation_choices=choices, stats_tokens=smooth_tokens, **kw)
+    labels, blocks, members = rec.pop("rotation"), rec.pop("rotation_block"), rec.pop("group_linears")
+    recs = [online_rotate(model, n, *blocks[first]) for first in labels if blocks[first] is not None
+            for n in members[first]]
+    record["online"] = {"layers": len(recs), "blocks": sorted({r["block"] for r in recs})}
+    record["choice"] = {
+        "groups": len(labels), "count": {k: sum(v == k for v in labels.values()) for k in ("none", "block", "full")},
+        "chosen": {first: {"rotation": lab, "block": None if blocks[first] is None else blocks[first][0]}
+                   for first, lab in labels.items()},
+        "search_sample": rec["search_sample"], "stats": rec["stats"], "search_error": rec.pop("search_error", {})}
+    if smooth is not None:
+        record["smoothing"] = rec

@@ -233,9 +233,28 @@ def output_sample(W: torch.Tensor, k: Optional[int], seed: int = 0) -> torch.Ten
 def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
                  grid: Sequence[float] = ALPHA_GRID, rotation=None, *, tokens: Optional[int] = SEARCH_TOKENS,
                  outputs: Optional[int] = SEARCH_OUTPUTS) -> Tuple[Optional[float], Dict[str, float]]:
-    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors.
-    Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output channels per linear (None:
-    all); the scales themselves come from the full statistics and whole weights."""
+    """The alpha of ``grid`` (or None: no smoothing) with the least output error, and all errors,
+    under one fixed ``rotation`` (see search_transform for the sample it is scored on)."""
+    a, _, errs = search_transform(stats, weights, wspecs, aspecs, grid, {"": rotation}, tokens=tokens,
+                                  outputs=outputs)
+    return a, errs
+
+
+def search_transform(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, aspecs,
+                     grid: Sequence[float] = ALPHA_GRID, rotations: Optional[Dict[str, object]] = None, *,
+                     include_none: bool = True, tokens: Optional[int] = SEARCH_TOKENS,
+                     outputs: Optional[int] = SEARCH_OUTPUTS) -> Tuple[Optional[float], str, Dict[str, float]]:
+    """The (alpha, rotation) pair with the least output error, and every pair's error: alpha from
+    ``grid`` (or None: no smoothing, a candidate unless ``include_none`` is False), rotation from
+    ``rotations`` (label -> (block, signs) or None; default: none). Errors are keyed by the alpha
+    ("none", "0.5") with one rotation candidate, else by "label/alpha".
+    Scored on ``tokens`` of the sampled rows (a seeded random subset) and ``outputs`` output channels
+    per linear (None: all); the scales themselves come from the full statistics and whole weights.
+    Every candidate is scored on the same sample, so the comparison is paired."""
+    rotations = {"": None} if rotations is None else dict(rotations)
+    alphas = ([None] if include_none else []) + [float(a) for a in grid]
+    if not rotations or not alphas:
+        raise ValueError("the transform search needs at least one rotation and one alpha candidate")
     wmax = weight_absmax(weights)
     dev = weights[0].device  # the statistics are kept on the CPU; the weights may be on a GPU
     X = stats.rows.float()
@@ -244,28 +263,38 @@ def search_alpha(stats: GroupStats, weights: Sequence[torch.Tensor], wspecs, asp
     X = X.to(dev)
     weights = [W.detach()[output_sample(W, outputs).to(W.device)] for W in weights]
     Y = [X @ W.float().T for W in weights]
-    errs = {"none": smoothed_error(X, weights, None, wspecs, aspecs, rotation, Y)}
-    for a in grid:
-        s = smooth_scales(stats.absmax.to(dev), wmax, a)
-        errs[f"{a:g}"] = smoothed_error(X, weights, s, wspecs, aspecs, rotation, Y)
+    scales = {a: None if a is None else smooth_scales(stats.absmax.to(dev), wmax, a) for a in alphas}
+    errs: Dict[str, float] = {}
+    keyed: Dict[str, Tuple[Optional[float], str]] = {}
+    for label, rot in rotations.items():
+        for a, s in scales.items():
+            key = "none" if a is None else f"{a:g}"
+            key = key if len(rotations) == 1 else f"{label}/{key}"
+            errs[key] = smoothed_error(X, weights, s, wspecs, aspecs, rot, Y)
+            keyed[key] = (a, label)
     best = min(errs, key=errs.get)
-    return (None if best == "none" else float(best)), errs
+    return keyed[best][0], keyed[best][1], errs
 
 
 # --- applying it ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, str] = "auto", *,
+def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, str, None] = "auto", *,
                     weight_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
                     act_spec_of: Callable[[str], Optional[QuantSpec]] = lambda n: None,
                     rotation_of: Callable[[str, int], Optional[Tuple[int, Optional[int]]]] = lambda n, d: None,
+                    rotation_choices: Optional[Callable[[str, int], Dict[str, Optional[Tuple[int, Optional[int]]]]]] = None,
                     grid: Sequence[float] = ALPHA_GRID, explicit: bool = True, max_rows: int = 512,
                     groups: Optional[List[SmoothGroup]] = None, search_tokens="default",
                     search_outputs="default", stats_tokens="default") -> dict:
     """Smooth every group of linears in place (folded into the norm, or an explicit input scale).
-    ``alpha``: a number in [0, 1] for all groups, or "auto" (grid search per group under the plan's
-    quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name; ``rotation_of(name,
-    features)`` gives the (block, seed) of an online rotation the layer will get afterwards).
+    ``alpha``: a number in [0, 1] for all groups, "auto" (grid search per group under the plan's
+    quantizers, which ``weight_spec_of``/``act_spec_of`` give per layer name), or None (no
+    smoothing: only meaningful with ``rotation_choices``). ``rotation_of(name, features)`` gives the
+    (block, seed) of an online rotation the layer will get afterwards; ``rotation_choices(name,
+    features)`` instead offers several (label -> (block, seed) or None) and each group's is chosen
+    with its alpha, by the same output error; the record's "rotation" holds the labels and
+    "rotation_block" the chosen (block, seed), for the caller to apply after smoothing.
     ``search_tokens``/``search_outputs``: the sample the grid is scored on (None: everything;
     "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
     ``stats_tokens``: the calibration tokens the statistics (absmax, sampled rows) are collected on,
@@ -274,10 +303,13 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
     search_tokens = SEARCH_TOKENS if search_tokens == "default" else search_tokens
     search_outputs = SEARCH_OUTPUTS if search_outputs == "default" else search_outputs
     stats_tokens = STATS_TOKENS if stats_tokens == "default" else stats_tokens
-    if alpha != "auto":
+    if alpha is None and rotation_choices is None:
+        raise ValueError("apply_smoothing needs an alpha ('auto' or a number in [0, 1]) unless it chooses rotations")
+    if alpha is not None and alpha != "auto":
         alpha = float(alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--smooth takes a number in [0, 1] or 'auto', got {alpha}")
+    searching = alpha == "auto" or rotation_choices is not None
     probe = {k: v[:1, :16] for k, v in batches[0].items() if torch.is_tensor(v)} if batches else None
     groups = groups if groups is not None else smoothing_groups(model, probe)
     if not explicit:
@@ -288,17 +320,27 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
     stats = collect_input_stats(model, groups, subset, max_rows=max_rows)
     count = lambda bs: sum(_batch_tokens(b)[0] * _batch_tokens(b)[1] for b in bs)
     chosen: Dict[str, Optional[float]] = {}
+    rotation: Dict[str, str] = {}
+    rotation_block: Dict[str, Optional[Tuple[int, Optional[int]]]] = {}
     errors: Dict[str, Dict[str, float]] = {}
     for i, gr in enumerate(groups):
         lins = [model.get_submodule(n) for n in gr.linears]
         weights = [l.weight for l in lins]
-        if alpha == "auto":
-            rot = rotation_of(gr.linears[0], lins[0].in_features)
-            rot = None if rot is None else (rot[0], None if rot[1] is None else random_signs(lins[0].in_features, rot[1]))
-            a, errs = search_alpha(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
-                                   [act_spec_of(n) for n in gr.linears], grid, rot, tokens=search_tokens,
-                                   outputs=search_outputs)
+        features = lins[0].in_features
+        if searching:
+            offered = (rotation_choices(gr.linears[0], features) if rotation_choices is not None
+                       else {"": rotation_of(gr.linears[0], features)})
+            rots = {k: None if r is None else (r[0], None if r[1] is None else random_signs(features, r[1]))
+                    for k, r in offered.items()}
+            grid_here = grid if alpha == "auto" else ([] if alpha is None else [alpha])
+            a, label, errs = search_transform(stats[i], weights, [weight_spec_of(n) for n in gr.linears],
+                                              [act_spec_of(n) for n in gr.linears], grid_here, rots,
+                                              include_none=alpha in ("auto", None), tokens=search_tokens,
+                                              outputs=search_outputs)
             errors[gr.linears[0]] = errs
+            if rotation_choices is not None:
+                rotation[gr.linears[0]] = label
+                rotation_block[gr.linears[0]] = offered[label]
         else:
             a = alpha
         chosen[gr.linears[0]] = a
@@ -307,11 +349,15 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
         s = smooth_scales(stats[i].absmax.to(weights[0].device), weight_absmax(weights), a)
         _apply_scale(model, gr, s)
     record = {"alpha": alpha, "grid": list(grid) if alpha == "auto" else None, "explicit": explicit,
-              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if alpha == "auto" else None),
+              "search_sample": ({"tokens": search_tokens, "outputs": search_outputs} if searching else None),
               "stats": {"token_budget": stats_tokens, "tokens": count(subset),
                         "sequences": sum(_batch_tokens(b)[0] for b in subset), "calibration_tokens": count(batches)},
               "groups": len(groups), "smoothed": sum(a is not None for a in chosen.values()),
               "chosen": chosen}
+    if rotation_choices is not None:
+        record["rotation"] = rotation
+        record["rotation_block"] = rotation_block
+        record["group_linears"] = {g.linears[0]: list(g.linears) for g in groups}
     if errors:
         record["search_error"] = errors
     return record
