@@ -72,6 +72,7 @@ def main() -> None:
                     "calibration token, the earlier behaviour) or 'default' (transforms.smooth.STATS_TOKENS)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds of the rotations' random signs; rows "
                     "with a rotation run once per seed (the table shows the mean and the spread)")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (another sample)")
     args = ap.parse_args()
     schemes, rows_wanted = args.schemes.split(","), args.rows.split(",")
     for r in rows_wanted:
@@ -96,11 +97,12 @@ def main() -> None:
             t = time.time()
             rep = run_quantize(args.model, scheme, "gptq", None, calib=args.calib, seq_len=args.seq_len,
                                settings=settings, quiet=True, loaded=loaded, rotate=rotate, smooth=smooth,
-                               transform_seed=seed, smooth_tokens=smooth_tokens, retain=retain)
+                               transform_seed=seed, smooth_tokens=smooth_tokens, retain=retain,
+                               calib_seed=args.calib_seed)
             q, b = rep["quantized"], rep["baseline"]
             tf = rep.get("transforms") or {}
             res = {"model": rep["model"], "scheme": scheme, "row": row, "rotate": rotate, "smooth": smooth,
-                   "seed": seed,
+                   "seed": seed, "calib_seed": args.calib_seed,
                    "metric": q.get("perplexity", q.get("cosine_mean")), "baseline": b.get("perplexity", 1.0),
                    "spearman": q.get("spearman"), "bits_per_weight": q["bits_per_weight"],
                    "quantize_seconds": q["quantize_seconds"], "transform_seconds": tf.get("seconds", 0.0),

@@ -53,6 +53,12 @@ def test_gptq_on_minilm_beats_rtn_and_reloads(tmp_path):
     model, tok, meta = load_quantized(tmp_path)
     assert meta["kind"] == "encoder" and len(meta["layers"]) == 36
     assert run_eval(str(tmp_path), quiet=True)["cosine_mean"] == pytest.approx(gptq["quantized"]["cosine_mean"], abs=1e-6)
+    # another calibration sample: recorded, and really another sample (the result moves a little)
+    other = run_quantize("minilm", "w3g64", "gptq", None, calib=16, seq_len=64, settings=settings, quiet=True,
+                         calib_seed=1)
+    assert gptq["calibration"]["seed"] == 0 and other["calibration"]["seed"] == 1
+    c0, c1 = gptq["quantized"]["cosine_mean"], other["quantized"]["cosine_mean"]
+    assert c0 != c1 and abs(c0 - c1) < 0.05
 
 
 def test_cli_errors_are_one_line(capsys):

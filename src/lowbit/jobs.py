@@ -149,13 +149,14 @@ def run_quantize(
     offload: bool = False,
     transform_seed: int = 0,
     smooth_tokens="default",
+    calib_seed: int = 0,
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
     ``calibration``: auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``).
     ``device``: where the model runs (auto | cpu | cuda | cuda:N; None leaves it where it is); with
     ``offload`` the model stays in CPU memory and only the block being quantized visits ``device``
-    (evaluation then runs on the CPU)."""
+    (evaluation then runs on the CPU). ``calib_seed`` draws another set of calibration windows."""
     from .export.checkpoint import save_quantized
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
@@ -194,7 +195,7 @@ def run_quantize(
     if retain is not None:
         data += f"; retaining {retain.ratio:.2%} of weights ({retain.alloc} ratios) at {retain.fmt}"
     needs_data = method == "gptq" or retain is not None or smooth is not None
-    batches = calibration_batches(loaded, calib, seq_len) if needs_data else []
+    batches = calibration_batches(loaded, calib, seq_len, seed=calib_seed) if needs_data else []
     transforms = None
     if rotate != "none" or smooth is not None:
         from .transforms.apply import apply_outlier_transforms
@@ -219,7 +220,7 @@ def run_quantize(
         "method": method,
         "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
         "calibration": ({"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
-                         "seed": 0, "order": res.calibration} if batches else None),
+                         "seed": calib_seed, "order": res.calibration} if batches else None),
         "retain": retain.to_dict() if retain is not None else None,
         "layer_error": ("output space on the calibration data: ||X(W-Q)^T||^2 / ||XW^T||^2"
                         if method == "gptq" else "weight space: ||W-Q||^2 / ||W||^2"),
