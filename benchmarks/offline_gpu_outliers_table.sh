@@ -5,8 +5,8 @@
 #   on the offline machine, after `bash benchmarks/offline_gpu_setup.sh BUNDLE/part0`:
 #     bash benchmarks/offline_gpu_outliers_table.sh BUNDLE/part1 OUTDIR
 #   once set up (or on a machine that has lowbit and the model):  SETUP=none bash ... - OUTDIR
-# ROWS_A / ROWS_B / ROWS_C (three shards per scheme), SCHEMES and LIMIT (seconds per shard) override
-# the defaults.
+# ROWS_A / ROWS_B / ROWS_C (three shards per scheme; an empty one is skipped), SCHEMES, CALIB_SEEDS
+# (calibration samples, default 0) and LIMIT (seconds per shard) override the defaults.
 set -o pipefail
 part=$1; out=${2:-/tmp/out}; mkdir -p "$out/raw"
 cd "$(dirname "$0")/.."
@@ -27,12 +27,15 @@ LIMIT=${LIMIT:-560}
 R="python3 benchmarks/on_device.py --device cuda benchmarks/outliers_quality.py --model smollm2 --calib 16 --seq-len 512 --eval-tokens 4096"
 t0=$(date +%s)
 pids=()
-for s in $SCHEMES; do
-  tag=${s//[:+]/_}
-  for half in A B C; do
-    rows=ROWS_$half
-    timeout $LIMIT $R --schemes "$s" --rows "${!rows}" --json "$out/raw/${tag}_$half.json" \
-      > "$out/raw/${tag}_$half.log" 2>&1 & pids+=($!)
+for cs in ${CALIB_SEEDS:-0}; do
+  for s in $SCHEMES; do
+    tag=${s//[:+]/_}_c$cs
+    for half in A B C; do
+      rows=ROWS_$half
+      [ -n "${!rows}" ] || continue
+      timeout $LIMIT $R --schemes "$s" --rows "${!rows}" --calib-seed $cs --json "$out/raw/${tag}_$half.json" \
+        > "$out/raw/${tag}_$half.log" 2>&1 & pids+=($!)
+    done
   done
 done
 fail=0
