@@ -20,9 +20,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)" >> "$out/gpu.txt"
 git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
 SCHEMES=${SCHEMES:-w3g64 w2g64 fp4g32 mxfp4 nvfp4 w4a4 w4a8 nvfp4:mse+nvfp4:4over6}
-ROWS_A=${ROWS_A:-gptq,hadamard,block,auto,smooth,hadamard+smooth,block+smooth}
-ROWS_B=${ROWS_B:-auto+smooth,retain-fixed,retain-opt}
-ROWS_C=${ROWS_C:-all:hadamard,all:block,all:auto}
+ROWS_A=${ROWS_A-gptq,hadamard,block,auto,smooth,hadamard+smooth,block+smooth}
+ROWS_B=${ROWS_B-auto+smooth,retain-fixed,retain-opt}
+ROWS_C=${ROWS_C-all:hadamard,all:block,all:auto}
 LIMIT=${LIMIT:-560}
 R="python3 benchmarks/on_device.py --device cuda benchmarks/outliers_quality.py --model smollm2 --calib 16 --seq-len 512 --eval-tokens 4096"
 t0=$(date +%s)
