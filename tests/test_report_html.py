@@ -36,6 +36,23 @@ def test_quantize_writes_report_html(tiny_loaded, tmp_path):
         assert f"<td>{l['name']}</td>" in page and f"{l['rel_error']:.3e}" in page
 
 
+def test_transforms_are_summarised_not_dumped(tiny_loaded, tmp_path):
+    """report.html says what the transforms did in counts; the per-group choices and search errors
+    stay in report.json."""
+    from lowbit.jobs import EvalSettings, run_quantize
+
+    rep = run_quantize(None, "w4a8", "gptq", str(tmp_path), calib=4, seq_len=16, settings=EvalSettings(sentences=8),
+                       quiet=True, loaded=tiny_loaded(), rotate="auto", smooth="auto")
+    tf = rep["transforms"]
+    page = (tmp_path / "report.html").read_text()
+    row = re.search(r"<td>transforms</td><td>([^<]*)</td>", page).group(1)
+    assert "rotate auto" in row and "smooth auto" in row and "chosen per group" in row
+    assert f"smoothed {tf['smoothing']['smoothed']} of {tf['smoothing']['groups']} groups" in row
+    assert "float check" in row and len(row) < 600
+    first = next(iter(tf["choice"]["chosen"]))
+    assert first not in row and tf["choice"]["search_error"][first]
+
+
 def test_search_writes_report_html(tiny_loaded, tmp_path):
     from lowbit.jobs import run_search
 

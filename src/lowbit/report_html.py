@@ -50,6 +50,25 @@ def kv(d) -> str:
     return ", ".join(kv(v) for v in d) if isinstance(d, (list, tuple)) else str(d)
 
 
+def transforms_summary(tf: dict) -> str:
+    """The outlier transforms in one line: what was asked, what was done (counts, not the per-group
+    choices and search errors, which stay in report.json), and the float check."""
+    parts = [f"rotate {tf.get('rotate')}", f"smooth {tf.get('smooth')}"]
+    if tf.get("online"):
+        parts.append(f"online rotations on {tf['online']['layers']} layers (blocks {kv(tf['online']['blocks'])})")
+    if tf.get("residual"):
+        parts.append(f"residual rotation fused (block {tf['residual'].get('block')})")
+    if tf.get("choice"):
+        parts.append("chosen per group: " + kv(tf["choice"]["count"]))
+    sm = tf.get("smoothing")
+    if sm:
+        parts.append(f"smoothed {sm.get('smoothed')} of {sm.get('groups')} groups")
+    fc = tf.get("float_check")
+    if fc:
+        parts.append(f"float check max |diff| {fc['max_abs_diff']:.3g} (max |output| {fc['max_abs_output']:.3g})")
+    return ", ".join(parts)
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence], highlight: Optional[int] = None) -> str:
     """An HTML table; cells are escaped; row ``highlight`` (an index) is emphasised."""
     out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
@@ -125,7 +144,7 @@ def quantize_html(report: dict, out_dir) -> str:
         settings.append(["retention", kv({k: v for k, v in report["retain"].items()  # not the per-layer ratios
                                           if not isinstance(v, (dict, list))})])
     if report.get("transforms"):
-        settings.append(["transforms", kv(report["transforms"])])
+        settings.append(["transforms", transforms_summary(report["transforms"])])
     if report.get("skipped"):
         settings.append(["left in full precision", ", ".join(report["skipped"])])
     sections = [summary, "<h2>Settings</h2>" + table(["", ""], settings)]
