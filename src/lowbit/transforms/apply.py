@@ -204,14 +204,15 @@ def _chosen_transforms(model, plan, batches, record, smooth, seed, smooth_grid, 
     kw = {"grid": smooth_grid} if smooth_grid else {}
     rec = apply_smoothing(model, batches, smooth, weight_spec_of=plan.weight_spec, act_spec_of=plan.act_spec,
                           rotation_choices=choices, stats_tokens=smooth_tokens, **kw)
-    labels, blocks, members = rec.pop("rotation"), rec.pop("rotation_block"), rec.pop("group_linears")
-    recs = [online_rotate(model, n, *blocks[first]) for first in labels if blocks[first] is not None
-            for n in members[first]]
+    chosen = rec.pop("rotation")
+    recs = [online_rotate(model, n, *c["rotation"]) for c in chosen.values() if c["rotation"] is not None
+            for n in c["linears"]]
+    labels = [c["label"] for c in chosen.values()]
     record["online"] = {"layers": len(recs), "blocks": sorted({r["block"] for r in recs})}
     record["choice"] = {
-        "groups": len(labels), "count": {k: sum(v == k for v in labels.values()) for k in ("none", "block", "full")},
-        "chosen": {first: {"rotation": lab, "block": None if blocks[first] is None else blocks[first][0]}
-                   for first, lab in labels.items()},
+        "groups": len(chosen), "count": {k: labels.count(k) for k in ("none", "block", "full")},
+        "chosen": {first: {"rotation": c["label"], "block": None if c["rotation"] is None else c["rotation"][0]}
+                   for first, c in chosen.items()},
         "search_sample": rec["search_sample"], "stats": rec["stats"], "search_error": rec.pop("search_error", {})}
     if smooth is not None:
         record["smoothing"] = rec

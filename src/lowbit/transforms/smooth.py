@@ -293,8 +293,8 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
     smoothing: only meaningful with ``rotation_choices``). ``rotation_of(name, features)`` gives the
     (block, seed) of an online rotation the layer will get afterwards; ``rotation_choices(name,
     features)`` instead offers several (label -> (block, seed) or None) and each group's is chosen
-    with its alpha, by the same output error; the record's "rotation" holds the labels and
-    "rotation_block" the chosen (block, seed), for the caller to apply after smoothing.
+    with its alpha, by the same output error; the record's "rotation" holds, per group, the chosen
+    label, its (block, seed) and the group's linears, for the caller to apply after smoothing.
     ``search_tokens``/``search_outputs``: the sample the grid is scored on (None: everything;
     "default": the module's SEARCH_TOKENS/SEARCH_OUTPUTS, read at call time).
     ``stats_tokens``: the calibration tokens the statistics (absmax, sampled rows) are collected on,
@@ -320,8 +320,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
     stats = collect_input_stats(model, groups, subset, max_rows=max_rows)
     count = lambda bs: sum(_batch_tokens(b)[0] * _batch_tokens(b)[1] for b in bs)
     chosen: Dict[str, Optional[float]] = {}
-    rotation: Dict[str, str] = {}
-    rotation_block: Dict[str, Optional[Tuple[int, Optional[int]]]] = {}
+    rotation: Dict[str, dict] = {}
     errors: Dict[str, Dict[str, float]] = {}
     for i, gr in enumerate(groups):
         lins = [model.get_submodule(n) for n in gr.linears]
@@ -339,8 +338,7 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
                                               outputs=search_outputs)
             errors[gr.linears[0]] = errs
             if rotation_choices is not None:
-                rotation[gr.linears[0]] = label
-                rotation_block[gr.linears[0]] = offered[label]
+                rotation[gr.linears[0]] = {"label": label, "rotation": offered[label], "linears": list(gr.linears)}
         else:
             a = alpha
         chosen[gr.linears[0]] = a
@@ -356,8 +354,6 @@ def apply_smoothing(model: nn.Module, batches: List[dict], alpha: Union[float, s
               "chosen": chosen}
     if rotation_choices is not None:
         record["rotation"] = rotation
-        record["rotation_block"] = rotation_block
-        record["group_linears"] = {g.linears[0]: list(g.linears) for g in groups}
     if errors:
         record["search_error"] = errors
     return record
