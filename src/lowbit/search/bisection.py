@@ -76,7 +76,7 @@ def accuracy_search(problem: Problem, cands: List[LayerCandidates], measure: Cal
                     plan_at: Optional[Callable[[float], Allocation]] = None) -> SearchResult:
     """Bisection on the budget (totals in cost units; ``per_unit`` converts to what users read).
     ``plan_at(budget)`` picks the plan at a budget (default: the exact optimum of ``problem``)."""
-    chosen_by = plan_at
+    dual_is_the_plan = plan_at is None  # else the dual's cost is probed with plan_at's plan there
     plan_at = plan_at or (lambda b: min_loss(problem, b))
 
     def probe(budget: float, how: str, alloc=None) -> dict:
@@ -108,7 +108,7 @@ def accuracy_search(problem: Problem, cands: List[LayerCandidates], measure: Cal
         try:
             guess = min_cost(problem, predicted_limit)
             if lo < guess.cost < hi:
-                pt = probe(guess.cost, "dual", None if chosen_by else guess)
+                pt = probe(guess.cost, "dual", guess if dual_is_the_plan else None)
                 if pt["loss"] <= limit:
                     best, hi = pt, min(hi, guess.cost)
                 else:
