@@ -10,7 +10,7 @@ from lowbit.ptq.gptq import gptq
 from lowbit.quant.block_mse import candidate_offsets, mse_block_scales, scale_values
 from lowbit.quant.exp_round import exp_params, round_by_exponent
 from lowbit.quant.spec import QuantSpec, scheme
-from lowbit.quant.weight import WeightQuantizer, _float_table, _round_by_table
+from lowbit.quant.weight import WeightQuantizer, float_table, round_by_table
 
 
 # --- exponent rounding ---------------------------------------------------------------------------
@@ -18,7 +18,7 @@ from lowbit.quant.weight import WeightQuantizer, _float_table, _round_by_table
 @pytest.mark.parametrize("name", ["e2m1fn", "e3m2fn", "e2m3fn", "e4m3fn", "e5m2", "e4m3fnuz"])
 def test_exponent_rounding_matches_the_table_bit_for_bit(name):
     fmt = format(name)
-    table = _float_table(fmt)
+    table = float_table(fmt)
     params = exp_params(fmt, table)
     assert params is not None
     g = torch.Generator().manual_seed(0)
@@ -29,7 +29,7 @@ def test_exponent_rounding_matches_the_table_bit_for_bit(name):
                    mids, torch.nextafter(mids, torch.zeros_like(mids)), torch.nextafter(mids, mids * 2),
                    torch.tensor([0.0, -0.0, 1e38, -1e38, 1e-40, float("inf"), -float("inf"), float("nan")])])
     y = torch.cat([y, -y]).float()
-    want = _round_by_table(y, table, fmt.has_negative_zero)
+    want = round_by_table(y, table, fmt.has_negative_zero)
     got = round_by_exponent(y, params, fmt.has_negative_zero)
     assert torch.equal(torch.isnan(want), torch.isnan(got))
     assert torch.equal(want.nan_to_num(0.0).view(torch.int32), got.nan_to_num(0.0).view(torch.int32))
@@ -37,7 +37,7 @@ def test_exponent_rounding_matches_the_table_bit_for_bit(name):
 
 def test_formats_the_arithmetic_does_not_reproduce_keep_the_table():
     fmt = format("e2m1fn")
-    mags, mids = _float_table(fmt)
+    mags, mids = float_table(fmt)
     # a table whose top value breaks the binade pattern must be refused
     bad = (torch.cat([mags[:-1], torch.tensor([5.0])]), torch.cat([mids[:-1], torch.tensor([4.5])]))
     assert exp_params(fmt, bad) is None

@@ -207,13 +207,13 @@ def test_small_float_grids_round_by_table_as_the_reference():
     reference's values and signs on every grid point, midpoint (the ties), their float32
     neighbours, beyond the largest value, nan, -0 and random values."""
     from lowbit.formats import format
-    from lowbit.quant.weight import _float_table, _round_by_table
+    from lowbit.quant.weight import float_table, round_by_table
 
     claimed = []
     for name in ["e2m1fn", "e3m2fn", "e2m3fn", "e4m3fn", "e4m3fnuz", "e5m2", "e5m2fnuz", "e3m4", "p3109_k8p3",
                  "int4", "nf4", "bf16"]:
         fmt = format(name)
-        table = _float_table(fmt)
+        table = float_table(fmt)
         if table is None:
             continue
         claimed.append(name)
@@ -223,7 +223,7 @@ def test_small_float_grids_round_by_table_as_the_reference():
                          torch.nextafter(pts, torch.zeros_like(pts))])
         y = torch.cat([pts, -pts, torch.tensor([float("nan"), -0.0]),
                        torch.randn(4000, generator=torch.Generator().manual_seed(0)) * fmt.max]).float()
-        got = _round_by_table(y, table, fmt.has_negative_zero)
+        got = round_by_table(y, table, fmt.has_negative_zero)
         ref = reference.round_element(y.double(), fmt, "nearest_even", "saturate").float()
         assert torch.equal(torch.isnan(got), torch.isnan(ref)), name
         assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(ref)), name

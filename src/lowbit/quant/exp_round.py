@@ -47,7 +47,7 @@ def _probe_values(mags: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
 @lru_cache(maxsize=64)
 def exp_params(fmt, table: Optional[tuple]) -> Optional[Tuple[int, int, int, float]]:
     """(emin, emax, man, max) when exponent arithmetic reproduces ``table``'s rounding (see
-    quant/weight._float_table) for ``fmt`` exactly, else None."""
+    quant/weight.float_table) for ``fmt`` exactly, else None."""
     if table is None or not isinstance(fmt, FloatFormat) or not fmt.subnormals:
         return None
     try:
@@ -57,10 +57,10 @@ def exp_params(fmt, table: Optional[tuple]) -> Optional[Tuple[int, int, int, flo
     emin, emax, man, _ = params
     if emin - man < -126 or emax - man > 127 or emin > emax:  # the step must be a normal float32
         return None
-    from .weight import _round_by_table
+    from .weight import round_by_table
 
     y = _probe_values(*table)
-    want = _round_by_table(y, table, fmt.has_negative_zero)
+    want = round_by_table(y, table, fmt.has_negative_zero)
     got = round_by_exponent(y, params, fmt.has_negative_zero)
     same = (torch.equal(torch.isnan(want), torch.isnan(got))
             and torch.equal(want.nan_to_num(0.0).view(torch.int32), got.nan_to_num(0.0).view(torch.int32)))
@@ -74,11 +74,11 @@ def amax_block_scales(w: torch.Tensor, fmt, ts: Optional[torch.Tensor]) -> Optio
     holding nan/inf); None where this path does not apply (power-of-two scales, other dtypes, a scale
     format the arithmetic does not reproduce), and the caller takes the reference."""
     from ..formats import BlockFormat
-    from .weight import _float_table
+    from .weight import float_table
 
     if not isinstance(fmt, BlockFormat) or fmt.pow2_scale or w.dtype != torch.float32 or w.dim() != 2:
         return None
-    params = exp_params(fmt.scale, _float_table(fmt.scale))
+    params = exp_params(fmt.scale, float_table(fmt.scale))
     if params is None:
         return None
     amax = w.abs().amax(dim=1, keepdim=True)

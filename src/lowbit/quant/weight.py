@@ -33,7 +33,7 @@ class GroupParams:
 
 
 @lru_cache(maxsize=64)
-def _float_table(fmt) -> Optional[tuple]:
+def float_table(fmt) -> Optional[tuple]:
     """(magnitudes, midpoints) of a small signed float format whose non-negative codes 0, 1, 2, ...
     are its finite magnitudes in increasing order (then the parity of a magnitude's index is that
     of its code, which round-half-even needs), float32; None for any other grid.
@@ -56,7 +56,7 @@ def _float_table(fmt) -> Optional[tuple]:
 _TABLES_ON: dict = {}
 
 
-def _round_by_table(y: torch.Tensor, table: tuple, neg_zero: bool) -> torch.Tensor:
+def round_by_table(y: torch.Tensor, table: tuple, neg_zero: bool) -> torch.Tensor:
     """Round-half-even of float32 y to a small float grid, saturating (as the reference does)."""
     key = (id(table), y.device)
     mags, mids = _TABLES_ON.get(key) or _TABLES_ON.setdefault(key, tuple(t.to(y.device) for t in table))
@@ -223,14 +223,14 @@ class WeightQuantizer:
         if isinstance(grid, IntFormat) and grid.frac == 0 and mode == "nearest_even":
             # same bits as the reference (torch.round is round-half-even), without its generality
             return torch.clamp(torch.round(y), grid.qmin, grid.qmax)
-        table = _float_table(grid) if mode == "nearest_even" else None
+        table = float_table(grid) if mode == "nearest_even" else None
         if table is not None:
             from .exp_round import exp_params, round_by_exponent
 
             fast = exp_params(grid, table) if y.dtype == torch.float32 else None
             if fast is not None:  # same bits as the table, a few elementwise ops (quant/exp_round.py)
                 return round_by_exponent(y, fast, grid.has_negative_zero)
-            return _round_by_table(y, table, grid.has_negative_zero)
+            return round_by_table(y, table, grid.has_negative_zero)
         return kernels.quantize_element(y, grid, mode, "saturate")
 
     def _fast_block(self) -> bool:
