@@ -1,0 +1,182 @@
+"""``lowbit train``, end to end: start from a PTQ result (``lowbit quantize`` run here with RTN or
+GPTQ, or a checkpoint directory), train under quantization against the fp32 teacher on the stdlib
+training corpus, freeze into the packed checkpoint ``lowbit quantize`` writes, evaluate before and
+after, and write report.json, report.html and the loss curve.
+
+A killed run started again with the same command resumes: the PTQ start is kept in OUT/init and the
+training state in OUT/.train."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from ..jobs import EvalSettings, dense_bytes, evaluate_model, resolve_device, run_quantize
+from ..quant.plan import Plan
+from .loop import TrainConfig, train
+from .objectives import causal_lm_objective, encoder_objective
+from .qat import convert, packed_weights, prepare_qat, trainable_groups
+
+INITS = ("rtn", "gptq")
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _packed_by_layer(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Each quantized layer's stored tensors (codes, scales, zeros) from a checkpoint."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name in meta.get("layers", {}):
+        if name.startswith("_"):
+            continue
+        prefix = f"{name}.weight."
+        out[name] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return out
+
+
+def _start_from(init: str, model: Optional[str], plan: Optional[Plan], out: Optional[Path], *, calib: int,
+                seq_len: int, settings: EvalSettings, device: Optional[str], quiet: bool) -> Path:
+    """The directory of the PTQ checkpoint training starts from (made here for rtn/gptq)."""
+    if init not in INITS:
+        d = Path(init)
+        if not (d / "lowbit.json").is_file():
+            raise ValueError(f"--init {init!r} is neither one of {', '.join(INITS)} nor a checkpoint directory "
+                             "written by `lowbit quantize --out DIR` (no lowbit.json there)")
+        return d
+    if plan is None:
+        raise ValueError("--init rtn|gptq quantizes the model first: give --scheme or --plan")
+    d = (out / "init") if out else Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit-train-init-{os.getpid()}"
+    if (d / "report.json").is_file():
+        _log(f"starting from the {init} checkpoint already in {d}", quiet)
+        return d
+    _log(f"quantizing with {init} to start from ...", quiet)
+    run_quantize(model, None, init, str(d), plan=plan, calib=calib, seq_len=seq_len, settings=settings,
+                 device=device, quiet=quiet)
+    return d
+
+
+def _batches(kind: str, tokenizer, batch_size: int, seq_len: int, seed: int):
+    from ..data import train_corpus
+
+    if kind == "causal_lm":
+        source = train_corpus.training_batches(tokenizer, seq_len, batch_size, seed=seed)
+        return lambda step: {"input_ids": source.batch(step)}
+    sentences = train_corpus.training_sentences(seed=seed)
+
+    def batch(step: int):
+        n = len(sentences)
+        picked = [sentences[(step * batch_size + i) % n] for i in range(batch_size)]
+        enc = tokenizer(picked, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return batch
+
+
+def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Optional[str] = None, *,
+              plan: Optional[Plan] = None, init: str = "gptq", config: Optional[TrainConfig] = None,
+              batch_size: int = 8, seq_len: int = 512, teacher: str = "fp32", objective: str = "kl",
+              hidden_mse: float = 0.0, scaling: str = "learned", gradient: str = "clipped",
+              calib: int = 128, settings: Optional[EvalSettings] = None, device: Optional[str] = "auto",
+              quiet: bool = False) -> dict:
+    """Train ``model`` under ``scheme``/``plan`` from ``init``; returns the report (also written to
+    ``out`` with the checkpoint). See the module docstring."""
+    from ..export.checkpoint import load_quantized, save_quantized
+    from ..models.loader import load_model
+
+    t_start = time.time()
+    cfg = config or TrainConfig()
+    settings = settings or EvalSettings()
+    if teacher not in ("fp32", "none"):
+        raise ValueError(f"--teacher must be fp32 or none, got {teacher!r}")
+    if teacher == "none" and objective != "ce":
+        raise ValueError(f"objective {objective!r} distils from the teacher: use --teacher fp32, or --objective ce")
+    if batch_size < 1 or seq_len < 2:
+        raise ValueError(f"need a batch of 1+ sequences of 2+ tokens, got {batch_size} x {seq_len}")
+    dev = resolve_device(device)
+    if scheme and plan is None:
+        plan = Plan.from_scheme(scheme)
+    out_dir = Path(out) if out else None
+    init_dir = _start_from(init, model, plan, out_dir, calib=calib, seq_len=seq_len, settings=settings,
+                           device=device, quiet=quiet)
+    init_report = json.loads((init_dir / "report.json").read_text()) if (init_dir / "report.json").is_file() else {}
+
+    student, tokenizer, meta = load_quantized(init_dir)
+    source = meta.get("model_spec") if model is None else model
+    _log(f"loading the fp32 teacher ({source or 'smollm2'}) ...", quiet)
+    loaded = load_model(source)
+    kind = loaded.kind
+    tokenizer = tokenizer or loaded.tokenizer
+    if plan is not None and init not in INITS:
+        raise ValueError("--init DIR trains the checkpoint's own specs: leave out --scheme/--plan")
+    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=_packed_by_layer(init_dir, meta))
+    if dev is not None:
+        student.to(dev)
+        loaded.model.to(dev)
+    ref = loaded.model
+    baseline = init_report.get("baseline") or evaluate_model(ref, tokenizer, kind, settings)
+    before = init_report.get("quantized")
+    if before is None:
+        with torch.no_grad():
+            before = evaluate_model(student.eval(), tokenizer, kind, settings, ref if kind == "encoder" else None)
+    n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    _log(f"training {n_train / 1e6:.1f}M parameters for {cfg.steps} steps of {batch_size} x {seq_len} tokens "
+         f"({objective}{' + hidden MSE' if hidden_mse else ''}, teacher {teacher})", quiet)
+    obj = (causal_lm_objective(objective, hidden_mse=hidden_mse) if kind == "causal_lm" else encoder_objective())
+    res = train(student, _batches(kind, tokenizer, batch_size, seq_len, cfg.seed), obj, trainable_groups(student),
+                cfg, teacher=ref if teacher == "fp32" else None,
+                state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
+    convert(student)
+    _log("evaluating the trained model ...", quiet)
+    after = evaluate_model(student, tokenizer, kind, settings, ref if kind == "encoder" else None, progress=not quiet)
+    if kind == "causal_lm":
+        from ..data.corpus import evaluation_tokens
+        from ..evaluate.kl import token_kl_divergence
+
+        after["kl_to_fp32"] = token_kl_divergence(student, ref, evaluation_tokens(tokenizer, settings.eval_tokens),
+                                                  settings.context)
+    layers = meta.get("layers", {})
+    report = {
+        "model": loaded.name, "kind": kind, "scheme": meta.get("scheme"), "init": init,
+        "init_dir": str(init_dir), "method": "qat",
+        "training": {**asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "objective": objective,
+                     "hidden_mse": hidden_mse, "teacher": teacher, "scaling": scaling, "gradient": gradient,
+                     "corpus": "python-stdlib-sources (training split)"},
+        "evaluation": settings.describe(kind),
+        "baseline": {**baseline, "size_bytes": dense_bytes(ref)},
+        "before": before,
+        "after": {**after, "bits_per_weight": (before or {}).get("bits_per_weight")},
+        "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
+        "tokens_per_second": res.tokens_per_second(), "teacher_seconds": res.teacher_seconds,
+        "resumed_from": res.resumed_from, "history": res.history,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "device": str(next(student.parameters()).device)},
+        "layers": len([n for n in layers if not n.startswith("_")]),
+    }
+    if out_dir:
+        extra = {k: v for k, v in meta.items() if k not in ("lowbit_checkpoint", "kind", "layers", "act_only",
+                                                          "input_transforms")}
+        extra.update({"method": "qat", "init": str(init_dir), "training": report["training"]})
+        size = save_quantized(student, packed_weights(student), out_dir, kind=kind, tokenizer=tokenizer, extra=extra)
+        report["after"]["size_bytes"] = size
+        from .report import plot_loss, write_train_html
+
+        plot_loss(res.history, out_dir / "loss.png", title=f"{loaded.name} {meta.get('scheme')} QAT")
+        report["wall_seconds"] = time.time() - t_start
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+        write_train_html(report, out_dir)
+        state = out_dir / ".train"
+        if state.is_dir():
+            shutil.rmtree(state)
+    report["wall_seconds"] = time.time() - t_start
+    return report

@@ -1,0 +1,196 @@
+"""The one training loop: every training command (QAT, adapters, low-precision training, scaling
+sweeps) runs this, with its own model, data and objective.
+
+- Data is a pure function of the step (``batches(step) -> dict of tensors``) and every step seeds
+  torch's generators from (seed, step), so a run killed and resumed from its last saved state ends
+  with the same weights as one that never stopped.
+- AdamW with one learning rate for weights and another for quantizer scales, linear warm-up then
+  cosine decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA.
+- State (model, optimizer, step, history) is saved atomically every ``save_every`` steps and when
+  interrupted; progress shows loss, tokens/s and the time left.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-5                 # master weights (and anything else trainable)
+    scale_lr: Optional[float] = None  # quantizer scales; None: 10 x lr
+    weight_decay: float = 0.0
+    warmup: int = 0                  # steps of linear warm-up
+    min_lr_ratio: float = 0.1        # cosine decay ends at this fraction of the peak
+    grad_accum: int = 1
+    grad_clip: Optional[float] = 1.0
+    save_every: int = 50
+    seed: int = 0
+    autocast: str = "auto"           # auto: bf16 on CUDA, none on the CPU; bf16; none
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or (self.scale_lr is not None and self.scale_lr < 0):
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, scale_lr={self.scale_lr}")
+        if self.warmup < 0 or self.warmup >= max(self.steps, 1) and self.warmup:
+            raise ValueError(f"warmup must be in [0, steps), got {self.warmup} for {self.steps} steps")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at ``step`` (0-based)."""
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        t = (step - self.warmup) / max(self.steps - self.warmup, 1)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float                      # training steps only (teacher forwards included)
+    teacher_seconds: float              # of which the teacher's forwards
+    history: List[dict] = field(default_factory=list)   # per step: step, loss, lr, tokens, seconds
+    resumed_from: Optional[int] = None
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second()}
+
+
+# An objective maps (student, teacher or None, batch) to (loss, teacher seconds spent).
+Objective = Callable[[nn.Module, Optional[nn.Module], Dict[str, torch.Tensor]], tuple]
+
+
+def _optimizer(groups: Dict[str, list], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [{"params": groups["weights"], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
+    if groups.get("scales"):
+        params.append({"params": groups["scales"], "lr": cfg.scale_lr if cfg.scale_lr is not None else 10 * cfg.lr,
+                       "weight_decay": 0.0, "name": "scales"})
+    params = [p for p in params if p["params"]]
+    if not params:
+        raise ValueError("nothing to train: the model has no parameter that requires a gradient")
+    for p in params:
+        p["base_lr"] = p["lr"]
+    return torch.optim.AdamW(params, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
+
+
+def _save_state(path: Path, model: nn.Module, opt, step: int, result: TrainResult) -> None:
+    """Atomically: a killed save leaves the previous state intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in model.state_dict().items() if k in trainable}
+    torch.save({"step": step, "model": state, "optimizer": opt.state_dict(), "result": asdict(result)}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, model: nn.Module, opt) -> tuple:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"training state {path} cannot be read ({type(e).__name__}: {e}); delete it to start "
+                         "over") from None
+    missing = set(st["model"]) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"training state {path} does not belong to this model: it holds {sorted(missing)[:3]} "
+                         "... which the model lacks; delete it or use another --out")
+    model.load_state_dict(st["model"], strict=False)
+    opt.load_state_dict(st["optimizer"])
+    return st["step"], TrainResult(**st["result"])
+
+
+def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], objective: Objective,
+          groups: Dict[str, list], cfg: TrainConfig, *, teacher: Optional[nn.Module] = None,
+          state_dir: Optional[os.PathLike] = None, progress: bool = True,
+          on_step: Optional[Callable[[dict], None]] = None) -> TrainResult:
+    """Train ``model`` for ``cfg.steps`` optimizer steps on ``batches(micro_step)``; resumes from
+    ``state_dir`` when it holds a saved state. ``groups``: parameters by role ('weights', 'scales')."""
+    device = next(model.parameters()).device
+    opt = _optimizer(groups, cfg)
+    state_path = Path(state_dir) / STATE_FILE if state_dir else None
+    start, result = 0, TrainResult(0, 0, 0.0, 0.0)
+    if state_path is not None and state_path.is_file():
+        start, result = _load_state(state_path, model, opt)
+        result.resumed_from = start
+    if cfg.grad_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    bf16 = _use_bf16(cfg, device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            teacher_s = 0.0
+            tokens = 0
+            total = 0.0
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * cfg.lr_factor(step)
+            opt.zero_grad(set_to_none=True)
+            for micro in range(cfg.grad_accum):
+                k = step * cfg.grad_accum + micro
+                torch.manual_seed(cfg.seed * 1_000_003 + k)  # dropout and stochastic rounding: a function of the step
+                batch = {n: v.to(device) for n, v in batches(k).items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, t_teacher = objective(model, teacher, batch)
+                (loss / cfg.grad_accum).backward()
+                teacher_s += t_teacher
+                total += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"training loss became {total} at step {step}; lower --lr")
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            took = time.perf_counter() - t0
+            rec = {"step": step + 1, "loss": total / cfg.grad_accum, "lr": opt.param_groups[0]["lr"],
+                   "tokens": tokens, "seconds": took}
+            result.history.append(rec)
+            result.steps, result.tokens = step + 1, result.tokens + tokens
+            result.seconds += took
+            result.teacher_seconds += teacher_s
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tokens / took:,.0f}")
+            bar.update(1)
+            if on_step:
+                on_step(rec)
+            if state_path is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                _save_state(state_path, model, opt, step + 1, result)
+    except KeyboardInterrupt:
+        if state_path is not None and result.steps > start:
+            _save_state(state_path, model, opt, result.steps, result)
+        raise
+    finally:
+        bar.close()
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_disable()
+    model.eval()
+    return result
