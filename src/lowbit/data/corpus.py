@@ -49,7 +49,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["Corpus", "MODULES", "stdlib_corpus", "calibration_batches", "evaluation_tokens",
-           "evaluation_sentences", "tokenize", "cache_dir", "save_corpus", "CORPUS_ENV"]
+           "evaluation_sentences", "tokenize", "cache_dir", "save_corpus", "CORPUS_ENV", "in_evaluation",
+           "stdlib_dir"]
 
 #: Bumped whenever the construction below changes (it is part of the on-disk cache key).
 BUILD_VERSION = 1
@@ -181,9 +182,17 @@ def _paragraphs(docstring: str) -> List[str]:
     return out
 
 
-def _in_evaluation(module: str) -> bool:
+def in_evaluation(module: str) -> bool:
+    """Whether ``module`` (a dotted stdlib module name, any module, listed in :data:`MODULES` or not)
+    is held out for evaluation: ``int(sha256(top_level_package).hexdigest(), 16) % EVAL_MODULUS ==
+    0``. The one split of the project: such a module is never calibrated or trained on."""
+    if not isinstance(module, str) or not module or module.startswith("."):
+        raise ValueError(f"module must be a dotted module name such as 'json.decoder'; got {module!r}")
     top = module.split(".")[0]
     return int(hashlib.sha256(top.encode("utf-8")).hexdigest(), 16) % EVAL_MODULUS == 0
+
+
+_in_evaluation = in_evaluation  # the name used before the split became public
 
 
 def _sentences(paragraphs: Sequence[str]) -> Tuple[str, ...]:
@@ -198,6 +207,17 @@ def _sentences(paragraphs: Sequence[str]) -> Tuple[str, ...]:
                 seen.add(s)
                 out.append(s)
     return tuple(out)
+
+
+# Public names for the helpers the training corpus (lowbit.data.train_corpus) shares with this one.
+prose_paragraphs = _paragraphs
+sentences_of = _sentences
+SENTENCE_BREAK = _SENTENCE_END
+
+
+def stdlib_dir() -> str:
+    """The directory both corpora read: ``sysconfig.get_paths()["stdlib"]``."""
+    return sysconfig.get_paths()["stdlib"]
 
 
 def _sha256(text: str) -> str:
