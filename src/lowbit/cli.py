@@ -208,7 +208,8 @@ def cmd_search(args) -> int:
                         seq_len=args.seq_len, eval_tokens=args.eval_tokens, sentences=args.sentences,
                         hutchinson_samples=args.hutchinson_samples, extra_estimators=extra,
                         sensitivity_cache=args.sensitivity_cache, uniform=args.uniform,
-                        rank_configs=args.rank_configs, tol=args.tol, portfolio=args.portfolio, quiet=args.quiet)
+                        rank_configs=args.rank_configs, tol=args.tol, portfolio=args.portfolio, quiet=args.quiet,
+                        device=args.device)
     if args.json:
         print(json.dumps(report, indent=1))
     if not report["search"]["reachable"]:
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the predicted optimum at each budget as it is, instead of scoring a few exactly "
                         "solved plans (with/without pair terms; all, integer-only, non-integer-only candidates) "
                         "on the calibration data and keeping the best")
+    s.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a GPU when torch sees one, default), cpu, cuda, cuda:N")
     s.add_argument("--out", help="directory for plan.json, search.json, points.jsonl and the plots")
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true")

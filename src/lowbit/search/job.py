@@ -60,19 +60,24 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
                context: int = 512, sentences: int = 128, hutchinson_samples: int = 4,
                extra_estimators: Sequence[str] = (), sensitivity_cache: Optional[str] = None,
                uniform: bool = True, rank_configs: int = 0, tol: float = 0.0625, portfolio: bool = True,
-               quiet: bool = False, loaded=None) -> dict:
+               quiet: bool = False, loaded=None, device: Optional[str] = None) -> dict:
     """The search behind `lowbit search` (see the module docstring); ``portfolio``: at each budget,
     score a few exactly solved plans on the calibration data and keep the best (search.portfolio),
-    instead of trusting the predicted loss of one."""
+    instead of trusting the predicted loss of one. ``device``: where the model runs (auto | cpu |
+    cuda | cuda:N; None leaves it where it is); calibration and evaluation data follow the model."""
+    from ..jobs import resolve_device
     from ..models.loader import load_model
 
     t0 = time.time()
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     limit = parse_limit(max_loss)
+    dev = resolve_device(device)  # a bad device fails before the model is loaded
     if loaded is None:
         _log(f"loading {model or 'smollm2'} ...", quiet)
         loaded = load_model(model)
+    if dev is not None:
+        loaded.model.to(dev)
     layers = quantizable_layers(loaded.model)
     specs = parse_candidates(candidates)
     check_retained(specs, method)
@@ -186,6 +191,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
         "calibration": {"items": n_cal, "tokens": L}, "sensitivity_seconds": table.seconds,
         "sensitivity_wall_seconds": sens_seconds, "negative_values": negative, "dropped": notes, "uniform": uniform_pts,
         "search": result, "rank_agreement": agreement,
+        "environment": {"torch": torch.__version__, "device": str(next(loaded.model.parameters()).device)},
         "portfolio": ({"families": list(pf.families), "pairs": pairs, "score": "calibration loss increase, RTN",
                        "budgets": [{**h, "budget": per_unit(h["budget"])} for h in pf.history]} if pf else None),
     }
