@@ -44,7 +44,7 @@ import torch
 from .corpus import (SENTENCE_BREAK, Corpus, cache_dir, in_evaluation, prose_paragraphs, sentences_of,
                      stdlib_corpus, stdlib_dir)
 
-__all__ = ["Document", "TrainingCorpus", "TokenBatches", "training_corpus", "training_tokens",
+__all__ = ["Document", "TrainingCorpus", "DocumentTokens", "TokenBatches", "training_corpus", "training_tokens",
            "training_batches", "validation_batches", "training_sentences", "VALIDATION_PACKAGES",
            "SHARED_MIN_CHARS"]
 
@@ -61,7 +61,8 @@ EXCLUDED_PREFIXES = ("_sysconfigdata_",)
 
 #: Top-level packages whose modules are the validation part: text of the training distribution
 #: that the training batches never show. Fixed by name, as the evaluation split is.
-VALIDATION_PACKAGES: Tuple[str, ...] = ("fractions", "graphlib", "statistics", "textwrap")
+VALIDATION_PACKAGES: Tuple[str, ...] = ("calendar", "fractions", "graphlib", "ipaddress", "statistics",
+                                        "textwrap", "tomllib", "zoneinfo")
 
 #: Evaluation paragraphs and sentences at least this long are removed from the training text.
 SHARED_MIN_CHARS = 80
@@ -124,6 +125,7 @@ class TrainingCorpus:
                 "sha256": self.sha256, "evaluation_sha256": self.evaluation_sha256,
                 "n_chars": self.n_chars,
                 "n_modules": {s: len(self.split_modules(s)) for s in SPLITS},
+                "validation_packages": list(VALIDATION_PACKAGES),
                 "n_held_out_modules": len(self.held_out), "not_utf8": list(self.not_utf8),
                 "n_removed_shared_spans": len(self.removed)}
 
@@ -487,10 +489,11 @@ def _separator(tokenizer, separator: Union[int, str, None]) -> Optional[int]:
     if separator == "auto":
         # SmolLM2 (and GPT-2-style vocabularies) separate pretraining documents with <|endoftext|>;
         # its Instruct tokenizer's EOS is the chat token <|im_end|>, so that comes second.
-        vocab_id = tokenizer.convert_tokens_to_ids("<|endoftext|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(vocab_id, int) and vocab_id != unk:
-            return vocab_id
+        # (SmolLM2's UNK is <|endoftext|> too, so the id is checked by converting it back.)
+        if hasattr(tokenizer, "convert_tokens_to_ids") and hasattr(tokenizer, "convert_ids_to_tokens"):
+            tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == "<|endoftext|>":
+                return tid
         for attr in ("eos_token_id", "sep_token_id"):
             tid = getattr(tokenizer, attr, None)
             if isinstance(tid, int):
