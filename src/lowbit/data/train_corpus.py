@@ -406,7 +406,7 @@ def _tokenizer_fingerprint(tokenizer) -> Optional[str]:
     return hashlib.sha256(f"{type(tokenizer).__name__}|{blob}".encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare their fields, not the objects
 class DocumentTokens:
     """Every document's token ids, concatenated (``ids``), and where each starts and ends
     (``offsets``, one more than there are documents); ``seconds`` is the time tokenizing took
@@ -521,7 +521,7 @@ def _positive(**kw) -> None:
             raise ValueError(f"{name} must be a positive int; got {v!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenBatches:
     """Training batches: :meth:`batch` ``(step)`` is a pure function of ``(seed, step)``.
 
