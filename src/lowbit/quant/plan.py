@@ -19,6 +19,19 @@ from typing import Dict, Optional
 from .kv import check_kv_spec, kv_scheme_rules, split_kv_scheme
 from .spec import QuantSpec, scheme
 
+# The MLP's down projection (FC2): Llama-style decoders, BERT-style encoders (not attention.output)
+FC2 = ("*.mlp.down_proj", "*.layer.?.output.dense", "*.layer.??.output.dense")
+
+# Named schemes that need more than one rule. The QAT scaling-law work found FC2's inputs carry the
+# outliers that dominate W4A4 error; 8-bit FC2 inputs remove most of it. w16a4 / w4a16 split W4A4's
+# error into its activation and weight parts.
+PLAN_SCHEMES = {
+    "w4a4-fc2a8": {"weight": {"*": "int4:g64"}, "act": {"*": "int4:token", **{p: "int8:token" for p in FC2}}},
+    "w16a4": {"act": {"*": "int4:token"}},
+    "w16a4-fc2a8": {"act": {"*": "int4:token", **{p: "int8:token" for p in FC2}}},
+    "w4a16": {"weight": {"*": "int4:g64"}},
+}
+
 # Never quantized unless a rule names them explicitly: the output head and embeddings.
 DEFAULT_SKIP = ("lm_head", "*embed*")
 
@@ -44,6 +57,10 @@ class Plan:
     @classmethod
     def from_scheme(cls, name: str) -> "Plan":
         base, kv = split_kv_scheme(name)
+        if base.strip().lower() in PLAN_SCHEMES:
+            rules = PLAN_SCHEMES[base.strip().lower()]
+            return cls(dict(rules.get("weight", {})), dict(rules.get("act", {})), name=name,
+                       kv=kv_scheme_rules(kv) if kv else {})
         w, a = scheme(base) if base.strip() else (None, None)
         return cls({"*": str(w)} if w else {}, {"*": str(a)} if a else {}, name=name,
                    kv=kv_scheme_rules(kv) if kv else {})

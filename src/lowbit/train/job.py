@@ -173,6 +173,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
 
         plot_loss(res.history, out_dir / "loss.png", title=f"{loaded.name} {meta.get('scheme')} QAT")
         report["wall_seconds"] = time.time() - t_start
+        report["quantized"] = report["after"]  # the key `lowbit eval` and quantize's reports share
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
         write_train_html(report, out_dir)
         state = out_dir / ".train"
