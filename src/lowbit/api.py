@@ -32,7 +32,8 @@ SchemeOrPlan = Union[str, Plan]
 #: (per-layer errors, bits per weight, and the packed codes :func:`save` writes).
 RESULT_ATTR = "lowbit_result"
 
-__all__ = ["quantize_model", "save", "load", "evaluate", "Checkpoint", "as_plan", "SchemeOrPlan", "RESULT_ATTR"]
+__all__ = ["quantize_model", "save", "load", "evaluate", "Checkpoint", "as_plan", "SchemeOrPlan", "RESULT_ATTR",
+           "prepare_qat", "convert"]
 
 
 def as_plan(scheme_or_plan: SchemeOrPlan) -> Plan:
@@ -149,18 +150,27 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer=None,
     from .export.checkpoint import save_quantized
 
     _check_module(model)
+    from .train.qat import packed_weights
+
     result = getattr(model, RESULT_ATTR, None)
-    if result is None:
+    trained = packed_weights(model)
+    if result is None and not trained:
         raise ValueError("the model carries no lowbit quantization result: quantize it with "
-                         "lowbit.quantize_model first (a loaded checkpoint is already saved)")
-    plan = Plan.from_dict(result.plan)
-    meta = {"model": getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__,
-            "scheme": plan.describe(), "method": result.method}
+                         "lowbit.quantize_model (or train it with lowbit.prepare_qat and lowbit.convert) first "
+                         "(a loaded checkpoint is already saved)")
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+    if result is None:
+        specs = sorted({str(m.weight_spec) for m in model.modules() if getattr(m, "packed", None) is not None})
+        meta = {"model": name, "scheme": ", ".join(specs), "method": "qat"}
+        packed, kv = trained, None
+    else:
+        meta = {"model": name, "scheme": Plan.from_dict(result.plan).describe(), "method": result.method}
+        packed, kv = result.packed, result.kv
     if source is not None:
         meta["model_spec"] = os.path.abspath(source) if os.path.exists(source) else source
-    if result.kv:
-        meta["kv"] = result.kv
-    save_quantized(model, result.packed, path, kind=_kind(model), tokenizer=tokenizer, extra=meta)
+    if kv:
+        meta["kv"] = kv
+    save_quantized(model, packed, path, kind=_kind(model), tokenizer=tokenizer, extra=meta)
     return Path(path)
 
 
@@ -257,5 +267,26 @@ def evaluate(model: Union[nn.Module, Checkpoint], tokenizer=None, *, reference: 
         model.train(was_training)
 
 
-# --- training verbs (prepare_qat, convert, train) ---------------------------------------------------
-# They belong here, beside the post-training ones, and take the same SchemeOrPlan (as_plan).
+# --- training verbs ---------------------------------------------------------------------------------
+
+def prepare_qat(model: nn.Module, scheme_or_plan: Optional[SchemeOrPlan] = None, *, scaling: str = "learned",
+                gradient: str = "clipped") -> nn.Module:
+    """Swap the plan's linear layers for trainable ``QATLinear`` (fp32 master weights, learned LSQ
+    scales or the spec's own rule, straight-through gradients) in place; returns the model. Train it
+    with any loop; :func:`convert` then freezes it. A model loaded from a ``lowbit quantize``
+    checkpoint keeps its own specs (``scheme_or_plan`` may be None) -- ``lowbit train --init DIR``
+    also starts its scales at the stored ones."""
+    from .train.qat import prepare_qat as _prepare
+
+    _check_module(model)
+    return _prepare(model, as_plan(scheme_or_plan) if scheme_or_plan is not None else None,
+                    scaling=scaling, gradient=gradient)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Freeze a model prepared by :func:`prepare_qat` into ``QuantLinear`` layers holding exactly the
+    values the training forward used, with their packed codes; :func:`save` writes them."""
+    from .train.qat import convert as _convert
+
+    _check_module(model)
+    return _convert(model)
