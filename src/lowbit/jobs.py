@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .job_common import clear_progress, dense_bytes, estimated_bytes, log as _log, reported_bits
 from .quant.plan import Plan
 
 DEFAULT_CALIB = 128
@@ -35,11 +36,6 @@ class EvalSettings:
                                "first of each window is predicted"}
         return {"metric": "embedding fidelity", "sentences": self.sentences,
                 "pooling": "mean over the attention mask"}
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def evaluate_model(model, tokenizer, kind: str, settings: EvalSettings, reference=None, progress=False) -> dict:
@@ -119,12 +115,6 @@ def calibration_batches(loaded, n: int, seq_len: int, batch_size: int = 8, seed:
 
     ids = windows(loaded.tokenizer, n, seq_len, seed).to(next(loaded.model.parameters()).device)
     return [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
-
-
-def dense_bytes(model) -> int:
-    """Bytes of the model's tensors, tied ones (lm_head = embeddings) counted once."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
-    return sum(seen.values())
 
 
 def run_quantize(
@@ -260,35 +250,15 @@ def run_quantize(
             plot_layer_errors(res.layers, Path(out) / "layer_error.png",
                               title=f"{loaded.name} {plan.describe()} {method}", output_space=method == "gptq")
     else:
-        report["quantized"]["size_bytes"] = _estimated_bytes(loaded.model, res)
+        report["quantized"]["size_bytes"] = estimated_bytes(loaded.model, res)
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
         from .report_html import write_quantize_html
 
         write_quantize_html(report, out)  # report.html: the same numbers and the plot, one page
-        _clear_progress(progress_dir)
+        clear_progress(progress_dir)
     return report
-
-
-def _estimated_bytes(model, res) -> int:
-    from .export.packing import packed_nbytes
-
-    quantized = {f"{n}.weight" for n in res.packed}
-    seen, total = set(), 0
-    for name, t in model.state_dict().items():
-        if name in quantized or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total + sum(packed_nbytes(p) for p in res.packed.values())
-
-
-def _clear_progress(d: Optional[Path]) -> None:
-    if d and d.is_dir():
-        for f in d.iterdir():
-            f.unlink()
-        d.rmdir()
 
 
 def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = False,
@@ -296,10 +266,10 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     """Load a checkpoint written by ``run_quantize`` and measure it with the same settings (on
     ``device``: auto | cpu | cuda | cuda:N; None = the CPU)."""
     from .export.checkpoint import load_quantized
+    from .export.validate import read_manifest
 
     dev = resolve_device(device)
-    meta_path = Path(path) / "lowbit.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("model_factory"):
+    if read_manifest(path).get("model_factory"):
         from .module_job import run_eval_module  # a user's model object, rebuilt by its factory
 
         return run_eval_module(path, quiet=quiet)
@@ -307,7 +277,7 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
     if dev is not None:
         model.to(dev)
     if settings is None:
-        settings = EvalSettings(**meta.get("evaluation", {}))
+        settings = _recorded_settings(path, meta.get("evaluation", {}))
     reference = None
     if meta["kind"] == "encoder":
         from .models.loader import load_model
@@ -316,13 +286,24 @@ def run_eval(path: str, settings: Optional[EvalSettings] = None, quiet: bool = F
         if dev is not None:
             reference.to(dev)
     res = evaluate_model(model, tokenizer, meta["kind"], settings, reference, progress=not quiet)
-    rep_path = Path(path) / "report.json"
-    bits = None
-    if rep_path.is_file():
-        bits = json.loads(rep_path.read_text())["quantized"].get("bits_per_weight")
-    res["bits_per_weight"] = bits
+    res["bits_per_weight"] = reported_bits(path)
     res["size_bytes"] = os.path.getsize(Path(path) / "model.safetensors")
     return res
+
+
+def _recorded_settings(path, recorded: dict) -> EvalSettings:
+    """The evaluation settings lowbit.json records, checked (a bad entry names itself)."""
+    from .export.validate import CheckpointError
+
+    where = Path(path) / "lowbit.json"
+    allowed = {"eval_tokens": (int, type(None)), "context": (int,), "sentences": (int,)}
+    for k, v in recorded.items():
+        if k not in allowed:
+            raise CheckpointError(f"{where}: evaluation.{k}: expected one of {', '.join(allowed)}, found {k!r}")
+        if isinstance(v, bool) or not isinstance(v, allowed[k]) or (v is not None and v < 1):
+            raise CheckpointError(f"{where}: evaluation.{k}: expected a positive integer"
+                                  + (" or null" if k == "eval_tokens" else "") + f", found {v!r}")
+    return EvalSettings(**recorded)
 
 
 def run_search(model: Optional[str] = None, out: Optional[str] = None, **options) -> dict:

@@ -16,12 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .job_common import clear_progress, dense_bytes, estimated_bytes, log as _log, reported_bits
 from .quant.plan import Plan
-
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def _state_sha256(model: nn.Module) -> str:
@@ -66,7 +62,6 @@ def run_quantize_module(
     and evaluated on what ``data_factory`` returns; returns the report and, with ``out``, writes
     report.json, layer_error.png and the checkpoint there."""
     from .export.checkpoint import save_quantized
-    from .jobs import _clear_progress, _estimated_bytes, dense_bytes
     from .models.factory import build_data, build_model, resolve_factory
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
@@ -131,15 +126,27 @@ def run_quantize_module(
             plot_layer_errors(res.layers, Path(out) / "layer_error.png",
                               title=f"{name} {plan.describe()} {method}", output_space=method == "gptq")
     else:
-        report["quantized"]["size_bytes"] = _estimated_bytes(model, res)
+        report["quantized"]["size_bytes"] = estimated_bytes(model, res)
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))
         from .report_html import write_quantize_html
 
         write_quantize_html(report, out)  # report.html: the same numbers and the plot, one page
-        _clear_progress(progress_dir)
+        clear_progress(progress_dir)
     return report
+
+
+def _factory_manifest(path) -> dict:
+    """The checked manifest of a checkpoint written by :func:`run_quantize_module`."""
+    from .export.validate import META_FILE, CheckpointError, read_manifest
+
+    meta = read_manifest(path)
+    if not meta.get("model_factory"):
+        raise CheckpointError(f"{Path(path) / META_FILE}: model_factory: expected the factory that builds the "
+                              "model (a checkpoint of `lowbit quantize --model-factory`), found none; load "
+                              "Hugging Face checkpoints with lowbit.export.checkpoint.load_quantized(DIR)")
+    return meta
 
 
 def _factory_model(meta: dict, quiet: bool):
@@ -157,7 +164,7 @@ def load_factory_checkpoint(path, quiet: bool = True):
     architecture from the recorded model factory, every tensor from the checkpoint."""
     from .export.module_checkpoint import load_quantized_into
 
-    meta = json.loads((Path(path) / "lowbit.json").read_text())
+    meta = _factory_manifest(path)
     model, _ = _factory_model(meta, quiet)
     load_quantized_into(model, path)
     return model, meta
@@ -170,7 +177,7 @@ def run_eval_module(path, quiet: bool = False) -> dict:
     from .models.factory import build_data, resolve_factory
 
     d = Path(path)
-    meta = json.loads((d / "lowbit.json").read_text())
+    meta = _factory_manifest(d)
     model, spec = _factory_model(meta, quiet)
     data = None
     if meta.get("data_factory"):
@@ -184,7 +191,6 @@ def run_eval_module(path, quiet: bool = False) -> dict:
         ref = measure(model, data)[1]
     load_quantized_into(model, d)
     res = measure(model, data, ref)[0] if data is not None else {}
-    rep = d / "report.json"
-    res["bits_per_weight"] = json.loads(rep.read_text())["quantized"].get("bits_per_weight") if rep.is_file() else None
+    res["bits_per_weight"] = reported_bits(d)
     res["size_bytes"] = os.path.getsize(d / "model.safetensors")
     return res

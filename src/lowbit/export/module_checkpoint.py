@@ -4,8 +4,6 @@ the same architecture and the quantized layers are swapped in. ``save_quantized`
 checkpoints as for any model (conv weights are packed as their flattened matrix)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -15,57 +13,52 @@ from ..models.blocks import replace_module
 from ..quant.conv import CONV_TYPES, quant_conv_from
 from ..quant.linear import QuantLinear
 from ..quant.spec import QuantSpec
-from .checkpoint import CHECKPOINT_VERSION, META_FILE, WEIGHTS_FILE
-from .packing import unpack_weight
+from .checkpoint import decode_layer, submodule
+from .validate import META_FILE, WEIGHTS_FILE, CheckpointError, matrix_shape, read_manifest, read_tensors
+
+LAYER_TYPES = (nn.Linear,) + CONV_TYPES
 
 
 def load_quantized_into(model: nn.Module, path) -> dict:
     """Swap the quantized layers stored at ``path`` into ``model`` (same architecture, any weights)
-    and load every other tensor; returns the checkpoint's metadata."""
-    from safetensors.torch import load_file
-
+    and load every other tensor; returns the checkpoint's metadata. The checkpoint is checked first
+    (``export.validate``); a mismatch raises ``CheckpointError``."""
     d = Path(path)
-    if not (d / META_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{d} is not a lowbit checkpoint (needs {META_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads((d / META_FILE).read_text())
-    if meta.get("lowbit_checkpoint") != CHECKPOINT_VERSION:
-        raise ValueError(f"{d} holds checkpoint version {meta.get('lowbit_checkpoint')}; expected {CHECKPOINT_VERSION}")
-    state = load_file(str(d / WEIGHTS_FILE))
-    layers = dict(meta["layers"])
-    tied = layers.pop("_tied", {})
-    names = dict(model.named_modules())
-    absent = [n for n in list(layers) + list(meta.get("act_only", {})) if n not in names]
-    if absent:
-        raise ValueError(f"checkpoint {d} does not match this model: it has no layers {absent[:5]}")
-    for name, info in layers.items():
-        mod = model.get_submodule(name)
-        shape = tuple(info["shape"])
-        if len(shape) > 2:  # a convolution: packed as (out, in/groups * prod(kernel))
-            shape = (shape[0], math.prod(shape[1:]))
+    meta = read_manifest(d)
+    state = read_tensors(d, meta)
+    where = d / META_FILE
+    for name, info in meta["layers"].items():
+        mod = submodule(model, name, where, f"layers[{name!r}]", LAYER_TYPES)
+        if list(mod.weight.shape) != info["shape"]:
+            raise CheckpointError(f"{where}: layers[{name!r}].shape: the checkpoint does not match this model: "
+                                  f"expected its {list(mod.weight.shape)}, found {info['shape']}")
         prefix = f"{name}.weight."
         tensors = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
         wspec = QuantSpec.parse(info["weight"])
         aspec = QuantSpec.parse(info["act"]) if info["act"] else None
-        W = unpack_weight(tensors, wspec, shape)
+        W = decode_layer(d, name, tensors, wspec, matrix_shape(info["shape"]), info.get("retain"))
         if isinstance(mod, CONV_TYPES):
             new = quant_conv_from(mod, W, wspec, aspec)
-        elif isinstance(mod, nn.Linear):
-            new = QuantLinear.from_linear(mod, W, wspec, aspec)
         else:
-            raise ValueError(f"checkpoint layer {name} is a {type(mod).__name__} in this model; expected a "
-                             "Linear, Conv1d or Conv2d")
+            new = QuantLinear.from_linear(mod, W, wspec, aspec)
+            new.retain = info.get("retain")
         replace_module(model, name, new)
         state[f"{name}.weight"] = new.weight.detach()
-    for name, spec in meta.get("act_only", {}).items():
-        mod = model.get_submodule(name)
-        new = quant_conv_from(mod, mod.weight.detach(), None, QuantSpec.parse(spec)) if isinstance(mod, CONV_TYPES) \
-            else QuantLinear.from_linear(mod, mod.weight.detach(), None, QuantSpec.parse(spec))
+    for name, spec in meta["act_only"].items():
+        mod = submodule(model, name, where, f"act_only[{name!r}]", LAYER_TYPES)
+        aspec = QuantSpec.parse(spec)
+        new = quant_conv_from(mod, mod.weight.detach(), None, aspec) if isinstance(mod, CONV_TYPES) \
+            else QuantLinear.from_linear(mod, mod.weight.detach(), None, aspec)
         replace_module(model, name, new)
-    for name, source in tied.items():
+    for name, source in meta["tied"].items():
         state[name] = state[source]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    mismatch = f"{d / WEIGHTS_FILE}: the checkpoint does not match this {type(model).__name__}: expected its tensors"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a stored tensor of another shape than this model's
+        raise CheckpointError(f"{mismatch}, found others: {' '.join(str(e).split())[:300]}") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {d} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{mismatch}, found missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         model.eval()
     return meta

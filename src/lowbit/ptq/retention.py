@@ -36,7 +36,7 @@ from ..formats.block import BlockFormat
 from .. import kernels
 from ..kernels.scalar_div import div_scalar
 from ..quant.weight import WeightQuantizer
-from ..export.packing import pack_bits, unpack_bits
+from ..quant.packed import pack_bits, pack_weight, unpack_bits
 
 SALIENCIES = ("obs", "magnitude", "fisher", "diag")
 SCALE_BITS = 16  # per-row scales are stored as fp16
@@ -380,7 +380,6 @@ def gptq_retained(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, quantize
 def retain_layer(name: str, W: torch.Tensor, H: torch.Tensor, quantizer: WeightQuantizer, cfg: RetainConfig,
                  method: str, scores: Optional[Dict[str, torch.Tensor]], gptq_options: dict):
     """Quantize one layer with retention: (weight, params, packed tensors, side bits per weight, info)."""
-    from ..export.packing import pack_weight
     from .gptq import gptq
 
     ratio = cfg.ratio_for(name)

@@ -119,10 +119,75 @@ class Plan:
 
     @classmethod
     def load(cls, path) -> "Plan":
+        """The plan in a JSON file (this class's ``to_dict`` form, or ``layers`` as `lowbit search`
+        writes it); a malformed file raises ValueError naming the file and the entry."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"plan file {p} does not exist")
         try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"plan file {p} is not valid JSON: {e}") from None
+        check_plan_dict(d, f"plan file {p}")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"plan file {p}: {e}") from None
+
+
+def _spec_entry(where: str, entry: str, v) -> None:
+    if v is None:
+        return
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: {entry}: expected a quant spec string such as 'int4:g64' or null, "
+                         f"found {type(v).__name__} {v!r}")
+    try:
+        QuantSpec.parse(v)
+    except ValueError as e:
+        raise ValueError(f"{where}: {entry}: {v!r} is not a valid quant spec ({e})") from None
+
+
+def _rules(where: str, key: str, rules) -> None:
+    if not isinstance(rules, dict):
+        raise ValueError(f"{where}: {key}: expected an object of pattern -> spec, found {type(rules).__name__}")
+    for pat, spec in rules.items():
+        _spec_entry(where, f"{key}[{pat!r}]", spec)
+
+
+def check_plan_dict(d, where: str) -> None:
+    """Types and specs of a parsed plan file, before a Plan is built from it (``where`` names the file)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object with weight/act/kv rules or layers, found "
+                         f"{type(d).__name__}")
+    if d.get("name") is not None and not isinstance(d["name"], str):
+        raise ValueError(f"{where}: name: expected a string, found {type(d['name']).__name__}")
+    if "layers" not in d:
+        unknown = sorted(set(d) - {"name", "weight", "act", "kv"})
+        if unknown:
+            raise ValueError(f"{where}: unknown plan keys {unknown}; accepted: name, weight, act, kv, or layers")
+        for key in ("weight", "act", "kv"):
+            if key in d:
+                _rules(where, key, d[key])
+        return
+    layers = d["layers"]
+    if not isinstance(layers, dict):
+        raise ValueError(f"{where}: layers: expected an object of layer -> spec, found {type(layers).__name__}")
+    for name, v in layers.items():
+        entry = f"layers[{name!r}]"
+        if isinstance(v, dict):  # {"weight": spec, "act": spec} (a lowbit.json entry also reads)
+            unknown = sorted(set(v) - {"weight", "act", "shape", "retain"})
+            if unknown:
+                raise ValueError(f"{where}: {entry}: unknown keys {unknown}; accepted: weight, act")
+            _spec_entry(where, f"{entry}.weight", v.get("weight"))
+            _spec_entry(where, f"{entry}.act", v.get("act"))
+        else:
+            _spec_entry(where, entry, v)
+    retain = d.get("retain")
+    if retain is not None:
+        if not isinstance(retain, dict) or not isinstance(retain.get("format"), str) \
+                or not isinstance(retain.get("ratios"), dict):
+            raise ValueError(f"{where}: retain: expected an object with format (a string) and ratios (layer -> "
+                             f"kept fraction), found {retain!r:.80}")
+        for name, r in retain["ratios"].items():
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+                raise ValueError(f"{where}: retain.ratios[{name!r}]: expected a fraction in [0, 1), found {r!r}")

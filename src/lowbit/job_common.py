@@ -1,0 +1,60 @@
+"""Pieces both end-to-end jobs share: ``jobs`` (Hugging Face models by name) and ``module_job``
+(a user's own ``nn.Module`` from a factory). Kept apart so that neither job imports the other's
+internals."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def log(msg: str, quiet: bool) -> None:
+    """Print a progress line unless ``quiet``."""
+    if not quiet:
+        print(msg, flush=True)
+
+
+def dense_bytes(model) -> int:
+    """Bytes of the model's tensors, tied ones (lm_head = embeddings) counted once."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values())
+
+
+def estimated_bytes(model, res) -> int:
+    """Bytes the checkpoint of ``model`` quantized as ``res`` (a ``QuantizeResult``) would hold."""
+    from .quant.packed import packed_nbytes
+
+    quantized = {f"{n}.weight" for n in res.packed}
+    seen, total = set(), 0
+    for name, t in model.state_dict().items():
+        if name in quantized or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total + sum(packed_nbytes(p) for p in res.packed.values())
+
+
+def clear_progress(d: Optional[Path]) -> None:
+    """Remove a finished job's resume folder (OUT/.progress)."""
+    if d and d.is_dir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def reported_bits(path) -> Optional[float]:
+    """bits_per_weight from the report.json beside a checkpoint (None when there is no report)."""
+    import json
+
+    from .export.validate import CheckpointError
+
+    rep = Path(path) / "report.json"
+    if not rep.is_file():
+        return None
+    try:
+        bits = json.loads(rep.read_text())["quantized"].get("bits_per_weight")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{rep}: expected the report lowbit quantize writes (with quantized."
+                              f"bits_per_weight), found one that does not read ({type(e).__name__}: {e})") from None
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))):
+        raise CheckpointError(f"{rep}: quantized.bits_per_weight: expected a number, found {bits!r}")
+    return bits
