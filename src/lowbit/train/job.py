@@ -166,7 +166,8 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     if out_dir:
         extra = {k: v for k, v in meta.items() if k not in ("lowbit_checkpoint", "kind", "layers", "act_only",
                                                           "input_transforms")}
-        extra.update({"method": "qat", "init": str(init_dir), "training": report["training"]})
+        extra.update({"method": "qat", "init": init if init in INITS else os.path.abspath(init),
+                      "training": report["training"]})
         size = save_quantized(student, packed_weights(student), out_dir, kind=kind, tokenizer=tokenizer, extra=extra)
         report["after"]["size_bytes"] = size
         from .report import plot_loss, write_train_html
