@@ -60,6 +60,12 @@ def _default_eager(module: nn.Module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+def _fake_kv(x, spec):
+    """Quantized states; while training, with a straight-through gradient (the rounding has none)."""
+    q = quantize_kv(x, spec)
+    return x + (q - x).detach() if x.requires_grad else q
+
+
 def _wrapper(inner: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -67,9 +73,9 @@ def _wrapper(inner: str):
         specs: Optional[KVSpecs] = getattr(module, "lowbit_kv", None)
         if specs is not None:
             if specs.key is not None:
-                key = quantize_kv(key, specs.key)
+                key = _fake_kv(key, specs.key)
             if specs.value is not None:
-                value = quantize_kv(value, specs.value)
+                value = _fake_kv(value, specs.value)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(inner, _default_eager(module))
         if fn is None:
             raise UnsupportedArchitectureError(f"no attention implementation {inner!r} for {type(module).__name__}")
