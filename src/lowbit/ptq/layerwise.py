@@ -212,7 +212,7 @@ def _quantize_layer(model, name, layer, plan, batches, method, result, *, block_
     if not torch.isfinite(Q).all():
         raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
     params = plist[0] if groups == 1 else _merge_params(plist)
-    result.packed[name] = pack_weight(Q.cpu(), q, params)
+    result.packed[name] = dict(sorted(pack_weight(Q.cpu(), q, params).items()))  # name order, as _restore
     new = quant_conv_from(layer, Q, wspec, aspec) if is_conv else QuantLinear.from_linear(layer, Q, wspec, aspec)
     replace_module(model, name, new)
     note = f"conv weight {tuple(layer.weight.shape)} as ({W.shape[0]}, {cols})" if is_conv else ""
@@ -248,5 +248,5 @@ def _restore(model, plan, finished, saved: dict, packed, result: QuantizationRes
         new = quant_conv_from(layer, W, wspec, aspec) if isinstance(layer, CONV_TYPES) else \
             QuantLinear.from_linear(layer, W, wspec, aspec)
         replace_module(model, name, new)
-        result.packed[name] = packed[name]
+        result.packed[name] = dict(sorted(packed[name].items()))
         result.layers.append(lr)

@@ -311,12 +311,15 @@ class _BlockQuantizer:
             Q, params = q.rtn(W)
         if not torch.isfinite(Q).all():
             raise FloatingPointError(f"quantizing {name} to {wspec} produced nan/inf")
+        # tensors in name order (a resume sorts what it reads back alike), and a layer quantized again
+        # moved to the end, as its result is: a resumed run then holds the very same dicts
+        self.result.packed.pop(name, None)
         if self.retain is None:
             # packed where Q is (on a GPU that is where the time is saved), stored on the CPU
-            self.result.packed[name] = {k: v.cpu() for k, v in pack_weight(Q, q, params).items()}
+            self.result.packed[name] = {k: v.cpu() for k, v in sorted(pack_weight(Q, q, params).items())}
             extra_bits, rinfo = 0.0, None
         else:
-            self.result.packed[name] = packed
+            self.result.packed[name] = dict(sorted(packed.items()))
         aspec = self.plan.act_spec(name)
         replace_module(self.model, name, QuantLinear.from_linear(lin, Q, wspec, aspec))
         if rinfo is not None:
@@ -399,16 +402,24 @@ def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "bloc
 
 
 def _save_progress(d: Path, bi: int, hidden, result: QuantizationResult, names) -> None:
+    """Block ``bi``'s packed layers and outputs, then progress.json naming them: replacing that file
+    is the one step that moves a resume forward, so a kill at any point leaves a consistent folder
+    (the outputs of block ``bi`` never sit under the name progress.json gives block ``bi - 1``'s)."""
     from safetensors.torch import save_file
 
     d.mkdir(parents=True, exist_ok=True)
     state = {f"{n}.weight.{k}": v.contiguous() for n in names for k, v in result.packed[n].items()}
     save_file(state, str(d / f"block_{bi:04d}.safetensors"))
+    hidden_file = f"hidden_{bi:04d}.safetensors"
     save_file({f"h{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, str(d / "hidden.tmp"))
-    (d / "hidden.tmp").replace(d / "hidden.safetensors")
-    meta = {"done": bi, "result": {k: v for k, v in result.to_dict().items() if k != "seconds"}}
+    (d / "hidden.tmp").replace(d / hidden_file)
+    meta = {"done": bi, "hidden": hidden_file,
+            "result": {k: v for k, v in result.to_dict().items() if k != "seconds"}}
     (d / "progress.tmp").write_text(json.dumps(meta))
     (d / "progress.tmp").replace(d / "progress.json")
+    for old in d.glob("hidden*.safetensors"):  # earlier blocks' outputs, no longer named
+        if old.name != hidden_file:
+            old.unlink()
 
 
 def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int:
@@ -430,7 +441,7 @@ def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int
         layer = LayerResult(**lr)
         result.layers.append(layer)
         prefix = f"{layer.name}.weight."
-        result.packed[layer.name] = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+        result.packed[layer.name] = {k[len(prefix):]: v for k, v in sorted(packed.items()) if k.startswith(prefix)}
         wspec = QuantSpec.parse(layer.weight_spec)
         aspec = QuantSpec.parse(layer.act_spec) if layer.act_spec else None
         retain_fmt = layer.retain["format"] if layer.retain else None
@@ -445,5 +456,7 @@ def _load_progress(d: Path, model: nn.Module, result: QuantizationResult) -> int
 def _load_hidden(d: Path, n: int):
     from safetensors.torch import load_file
 
-    state = load_file(str(d / "hidden.safetensors"))
+    # the outputs of the last finished block, as progress.json names them
+    name = json.loads((d / "progress.json").read_text()).get("hidden", "hidden.safetensors")
+    state = load_file(str(d / name))
     return [state[f"h{i}"] for i in range(n)]
