@@ -71,7 +71,8 @@ def _short(v, n: int = 60) -> str:
 def _want(where: str, entry: str, value, types: tuple, what: str) -> None:
     # bool is an int subclass in Python but never a valid count or shape in the manifest
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise CheckpointError(f"{where}: {entry}: expected {what}, found {_type_name(value)} {_short(value)}")
+        found = "null" if value is None else f"{_type_name(value)} {_short(value)}"
+        raise CheckpointError(f"{where}: {entry}: expected {what}, found {found}")
 
 
 def _want_keys(where: str, entry: str, d: dict, required, optional=()) -> None:
@@ -169,7 +170,8 @@ def check_manifest(meta, where: str) -> dict:
         meta["layers"] = layers
         meta.setdefault("act_only", {})
     else:
-        _want(where, "extra", meta.get("extra"), (list,), "the list of caller-supplied keys")
+        _want_keys(where, "top level", {k: 0 for k in REQUIRED_KEYS if k in meta}, REQUIRED_KEYS)
+        _want(where, "extra", meta["extra"], (list,), "the list of caller-supplied keys")
         extra = meta["extra"]
         for k in extra:
             _want(where, "extra[]", k, (str,), "a key name")
