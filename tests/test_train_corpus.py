@@ -304,3 +304,58 @@ def test_smollm2_tokens_of_the_full_corpus(full):
     assert int((b.tokens == 0).sum()) == len(full.split_modules("train"))  # <|endoftext|> closes each document
     v = tc.validation_batches(tok, 2048, 4, corpus=full)
     assert v.shape[0] >= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen corpus (LOWBIT_TRAIN_CORPUS), for machines with another Python
+
+def test_frozen_corpus_roundtrip_gives_the_same_text_batches_and_sentences(small, tmp_path, monkeypatch,
+                                                                           evaluation):
+    path = tc.save_training_corpus(str(tmp_path / "train.json.gz"), small)
+    assert open(path, "rb").read(2) == b"\x1f\x8b"
+    again = tc.save_training_corpus(str(tmp_path / "again.json.gz"), small)
+    assert open(path, "rb").read() == open(again, "rb").read()  # no timestamp: same corpus, same bytes
+    assert os.path.getsize(path) < len(small.text.encode()) / 2
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(tc.TRAIN_CORPUS_ENV, path)
+    tc._MEMO.clear()
+    frozen = tc.training_corpus(evaluation=evaluation)  # the default corpus is now the file's
+    assert frozen.sha256 == small.sha256 and frozen.documents == small.documents
+    assert frozen.checksum == small.checksum and frozen.describe() == small.describe()
+    assert not (tmp_path / "cache" / "corpus").exists()  # loaded, not built
+    tok = CharTokenizer()
+    a = tc.training_batches(tok, 64, 4, seed=7)  # no corpus given: the frozen one
+    b = tc.training_batches(tok, 64, 4, seed=7, corpus=small)
+    assert a.corpus_sha256 == small.sha256
+    assert all(torch.equal(a.batch(s), b.batch(s)) for s in (0, 3, 99))
+    assert torch.equal(tc.validation_batches(tok, 64, 2), tc.validation_batches(tok, 64, 2, corpus=small))
+    assert torch.equal(tc.training_tokens(VocabCharTokenizer()).ids, tc.training_tokens(VocabCharTokenizer(), small).ids)
+    assert tc.training_sentences(evaluation=evaluation) == tc.training_sentences(corpus=small, evaluation=evaluation)
+    assert tc.training_corpus(SMALL[:2], cache=False, evaluation=evaluation).modules == ("aifc", "bisect")  # subsets build
+
+
+def test_damaged_frozen_corpus_is_a_clear_error(small, tmp_path, monkeypatch, evaluation):
+    import gzip
+
+    good = tc.save_training_corpus(str(tmp_path / "good.json.gz"), small)
+    blob = json.loads(gzip.decompress(open(good, "rb").read()))
+    blob["documents"][1][2] += "# edited\n"
+    edited = tmp_path / "edited.json.gz"
+    edited.write_bytes(gzip.compress(json.dumps(blob).encode()))
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(open(good, "rb").read()[:5000])
+    plain = tmp_path / "evaluation.json"
+    corpus_mod.save_corpus(str(plain), evaluation)  # the evaluation corpus's file, not a training corpus
+    cases = [(edited, "does not match its stored checksum"), (cut, "not a readable training corpus file"),
+             (plain, "not a readable training corpus file"), (tmp_path / "missing.json.gz", "no such file")]
+    for path, message in cases:
+        monkeypatch.setenv(tc.TRAIN_CORPUS_ENV, str(path))
+        tc._MEMO.clear()
+        with pytest.raises(ValueError, match=message):
+            tc.training_corpus(evaluation=evaluation)
+    # a corpus kept disjoint from another evaluation split must not be trained on beside this one
+    other = corpus_mod.stdlib_corpus(("json", "logging", "wave"), cache=False)
+    monkeypatch.setenv(tc.TRAIN_CORPUS_ENV, good)
+    with pytest.raises(ValueError, match="kept disjoint from the evaluation text"):
+        tc.training_corpus(evaluation=other)
+    assert tc.training_corpus(evaluation=evaluation).sha256 == small.sha256

@@ -22,12 +22,18 @@ docs/corpus.md ("Training corpus") describes it; in short:
 
 Token batches (:func:`training_batches`, :func:`validation_batches`) come from the documents
 tokenised once per tokenizer and cached on disk, next to the corpus, under ``cache_dir()``.
+
+Another Python version has other stdlib sources, so another corpus: :func:`save_training_corpus`
+freezes this one into a file, and ``LOWBIT_TRAIN_CORPUS=file`` makes :func:`training_corpus` (and
+so the tokens, batches and sentences) use it on the other machine, as ``LOWBIT_CORPUS`` does for
+the evaluation corpus.
 """
 from __future__ import annotations
 
 import ast
 import bisect
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -45,8 +51,8 @@ from .corpus import (SENTENCE_BREAK, Corpus, cache_dir, in_evaluation, prose_par
                      stdlib_corpus, stdlib_dir)
 
 __all__ = ["Document", "TrainingCorpus", "DocumentTokens", "TokenBatches", "training_corpus", "training_tokens",
-           "training_batches", "validation_batches", "training_sentences", "VALIDATION_PACKAGES",
-           "SHARED_MIN_CHARS"]
+           "training_batches", "validation_batches", "training_sentences", "save_training_corpus",
+           "TRAIN_CORPUS_ENV", "VALIDATION_PACKAGES", "SHARED_MIN_CHARS"]
 
 #: Bumped whenever the construction changes (part of the on-disk cache keys).
 BUILD_VERSION = 1
@@ -324,25 +330,92 @@ def _write_json(path: str, blob: dict) -> None:
         pass  # a read-only cache is no reason to fail
 
 
-def _store(path: str, corpus: TrainingCorpus) -> None:
-    blob = {"python_version": corpus.python_version, "sha256": corpus.sha256,
+def _blob(corpus: TrainingCorpus) -> dict:
+    """The JSON form of a corpus: what the disk cache and a frozen file hold."""
+    return {"python_version": corpus.python_version, "sha256": corpus.sha256,
             "evaluation_sha256": corpus.evaluation_sha256,
             "documents": [[d.module, d.path, d.text, d.split] for d in corpus.documents],
             "held_out": list(corpus.held_out), "not_utf8": list(corpus.not_utf8),
             "removed": [list(r) for r in corpus.removed]}
-    _write_json(path, blob)
+
+
+def _from_blob(blob: dict) -> TrainingCorpus:
+    """The corpus a blob of :func:`_blob` describes, its checksum computed afresh from the text."""
+    return _assemble([Document(*d) for d in blob["documents"]], blob["python_version"],
+                     blob["evaluation_sha256"], blob["held_out"], blob["not_utf8"],
+                     [tuple(r) for r in blob["removed"]])
+
+
+def _read_blob(path: str) -> dict:
+    """A JSON file, gzip'd (a frozen corpus) or plain (the cache): told apart by the gzip magic."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    return json.loads(raw.decode("utf-8"))
+
+
+def _store(path: str, corpus: TrainingCorpus) -> None:
+    _write_json(path, _blob(corpus))
 
 
 def _load(path: str) -> Optional[TrainingCorpus]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            blob = json.load(fh)
-        corpus = _assemble([Document(*d) for d in blob["documents"]], blob["python_version"],
-                           blob["evaluation_sha256"], blob["held_out"], blob["not_utf8"],
-                           [tuple(r) for r in blob["removed"]])
-    except (OSError, ValueError, KeyError, TypeError):
+        blob = _read_blob(path)
+        corpus = _from_blob(blob)
+    except (OSError, EOFError, ValueError, KeyError, TypeError):
         return None
     return corpus if corpus.sha256 == blob.get("sha256") else None  # damaged or edited: rebuild
+
+
+#: Environment variable naming a frozen training corpus (written by :func:`save_training_corpus`)
+#: to load instead of building from this Python's stdlib, whose sources differ between versions.
+TRAIN_CORPUS_ENV = "LOWBIT_TRAIN_CORPUS"
+
+
+def save_training_corpus(path: str, corpus: Optional[TrainingCorpus] = None) -> str:
+    """Write ``corpus`` (default: :func:`training_corpus`) as a frozen, gzip'd JSON file that
+    ``LOWBIT_TRAIN_CORPUS=path`` loads on another machine; returns ``path``. The bytes depend only
+    on the corpus (no name or timestamp in the gzip header), so two saves of one corpus are identical."""
+    corpus = corpus or training_corpus()
+    data = json.dumps(_blob(corpus), separators=(",", ":")).encode("utf-8")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                                    compresslevel=9, mtime=0) as gz:
+            gz.write(data)
+        os.replace(tmp, path)  # a reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _frozen(path: str) -> TrainingCorpus:
+    """The corpus saved in ``path``, once its text is checked against the stored checksum. Kept in
+    memory per file state, so a file replaced on disk is read again."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{TRAIN_CORPUS_ENV}={path}: no such file ({e})") from e
+    return _frozen_at(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _frozen_at(path: str, mtime_ns: int, size: int) -> TrainingCorpus:
+    try:
+        blob = _read_blob(path)
+        corpus = _from_blob(blob)
+        stored = blob["sha256"]
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # gzip raises EOFError when cut short
+        raise ValueError(f"{TRAIN_CORPUS_ENV}={path}: not a readable training corpus file written by "
+                         f"lowbit.data.train_corpus.save_training_corpus ({type(e).__name__}: {e})") from e
+    if corpus.sha256 != stored:
+        raise ValueError(f"{TRAIN_CORPUS_ENV}={path}: the text does not match its stored checksum "
+                         f"(stored {stored}, text {corpus.sha256}); the file is damaged or was edited")
+    return corpus
 
 
 _MEMO: Dict[tuple, TrainingCorpus] = {}
@@ -358,12 +431,26 @@ def training_corpus(modules: Optional[Sequence[str]] = None, cache: bool = True,
     :func:`~lowbit.data.corpus.stdlib_corpus`, so a frozen ``LOWBIT_CORPUS`` is honoured). The
     result is kept in memory and, with ``cache=True``, on disk under ``cache_dir()/corpus``, keyed
     by the Python version, the rules, the evaluation checksum and every source file's size and
-    mtime; a cached file whose text does not hash to its checksum is rebuilt."""
+    mtime; a cached file whose text does not hash to its checksum is rebuilt.
+
+    With ``LOWBIT_TRAIN_CORPUS`` naming a file of :func:`save_training_corpus` (and ``modules``
+    None), that frozen corpus is returned instead, after checking its text against its checksum
+    and that it was kept disjoint from ``evaluation``'s split (ValueError otherwise)."""
     if modules is not None:
         if isinstance(modules, str) or not all(isinstance(m, str) and m for m in modules):
             raise ValueError(f"modules must be a sequence of module names such as ['json', 'json.decoder']; "
                              f"got {modules!r}")
     evaluation = evaluation or stdlib_corpus()
+    frozen = os.environ.get(TRAIN_CORPUS_ENV)
+    if frozen and modules is None:
+        corpus = _frozen(os.path.abspath(frozen))
+        if corpus.evaluation_sha256 != evaluation.sha256["evaluation"]:
+            # Its text was kept disjoint from another evaluation split: training on it could leak.
+            raise ValueError(f"{TRAIN_CORPUS_ENV}={frozen}: this training corpus was kept disjoint from the "
+                             f"evaluation text {corpus.evaluation_sha256[:12]}..., not from the one in use "
+                             f"({evaluation.sha256['evaluation'][:12]}...); set LOWBIT_CORPUS to the "
+                             f"evaluation corpus saved with it")
+        return corpus
     only = None if modules is None else tuple(sorted(set(modules)))
     stdlib = stdlib_dir()
     memo_key = (stdlib, evaluation.sha256["evaluation"], only, bool(cache))
