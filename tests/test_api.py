@@ -156,7 +156,7 @@ def test_evaluate_the_function_and_the_subpackage_both_reachable():
      r"token ids must be a non-empty 1-D or 2-D"),
     (lambda m, t: lowbit.quantize_model(m, "w4g64", "gptq", tokenizer=t, calib=0), "at least one calibration"),
     (lambda m, t: lowbit.quantize_model(lowbit.quantize_model(m, "w4g64"), "w4g64"), "already quantized"),
-    (lambda m, t: lowbit.save(m, "/nonexistent/x"), "quantize it with lowbit.quantize_model first"),
+    (lambda m, t: lowbit.save(m, "/nonexistent/x"), "quantize it with lowbit.quantize_model"),
     (lambda m, t: lowbit.evaluate(m), "needs the model's tokenizer"),
     (lambda m, t: lowbit.evaluate(m, t, reference=m), "reference= applies to encoders"),
     (lambda m, t: lowbit.evaluate(m, t, eval_tokens=-5), "eval_tokens must be a positive integer or 0"),

@@ -191,15 +191,15 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> Ch
     are rebuilt from the saved config; a user's own module (kind ``module``) is loaded into
     ``model``, a fresh instance of the same architecture (or rebuilt by the factory the checkpoint
     recorded, for ``--model-factory`` runs)."""
-    import json
 
     from .export.checkpoint import META_FILE, WEIGHTS_FILE, load_quantized
+    from .export.validate import read_manifest
 
     d = Path(path)
     if not (d / META_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{d} is not a lowbit checkpoint (needs {META_FILE} and {WEIGHTS_FILE}); "
                                 "write one with lowbit.save or `lowbit quantize --out DIR`")
-    meta = json.loads((d / META_FILE).read_text())
+    meta = read_manifest(d)  # a corrupt or hand-edited manifest is a CheckpointError, not a traceback
     if meta.get("kind") == "module":
         if model is not None:
             from .export.module_checkpoint import load_quantized_into

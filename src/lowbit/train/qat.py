@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..export.packing import pack_weight
+from ..quant.packed import pack_weight
 from ..models.blocks import replace_module
 from ..quant.activation import quantize_activation
 from ..quant.linear import QuantLinear
@@ -152,7 +152,7 @@ def stored_scales(packed: Optional[Dict[str, torch.Tensor]], spec: Optional[Quan
     scales = packed["scales"].float()
     zeros = None
     if "zeros" in packed:
-        from ..export.packing import unpack_bits
+        from ..quant.packed import unpack_bits
         from ..quant.weight import WeightQuantizer
 
         q = WeightQuantizer(spec)

@@ -252,7 +252,7 @@ class WeightFakeQuant(nn.Module):
     @torch.no_grad()
     def freeze(self, w: torch.Tensor):
         """(quantized float32 weight, [GroupParams per group]) exactly as the forward computes it,
-        ready for ``export.packing.pack_weight``."""
+        ready for ``quant.packed.pack_weight``."""
         if self.scaling != "learned":
             return self.quantizer.rtn(w.detach().float())
         s, z = self.effective_params()
