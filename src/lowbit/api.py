@@ -23,7 +23,7 @@ from torch import nn
 # imported before the top-level package binds the name ``evaluate`` to the function below: a first
 # import of the subpackage after that would put the module back in its place
 from . import evaluate as _evaluate_pkg  # noqa: F401
-from .jobs import DEFAULT_CALIB, DEFAULT_CONTEXT, DEFAULT_EVAL_TOKENS, DEFAULT_SENTENCES, DEFAULT_SEQ_LEN
+from .jobs import DEFAULT_CALIB, DEFAULT_SEQ_LEN
 from .quant.plan import Plan
 
 SchemeOrPlan = Union[str, Plan]
