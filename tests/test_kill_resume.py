@@ -110,7 +110,7 @@ class StopAfter:
         def op(*args, **kw):
             out = fn(*args, **kw)
             paths = [str(a) for a in args if isinstance(a, (str, os.PathLike))]
-            if any(p.startswith(self.folder) for p in paths):
+            if any(p == self.folder or p.startswith(self.folder + os.sep) for p in paths):
                 self.ops.append((name, [os.path.basename(p) for p in paths]))
                 if self.n is not None and len(self.ops) == self.n:
                     raise Stop
