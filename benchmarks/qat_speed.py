@@ -16,6 +16,8 @@ perplexity after ``--steps`` steps from the same RTN start (the fake-quantized m
 it trains, which for lowbit is exactly its frozen checkpoint).
 
     python3 benchmarks/qat_speed.py --device cuda --steps 100 --json out.json
+    python3 benchmarks/qat_speed.py --arch --device cuda      # SmolLM2's architecture, random weights and
+                                                             # tokens: speed only, no model files needed
 """
 from __future__ import annotations
 
@@ -73,8 +75,10 @@ def run(kind: str, base, tokenizer, args, batches) -> dict:
             times.append(time.perf_counter() - t)
             tokens += ids.numel()
     model.eval()
-    with torch.no_grad():
-        ppl = evaluate_model(model, tokenizer, "causal_lm", EvalSettings())["perplexity"]
+    ppl = float("nan")
+    if tokenizer is not None:  # --arch: random weights, perplexity means nothing
+        with torch.no_grad():
+            ppl = evaluate_model(model, tokenizer, "causal_lm", EvalSettings())["perplexity"]
     return {"kind": kind, "tokens_per_second": tokens / sum(times), "step_ms": 1000 * sum(times) / len(times),
             "peak_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
             "perplexity": ppl, "last_loss": float(loss)}
@@ -90,25 +94,42 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", action="store_true",
+                    help="SmolLM2-135M's architecture (benchmarks/configs) with random weights and random tokens")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.warmup >= args.steps:
         ap.error("--warmup must be below --steps")
 
-    from lowbit.data.train_corpus import training_batches
-    from lowbit.models.loader import load_model
+    if args.arch:
+        import transformers
 
-    loaded = load_model(args.model)
-    batches = training_batches(loaded.tokenizer, args.seq_len, args.batch_size, seed=0)
+        cfg = json.loads((Path(__file__).parent / "configs" / "smollm2-135m.json").read_text())
+        torch.manual_seed(0)
+        model, tokenizer = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)), None
+
+        class RandomTokens:
+            def batch(self, step):
+                g = torch.Generator().manual_seed(step)
+                return torch.randint(0, cfg["vocab_size"], (args.batch_size, args.seq_len), generator=g)
+
+        batches = RandomTokens()
+    else:
+        from lowbit.data.train_corpus import training_batches
+        from lowbit.models.loader import load_model
+
+        loaded = load_model(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        batches = training_batches(tokenizer, args.seq_len, args.batch_size, seed=0)
     rows = []
     for kind in args.rows:
         try:
-            rows.append(run(kind, loaded.model, loaded.tokenizer, args, batches))
+            rows.append(run(kind, model, tokenizer, args, batches))
         except ImportError as e:
             rows.append({"kind": kind, "error": f"{type(e).__name__}: {e}"})
         print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["kind"] == "bf16" and "error" not in r), None)
-    print(f"\n{args.model}, {args.batch_size} x {args.seq_len} tokens a step, {args.steps} steps "
+    print(f"\n{'SmolLM2-135M architecture, random weights' if args.arch else args.model}, {args.batch_size} x {args.seq_len} tokens a step, {args.steps} steps "
           f"({args.warmup} warm-up), eager, {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
     print(f"{'row':16s} {'tokens/s':>10s} {'x bf16':>7s} {'step ms':>8s} {'peak GiB':>8s} {'ppl after':>9s}")
     for r in rows:
