@@ -102,32 +102,27 @@ class _LearnedStep(torch.autograd.Function):
             z = expand_groups(zero, group, cols)
             y = y + z
         q = quantizer.round_scaled(y)
-        ctx.save_for_backward(w32, scale, zero)
+        lo, hi = grid_range(quantizer)
+        inside = (y >= lo) & (y <= hi)
+        # what the backward needs, kept rather than recomputed (the CPU path is compute-bound)
+        residual = torch.where(inside, q - y, q - z if z is not None else q)
+        ctx.save_for_backward(inside, residual, s if zero is not None else None, scale, zero)
         return (q - z) * s if z is not None else q * s
 
     @staticmethod
     def backward(ctx, g):
-        w32, scale, zero = ctx.saved_tensors
-        quantizer, group = ctx.quantizer, ctx.group
+        group = ctx.group
         if ctx.fused is not None:
+            w32, scale, zero = ctx.saved_tensors
             mod, kind, params, neg_zero = ctx.fused
             gw, gs, gz = mod.fake_quant_backward(g.float().contiguous(), w32, scale.contiguous(),
                                                  None if zero is None else zero.contiguous(), group, kind, params,
                                                  ctx.grad_scale, neg_zero)
             return gw, gs, gz, None, None, None
-        cols = w32.shape[1]
-        s = expand_groups(scale, group, cols)
-        y = w32 / s
-        z = expand_groups(zero, group, cols) if zero is not None else None
-        if z is not None:
-            y = y + z
-        q = quantizer.round_scaled(y)
-        lo, hi = grid_range(quantizer)
-        inside = (y >= lo) & (y <= hi)
+        inside, residual, s, scale, zero = ctx.saved_tensors
         g = g.float()
         gw = g * inside
-        off = q - z if z is not None else q
-        gs = reduce_groups(g * torch.where(inside, q - y, off), group, scale.shape[1]) * ctx.grad_scale
+        gs = reduce_groups(g * residual, group, scale.shape[1]) * ctx.grad_scale
         gz = None
         if zero is not None:
             gz = reduce_groups(torch.where(inside, torch.zeros_like(g), -g * s), group, zero.shape[1]) * ctx.grad_scale
