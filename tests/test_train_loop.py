@@ -160,3 +160,24 @@ def test_kv_cache_quantization_trains_through_the_rounding():
     out.loss.backward()
     k = student.model.layers[0].self_attn.k_proj.weight.grad  # reaches k_proj only through the quantized keys
     assert k is not None and k.abs().sum() > 0
+
+
+def test_encoder_distillation_lowers_the_cosine_gap():
+    from _tiny import tiny_bert_loader
+    from lowbit.train.objectives import encoder_objective
+
+    loaded = tiny_bert_loader()()
+    teacher, tok = loaded.model, loaded.tokenizer
+    sentences = ["The quick brown fox jumps over the lazy dog.", "Return the number of items in the list.",
+                 "A module for reading and writing files.", "Raise an error when the value is negative."]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    student = prepare_qat(copy.deepcopy(teacher), "int2:g32")
+    obj = encoder_objective()
+    with torch.no_grad():
+        before, _ = obj(student.eval(), teacher, batch)
+    train(student, lambda k: batch, obj, trainable_groups(student), TrainConfig(steps=15, lr=1e-4), teacher=teacher,
+          progress=False)
+    with torch.no_grad():
+        after, _ = obj(student, teacher, batch)
+    assert float(after) < 0.7 * float(before), (float(before), float(after))

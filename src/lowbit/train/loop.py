@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     autocast: str = "auto"           # auto: bf16 on CUDA, none on the CPU; bf16; none
     grad_checkpointing: bool = False
+    dropout: bool = False            # the model's own dropout; off by default: distillation matches a
+                                     # deterministic teacher, and dropout noise is a floor on that loss
 
     def __post_init__(self) -> None:
         for name in ("steps", "grad_accum", "save_every"):
@@ -137,7 +139,8 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    # Hugging Face runs gradient checkpointing only in training mode, which also turns dropout on
+    model.train(cfg.dropout or cfg.grad_checkpointing)
     if teacher is not None:
         teacher.eval()
     bf16 = _use_bf16(cfg, device)

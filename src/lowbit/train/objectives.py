@@ -70,14 +70,29 @@ def relative_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[to
     return d.sum() / n.sum().clamp(min=1e-12)
 
 
+def _pooled(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return h.float().mean(1)
+    m = mask.unsqueeze(-1).to(torch.float32)
+    return (h.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def encoder_objective():
-    """Encoders: the relative MSE of the last hidden state to the teacher's, over real tokens."""
+    """Encoders: 1 - cosine to the teacher of each real token's last hidden state, plus 1 - cosine of
+    the mean-pooled sentence embeddings (what embedding fidelity measures). Cosines rather than
+    squared errors: BERT-style hidden states have a few huge channels that would otherwise carry
+    the whole loss."""
 
     def objective(student: nn.Module, teacher: Optional[nn.Module], batch: Dict[str, torch.Tensor]):
         if teacher is None:
             raise ValueError("training an encoder matches its teacher's hidden states: it needs a teacher")
         t_out, t_sec = _teacher_forward(teacher, batch, False)
         out = student(**batch)
-        return relative_mse(out.last_hidden_state, t_out.last_hidden_state, batch.get("attention_mask")), t_sec
+        mask = batch.get("attention_mask")
+        s, t = out.last_hidden_state.float(), t_out.last_hidden_state.float()
+        tok = 1 - F.cosine_similarity(s, t, dim=-1)
+        tok = (tok * mask).sum() / mask.sum().clamp(min=1) if mask is not None else tok.mean()
+        sent = 1 - F.cosine_similarity(_pooled(s, mask), _pooled(t, mask), dim=-1).mean()
+        return tok + sent, t_sec
 
     return objective
