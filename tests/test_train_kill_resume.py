@@ -62,3 +62,8 @@ def test_sigkill_mid_training_then_rerun_writes_the_same_bytes(tmp_path):
         assert (killed / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs after the resume"
     assert resumed["after"]["perplexity"] == json.loads((ref / "report.json").read_text())["after"]["perplexity"]
     assert not (killed / ".train").exists()
+    # lowbit eval on the trained checkpoint: the very perplexity the training report holds
+    from lowbit.jobs import run_eval
+
+    again = run_eval(str(ref), quiet=True, device="cpu")
+    assert again["perplexity"] == json.loads((ref / "report.json").read_text())["after"]["perplexity"]
