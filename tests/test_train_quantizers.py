@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from lowbit.quant.spec import QuantSpec
 from lowbit.quant.weight import WeightQuantizer
-from lowbit.train.quantizers import WeightFakeQuant, expand_groups, grid_range, reduce_groups
+from lowbit.kernels.fake_quant_ref import expand_groups, sum_groups
+from lowbit.train.quantizers import WeightFakeQuant, grid_range
 
 SPECS = ["int4:g64", "int3:g32:asym", "int2:g16", "int8:channel", "int4:tensor", "int4:g48", "int3:g64:asym:mse",
          "e2m1fn:g32", "e4m3fn:g16", "e3m2fn:channel", "nf4:g64", "fp4_bnb:g32", "e2m1fn:g32:toward_zero",
@@ -81,7 +82,7 @@ def test_scale_and_zero_gradients_match_finite_differences(spec):
     coef = torch.randn(12, cols, dtype=torch.float64)
     s, z = fq.effective_params()
     s, z = s.detach().double().requires_grad_(), (None if z is None else z.detach().double().requires_grad_())
-    from lowbit.train.quantizers import _LearnedStep
+    from lowbit.train.quantizers import _LearnedStep  # the autograd function itself, with grad_scale 1
 
     out = _LearnedStep.apply(w, s, z, fq.quantizer, fq.group, 1.0)
     (out * coef).sum().backward()
@@ -167,7 +168,7 @@ def test_group_expand_and_reduce_are_adjoint(rows, cols, group, seed):
     a = torch.randn(rows, n, generator=g, dtype=torch.float64)
     b = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     # <expand(a), b> == <a, reduce(b)>: the scale gradient sums exactly each group's columns
-    assert torch.allclose((expand_groups(a, group, cols) * b).sum(), (a * reduce_groups(b, group, n)).sum())
+    assert torch.allclose((expand_groups(a, group, cols) * b).sum(), (a * sum_groups(b, group, n)).sum())
 
 
 def test_bad_input_is_named():

@@ -29,25 +29,12 @@ import torch
 from torch import nn
 
 from ..formats import BlockFormat, IntFormat
+from ..kernels.fake_quant_ref import expand_groups, sum_groups
 from ..quant.spec import QuantSpec
 from ..quant.weight import GroupParams, WeightQuantizer
 
 SCALINGS = ("learned", "dynamic")
 GRADIENTS = ("straight", "clipped")
-
-
-def expand_groups(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
-    """(rows, n_groups) -> (rows, cols): each group's value over its columns (ragged last group)."""
-    return t.repeat_interleave(group, dim=1)[:, :cols]
-
-
-def reduce_groups(t: torch.Tensor, group: int, n_groups: int) -> torch.Tensor:
-    """(rows, cols) -> (rows, n_groups): sums over each group's columns (ragged last group)."""
-    rows, cols = t.shape
-    pad = n_groups * group - cols
-    if pad:
-        t = torch.cat([t, t.new_zeros(rows, pad)], dim=1)
-    return t.reshape(rows, n_groups, group).sum(dim=2)
 
 
 def grid_range(quantizer: WeightQuantizer) -> Tuple[float, float]:
@@ -122,10 +109,10 @@ class _LearnedStep(torch.autograd.Function):
         inside, residual, s, scale, zero = ctx.saved_tensors
         g = g.float()
         gw = g * inside
-        gs = reduce_groups(g * residual, group, scale.shape[1]) * ctx.grad_scale
+        gs = sum_groups(g * residual, group, scale.shape[1]) * ctx.grad_scale
         gz = None
         if zero is not None:
-            gz = reduce_groups(torch.where(inside, torch.zeros_like(g), -g * s), group, zero.shape[1]) * ctx.grad_scale
+            gz = sum_groups(torch.where(inside, torch.zeros_like(g), -g * s), group, zero.shape[1]) * ctx.grad_scale
         return gw, gs, gz, None, None, None
 
 
