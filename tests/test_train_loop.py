@@ -90,9 +90,9 @@ def test_scales_get_their_own_learning_rate_and_move():
     assert len(groups["scales"]) == 14
     scales0 = [p.detach().clone() for p in groups["scales"]]
     cfg = TrainConfig(steps=3, lr=1e-9, scale_lr=1e-2)
-    from lowbit.train.loop import _optimizer
+    from lowbit.train.loop import optimizer_for
 
-    opt = _optimizer(groups, cfg)
+    opt = optimizer_for(groups, cfg)
     assert [g["lr"] for g in opt.param_groups] == [1e-9, 1e-2]
     train(student, _data, causal_lm_objective("kl"), groups, cfg, teacher=teacher, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(scales0, groups["scales"]))

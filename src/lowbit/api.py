@@ -24,7 +24,7 @@ from torch import nn
 # import of the subpackage after that would put the module back in its place
 from . import evaluate as _evaluate_pkg  # noqa: F401
 from .jobs import DEFAULT_CALIB, DEFAULT_SEQ_LEN
-from .quant.plan import Plan
+from .quant.plan import Plan, as_plan
 
 SchemeOrPlan = Union[str, Plan]
 
@@ -34,18 +34,6 @@ RESULT_ATTR = "lowbit_result"
 
 __all__ = ["quantize_model", "save", "load", "evaluate", "Checkpoint", "as_plan", "SchemeOrPlan", "RESULT_ATTR",
            "prepare_qat", "convert"]
-
-
-def as_plan(scheme_or_plan: SchemeOrPlan) -> Plan:
-    """A :class:`Plan` from a scheme string (a named scheme or ``WEIGHT_SPEC[+ACT_SPEC][kv...]``) or a Plan."""
-    if isinstance(scheme_or_plan, Plan):
-        return scheme_or_plan
-    if not isinstance(scheme_or_plan, str):
-        raise ValueError(f"expected a scheme string (e.g. 'w4g64', 'int4:g64+int8:token') or a lowbit Plan, "
-                         f"got {type(scheme_or_plan).__name__}")
-    if not scheme_or_plan.strip():
-        raise ValueError("the scheme is empty; give one such as 'w4g64', 'nvfp4' or 'int4:g64+int8:token'")
-    return Plan.from_scheme(scheme_or_plan)
 
 
 def _check_module(model, what: str = "model") -> None:

@@ -122,7 +122,7 @@ def round_to_grid(y: torch.Tensor, kind: str, params: Sequence, neg_zero: bool =
     return round_exp(y, params, neg_zero)
 
 
-def _scaled(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group: int):
+def scaled(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group: int):
     """(s, z, y) broadcast over the columns; z is None without a zero point."""
     cols = w.shape[1]
     s = expand_groups(scale, group, cols)
@@ -138,7 +138,7 @@ def fake_quant_forward(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torc
                        kind: str, params: Sequence, neg_zero: bool = False) -> torch.Tensor:
     """out = (round_to_grid(w / s + z) - z) * s, float32 (R, C); see the module docstring."""
     check_args(w, scale, zero, group, kind, params)
-    s, z, y = _scaled(w, scale, zero, group)
+    s, z, y = scaled(w, scale, zero, group)
     q = round_to_grid(y, kind, params, neg_zero)
     return (q - z) * s if z is not None else q * s
 
@@ -153,7 +153,7 @@ def fake_quant_backward(grad_out: torch.Tensor, w: torch.Tensor, scale: torch.Te
     if grad_out.shape != w.shape or grad_out.dtype != torch.float32 or grad_out.device != w.device:
         raise ValueError(f"grad_out must be float32 like w {tuple(w.shape)} on {w.device}, got "
                          f"{grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")
-    s, z, y = _scaled(w, scale, zero, group)
+    s, z, y = scaled(w, scale, zero, group)
     q = round_to_grid(y, kind, params, neg_zero)
     lo, hi = grid_range(kind, params)
     inside = (lo <= y) & (y <= hi)

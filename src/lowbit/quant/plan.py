@@ -191,3 +191,18 @@ def check_plan_dict(d, where: str) -> None:
         for name, r in retain["ratios"].items():
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
                 raise ValueError(f"{where}: retain.ratios[{name!r}]: expected a fraction in [0, 1), found {r!r}")
+
+
+def as_plan(scheme_or_plan) -> Plan:
+    """A Plan from a scheme string (a named scheme or ``WEIGHT_SPEC[+ACT_SPEC][kv...]``), a plan dict
+    (the ``to_dict`` form, or ``layers`` as `lowbit search` writes it) or a Plan."""
+    if isinstance(scheme_or_plan, Plan):
+        return scheme_or_plan
+    if isinstance(scheme_or_plan, dict):
+        return Plan.from_dict(scheme_or_plan)
+    if not isinstance(scheme_or_plan, str):
+        raise ValueError(f"expected a scheme string (e.g. 'w4g64', 'int4:g64+int8:token'), a plan dict or a lowbit "
+                         f"Plan, got {type(scheme_or_plan).__name__}")
+    if not scheme_or_plan.strip():
+        raise ValueError("the scheme is empty; give one such as 'w4g64', 'nvfp4' or 'int4:g64+int8:token'")
+    return Plan.from_scheme(scheme_or_plan)

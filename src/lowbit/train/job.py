@@ -31,17 +31,19 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
-def _packed_by_layer(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Each quantized layer's stored tensors (codes, scales, zeros) from a checkpoint."""
-    from safetensors.torch import load_file
+def _stored_scales(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Each quantized layer's stored scales and zero points (what the learned scales start from),
+    read alone: the codes were already loaded with the model."""
+    from safetensors import safe_open
 
-    state = load_file(str(directory / "model.safetensors"))
     out: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name in meta.get("layers", {}):
-        if name.startswith("_"):
-            continue
-        prefix = f"{name}.weight."
-        out[name] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        for name in meta.get("layers", {}):
+            if name.startswith("_"):
+                continue
+            out[name] = {k: f.get_tensor(f"{name}.weight.{k}") for k in ("scales", "zeros")
+                         if f"{name}.weight.{k}" in keys}
     return out
 
 
@@ -66,7 +68,9 @@ def _start_from(init: str, model: Optional[str], plan: Optional[Plan], out: Opti
     return d
 
 
-def _batches(kind: str, tokenizer, batch_size: int, seq_len: int, seed: int):
+def training_data(kind: str, tokenizer, batch_size: int, seq_len: int, seed: int):
+    """``batches(step)`` of the stdlib training corpus: token windows (causal LMs) or padded
+    sentences (encoders), a pure function of (seed, step)."""
     from ..data import train_corpus
 
     if kind == "causal_lm":
@@ -106,6 +110,8 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     dev = resolve_device(device)
     if scheme and plan is None:
         plan = Plan.from_scheme(scheme)
+    if plan is not None and init not in INITS:  # before anything is loaded or quantized
+        raise ValueError("--init DIR trains the checkpoint's own specs: leave out --scheme/--plan")
     out_dir = Path(out) if out else None
     init_dir = _start_from(init, model, plan, out_dir, calib=calib, seq_len=seq_len, settings=settings,
                            device=device, quiet=quiet)
@@ -117,9 +123,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     loaded = load_model(source)
     kind = loaded.kind
     tokenizer = tokenizer or loaded.tokenizer
-    if plan is not None and init not in INITS:
-        raise ValueError("--init DIR trains the checkpoint's own specs: leave out --scheme/--plan")
-    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=_packed_by_layer(init_dir, meta))
+    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=_stored_scales(init_dir, meta))
     if dev is not None:
         student.to(dev)
         loaded.model.to(dev)
@@ -133,7 +137,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     _log(f"training {n_train / 1e6:.1f}M parameters for {cfg.steps} steps of {batch_size} x {seq_len} tokens "
          f"({objective}{' + hidden MSE' if hidden_mse else ''}, teacher {teacher})", quiet)
     obj = (causal_lm_objective(objective, hidden_mse=hidden_mse) if kind == "causal_lm" else encoder_objective())
-    res = train(student, _batches(kind, tokenizer, batch_size, seq_len, cfg.seed), obj, trainable_groups(student),
+    res = train(student, training_data(kind, tokenizer, batch_size, seq_len, cfg.seed), obj, trainable_groups(student),
                 cfg, teacher=ref if teacher == "fp32" else None,
                 state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
     convert(student)

@@ -80,7 +80,7 @@ class TrainResult:
 Objective = Callable[[nn.Module, Optional[nn.Module], Dict[str, torch.Tensor]], tuple]
 
 
-def _optimizer(groups: Dict[str, list], cfg: TrainConfig) -> torch.optim.Optimizer:
+def optimizer_for(groups: Dict[str, list], cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [{"params": groups["weights"], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"}]
     if groups.get("scales"):
         params.append({"params": groups["scales"], "lr": cfg.scale_lr if cfg.scale_lr is not None else 10 * cfg.lr,
@@ -129,7 +129,7 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
     """Train ``model`` for ``cfg.steps`` optimizer steps on ``batches(micro_step)``; resumes from
     ``state_dir`` when it holds a saved state. ``groups``: parameters by role ('weights', 'scales')."""
     device = next(model.parameters()).device
-    opt = _optimizer(groups, cfg)
+    opt = optimizer_for(groups, cfg)
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
     start, result = 0, TrainResult(0, 0, 0.0, 0.0)
     if state_path is not None and state_path.is_file():

@@ -18,7 +18,7 @@ from ..quant.packed import pack_weight
 from ..models.blocks import replace_module
 from ..quant.activation import quantize_activation
 from ..quant.linear import QuantLinear
-from ..quant.plan import Plan
+from ..quant.plan import Plan, as_plan
 from ..quant.spec import QuantSpec
 from .quantizers import WeightFakeQuant
 
@@ -91,17 +91,6 @@ class QATLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_spec}, act={self.act_spec}"
-
-
-def as_plan(scheme_or_plan: Union[str, Plan, dict]) -> Plan:
-    """A Plan from a scheme name ('w4g64', 'int4:g64+int8:token'), a plan dict or a Plan."""
-    if isinstance(scheme_or_plan, Plan):
-        return scheme_or_plan
-    if isinstance(scheme_or_plan, dict):
-        return Plan.from_dict(scheme_or_plan)
-    if isinstance(scheme_or_plan, str):
-        return Plan.from_scheme(scheme_or_plan)
-    raise TypeError(f"expected a scheme name, a Plan or a plan dict, got {type(scheme_or_plan).__name__}")
 
 
 def _targets(model: nn.Module, plan: Plan, exclude: Iterable[str]) -> Dict[str, nn.Module]:

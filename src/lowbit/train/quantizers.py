@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..formats import BlockFormat, IntFormat
-from ..kernels.fake_quant_ref import expand_groups, sum_groups
+from ..kernels.fake_quant_ref import expand_groups, scaled, sum_groups
 from ..quant.spec import QuantSpec
 from ..quant.weight import GroupParams, WeightQuantizer
 
@@ -81,13 +81,7 @@ class _LearnedStep(torch.autograd.Function):
             ctx.save_for_backward(w32, scale, zero)
             return mod.fake_quant_forward(w32, scale.contiguous(), None if zero is None else zero.contiguous(),
                                           group, kind, params, neg_zero)
-        cols = w.shape[1]
-        s = expand_groups(scale, group, cols)
-        y = w32 / s
-        z = None
-        if zero is not None:
-            z = expand_groups(zero, group, cols)
-            y = y + z
+        s, z, y = scaled(w32, scale, zero, group)
         q = quantizer.round_scaled(y)
         lo, hi = grid_range(quantizer)
         inside = (y >= lo) & (y <= hi)
