@@ -8,6 +8,8 @@ of the PTQ gap closed, tokens/s and minutes; --json writes every report.
 
     python3 benchmarks/qat_quality.py --runs int3g64 control --steps 400 --device cuda --json out.json
     python3 benchmarks/qat_quality.py --runs w4a4 w4a4-fc2a8 --steps 400 --device cuda
+    python3 benchmarks/qat_quality.py --runs w4a4-rot w4a4-fc2a8-rot --steps 400 --device cuda  # from
+        # `quantize --rotate hadamard --smooth auto`
     python3 benchmarks/qat_quality.py --model minilm --runs int3g64 --steps 300 --device cuda
 """
 from __future__ import annotations
@@ -21,13 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-RUNS = {  # name -> (scheme, init)
-    "int3g64": ("int3:g64", "gptq"),
-    "int4g64": ("int4:g64", "gptq"),
-    "w4a4": ("w4a4", "gptq"),
-    "w4a4-fc2a8": ("w4a4-fc2a8", "gptq"),
-    "w4a16": ("w4a16", "gptq"),
-    "w16a4": ("w16a4", "rtn"),
+RUNS = {  # name -> (scheme, init, PTQ transforms of the start)
+    "int3g64": ("int3:g64", "gptq", {}),
+    "int4g64": ("int4:g64", "gptq", {}),
+    "w4a4": ("w4a4", "gptq", {}),
+    "w4a4-fc2a8": ("w4a4-fc2a8", "gptq", {}),
+    "w4a4-rot": ("w4a4", "gptq", {"rotate": "hadamard", "smooth": "auto"}),
+    "w4a4-fc2a8-rot": ("w4a4-fc2a8", "gptq", {"rotate": "hadamard", "smooth": "auto"}),
+    "w4a16": ("w4a16", "gptq", {}),
+    "w16a4": ("w16a4", "rtn", {}),
 }
 
 
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
 
+    from lowbit.jobs import run_quantize
     from lowbit.train.job import run_train
     from lowbit.train.loop import TrainConfig
 
@@ -91,9 +96,14 @@ def main() -> None:
         if name == "control":
             rep = control(args.model, args.steps, args.batch_size, args.seq_len, args.lr, args.device, args.quiet)
         else:
-            scheme, init = RUNS[name]
+            scheme, init, transforms = RUNS[name]
             cfg = TrainConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, warmup=args.warmup)
-            rep = run_train(args.model, scheme, f"{args.out}/{args.model}-{name}", init=init, config=cfg,
+            out = f"{args.out}/{args.model}-{name}"
+            if transforms:  # the start is a rotated/smoothed PTQ checkpoint, trained with its own specs
+                run_quantize(args.model, scheme, init, f"{out}-init", calib=args.calib, seq_len=args.seq_len,
+                             device=args.device, quiet=args.quiet, **transforms)
+                scheme, init = None, f"{out}-init"
+            rep = run_train(args.model, scheme, out, init=init, config=cfg,
                             batch_size=args.batch_size, seq_len=args.seq_len, calib=args.calib,
                             device=args.device, quiet=args.quiet)
         rep.pop("history", None)

@@ -181,3 +181,24 @@ def test_encoder_distillation_lowers_the_cosine_gap():
     with torch.no_grad():
         after, _ = obj(student, teacher, batch)
     assert float(after) < 0.7 * float(before), (float(before), float(after))
+
+
+def test_qat_starts_exactly_from_a_rotated_and_smoothed_w4a4_checkpoint(tmp_path):
+    """`lowbit train --init DIR` from `quantize --rotate hadamard --smooth auto`: the prepared student
+    computes what the PTQ checkpoint computes, so training starts from the PTQ figure."""
+    from _tiny_lm import save_byte_llama
+    from lowbit.export.checkpoint import load_quantized
+    from lowbit.jobs import EvalSettings, run_quantize
+    from lowbit.train.job import checkpoint_scales
+
+    model_dir = save_byte_llama(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    out = tmp_path / "w4a4"
+    run_quantize(model_dir, "w4a4", "gptq", str(out), calib=4, seq_len=32, settings=EvalSettings(eval_tokens=256),
+                 rotate="hadamard", smooth="auto", quiet=True)
+    ptq, _, meta = load_quantized(out)
+    student = copy.deepcopy(ptq)
+    prepare_qat(student, None, scales=checkpoint_scales(out, meta))
+    assert sum(isinstance(m, QATLinear) for m in student.modules()) == 14
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ptq(input_ids=ids).logits, student(input_ids=ids).logits)

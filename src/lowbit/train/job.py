@@ -31,7 +31,7 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
-def _stored_scales(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
+def checkpoint_scales(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
     """Each quantized layer's stored scales and zero points (what the learned scales start from),
     read alone: the codes were already loaded with the model."""
     from safetensors import safe_open
@@ -123,7 +123,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     loaded = load_model(source)
     kind = loaded.kind
     tokenizer = tokenizer or loaded.tokenizer
-    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=_stored_scales(init_dir, meta))
+    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=checkpoint_scales(init_dir, meta))
     if dev is not None:
         student.to(dev)
         loaded.model.to(dev)
