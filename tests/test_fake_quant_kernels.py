@@ -338,3 +338,35 @@ def test_triton_rejects_bad_tensors():
     empty = tfq.fake_quant_forward(torch.zeros(0, 16, device="cuda"), torch.ones(0, 1, device="cuda"), None,
                                    16, "int", (-8, 7))
     assert empty.shape == (0, 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_triton_rounds_stored_scales_and_writes_bf16(scale_dtype, monkeypatch):
+    """The kernels' own scale rounding (clamp to tiny, nearest-even to fp16/bf16) and bf16 output
+    equal torch's, on CUDA or in Triton's CPU interpreter (bit tricks, not the interpreter's casts)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import importlib as il
+
+    from lowbit.kernels import triton_fake_quant as tfq
+    if not torch.cuda.is_available():
+        tfq = il.reload(tfq)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 96, generator=g)
+    raw = w.abs().reshape(16, 3, 32).amax(2) / 7 * (1 + 0.01 * torch.randn(16, 3, generator=g))
+    raw[0, 0] = -1.0
+    tiny = torch.finfo(scale_dtype).tiny
+    s = raw.clamp(min=tiny).to(scale_dtype).float()
+    want = ref.fake_quant_forward(w, s, None, 32, "int", (-8, 7)).to(torch.bfloat16)
+    got = tfq.fake_quant_forward(w.to(dev), raw.to(dev), None, 32, "int", (-8, 7), scale_dtype=scale_dtype,
+                                 out_dtype=torch.bfloat16)
+    assert torch.equal(got.cpu(), want)
+    go = torch.randn(16, 96, generator=g).to(torch.bfloat16)
+    gw, gs, _ = ref.fake_quant_backward(go.float(), w, s, None, 32, "int", (-8, 7), 0.5)
+    gw2, gs2, _ = tfq.fake_quant_backward(go.to(dev), w.to(dev), raw.to(dev), None, 32, "int", (-8, 7), 0.5,
+                                          scale_dtype=scale_dtype)
+    assert torch.equal(gw2.cpu(), gw)
+    gs[0, 0] = 0.0
+    torch.testing.assert_close(gs2.cpu(), gs, rtol=1e-5, atol=1e-6)

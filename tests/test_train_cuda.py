@@ -35,6 +35,34 @@ def test_cuda_quantizer_matches_cpu(spec):
         torch.testing.assert_close(fq.zero.grad, fq_cuda.zero.grad.cpu(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("spec", ["int4:g32", "e2m1fn:g32", "int3:g64"])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_quantizer_under_autocast_gives_the_cast_weight(spec, scale_dtype):
+    """Under bf16 autocast the kernels round the scale parameter themselves and write the weight in
+    bf16: the values autocast's cast of the float32 path would give, and the same gradients, with a
+    scale below the storage dtype's tiny clamped and given no gradient."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    fq = WeightFakeQuant(spec, tuple(w.shape), scale_dtype=scale_dtype)
+    fq.init_from(w)
+    with torch.no_grad():
+        fq.scale.mul_(1 + 0.01 * torch.randn(fq.scale.shape, generator=g))
+        fq.scale[0, 0] = -1.0
+    fq_cuda = copy.deepcopy(fq).cuda()
+    coef = torch.randn(48, 256, generator=g).to(torch.bfloat16)
+    wc, wg = w.clone().requires_grad_(), w.cuda().requires_grad_()
+    out_c = fq(wc).to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_g = fq_cuda(wg)
+    assert out_g.dtype == torch.bfloat16
+    assert torch.equal(out_c, out_g.cpu())
+    (out_c.float() * coef.float()).sum().backward()
+    (out_g * coef.cuda()).float().sum().backward()
+    assert torch.equal(wc.grad, wg.grad.cpu())
+    torch.testing.assert_close(fq.scale.grad, fq_cuda.scale.grad.cpu(), rtol=1e-5, atol=1e-6)
+    assert float(fq_cuda.scale.grad[0, 0]) == 0.0
+
+
 def test_tiny_model_trains_on_cuda_with_bf16_autocast():
     from _tiny import tiny_llama, token_ids
     from lowbit.train import convert, prepare_qat, trainable_groups

@@ -28,6 +28,7 @@ available, as ``kernels.triton_backend()`` does for triton_quant.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -85,6 +86,28 @@ def _round_grid(y, qmin, qmax, emin, emax, man, fmax, KIND: tl.constexpr, NEG_ZE
 
 
 @triton.jit
+def _round_bf16(x):
+    """x rounded to the nearest bfloat16 with ties to even, as float32 (so any later cast to
+    bfloat16 is exact): add 0x7FFF plus the kept lowest bit, then clear the 16 dropped bits. A
+    carry into the exponent is the correct rounding up (to inf above bfloat16's max); nan stays."""
+    b = x.to(tl.int32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def _stored_scale(s, tiny, SCALE_ROUND: tl.constexpr):
+    """The scale the forward uses: as given (SCALE_ROUND 0), or the parameter clamped to ``tiny``
+    and rounded to float16 (1) or bfloat16 (2) with ties to even, as a trained scale is stored.
+    ``s < tiny`` is false for nan, which passes as torch.clamp passes it."""
+    if SCALE_ROUND == 1:
+        s = tl.where(s < tiny, tiny, s).to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+    elif SCALE_ROUND == 2:
+        s = _round_bf16(tl.where(s < tiny, tiny, s))
+    return s
+
+
+@triton.jit
 def _program_tile(R, C, G, group, n_gblocks, BR: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr):
     """This program's rows, groups and masks: (row offsets (BR,1,1) int64, first column of each
     group (1,NG,1), lane index (1,1,GP), (row, group) offsets into S (BR,NG), their mask)."""
@@ -102,11 +125,12 @@ def _program_tile(R, C, G, group, n_gblocks, BR: tl.constexpr, NG: tl.constexpr,
 
 
 @triton.jit
-def _fwd_kernel(W, S, Z, OUT, R, C, G, group, n_steps, n_gblocks, qmin, qmax, emin, emax, man, fmax,
-                KIND: tl.constexpr, HAS_Z: tl.constexpr, NEG_ZERO: tl.constexpr,
-                BR: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr):
+def _fwd_kernel(W, S, Z, OUT, R, C, G, group, n_steps, n_gblocks, qmin, qmax, emin, emax, man, fmax, tiny,
+                KIND: tl.constexpr, HAS_Z: tl.constexpr, NEG_ZERO: tl.constexpr, SCALE_ROUND: tl.constexpr,
+                OUT_BF16: tl.constexpr, BR: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr):
     row0, col0, lane, sp, pm = _program_tile(R, C, G, group, n_gblocks, BR, NG, GP)
-    s = tl.broadcast_to(tl.load(S + sp, mask=pm, other=1.0)[:, :, None], (BR, NG, GP))
+    s = _stored_scale(tl.load(S + sp, mask=pm, other=1.0), tiny, SCALE_ROUND)
+    s = tl.broadcast_to(s[:, :, None], (BR, NG, GP))
     if HAS_Z:
         z = tl.broadcast_to(tl.load(Z + sp, mask=pm, other=0.0)[:, :, None], (BR, NG, GP))
     for step in range(n_steps):
@@ -123,15 +147,18 @@ def _fwd_kernel(W, S, Z, OUT, R, C, G, group, n_steps, n_gblocks, qmin, qmax, em
             out = (q - z) * s
         else:
             out = q * s
+        if OUT_BF16:   # what autocast's cast of a float32 weight would give, without its extra pass
+            out = _round_bf16(out).to(tl.bfloat16)
         tl.store(OUT + offs, out, mask=m)
 
 
 @triton.jit
 def _bwd_kernel(GO, W, S, Z, GW, GS, GZ, R, C, G, group, n_steps, n_gblocks, qmin, qmax, emin, emax, man,
-                fmax, lo, hi, grad_scale, KIND: tl.constexpr, HAS_Z: tl.constexpr, NEG_ZERO: tl.constexpr,
-                BR: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr):
+                fmax, lo, hi, grad_scale, tiny, KIND: tl.constexpr, HAS_Z: tl.constexpr, NEG_ZERO: tl.constexpr,
+                SCALE_ROUND: tl.constexpr, BR: tl.constexpr, NG: tl.constexpr, GP: tl.constexpr):
     row0, col0, lane, sp, pm = _program_tile(R, C, G, group, n_gblocks, BR, NG, GP)
-    s = tl.broadcast_to(tl.load(S + sp, mask=pm, other=1.0)[:, :, None], (BR, NG, GP))
+    raw = tl.load(S + sp, mask=pm, other=1.0)
+    s = tl.broadcast_to(_stored_scale(raw, tiny, SCALE_ROUND)[:, :, None], (BR, NG, GP))
     if HAS_Z:
         z = tl.broadcast_to(tl.load(Z + sp, mask=pm, other=0.0)[:, :, None], (BR, NG, GP))
         acc_z = tl.zeros((BR, NG, GP), dtype=tl.float32)
@@ -142,7 +169,7 @@ def _bwd_kernel(GO, W, S, Z, GW, GS, GZ, R, C, G, group, n_steps, n_gblocks, qmi
         m = pm[:, :, None] & (inner < group) & (col < C)
         offs = row0 + col
         w = tl.load(W + offs, mask=m, other=0.0)
-        g = tl.load(GO + offs, mask=m, other=0.0)
+        g = tl.load(GO + offs, mask=m, other=0.0).to(tl.float32)
         y = tl.math.div_rn(w, s)
         if HAS_Z:
             y = y + z
@@ -157,7 +184,10 @@ def _bwd_kernel(GO, W, S, Z, GW, GS, GZ, R, C, G, group, n_steps, n_gblocks, qmi
         acc_s += tl.where(m, g * tl.where(inside, q - y, off), 0.0)
         if HAS_Z:
             acc_z += tl.where(m, g * tl.where(inside, 0.0, -s), 0.0)
-    tl.store(GS + sp, tl.sum(acc_s, axis=2) * grad_scale, mask=pm)
+    gs = tl.sum(acc_s, axis=2) * grad_scale
+    if SCALE_ROUND != 0:   # straight through the rounding, and clamp's gradient: none below tiny
+        gs = tl.where(raw >= tiny, gs, 0.0)
+    tl.store(GS + sp, gs, mask=pm)
     if HAS_Z:
         tl.store(GZ + sp, tl.sum(acc_z, axis=2) * grad_scale, mask=pm)
 
@@ -178,6 +208,16 @@ def _check(named, w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Ten
     return rows, cols, n_groups
 
 
+SCALE_ROUNDS = {None: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _scale_round(scale_dtype: Optional[torch.dtype]) -> Tuple[int, float]:
+    if scale_dtype not in SCALE_ROUNDS:
+        raise ValueError(f"scale_dtype must be None, torch.float16 or torch.bfloat16, got {scale_dtype}")
+    return SCALE_ROUNDS[scale_dtype], (torch.finfo(scale_dtype).tiny if scale_dtype is not None else 0.0)
+
+
+@functools.lru_cache(maxsize=None)
 def _layout(rows: int, n_groups: int, group: int) -> dict:
     """Tile shape (BR rows, NG groups, GP columns a step) and the launch grid."""
     GP = min(triton.next_power_of_2(group), CHUNK)
@@ -188,7 +228,8 @@ def _layout(rows: int, n_groups: int, group: int) -> dict:
                 grid=(triton.cdiv(rows, BR) * n_gblocks,))
 
 
-def _grid_args(kind: str, params: Sequence) -> dict:
+@functools.lru_cache(maxsize=None)
+def _grid_args(kind: str, params: Tuple) -> dict:
     if kind == "int":
         return dict(qmin=float(params[0]), qmax=float(params[1]), emin=0, emax=0, man=0, fmax=0.0, KIND=0)
     emin, emax, man, fmax = params
@@ -196,45 +237,56 @@ def _grid_args(kind: str, params: Sequence) -> dict:
 
 
 def fake_quant_forward(w: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], group: int,
-                       kind: str, params: Sequence, neg_zero: bool = False) -> torch.Tensor:
+                       kind: str, params: Sequence, neg_zero: bool = False,
+                       scale_dtype: Optional[torch.dtype] = None,
+                       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """out = (round_to_grid(w / s + z) - z) * s in one pass; the bits of
     fake_quant_ref.fake_quant_forward. w (R, C), scale and zero (R, ceil(C / group)): float32,
-    contiguous, on CUDA; zero may be None."""
+    contiguous, on CUDA; zero may be None. ``scale_dtype`` (float16/bfloat16): ``s`` is
+    ``scale`` clamped to the dtype's tiny and rounded to it first (a stored trained scale).
+    ``out_dtype`` bfloat16 rounds the result to nearest-even bfloat16 (autocast's cast)."""
     named = [("w", w), ("scale", scale)] + ([("zero", zero)] if zero is not None else [])
     rows, cols, n_groups = _check(named, w, scale, zero, group, kind, params)
-    out = torch.empty_like(w)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    rounding, tiny = _scale_round(scale_dtype)
+    out = torch.empty(w.shape, dtype=out_dtype, device=w.device)
     if w.numel() == 0:
         return out
-    lay = _layout(rows, n_groups, group)
+    lay = dict(_layout(rows, n_groups, group))
     grid = lay.pop("grid")
-    _fwd_kernel[grid](w, scale, scale if zero is None else zero, out, rows, cols, n_groups, group,
-                      HAS_Z=zero is not None, NEG_ZERO=bool(neg_zero), num_warps=NUM_WARPS,
-                      **lay, **_grid_args(kind, params))
+    _fwd_kernel[grid](w, scale, scale if zero is None else zero, out, rows, cols, n_groups, group, tiny=tiny,
+                      HAS_Z=zero is not None, NEG_ZERO=bool(neg_zero), SCALE_ROUND=rounding,
+                      OUT_BF16=out_dtype == torch.bfloat16, num_warps=NUM_WARPS, **lay,
+                      **_grid_args(kind, tuple(params)))
     return out
 
 
 def fake_quant_backward(grad_out: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                         zero: Optional[torch.Tensor], group: int, kind: str, params: Sequence,
-                        grad_scale: float, neg_zero: bool = False
+                        grad_scale: float, neg_zero: bool = False, scale_dtype: Optional[torch.dtype] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(grad_w, grad_scale_t, grad_zero or None) in one pass over grad_out and w: the LSQ/LSQ+
-    gradients of fake_quant_ref.fake_quant_backward (grad_w bit for bit, the group sums to float32
-    summation error)."""
-    named = [("grad_out", grad_out), ("w", w), ("scale", scale)] + ([("zero", zero)] if zero is not None else [])
+    """(grad_w, grad_scale_t, grad_zero or None) in one pass over grad_out (float32 or bfloat16,
+    read as float32) and w: the LSQ/LSQ+ gradients of fake_quant_ref.fake_quant_backward (grad_w
+    bit for bit, the group sums to float32 summation error). With ``scale_dtype`` the scale's
+    gradient passes straight through the rounding, and is 0 where ``scale`` < the dtype's tiny."""
+    named = [("w", w), ("scale", scale)] + ([("zero", zero)] if zero is not None else [])
     rows, cols, n_groups = _check(named, w, scale, zero, group, kind, params)
-    if grad_out.shape != w.shape or grad_out.dtype != torch.float32 or grad_out.device != w.device:
-        raise ValueError(f"grad_out must be float32 like w {tuple(w.shape)} on {w.device}, got "
-                         f"{grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")
+    if (grad_out.shape != w.shape or grad_out.dtype not in (torch.float32, torch.bfloat16)
+            or grad_out.device != w.device or not grad_out.is_contiguous()):
+        raise ValueError(f"grad_out must be contiguous float32 or bfloat16 like w {tuple(w.shape)} on {w.device}, "
+                         f"got {grad_out.dtype} {tuple(grad_out.shape)} on {grad_out.device}")
+    rounding, tiny = _scale_round(scale_dtype)
     grad_w = torch.empty_like(w)
     grad_s = torch.zeros_like(scale)
     grad_z = None if zero is None else torch.zeros_like(zero)
     if w.numel() == 0:
         return grad_w, grad_s, grad_z
-    lay = _layout(rows, n_groups, group)
+    lay = dict(_layout(rows, n_groups, group))
     grid = lay.pop("grid")
     lo, hi = grid_range(kind, params)
     _bwd_kernel[grid](grad_out, w, scale, scale if zero is None else zero, grad_w, grad_s,
                       grad_s if grad_z is None else grad_z, rows, cols, n_groups, group, lo=lo, hi=hi,
-                      grad_scale=float(grad_scale), HAS_Z=zero is not None, NEG_ZERO=bool(neg_zero),
-                      num_warps=NUM_WARPS, **lay, **_grid_args(kind, params))
+                      grad_scale=float(grad_scale), tiny=tiny, HAS_Z=zero is not None, NEG_ZERO=bool(neg_zero),
+                      SCALE_ROUND=rounding, num_warps=NUM_WARPS, **lay, **_grid_args(kind, tuple(params)))
     return grad_w, grad_s, grad_z

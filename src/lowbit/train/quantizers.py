@@ -110,6 +110,33 @@ class _LearnedStep(torch.autograd.Function):
         return gw, gs, gz, None, None, None
 
 
+class _FusedStoredStep(torch.autograd.Function):
+    """_LearnedStep on CUDA for symmetric per-channel/group scales, from the scale *parameter*: the
+    kernels clamp and round it to its storage dtype themselves (what effective_params does in three
+    more ops a layer), and under bf16 autocast write the weight in bf16 (what autocast's cast would
+    give) and read the gradient in bf16. The values are _LearnedStep's; only the launches are fewer,
+    which is what a small model's training step is bound by."""
+
+    @staticmethod
+    def forward(ctx, w, scale, fused, scale_dtype, group: int, grad_scale: float, out_dtype):
+        mod, kind, params, neg_zero = fused
+        w32 = w.float().contiguous()
+        ctx.fused, ctx.scale_dtype, ctx.group, ctx.grad_scale = fused, scale_dtype, group, grad_scale
+        ctx.save_for_backward(w32, scale)
+        return mod.fake_quant_forward(w32, scale.contiguous(), None, group, kind, params, neg_zero,
+                                      scale_dtype=scale_dtype, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        w32, scale = ctx.saved_tensors
+        mod, kind, params, neg_zero = ctx.fused
+        if g.dtype not in (torch.float32, torch.bfloat16):
+            g = g.float()
+        gw, gs, _ = mod.fake_quant_backward(g.contiguous(), w32, scale.contiguous(), None, ctx.group, kind, params,
+                                            ctx.grad_scale, neg_zero, scale_dtype=ctx.scale_dtype)
+        return gw, gs, None, None, None, None, None
+
+
 class _RoundStraight(torch.autograd.Function):
     """Rounds a tensor to a float dtype (or to integers) forward, identity backward."""
 
@@ -210,6 +237,13 @@ class WeightFakeQuant(nn.Module):
         if tuple(w.shape) != self.shape:
             raise ValueError(f"this quantizer was built for weights of shape {self.shape}, got {tuple(w.shape)}")
         if self.scaling == "learned":
+            fused = self._fused_for(w)
+            if fused is not None:
+                out_dtype = torch.float32
+                if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+                    out_dtype = torch.bfloat16
+                return _FusedStoredStep.apply(w, self.scale, fused, self.scale_dtype, self.group, self.grad_scale,
+                                              out_dtype)
             s, z = self.effective_params()
             return _LearnedStep.apply(w, s, z, self.quantizer, self.group, self.grad_scale)
         with torch.no_grad():
@@ -223,6 +257,16 @@ class WeightFakeQuant(nn.Module):
                     y = y + expand_groups(torch.cat([p.zero for p in params], dim=1), self.group, self.shape[1])
                 mask = ((y >= lo) & (y <= hi)).float()
         return _Straight.apply(w, q, mask)
+
+    def _fused_for(self, w: torch.Tensor):
+        """The fused kernels for a symmetric per-channel/group learned scale on CUDA, else None;
+        looked up once per device kind (the lookup is host time on every step otherwise)."""
+        if self.zero is not None or self.spec.granularity == "tensor" or not w.is_cuda \
+                or self.scale_dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if "_fused" not in self.__dict__:
+            self._fused = _fused_backend(w, self.quantizer)
+        return self._fused
 
     # --- freezing ----------------------------------------------------------------------------
     @torch.no_grad()
