@@ -53,7 +53,7 @@ def cmd_fit(args) -> int:
     runs = read_runs(args.dir)
     if not runs:
         raise ValueError(f"{args.dir}: no runs (*.jsonl) to fit; run `lowbit scaling run --out {args.dir}` first")
-    result = fit_sweep(runs, n_count=args.n_count, bootstrap=args.bootstrap, seed=args.seed)
+    result = fit_sweep(runs, n_count=args.n_count, bootstrap_samples=args.bootstrap, seed=args.seed)
     path = Path(args.dir) / "fit.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print("\n".join(summary_lines(result)))
