@@ -143,3 +143,13 @@ def test_fit_report_and_predict_on_a_synthetic_sweep(tmp_path, capsys):
                  "--max-penalty", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "w4a4 N=2e+06 D=5e+07 G=64: loss" in out and "largest power-of-two group size" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sweep_runs_on_cuda_in_bf16(tmp_path):
+    settings = SweepSettings(batch_size=4, seq_len=64, vocab=512, eval_tokens=256, device="cuda")
+    recs = run_sweep(tmp_path, [RunSpec(64, 2048, None, "bf16"), RunSpec(64, 2048, 32, "w4a4")], settings,
+                     log=lambda s: None)
+    assert [r["autocast"] for r in recs] == ["bf16", "bf16"]
+    assert all(0 < r["loss"] < 10 for r in recs) and recs[1]["plan"]["act"]["*"] == "int4:token"
