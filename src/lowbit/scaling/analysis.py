@@ -168,7 +168,7 @@ def write_report(directory, n_count: str = "no_emb", bootstrap: int = 200) -> Li
     if not runs:
         raise ValueError(f"{directory}: no runs (*.jsonl) to report on")
     fit = load_or_fit(directory, runs, n_count, bootstrap)
-    report = {"fit": {k: v for k, v in fit.items()}, **analyse(runs, fit)}
+    report = {"fit": json.loads(json.dumps(fit)), **analyse(runs, fit)}
     for entry in [report["fit"]["base"], *report["fit"]["penalty"].values()]:
         entry.pop("samples", None)  # in fit.json; the report keeps the intervals
     out = Path(directory)

@@ -45,11 +45,20 @@ class ModelShape:
         return asdict(self)
 
 
-def model_shape(d: int, vocab: int, seq_len: int) -> ModelShape:
-    """The shape of the width-``d`` model (``d`` a positive multiple of 32)."""
+def check_width(d) -> int:
     if isinstance(d, bool) or not isinstance(d, int) or d < HEAD_DIM or d % HEAD_DIM:
         raise ValueError(f"model width must be a positive multiple of {HEAD_DIM} (the head size); got {d!r}")
-    mlp = MLP_MULTIPLE * math.ceil(8 * d / 3 / MLP_MULTIPLE)
+    return d
+
+
+def mlp_width(d: int) -> int:
+    return MLP_MULTIPLE * math.ceil(8 * check_width(d) / 3 / MLP_MULTIPLE)
+
+
+def model_shape(d: int, vocab: int, seq_len: int) -> ModelShape:
+    """The shape of the width-``d`` model (``d`` a positive multiple of 32)."""
+    check_width(d)
+    mlp = mlp_width(d)
     return ModelShape(d=d, layers=max(2, d // 64), heads=d // HEAD_DIM, mlp=mlp, vocab=vocab, seq_len=seq_len)
 
 

@@ -130,17 +130,17 @@ def sweep_grid(widths: Sequence[int], tokens: Sequence[int], groups: Sequence[in
         if uses_group(p, act_granularity) and not groups:
             raise ValueError(f"precision {p} quantizes in groups: give --groups")
         for w in widths:
-            models.model_shape(w, 256 + 1, 1)  # width check, before any run starts
+            models.check_width(w)  # before any run starts
             for t in tokens:
                 for g in gs:
                     for s in seeds:
                         runs.append(RunSpec(w, t, g, p, s))
     if act_granularity == "group":
         for r in runs:
-            shape = models.model_shape(r.width, 257, 1)
-            if r.group is not None and (r.width % r.group or shape.mlp % r.group):
+            mlp = models.mlp_width(r.width)
+            if r.group is not None and (r.width % r.group or mlp % r.group):
                 raise ValueError(f"act_granularity=group: group size {r.group} must divide the width {r.width} "
-                                 f"and the MLP width {shape.mlp}")
+                                 f"and the MLP width {mlp}")
     return sorted(runs, key=lambda r: (r.tokens * r.width, r.width, r.tokens, r.precision, r.group or 0, r.seed))
 
 
