@@ -143,6 +143,11 @@ def test_fit_report_and_predict_on_a_synthetic_sweep(tmp_path, capsys):
                  "--max-penalty", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "w4a4 N=2e+06 D=5e+07 G=64: loss" in out and "largest power-of-two group size" in out
+    # the runs past the first tokens only, written elsewhere
+    assert main(["scaling", "fit", str(tmp_path), "--bootstrap", "0", "--min-tokens", "20000000",
+                 "--out", str(tmp_path / "late")]) == 0
+    late = json.loads((tmp_path / "late" / "fit.json").read_text())
+    assert late["min_tokens"] == 20_000_000 and late["n_runs"] == len([r for r in runs if r["D"] >= 2e7])
 
 
 @pytest.mark.gpu

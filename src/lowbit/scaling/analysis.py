@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .fit import ACT_PART, UNQUANTIZED, WEIGHT_PART, by_precision, fit_sweep, observed_penalty
-from .sweep import LINEAR_TYPES, read_runs
+from .sweep import read_runs, select_runs
 
 W4A4, FC2_FIX = "w4a4", "w4a4-fc2a8"
 
@@ -147,31 +147,35 @@ def analyse(runs: Sequence[dict], fit: dict) -> dict:
             "table": run_table(runs)}
 
 
-def load_or_fit(directory, runs: Sequence[dict], n_count: str, bootstrap: int) -> dict:
-    """DIR/fit.json when it was made from these runs with these settings, else a new fit (saved)."""
-    path = Path(directory) / "fit.json"
+def load_or_fit(out: Path, runs: Sequence[dict], n_count: str, bootstrap: int, min_tokens: int = 0) -> dict:
+    """OUT/fit.json when it was made from these runs with these settings, else a new fit (saved)."""
+    path = out / "fit.json"
     if path.is_file():
         fit = json.loads(path.read_text(encoding="utf-8"))
-        if fit.get("n_runs") == len(runs) and fit.get("n_count") == n_count and fit.get("bootstrap") == bootstrap:
+        if (fit.get("n_runs") == len(runs) and fit.get("n_count") == n_count and fit.get("bootstrap") == bootstrap
+                and fit.get("min_tokens", 0) == min_tokens):
             return fit
-    fit = fit_sweep(runs, n_count=n_count, bootstrap_samples=bootstrap)
+    fit = {**fit_sweep(runs, n_count=n_count, bootstrap_samples=bootstrap), "min_tokens": min_tokens}
     path.write_text(json.dumps(fit, indent=1), encoding="utf-8")
     return fit
 
 
-def write_report(directory, n_count: str = "no_emb", bootstrap: int = 200) -> List[Path]:
-    """Fit (or reuse fit.json), analyse and write report.json, report.html and the plots."""
+def write_report(directory, n_count: str = "no_emb", bootstrap: int = 200, min_tokens: int = 0,
+                 out=None) -> List[Path]:
+    """Fit (or reuse OUT/fit.json), analyse and write report.json, report.html and the plots to
+    ``out`` (default: the sweep's directory), from the runs of at least ``min_tokens`` tokens."""
     from . import plots
     from .report import write_html
 
-    runs = read_runs(directory)
+    runs = select_runs(read_runs(directory), min_tokens)
     if not runs:
         raise ValueError(f"{directory}: no runs (*.jsonl) to report on")
-    fit = load_or_fit(directory, runs, n_count, bootstrap)
+    out = Path(out or directory)
+    out.mkdir(parents=True, exist_ok=True)
+    fit = load_or_fit(out, runs, n_count, bootstrap, min_tokens)
     report = {"fit": json.loads(json.dumps(fit)), **analyse(runs, fit)}
     for entry in [report["fit"]["base"], *report["fit"]["penalty"].values()]:
         entry.pop("samples", None)  # in fit.json; the report keeps the intervals
-    out = Path(directory)
     images = plots.write_plots(out, runs, fit, report)
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     html = write_html(out, report, images)

@@ -48,13 +48,16 @@ def cmd_run(args) -> int:
 
 def cmd_fit(args) -> int:
     from .fit import fit_sweep, summary_lines
-    from .sweep import read_runs
+    from .sweep import read_runs, select_runs
 
-    runs = read_runs(args.dir)
+    runs = select_runs(read_runs(args.dir), args.min_tokens)
     if not runs:
         raise ValueError(f"{args.dir}: no runs (*.jsonl) to fit; run `lowbit scaling run --out {args.dir}` first")
-    result = fit_sweep(runs, n_count=args.n_count, bootstrap_samples=args.bootstrap, seed=args.seed)
-    path = Path(args.dir) / "fit.json"
+    result = {**fit_sweep(runs, n_count=args.n_count, bootstrap_samples=args.bootstrap, seed=args.seed),
+              "min_tokens": args.min_tokens}
+    out = Path(args.out or args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "fit.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print("\n".join(summary_lines(result)))
     print(f"wrote {path}")
@@ -64,7 +67,8 @@ def cmd_fit(args) -> int:
 def cmd_report(args) -> int:
     from .analysis import write_report
 
-    paths = write_report(args.dir, n_count=args.n_count, bootstrap=args.bootstrap)
+    paths = write_report(args.dir, n_count=args.n_count, bootstrap=args.bootstrap, min_tokens=args.min_tokens,
+                         out=args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -119,6 +123,9 @@ def add_scaling_parser(sub) -> None:
         f.add_argument("--n-count", default="no_emb", choices=("no_emb", "total"),
                        help="N in the law: parameters without the embedding (default) or all of them")
         f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+        f.add_argument("--min-tokens", type=int, default=0,
+                       help="leave out runs trained on fewer tokens (the first steps' plateau is no law)")
+        f.add_argument("--out", help="where to write (default: DIR)")
         if name == "fit":
             f.add_argument("--seed", type=int, default=0)
         f.set_defaults(func=fn)

@@ -77,7 +77,8 @@ def write_html(out: Path, report: dict, images: List[Path]) -> Path:
     cost = report["cost"]
     sections = [_fit_tables(report["fit"]), _holdout(report["fit"]), _trends(report),
                 "<h2>Figures</h2>" + "".join(image(p) for p in images), _runs(report)]
-    sub = (f"{cost['runs']} runs, {cost['train_seconds']:.0f} s of training on {', '.join(cost['devices'])}")
+    sub = (f"{cost['runs']} runs, {cost['train_seconds']:.0f} s of training on {', '.join(cost['devices'])}"
+           + (f"; runs of D >= {report['fit']['min_tokens']:,} tokens" if report["fit"].get("min_tokens") else ""))
     path = out / "report.html"
     path.write_text(page("lowbit scaling: QAT scaling law", sub, sections), encoding="utf-8")
     return path

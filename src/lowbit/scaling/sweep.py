@@ -171,6 +171,13 @@ def read_runs(out: os.PathLike) -> List[dict]:
     return recs
 
 
+def select_runs(runs: Sequence[dict], min_tokens: int = 0) -> List[dict]:
+    """The runs trained on at least ``min_tokens`` tokens."""
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be an int >= 0; got {min_tokens!r}")
+    return [r for r in runs if r["D"] >= min_tokens]
+
+
 def append_run(out: os.PathLike, rec: dict) -> None:
     """Append one line under an exclusive lock: processes sharing OUT never interleave lines."""
     path = Path(out) / RUNS_FILE
