@@ -101,6 +101,9 @@ def test_sweep_writes_one_line_per_run_and_resumes(tmp_path):
     assert "1 already in" in logs[-2]
     lines = (tmp_path / RUNS_FILE).read_text().splitlines()
     assert len(lines) == 2
+    with open(tmp_path / RUNS_FILE, "a") as fh:  # a run two overlapping shares both finished, a torn line
+        fh.write(lines[0].replace('"loss": ', '"loss": 1') + "\n{\"key\": \"d3")
+    assert [r["loss"] for r in read_runs(tmp_path)] == [json.loads(x)["loss"] for x in lines]
     got = {r["key"]: r for r in read_runs(tmp_path)}
     w = got[runs[1].key]
     assert w["D"] == 256 and w["steps"] == 4 and w["G"] == 16 and w["N_no_emb"] < w["N"]

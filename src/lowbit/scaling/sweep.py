@@ -158,8 +158,9 @@ def parse_only(text: Optional[str]) -> Tuple[int, int]:
 
 
 def read_runs(out: os.PathLike) -> List[dict]:
-    """Every record of ``OUT/*.jsonl`` (a damaged last line, from a killed write, is ignored)."""
-    recs = []
+    """Every record of ``OUT/*.jsonl``, the first of each key (two processes given overlapping shares
+    may both finish a run); a damaged line, from a killed write, is ignored."""
+    recs: Dict[str, dict] = {}
     for path in sorted(Path(out).glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -167,8 +168,8 @@ def read_runs(out: os.PathLike) -> List[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and "key" in rec:
-                recs.append(rec)
-    return recs
+                recs.setdefault(rec["key"], rec)
+    return list(recs.values())
 
 
 def select_runs(runs: Sequence[dict], min_tokens: int = 0) -> List[dict]:
