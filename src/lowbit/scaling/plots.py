@@ -43,21 +43,25 @@ def _loss_panels(path: Path, runs, fit, axis: str) -> None:
     plt = _plt()
     groups = {p: rs for p, rs in by_precision(runs).items() if p == UNQUANTIZED or p in fit["penalty"]}
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False, sharey=True)
+    other = "D" if axis == "N" else "N"
+    level = (lambda r: r["D"]) if axis == "N" else (lambda r: _n(r, fit))
+    every = sorted({level(r) for r in runs})  # one colour per level in every panel
+    palette = dict(zip(every, plt.cm.viridis(np.linspace(0, 0.9, len(every)))))
     for ax, (p, rs) in zip(axes[0], sorted(groups.items())):
         g = _mid_group(rs)
         rs = [r for r in rs if r.get("G") == g]
-        other = "D" if axis == "N" else "N"
-        levels = sorted({(r["D"] if axis == "N" else _n(r, fit)) for r in rs})
-        colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(levels), 1)))
+        levels = sorted({level(r) for r in rs})
         xs = [(_n(r, fit) if axis == "N" else r["D"]) for r in rs]
         grid = np.geomspace(min(xs) / 1.5, max(xs) * 1.5, 60)
-        for c, lv in zip(colors, levels):
-            pts = [r for r in rs if (r["D"] if axis == "N" else _n(r, fit)) == lv]
+        for lv in levels:
+            c = palette[lv]
+            pts = [r for r in rs if level(r) == lv]
             ax.scatter([(_n(r, fit) if axis == "N" else r["D"]) for r in pts], [r["loss"] for r in pts], color=c,
                        s=18, label=f"{other}={lv:.3g}")
             n, d = (grid, np.full_like(grid, lv)) if axis == "N" else (np.full_like(grid, lv), grid)
             ax.plot(grid, predicted_loss(fit, n, d, [g] * len(grid), p), color=c, lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("N (" + ("no embedding" if fit["n_count"] == "no_emb" else "total") + ")" if axis == "N"
                       else "D (training tokens)")
         ax.set_title(p + (f", G={g}" if g else ""))
@@ -92,6 +96,7 @@ def _penalty_plot(path: Path, report: dict, fit: dict, precision: str = "w4a4") 
             ax.plot(xs, penalty(theta, np.log(med["N"] * np.ones_like(xs)), np.log(med["D"] * np.ones_like(xs)),
                                 log_log2(med["G"] * np.ones_like(xs))), color=c, lw=1)
         ax.set_xscale("log", base=2 if axis == "G" else 10)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel(axis)
         ax.legend(fontsize=7)
