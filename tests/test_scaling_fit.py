@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lowbit.scaling.fit import (bootstrap, crossing, fit_all, fit_sweep, holdout, observed_penalty, predict,
-                                _named_intervals)
+                                named_intervals)
 from lowbit.scaling.law import (BASE_NAMES, PENALTY_NAMES, base_log_loss, base_params, fit_base, huber,
                                 penalty_params, quantized_log_loss)
 
@@ -65,8 +65,8 @@ def test_noisy_sweep_true_parameters_lie_in_bootstrap_intervals(seed):
     runs = synthetic_runs(seed)
     base, pens = fit_all(runs)
     boot = bootstrap(runs, base, pens, "no_emb", 40, seed)
-    intervals = {**_named_intervals(boot["base"], BASE_NAMES, base_params),
-                 **_named_intervals(boot["w4a4"], PENALTY_NAMES, penalty_params)}
+    intervals = {**named_intervals(boot["base"], BASE_NAMES, base_params),
+                 **named_intervals(boot["w4a4"], PENALTY_NAMES, penalty_params)}
     for name, true in {**TRUE_BASE, **TRUE_PEN}.items():
         lo, hi = intervals[name]
         assert lo <= true <= hi, (name, true, lo, hi)

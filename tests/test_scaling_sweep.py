@@ -9,7 +9,6 @@ import torch
 from lowbit.cli import main
 from lowbit.data.train_corpus import Document, TrainingCorpus
 from lowbit.scaling import models
-from lowbit.scaling.analysis import write_report
 from lowbit.scaling.sweep import (RUNS_FILE, RunSpec, SweepSettings, parse_only, read_runs, run_sweep, sweep_grid,
                                   sweep_plan)
 from lowbit.scaling.tokenizer import EOT, load_tokenizer, save_tokenizer, tokenizer_sha256, train_bpe_json

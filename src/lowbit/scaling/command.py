@@ -3,6 +3,7 @@ registers them)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List
 
@@ -41,8 +42,13 @@ def cmd_run(args) -> int:
     if not args.out:
         raise ValueError("give --out DIR: the directory whose runs.jsonl collects the sweep")
     log = (lambda s: None) if args.quiet else print
-    run_sweep(args.out, runs, settings, tokenizer_file=args.tokenizer, only=parse_only(args.only), log=log,
-              progress=args.progress)
+    try:
+        run_sweep(args.out, runs, settings, tokenizer_file=args.tokenizer, only=parse_only(args.only), log=log,
+                  progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"lowbit scaling run: interrupted; finished runs are in {args.out}/runs.jsonl and the run in progress "
+              f"saved its state in {args.out}/.state: the same command continues", file=sys.stderr)
+        return 130
     return 0
 
 

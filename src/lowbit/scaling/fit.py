@@ -88,7 +88,7 @@ def bootstrap(runs: Sequence[dict], base: BaseFit, pens: Dict[str, PenaltyFit], 
     return {k: np.array(v) for k, v in out.items()}
 
 
-def _named_intervals(samples: np.ndarray, names, natural) -> dict:
+def named_intervals(samples: np.ndarray, names, natural) -> dict:
     """Interval of each parameter in natural units (A rather than log A)."""
     nat = np.array([list(natural(s).values()) for s in samples])
     keys = list(natural(samples[0]).keys())
@@ -162,7 +162,7 @@ def fit_sweep(runs: Sequence[dict], n_count: str = "no_emb", bootstrap_samples: 
                     "rms_log_residual": float(np.sqrt(np.mean((np.log(loss) - base.log_loss(n, d)) ** 2)))},
            "penalty": {}}
     if bootstrap_samples:
-        out["base"]["intervals"] = _named_intervals(boot["base"], BASE_NAMES, base_params)
+        out["base"]["intervals"] = named_intervals(boot["base"], BASE_NAMES, base_params)
         out["base"]["samples"] = boot["base"].tolist()
     lb_all = {}
     for p, fit in pens.items():
@@ -175,7 +175,7 @@ def fit_sweep(runs: Sequence[dict], n_count: str = "no_emb", bootstrap_samples: 
                  "groups": sorted({x for x in g if x is not None}),
                  "rms_log_residual": float(np.sqrt(np.mean((np.log(loss) - pred) ** 2)))}
         if bootstrap_samples:
-            entry["intervals"] = _named_intervals(boot[p], PENALTY_NAMES, penalty_params)
+            entry["intervals"] = named_intervals(boot[p], PENALTY_NAMES, penalty_params)
             entry["samples"] = boot[p].tolist()
         out["penalty"][p] = entry
     out["holdout"] = {"largest_N": holdout(runs, "N", n_count), "largest_D": holdout(runs, "D", n_count)}
