@@ -7,6 +7,9 @@ COMMON=(--sizes 32,64,96 --batch-size 8 --seq-len 64 --vocab 512 --eval-tokens 1
 share() {
   lowbit scaling run "${COMMON[@]}" --tokens 32k,96k,256k --precisions w4a4,bf16,w16a4 --groups 16,64 --only "$1/2"
   lowbit scaling run "${COMMON[@]}" --tokens 32k,96k --precisions w4a16,w4a4-fc2a8 --groups 64 --only "$1/2"
+  # a second seed at two points: the run-to-run spread that delta_p is measured against
+  lowbit scaling run "${COMMON[@]}" --sizes 64 --tokens 96k,256k --precisions bf16,w4a4 --groups 64 --seeds 1 \
+    --only "$1/2"
 }
 export OMP_NUM_THREADS=1
 share 0 & P0=$!

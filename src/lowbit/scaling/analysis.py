@@ -56,14 +56,15 @@ def matched_penalties(runs: Sequence[dict]) -> List[dict]:
             continue
         dp = observed_penalty(r, runs)
         if dp is not None:
-            out.append({"key": r["key"], "precision": r["precision"], "width": r["width"], "N": r["N"],
+            out.append({"key": r["key"], "precision": r["precision"], "width": r["width"], "seed": r["seed"], "N": r["N"],
                         "N_no_emb": r["N_no_emb"], "D": r["D"], "G": r.get("G"), "loss": r["loss"], "delta_p": dp})
     return out
 
 
 def _partner(pens: List[dict], r: dict, precision: str, group) -> Optional[dict]:
     for q in pens:
-        if q["precision"] == precision and q["width"] == r["width"] and q["D"] == r["D"] and q["G"] == group:
+        if (q["precision"] == precision and q["width"] == r["width"] and q["D"] == r["D"] and q["G"] == group
+                and q["seed"] == r["seed"]):
             return q
     return None
 
