@@ -90,8 +90,9 @@ def test_holdout_predicts_a_noiseless_law_and_flags_a_broken_one():
 
 def test_weight_activation_decomposition_and_crossing():
     runs = synthetic_runs(noise=0.0, extra={"w4a16": (32, 128), "w16a4": (None,)})
-    out = fit_sweep(runs, bootstrap_samples=0)
+    out = fit_sweep(runs, bootstrap_samples=4)
     dec = out["decomposition"]
+    assert dec["weight_faster_share"] == 1.0
     assert dec["gamma_D_weight"] == pytest.approx(0.3, rel=1e-2)
     assert dec["gamma_D_activation"] == pytest.approx(0.1, rel=2e-2) and dec["weight_grows_faster_with_D"]
     assert out["penalty"]["w16a4"]["gamma_G_fixed"]

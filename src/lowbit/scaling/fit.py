@@ -187,6 +187,9 @@ def fit_sweep(runs: Sequence[dict], n_count: str = "no_emb", bootstrap_samples: 
             "weight": WEIGHT_PART, "activation": ACT_PART,
             "gamma_D_weight": float(w[1]), "gamma_D_activation": float(a[1]),
             "weight_grows_faster_with_D": bool(w[1] > a[1]),
+            # share of bootstrap resamples (both parts refitted on the same resample) where it does
+            "weight_faster_share": (float(np.mean(boot[WEIGHT_PART][:, 1] > boot[ACT_PART][:, 1]))
+                                    if bootstrap_samples else None),
             "crossing_D": [{"N": s, "G": gg, "D": crossing(w, a, s, gg)} for s in sizes for gg in gs]}
     return out
 
@@ -220,7 +223,9 @@ def summary_lines(fit: dict) -> List[str]:
     if dec:
         lines.append(f"weight part ({dec['weight']}) gamma_D {dec['gamma_D_weight']:.3g} vs activation part "
                      f"({dec['activation']}) {dec['gamma_D_activation']:.3g}: the weight part grows "
-                     f"{'faster' if dec['weight_grows_faster_with_D'] else 'slower'} with D")
+                     f"{'faster' if dec['weight_grows_faster_with_D'] else 'slower'} with D"
+                     + (f" (in {dec['weight_faster_share']:.0%} of the bootstrap resamples)"
+                        if dec.get("weight_faster_share") is not None else ""))
         for c in dec["crossing_D"]:
             where = "never (equal D exponents)" if c["D"] is None else f"D = {c['D']:.3g}"
             lines.append(f"  parts cross at N={c['N']:.3g}, G={c['G']}: {where}")

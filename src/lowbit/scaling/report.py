@@ -48,9 +48,11 @@ def _trends(report: dict) -> str:
             for t in report["trends"]]
     dec = report["fit"].get("decomposition")
     if dec:
+        share = dec.get("weight_faster_share")
         rows.append(["w4a16 vs w16a4", "weight part grows faster with D",
-                     f"gamma_D {dec['gamma_D_weight']:.3g} vs {dec['gamma_D_activation']:.3g}",
-                     "agrees" if dec["weight_grows_faster_with_D"] else "disagrees"])
+                     f"gamma_D {dec['gamma_D_weight']:.3g} vs {dec['gamma_D_activation']:.3g}"
+                     + ("" if share is None else f" (faster in {share:.0%} of the resamples)"),
+                     _share_verdict(share, dec["weight_grows_faster_with_D"])])
     fc2 = report["fc2"]
     if fc2.get("pairs"):
         rows.append(["w4a4 vs w4a4-fc2a8", "8-bit FC2 inputs remove most of W4A4's penalty",
@@ -64,6 +66,15 @@ def _trends(report: dict) -> str:
                          f"{d['ratio_to_mean_of_others']:.2f} x mean of the others",
                          "agrees" if d["largest"] == "down_proj" else "disagrees"])
     return "<h2>Against the paper</h2>" + table(["runs", "paper", "here", "verdict"], rows)
+
+
+def _share_verdict(share, point: bool) -> str:
+    """agrees / disagrees when at least 97.5% of the bootstrap resamples say so, else inconclusive."""
+    if share is None:
+        return ("agrees" if point else "disagrees") + " (no interval)"
+    if share >= 0.975:
+        return "agrees"
+    return "disagrees" if share <= 0.025 else "inconclusive"
 
 
 def _runs(report: dict) -> str:
