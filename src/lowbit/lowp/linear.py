@@ -1,0 +1,136 @@
+"""The low-precision linear layer: an autograd Function whose forward, input-gradient and
+weight-gradient matmuls each take their operands in the recipe's formats, with HALO's Hadamard
+rotations by level (``recipe.py`` names the three matmuls), and ``LowpLinear``, a drop-in
+``nn.Linear`` that runs it.
+
+Tokens are padded with zero rows to a multiple of 16 (the FP8 kernels' alignment) and, at HALO-2, of
+the Hadamard block (the weight gradient is rotated along the tokens); zero rows change no product
+and no absmax."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .matmul import emulated_mm, kernel_for, kernel_mm
+from .operand import quantize_operand, rotate
+from .recipe import LowpRecipe, parse_recipe
+
+ALIGN = 16
+
+
+def _choose_kernel(recipe: LowpRecipe, a_role: str, b_role: str, a: torch.Tensor, b: torch.Tensor,
+                   out_dtype: torch.dtype) -> Optional[str]:
+    if recipe.backend == "emulate":
+        return None
+    sa, sb = recipe.spec(a_role), recipe.spec(b_role)
+    kind = kernel_for(sa, sb, a.shape[0], a.shape[1], b.shape[0], a.device, out_dtype)
+    if recipe.backend == "kernel":
+        if kind is None:
+            raise ValueError(f"backend='kernel': no low-precision kernel takes {sa} x {sb} at shape "
+                             f"{tuple(a.shape)} x {tuple(b.shape)}; FP8 (e4m3fn/e5m2, per tensor, dims multiple "
+                             "of 16) and INT8 (per tensor/row) are supported; use backend='auto' to emulate the rest")
+        return kind
+    return kind if a.is_cuda else None   # auto: the CPU emulates
+
+
+def lowp_mm(a: torch.Tensor, b: torch.Tensor, recipe: LowpRecipe, a_role: str, b_role: str,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """``Q(a) Q(b)^T`` for float32 operands already rotated, (rows, inner) each, with ``a`` in the
+    format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``."""
+    kind = _choose_kernel(recipe, a_role, b_role, a, b, out_dtype)
+    qa = quantize_operand(a, recipe.spec(a_role), native=kind is not None)
+    qb = quantize_operand(b, recipe.spec(b_role), native=kind is not None)
+    if kind is None:
+        return emulated_mm(qa, qb).to(out_dtype)
+    return kernel_mm(qa, qb, kind, out_dtype)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def padded_tokens(tokens: int, recipe: LowpRecipe) -> int:
+    m = ALIGN if recipe.level < 2 else math.lcm(ALIGN, recipe.block)
+    return -(-tokens // m) * m
+
+
+def _maybe_rotate(t: torch.Tensor, recipe: LowpRecipe, at_level: int) -> torch.Tensor:
+    return rotate(t, recipe.block) if recipe.level >= at_level else t.float().contiguous()
+
+
+class LowpMatmuls(torch.autograd.Function):
+    """``Y = X W^T`` with the three matmuls in low precision; X is (tokens, in_features)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: LowpRecipe, out_dtype: torch.dtype):
+        ctx.recipe, ctx.tokens = recipe, x.shape[0]
+        ctx.save_for_backward(x, weight)
+        rows = padded_tokens(x.shape[0], recipe)
+        xr = _maybe_rotate(_pad_rows(x, rows), recipe, 1)
+        wr = _maybe_rotate(weight, recipe, 1)
+        return lowp_mm(xr, wr, recipe, "x", "w", out_dtype)[: x.shape[0]]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        recipe = ctx.recipe
+        rows = padded_tokens(ctx.tokens, recipe)
+        gy = _pad_rows(gy, rows)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            # E_X = E_Y W: inner dimension = the output features
+            a = _maybe_rotate(gy, recipe, 1)
+            b = _maybe_rotate(weight.t(), recipe, 1)
+            gx = lowp_mm(a, b, recipe, "g", "w", x.dtype)[: ctx.tokens]
+        if ctx.needs_input_grad[1]:
+            # E_W = E_Y^T X: inner dimension = the tokens
+            a = _maybe_rotate(gy.t(), recipe, 2)
+            b = _maybe_rotate(_pad_rows(x, rows).t(), recipe, 2)
+            gw = lowp_mm(a, b, recipe, "g", "x", torch.float32).to(weight.dtype)
+        return gx, gw, None, None
+
+
+def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: LowpRecipe
+                ) -> torch.Tensor:
+    """``F.linear`` with its three matmuls in ``recipe``'s formats. The output dtype is autocast's
+    where autocast is on (bf16 on CUDA in training), else ``x``'s."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    lead = x.shape[:-1]
+    with torch.autocast(dev, enabled=False):
+        y = LowpMatmuls.apply(x.reshape(-1, x.shape[-1]), weight, recipe, out_dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class LowpLinear(nn.Linear):
+    """``nn.Linear`` whose matmuls (forward and both gradients) run in ``recipe``'s formats; the same
+    parameters (``weight``, ``bias``) and state-dict keys as the layer it replaces."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = parse_recipe(recipe)
+        if self.recipe is None:
+            raise ValueError("LowpLinear needs a low-precision recipe; leave the layer an nn.Linear for bf16")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe) -> "LowpLinear":
+        """A LowpLinear sharing ``linear``'s parameter tensors (the optimizer and any tying see no change)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, recipe=recipe, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lowp_linear(x, self.weight, self.bias, self.recipe)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.recipe.describe()}"

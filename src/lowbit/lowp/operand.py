@@ -1,0 +1,98 @@
+"""Matmul operands in a low-precision format: a 2-D tensor whose last dimension is the matmul's inner
+(reduced) dimension, rotated by a block Hadamard matrix and rounded by lowbit's quantizers.
+
+Pure tensor functions; no autograd (the linear layer's Function calls them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..emulate import quantize
+from ..formats import BlockFormat
+from ..kernels.scalar_div import div_scalar
+from ..quant.spec import QuantSpec
+from ..transforms.hadamard import block_fwht
+
+# element formats the hardware multiplies natively, by name
+NATIVE_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
+
+
+def inner_block(n: int, block: int) -> int:
+    """The Hadamard block used on an inner dimension of size ``n``: ``block``, or the largest power
+    of two dividing ``n`` when ``block`` does not (a size with an odd factor mixes within its
+    power-of-two runs)."""
+    return min(int(block), n & -n)
+
+
+def rotate(a: torch.Tensor, block: int) -> torch.Tensor:
+    """``a @ blockdiag(H_b)`` over the last dimension in float32 (b = ``inner_block``); orthonormal,
+    so rotating both operands of a matmul leaves the product unchanged."""
+    b = inner_block(a.shape[-1], block)
+    a = a.float().contiguous()
+    return a if b < 2 else block_fwht(a, b)
+
+
+@dataclass
+class Operand:
+    """A quantized operand. ``values``: the element-grid values in units of ``scale`` (float32), or
+    the hardware codes (float8 / int8 dtypes) of the same values; block formats keep their own block
+    scales, so their ``values`` are the dequantized values and ``scale`` is None. ``scale``: ``()``
+    per tensor, ``(rows, 1)`` per row, ``(rows, groups)`` per group of ``group`` inner elements."""
+
+    values: torch.Tensor
+    scale: Optional[torch.Tensor]
+    spec: QuantSpec
+    group: Optional[int] = None
+
+    def dequantize(self) -> torch.Tensor:
+        """The represented values, float32 (``values * scale``)."""
+        v = self.values.float()
+        if self.scale is None:
+            return v
+        if self.group is not None:
+            rows, n = v.shape
+            return (v.reshape(rows, -1, self.group) * self.scale.unsqueeze(-1)).reshape(rows, n)
+        return v * self.scale
+
+
+def _amax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """absmax / format max, 1 where the slice is all zero (so it stays zero)."""
+    return torch.where(amax > 0, div_scalar(amax, fmax), torch.ones_like(amax))
+
+
+def quantize_operand(a: torch.Tensor, spec: QuantSpec, native: bool = False) -> Operand:
+    """Round ``a`` (rows, inner), float32, to ``spec`` with scales along the inner dimension.
+
+    ``native``: for the formats of ``NATIVE_DTYPES`` in round-to-nearest-even, return hardware codes
+    made by torch's own cast (the same values as lowbit's rounding, which tests check); other
+    roundings go through lowbit's quantizer and are then cast exactly."""
+    if a.dim() != 2:
+        raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
+    a = a.float()
+    fmt = spec.fmt
+    if isinstance(fmt, BlockFormat):
+        return Operand(quantize(a, fmt, spec.rounding, axis=-1), None, spec)
+    rows, n = a.shape
+    group = None
+    if spec.granularity == "tensor":
+        s = _amax_scale(a.abs().amax(), fmt.max)
+    elif spec.granularity in ("channel", "token"):
+        s = _amax_scale(a.abs().amax(dim=1, keepdim=True), fmt.max)
+    else:
+        group = spec.group_size
+        if n % group:
+            raise ValueError(f"groups of {group} do not divide the inner dimension {n} of this operand; use a "
+                             f"group size dividing {n}, per-row ('channel') or per-tensor scales")
+        s = _amax_scale(a.reshape(rows, n // group, group).abs().amax(dim=-1), fmt.max)
+    y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
+    dtype = NATIVE_DTYPES.get(str(fmt)) if native else None
+    if dtype is not None and spec.rounding == "nearest_even":
+        if dtype == torch.int8:
+            codes = torch.round(y).clamp_(-127, 127).to(dtype)
+        else:
+            codes = y.clamp(-fmt.max, fmt.max).to(dtype)
+        return Operand(codes, s, spec, group)
+    q = quantize(y, fmt, spec.rounding)
+    return Operand(q.to(dtype) if dtype is not None else q, s, spec, group)
