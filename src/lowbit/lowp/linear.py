@@ -54,7 +54,9 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def padded_tokens(tokens: int, recipe: LowpRecipe) -> int:
-    m = ALIGN if recipe.level < 2 else math.lcm(ALIGN, recipe.block)
+    """Tokens padded to the kernels' alignment, the weight gradient's group/block size and, at
+    HALO-2, the Hadamard block."""
+    m = math.lcm(ALIGN, recipe.inner_multiple(("g", "x")), recipe.block if recipe.level == 2 else 1)
     return -(-tokens // m) * m
 
 
@@ -100,6 +102,7 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     where autocast is on (bf16 on CUDA in training), else ``x``'s."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    recipe.check_layer(weight.shape[1], weight.shape[0])
     dev = x.device.type
     out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
@@ -120,6 +123,7 @@ class LowpLinear(nn.Linear):
         self.recipe = parse_recipe(recipe)
         if self.recipe is None:
             raise ValueError("LowpLinear needs a low-precision recipe; leave the layer an nn.Linear for bf16")
+        self.recipe.check_layer(in_features, out_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe) -> "LowpLinear":

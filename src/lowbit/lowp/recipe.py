@@ -20,6 +20,7 @@ e.g. ``fp8:2``, ``int8:0``, ``e3m2:1``, ``mxfp4:1``, ``e2m1fn:g32:2``; ``bf16`` 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
@@ -97,6 +98,24 @@ class LowpRecipe:
         """The same recipe with E_Y rounded by ``rounding`` (e.g. stochastic)."""
         g = replace(self.spec("g"), rounding=check_rounding(rounding))
         return replace(self, g=str(g))
+
+    def inner_multiple(self, roles) -> int:
+        """The size an inner dimension reduced over operands ``roles`` must be a multiple of: the
+        least common multiple of their group / block sizes (1 for per-tensor and per-row scales)."""
+        m = 1
+        for role in roles:
+            s = self.spec(role)
+            if s.granularity in ("group", "block"):
+                m = math.lcm(m, s.group_size)
+        return m
+
+    def check_layer(self, in_features: int, out_features: int) -> None:
+        """ValueError when a linear layer of this shape cannot take the recipe's groups or blocks."""
+        for dim, n, roles in (("in_features", in_features, ("x", "w")), ("out_features", out_features, ("g", "w"))):
+            m = self.inner_multiple(roles)
+            if n % m:
+                raise ValueError(f"{self.describe()}: {dim}={n} is not a multiple of {m}, the group/block size of "
+                                 f"the operands reduced over it; choose per-tensor/per-row scales or smaller groups")
 
     def describe(self) -> str:
         head = self.name or f"x={self.x} w={self.w} g={self.g}"
