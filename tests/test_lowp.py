@@ -106,10 +106,16 @@ def test_rotation_is_orthogonal_block_hadamard(n, block):
     a, b = torch.randn(7, n, generator=g), torch.randn(5, n, generator=g)
     bs = inner_block(n, block)
     assert bs == math.gcd(n & -n, block) and n % bs == 0
-    H = hadamard_matrix(n, bs, dtype=torch.float64)
-    torch.testing.assert_close(rotate(a, block).double(), a.double() @ H, rtol=0, atol=1e-5)
-    torch.testing.assert_close(rotate(a, block) @ rotate(b, block).T, a @ b.T, rtol=0, atol=1e-4)
-    torch.testing.assert_close(H @ H.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    H = hadamard_matrix(n, bs, dtype=torch.float64) * math.sqrt(bs)   # the +-1 matrix
+    (ra, ga), (rb, gb) = rotate(a, block), rotate(b, block)
+    assert ga == gb == bs
+    torch.testing.assert_close(ra.double(), a.double() @ H, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ra @ rb.T / bs, a @ b.T, rtol=0, atol=1e-4)
+    torch.testing.assert_close(H @ H.T, bs * torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    # bf16 operands rotate in bf16: +-1 products are exact, float32 accumulation, one rounding
+    r16, _ = rotate(a.bfloat16(), block)
+    assert r16.dtype == torch.bfloat16
+    torch.testing.assert_close(r16, (a.bfloat16().double() @ H).bfloat16(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("spec,dtype", [("e4m3fn:tensor", torch.float8_e4m3fn), ("e5m2:tensor", torch.float8_e5m2),
@@ -156,11 +162,13 @@ def test_stochastic_gradient_rounding_is_unbiased_and_seeded():
     assert (mean - unbiased).norm() < 0.3 * (grads[0].double() - unbiased).norm()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe_text,level", [("fp8", 0), ("fp8", 2), ("fp8e4", 1), ("int8", 0), ("int8", 2)])
-def test_kernel_path_matches_emulation(recipe_text, level):
+def test_kernel_path_matches_emulation(recipe_text, level, dtype):
     """torch._scaled_mm / torch._int_mm where this torch runs them (CPU here, CUDA in test_lowp_cuda):
-    identical operand codes, outputs within accumulation-order tolerance."""
+    identical operand codes, outputs within accumulation-order tolerance (and one bf16 rounding)."""
     x, w, gy = _data()
+    x, gy = x.to(dtype), gy.to(dtype)
     emu = parse_recipe(f"{recipe_text}:{level}", block=16, backend="emulate")
     ker = parse_recipe(f"{recipe_text}:{level}", block=16, backend="kernel")
     try:
@@ -172,8 +180,10 @@ def test_kernel_path_matches_emulation(recipe_text, level):
             outs.append((y, xv.grad, wv.grad))
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"this torch has no CPU kernel for it: {e}")
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
     for a, b in zip(*outs):
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-12
+        assert a.dtype == b.dtype
+        assert ((a - b).abs() <= tol * b.abs() + 1e-5 * b.abs().max()).all()
 
 
 def test_kernel_selection():

@@ -37,13 +37,17 @@ def _choose_kernel(recipe: LowpRecipe, a_role: str, b_role: str, a: torch.Tensor
     return kind if a.is_cuda else None   # auto: the CPU emulates
 
 
-def lowp_mm(a: torch.Tensor, b: torch.Tensor, recipe: LowpRecipe, a_role: str, b_role: str,
+def lowp_mm(a: torch.Tensor, b: torch.Tensor, recipe: LowpRecipe, a_role: str, b_role: str, level: int,
             out_dtype: torch.dtype) -> torch.Tensor:
-    """``Q(a) Q(b)^T`` for float32 operands already rotated, (rows, inner) each, with ``a`` in the
-    format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``."""
+    """``Q(a R) Q(b R)^T / b`` for operands (rows, inner) sharing the inner dimension, ``a`` in the
+    format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``; ``R`` the +-1 block
+    Hadamard matrix of the inner dimension when the recipe's level is at least ``level``."""
+    gain = 1
+    if recipe.level >= level:
+        (a, gain), (b, _) = rotate(a, recipe.block), rotate(b, recipe.block)
     kind = _choose_kernel(recipe, a_role, b_role, a, b, out_dtype)
-    qa = quantize_operand(a, recipe.spec(a_role), native=kind is not None)
-    qb = quantize_operand(b, recipe.spec(b_role), native=kind is not None)
+    qa = quantize_operand(a, recipe.spec(a_role), native=kind is not None, gain=gain)
+    qb = quantize_operand(b, recipe.spec(b_role), native=kind is not None, gain=gain)
     if kind is None:
         return emulated_mm(qa, qb).to(out_dtype)
     return kernel_mm(qa, qb, kind, out_dtype)
@@ -60,39 +64,33 @@ def padded_tokens(tokens: int, recipe: LowpRecipe) -> int:
     return -(-tokens // m) * m
 
 
-def _maybe_rotate(t: torch.Tensor, recipe: LowpRecipe, at_level: int) -> torch.Tensor:
-    return rotate(t, recipe.block) if recipe.level >= at_level else t.float().contiguous()
-
-
 class LowpMatmuls(torch.autograd.Function):
-    """``Y = X W^T`` with the three matmuls in low precision; X is (tokens, in_features)."""
+    """``Y = X W^T`` with the three matmuls in low precision; X is (tokens, in_features). The operands
+    are rotated and quantized from ``compute_dtype`` (bf16 under autocast, as nn.Linear would cast
+    them; float32 otherwise)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: LowpRecipe, out_dtype: torch.dtype):
-        ctx.recipe, ctx.tokens = recipe, x.shape[0]
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: LowpRecipe, compute_dtype: torch.dtype):
+        x = x.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        ctx.recipe, ctx.tokens, ctx.weight_dtype = recipe, x.shape[0], weight.dtype
+        ctx.save_for_backward(x, w)
         rows = padded_tokens(x.shape[0], recipe)
-        xr = _maybe_rotate(_pad_rows(x, rows), recipe, 1)
-        wr = _maybe_rotate(weight, recipe, 1)
-        return lowp_mm(xr, wr, recipe, "x", "w", out_dtype)[: x.shape[0]]
+        return lowp_mm(_pad_rows(x, rows), w, recipe, "x", "w", 1, compute_dtype)[: x.shape[0]]
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         recipe = ctx.recipe
-        rows = padded_tokens(ctx.tokens, recipe)
-        gy = _pad_rows(gy, rows)
+        gy = _pad_rows(gy.to(x.dtype), padded_tokens(ctx.tokens, recipe))
         gx = gw = None
         if ctx.needs_input_grad[0]:
             # E_X = E_Y W: inner dimension = the output features
-            a = _maybe_rotate(gy, recipe, 1)
-            b = _maybe_rotate(weight.t(), recipe, 1)
-            gx = lowp_mm(a, b, recipe, "g", "w", x.dtype)[: ctx.tokens]
+            gx = lowp_mm(gy, w.t(), recipe, "g", "w", 1, x.dtype)[: ctx.tokens]
         if ctx.needs_input_grad[1]:
             # E_W = E_Y^T X: inner dimension = the tokens
-            a = _maybe_rotate(gy.t(), recipe, 2)
-            b = _maybe_rotate(_pad_rows(x, rows).t(), recipe, 2)
-            gw = lowp_mm(a, b, recipe, "g", "x", torch.float32).to(weight.dtype)
+            gw = lowp_mm(gy.t(), _pad_rows(x, gy.shape[0]).t(), recipe, "g", "x", 2, torch.float32)
+            gw = gw.to(ctx.weight_dtype)
         return gx, gw, None, None
 
 
@@ -104,10 +102,10 @@ def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     recipe.check_layer(weight.shape[1], weight.shape[0])
     dev = x.device.type
-    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
     with torch.autocast(dev, enabled=False):
-        y = LowpMatmuls.apply(x.reshape(-1, x.shape[-1]), weight, recipe, out_dtype)
+        y = LowpMatmuls.apply(x.reshape(-1, x.shape[-1]), weight, recipe, compute)
         if bias is not None:
             y = y + bias.to(y.dtype)
     return y.reshape(*lead, weight.shape[0])

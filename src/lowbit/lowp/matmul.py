@@ -6,10 +6,12 @@ multiplied and accumulated in float32 and the scales applied after, as the hardw
 scales are applied to each operand first (a group-scaled matmul is a sum of per-group products)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from .fused import int8_epilogue
 from .operand import NATIVE_DTYPES, Operand
 
 KERNELS = ("fp8", "fp8_row", "int8")
@@ -24,6 +26,8 @@ def emulated_mm(a: Operand, b: Operand) -> torch.Tensor:
     va = a.values.float() if _factored_scale(a) is not None or a.scale is None else a.dequantize()
     vb = b.values.float() if _factored_scale(b) is not None or b.scale is None else b.dequantize()
     y = va @ vb.T
+    if a.gain * b.gain > 1:
+        y = y * (1.0 / math.sqrt(a.gain * b.gain))   # both rotated by H_b: the product carries b
     sa, sb = _factored_scale(a), _factored_scale(b)
     if sa is not None:
         y = y * sa
@@ -59,14 +63,15 @@ def kernel_for(a_spec, b_spec, rows_a: int, inner: int, rows_b: int, device: tor
 
 def kernel_mm(a: Operand, b: Operand, kind: str, out_dtype: torch.dtype) -> torch.Tensor:
     """``A B^T`` on the low-precision units; ``a`` and ``b`` hold hardware codes."""
+    inv_gain = 1.0 / math.sqrt(a.gain * b.gain)   # exact: equal power-of-two blocks
     if kind == "int8":
-        acc = torch._int_mm(a.values, b.values.t())   # exact int32 accumulation
-        y = acc.float() * a.scale
-        return (y * b.scale.reshape(1, -1)).to(out_dtype)
+        acc = torch._int_mm(a.values.contiguous(), b.values.contiguous().t())   # exact int32 accumulation
+        return int8_epilogue(acc, a.scale * inv_gain, b.scale.reshape(1, -1), out_dtype)
     if kind == "fp8":
-        sa, sb = a.scale.float().reshape(()), b.scale.float().reshape(())
+        sa, sb = a.scale.float().reshape(()) * inv_gain, b.scale.float().reshape(())
     elif kind == "fp8_row":
-        sa, sb = a.scale.float().reshape(-1, 1), b.scale.float().reshape(1, -1)
+        sa, sb = a.scale.float().reshape(-1, 1) * inv_gain, b.scale.float().reshape(1, -1)
     else:
         raise ValueError(f"unknown kernel {kind!r}; accepted: {', '.join(KERNELS)}")
-    return torch._scaled_mm(a.values, b.values.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    return torch._scaled_mm(a.values.contiguous(), b.values.contiguous().t(), scale_a=sa, scale_b=sb,
+                            out_dtype=out_dtype)

@@ -5,7 +5,8 @@ Pure tensor functions; no autograd (the linear layer's Function calls them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -13,7 +14,8 @@ from ..emulate import quantize
 from ..formats import BlockFormat
 from ..kernels.scalar_div import div_scalar
 from ..quant.spec import QuantSpec
-from ..transforms.hadamard import block_fwht
+from .fused import cast_codes
+from ..transforms.hadamard import hadamard_matrix
 
 # element formats the hardware multiplies natively, by name
 NATIVE_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
@@ -26,12 +28,29 @@ def inner_block(n: int, block: int) -> int:
     return min(int(block), n & -n)
 
 
-def rotate(a: torch.Tensor, block: int) -> torch.Tensor:
-    """``a @ blockdiag(H_b)`` over the last dimension in float32 (b = ``inner_block``); orthonormal,
-    so rotating both operands of a matmul leaves the product unchanged."""
-    b = inner_block(a.shape[-1], block)
-    a = a.float().contiguous()
-    return a if b < 2 else block_fwht(a, b)
+_SIGN_MATRICES: dict = {}
+
+
+def sign_hadamard(b: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order ``b`` with entries +-1 (exact in every float dtype)."""
+    key = (b, dtype, str(device))
+    if key not in _SIGN_MATRICES:
+        H = hadamard_matrix(b, b, dtype=torch.float64) * math.sqrt(b)
+        _SIGN_MATRICES[key] = H.round().to(device=device, dtype=dtype)
+    return _SIGN_MATRICES[key]
+
+
+def rotate(a: torch.Tensor, block: int) -> Tuple[torch.Tensor, int]:
+    """``(a @ blockdiag(H_b), b)`` over the last dimension with ``H_b`` the +-1 Hadamard matrix of
+    order ``b = inner_block(n, block)``, as one matmul in ``a``'s dtype (float32 accumulation on
+    tensor cores for bf16). ``H_b H_b^T = b I``: rotating both operands of a matmul multiplies the
+    product by ``b``, which the matmul divides out exactly (a power of two)."""
+    n = a.shape[-1]
+    b = inner_block(n, block)
+    a = a.contiguous()
+    if b < 2:
+        return a, 1
+    return (a.reshape(-1, b) @ sign_hadamard(b, a.dtype, a.device)).reshape(a.shape), b
 
 
 @dataclass
@@ -45,6 +64,7 @@ class Operand:
     scale: Optional[torch.Tensor]
     spec: QuantSpec
     group: Optional[int] = None
+    gain: int = 1   # the Hadamard block the operand was rotated with (its product carries this factor)
 
     def dequantize(self) -> torch.Tensor:
         """The represented values, float32 (``values * scale``)."""
@@ -62,37 +82,35 @@ def _amax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
     return torch.where(amax > 0, div_scalar(amax, fmax), torch.ones_like(amax))
 
 
-def quantize_operand(a: torch.Tensor, spec: QuantSpec, native: bool = False) -> Operand:
-    """Round ``a`` (rows, inner), float32, to ``spec`` with scales along the inner dimension.
+def quantize_operand(a: torch.Tensor, spec: QuantSpec, native: bool = False, gain: int = 1) -> Operand:
+    """Round ``a`` (rows, inner) to ``spec`` with scales along the inner dimension (float32 maths;
+    ``gain``: the rotation's block, carried to the matmul).
 
     ``native``: for the formats of ``NATIVE_DTYPES`` in round-to-nearest-even, return hardware codes
     made by torch's own cast (the same values as lowbit's rounding, which tests check); other
     roundings go through lowbit's quantizer and are then cast exactly."""
     if a.dim() != 2:
         raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
-    a = a.float()
     fmt = spec.fmt
     if isinstance(fmt, BlockFormat):
-        return Operand(quantize(a, fmt, spec.rounding, axis=-1), None, spec)
+        return Operand(quantize(a.float(), fmt, spec.rounding, axis=-1), None, spec, gain=gain)
     rows, n = a.shape
     group = None
+    # amax of the operand's own values (bf16 values are exact in float32: the same on every path)
     if spec.granularity == "tensor":
-        s = _amax_scale(a.abs().amax(), fmt.max)
+        s = _amax_scale(a.abs().amax().float(), fmt.max)
     elif spec.granularity in ("channel", "token"):
-        s = _amax_scale(a.abs().amax(dim=1, keepdim=True), fmt.max)
+        s = _amax_scale(a.abs().amax(dim=1, keepdim=True).float(), fmt.max)
     else:
         group = spec.group_size
         if n % group:
             raise ValueError(f"groups of {group} do not divide the inner dimension {n} of this operand; use a "
                              f"group size dividing {n}, per-row ('channel') or per-tensor scales")
-        s = _amax_scale(a.reshape(rows, n // group, group).abs().amax(dim=-1), fmt.max)
-    y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
+        s = _amax_scale(a.reshape(rows, n // group, group).abs().amax(dim=-1).float(), fmt.max)
     dtype = NATIVE_DTYPES.get(str(fmt)) if native else None
     if dtype is not None and spec.rounding == "nearest_even":
-        if dtype == torch.int8:
-            codes = torch.round(y).clamp_(-127, 127).to(dtype)
-        else:
-            codes = y.clamp(-fmt.max, fmt.max).to(dtype)
-        return Operand(codes, s, spec, group)
+        return Operand(cast_codes(a, s, float(fmt.max), dtype), s, spec, group, gain)
+    a = a.float()
+    y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
     q = quantize(y, fmt, spec.rounding)
-    return Operand(q.to(dtype) if dtype is not None else q, s, spec, group)
+    return Operand(q.to(dtype) if dtype is not None else q, s, spec, group, gain)
