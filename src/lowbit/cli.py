@@ -426,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    from .lowp.cli import add_parser as add_lptrain
+
+    add_lptrain(sub)
     return p
 
 

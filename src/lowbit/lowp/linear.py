@@ -122,6 +122,7 @@ class LowpLinear(nn.Linear):
         if self.recipe is None:
             raise ValueError("LowpLinear needs a low-precision recipe; leave the layer an nn.Linear for bf16")
         self.recipe.check_layer(in_features, out_features)
+        self.lowp = True   # False: plain F.linear (evaluating the trained master weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe) -> "LowpLinear":
@@ -132,6 +133,8 @@ class LowpLinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lowp:
+            return F.linear(x, self.weight, self.bias)
         return lowp_linear(x, self.weight, self.bias, self.recipe)
 
     def extra_repr(self) -> str:

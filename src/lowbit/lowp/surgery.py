@@ -60,3 +60,14 @@ def prepare_lowp(model: nn.Module, rules: Rules, *, block: int = 256, backend: s
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LowpLinear.from_linear(getattr(parent, child), r))
     return [n for n, _ in swaps]
+
+
+def set_lowp(model: nn.Module, enabled: bool) -> int:
+    """Turn the low-precision matmuls of every LowpLinear on or off (off: plain ``F.linear`` on the
+    master weights); returns how many layers were switched."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LowpLinear):
+            mod.lowp = bool(enabled)
+            n += 1
+    return n
