@@ -264,3 +264,41 @@ def test_bad_block_shapes_and_rules():
     with pytest.raises(TypeError, match="rules must be"):
         prepare_lowp(nn.Sequential(nn.Linear(4, 4)), 3)
     assert parse_recipe("bf16") is None
+
+
+def _tiny_lowp_run(state_dir, interrupt_at=None):
+    from _tiny import tiny_llama, token_ids
+    from lowbit.train.loop import TrainConfig, train
+    from lowbit.train.objectives import causal_lm_objective
+
+    model = tiny_llama()
+    prepare_lowp(model, "int8:2", block=16, grad_rounding="stochastic")
+    ids = token_ids(16, 24)
+
+    def on_step(rec):
+        if rec["step"] == interrupt_at:
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(steps=4, lr=1e-3, save_every=10)
+    train(model, lambda k: {"input_ids": ids[(2 * k) % 16: (2 * k) % 16 + 2]}, causal_lm_objective("ce"),
+          {"weights": [p for p in model.parameters()]}, cfg, state_dir=state_dir, progress=False, on_step=on_step)
+    return model
+
+
+def test_lowp_training_resumes_bit_exactly(tmp_path):
+    """Stochastic gradient rounding is a function of the step: an interrupted run resumed through
+    lowbit.train's loop ends with the weights of one that never stopped."""
+    straight = _tiny_lowp_run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_lowp_run(tmp_path / "b", interrupt_at=2)
+    resumed = _tiny_lowp_run(tmp_path / "b")
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_lptrain_cli_bad_recipe_exits_2(capsys):
+    from lowbit.cli import main
+
+    assert main(["lptrain", "--halo", "fp8:7"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HALO level must be 0, 1 or 2" in err[0]
