@@ -129,7 +129,7 @@ def test_native_codes_equal_lowbit_rounding(spec, dtype):
     a[0, :5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0])
     a[1] = 0   # an all-zero row keeps scale 1
     spec = QuantSpec.parse(spec)
-    emu, nat = quantize_operand(a, spec), quantize_operand(a, spec, native=True)
+    emu, nat = quantize_operand(a, spec, fast=False), quantize_operand(a, spec, codes=True)
     assert nat.values.dtype == dtype
     assert torch.equal(nat.values.float(), emu.values)
     assert torch.equal(nat.scale, emu.scale)

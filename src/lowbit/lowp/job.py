@@ -49,9 +49,11 @@ def _log(msg: str, quiet: bool) -> None:
 def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, config: Optional[TrainConfig] = None,
                 batch_size: int = 8, seq_len: int = 512, objective: str = "ce", block: int = 256,
                 backend: str = "auto", grad_rounding: Optional[str] = None, val_batches: int = 8,
-                device: Optional[str] = "auto", save_model: bool = False, quiet: bool = False) -> dict:
-    """Fine-tune ``model`` (a causal LM spec or module) under the recipe ``halo`` (``fp8:2``,
-    ``int8:0``, ``e3m2:1``, ``mxfp4:1``, ``bf16`` ...); returns the report (also written to ``out``)."""
+                device: Optional[str] = "auto", save_model: bool = False, tokenizer=None,
+                quiet: bool = False) -> dict:
+    """Fine-tune ``model`` (a causal LM spec, or a module with ``tokenizer``; a module is trained in
+    place) under the recipe ``halo`` (``fp8:2``, ``int8:0``, ``e3m2:1``, ``mxfp4:1``, ``bf16`` ...);
+    returns the report (also written to ``out``)."""
     from ..data.train_corpus import validation_batches
     from ..models.loader import load_model
 
@@ -62,7 +64,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         raise ValueError(f"need a batch of 1+ sequences of 2+ tokens and 1+ validation batches, got {batch_size} x "
                          f"{seq_len}, {val_batches}")
     dev = resolve_device(device)
-    loaded = load_model(model)
+    loaded = load_model(model, tokenizer=tokenizer)
     if loaded.kind != "causal_lm":
         raise ValueError(f"lptrain fine-tunes causal language models; {loaded.name} is a {loaded.kind}")
     student, tokenizer = loaded.model, loaded.tokenizer

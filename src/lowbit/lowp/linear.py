@@ -46,8 +46,9 @@ def lowp_mm(a: torch.Tensor, b: torch.Tensor, recipe: LowpRecipe, a_role: str, b
     if recipe.level >= level:
         (a, gain), (b, _) = rotate(a, recipe.block), rotate(b, recipe.block)
     kind = _choose_kernel(recipe, a_role, b_role, a, b, out_dtype)
-    qa = quantize_operand(a, recipe.spec(a_role), native=kind is not None, gain=gain)
-    qb = quantize_operand(b, recipe.spec(b_role), native=kind is not None, gain=gain)
+    fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
+    qa = quantize_operand(a, recipe.spec(a_role), codes=kind is not None, gain=gain, fast=fast)
+    qb = quantize_operand(b, recipe.spec(b_role), codes=kind is not None, gain=gain, fast=fast)
     if kind is None:
         return emulated_mm(qa, qb).to(out_dtype)
     return kernel_mm(qa, qb, kind, out_dtype)

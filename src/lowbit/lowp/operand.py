@@ -82,13 +82,15 @@ def _amax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
     return torch.where(amax > 0, div_scalar(amax, fmax), torch.ones_like(amax))
 
 
-def quantize_operand(a: torch.Tensor, spec: QuantSpec, native: bool = False, gain: int = 1) -> Operand:
+def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain: int = 1,
+                     fast: bool = True) -> Operand:
     """Round ``a`` (rows, inner) to ``spec`` with scales along the inner dimension (float32 maths;
     ``gain``: the rotation's block, carried to the matmul).
 
-    ``native``: for the formats of ``NATIVE_DTYPES`` in round-to-nearest-even, return hardware codes
-    made by torch's own cast (the same values as lowbit's rounding, which tests check); other
-    roundings go through lowbit's quantizer and are then cast exactly."""
+    ``codes``: return hardware codes (the float8/int8 dtypes of ``NATIVE_DTYPES``) instead of float32
+    grid values. ``fast``: formats of ``NATIVE_DTYPES`` in round-to-nearest-even are rounded by
+    torch's own saturating cast, bit for bit lowbit's rounding (tests check it) at memory speed on
+    every device; ``fast=False`` and every other format and rounding go through lowbit's quantizer."""
     if a.dim() != 2:
         raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
     fmt = spec.fmt
@@ -107,10 +109,11 @@ def quantize_operand(a: torch.Tensor, spec: QuantSpec, native: bool = False, gai
             raise ValueError(f"groups of {group} do not divide the inner dimension {n} of this operand; use a "
                              f"group size dividing {n}, per-row ('channel') or per-tensor scales")
         s = _amax_scale(a.reshape(rows, n // group, group).abs().amax(dim=-1).float(), fmt.max)
-    dtype = NATIVE_DTYPES.get(str(fmt)) if native else None
-    if dtype is not None and spec.rounding == "nearest_even":
-        return Operand(cast_codes(a, s, float(fmt.max), dtype), s, spec, group, gain)
+    dtype = NATIVE_DTYPES.get(str(fmt))
+    if dtype is not None and fast and group is None and spec.rounding == "nearest_even":
+        c = cast_codes(a, s, float(fmt.max), dtype)
+        return Operand(c if codes else c.float(), s, spec, group, gain)
     a = a.float()
     y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
     q = quantize(y, fmt, spec.rounding)
-    return Operand(q.to(dtype) if dtype is not None else q, s, spec, group, gain)
+    return Operand(q.to(dtype) if codes and dtype is not None else q, s, spec, group, gain)

@@ -69,8 +69,10 @@ def check_operand_spec(spec, role: str) -> QuantSpec:
 @dataclass(frozen=True)
 class LowpRecipe:
     """The formats of X, W and E_Y (see the module docstring), the HALO level, the Hadamard block
-    size and the backend (``auto``: real FP8/INT8 kernels where the operands and the device allow,
-    emulation elsewhere; ``emulate``; ``kernel``: refuse to emulate)."""
+    size and the backend: ``auto``: real FP8/INT8 kernels on CUDA where the operands allow, emulation
+    elsewhere (E4M3/E5M2/INT8 nearest-even operands rounded by torch's cast, bit for bit lowbit's);
+    ``emulate``: every operand through lowbit's quantizers, float32 matmuls; ``kernel``: the real
+    kernels on any device that has them, refusing to emulate."""
 
     x: str
     w: str
