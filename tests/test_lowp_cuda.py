@@ -55,9 +55,9 @@ def test_cuda_kernel_path_matches_emulation(text):
 def test_cuda_auto_backend_picks_the_kernels():
     x, w, _ = _data()
     r = parse_recipe("fp8:1", block=64)
-    assert _choose_kernel(r, "x", "w", x, w, torch.bfloat16) == "fp8"
-    assert _choose_kernel(parse_recipe("int8:2"), "g", "x", x, w, torch.float32) == "int8"
-    assert _choose_kernel(parse_recipe("e3m2:1"), "x", "w", x, w, torch.bfloat16) is None
+    assert _choose_kernel(r, "x", "w", x, w.shape, torch.bfloat16) == "fp8"
+    assert _choose_kernel(parse_recipe("int8:2"), "g", "x", x, w.shape, torch.float32) == "int8"
+    assert _choose_kernel(parse_recipe("e3m2:1"), "x", "w", x, w.shape, torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("text", ["fp8:2", "int8:2", "mxfp4:1"])
