@@ -302,3 +302,27 @@ def test_lptrain_cli_bad_recipe_exits_2(capsys):
     assert main(["lptrain", "--halo", "fp8:7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HALO level must be 0, 1 or 2" in err[0]
+
+
+def test_compiled_cast_is_the_eager_cast(monkeypatch):
+    """The torch.compile'd scale-and-cast (CUDA's path; compiled for the CPU here) gives the eager
+    codes, for every native format, input dtype and scale shape, within dynamo's recompile limit."""
+    import warnings
+
+    from lowbit.lowp import fused
+
+    monkeypatch.setattr(fused, "COMPILE_ON", ("cpu",))
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    g = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lowbit.lowp")   # a compile failure falls back, warning
+        for dt in (torch.bfloat16,):   # the autocast dtype; float32 inputs take the same graph
+            for rows in (32, 48):
+                a = (torch.randn(rows, 64, generator=g) * 10).to(dt)
+                for fmt, dtype in (("e4m3fn", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2), ("int8", torch.int8)):
+                    fmax = lowbit.format(fmt).max
+                    for s in (a.abs().amax().float() / fmax, a.abs().amax(1, keepdim=True).float() / fmax):
+                        got = fused.cast_codes(a, s, fmax, dtype)
+                        want = fused._cast_codes(a, s, fmax, dtype == torch.int8, dtype)
+                        assert got.dtype == dtype and torch.equal(got.float(), want.float())
+    assert all(v is not fused._EAGER for v in fused._COMPILED.values())

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 _COMPILED: dict = {}
+COMPILE_ON = ("cuda",)   # device types whose calls are compiled (tests add "cpu")
 
 
 def _cast_codes(a: torch.Tensor, s: torch.Tensor, fmax: float, is_int: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -21,27 +22,34 @@ def _int8_epilogue(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, dtype:
     return (acc.float() * sa * sb).to(dtype)
 
 
-def _run(name: str, fn, *args):
-    """``fn(*args)``, through torch.compile on CUDA."""
-    if not args[0].is_cuda:
+def _run(key: tuple, fn, *args):
+    """``fn(*args)``, through torch.compile on CUDA: one compiled function per ``key`` (the
+    constants baked into ``fn``), so the tensors' dtypes and ranks are all that vary per entry and
+    dynamo's recompilation limit is never reached."""
+    if args[0].device.type not in COMPILE_ON:
         return fn(*args)
-    compiled = _COMPILED.get(name)
+    compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _COMPILED[name] = torch.compile(fn, dynamic=False)
-    if compiled is not fn:
+        compiled = _COMPILED[key] = torch.compile(fn, dynamic=True)
+    if compiled is not _EAGER:
         try:
             return compiled(*args)
         except Exception as e:  # an inductor/triton failure must not stop training: eager is exact too
-            warnings.warn(f"lowbit.lowp: torch.compile of {name} failed ({type(e).__name__}: {e}); running eager")
-            _COMPILED[name] = fn
+            warnings.warn(f"lowbit.lowp: torch.compile of {key[0]} failed ({type(e).__name__}: {e}); running eager")
+            _COMPILED[key] = _EAGER
     return fn(*args)
+
+
+_EAGER = object()
 
 
 def cast_codes(a: torch.Tensor, s: torch.Tensor, fmax: float, dtype: torch.dtype) -> torch.Tensor:
     """Hardware codes of ``a / s`` (float32 division; saturated; nearest-even): float8 or int8 ``dtype``."""
-    return _run("cast_codes", _cast_codes, a, s, fmax, dtype == torch.int8, dtype)
+    is_int = dtype == torch.int8
+    s2 = s.reshape(1, 1) if s.dim() == 0 else s   # one rank for every scale: fewer compiled variants
+    return _run(("cast_codes", dtype, fmax), lambda a, s: _cast_codes(a, s, fmax, is_int, dtype), a, s2)
 
 
 def int8_epilogue(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``acc * sa * sb`` (int32 accumulators, float32 scales) in ``dtype``."""
-    return _run("int8_epilogue", _int8_epilogue, acc, sa, sb, dtype)
+    return _run(("int8_epilogue", dtype), lambda acc, sa, sb: _int8_epilogue(acc, sa, sb, dtype), acc, sa, sb)
