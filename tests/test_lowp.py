@@ -326,3 +326,18 @@ def test_compiled_cast_is_the_eager_cast(monkeypatch):
                         want = fused._cast_codes(a, s, fmax, dtype == torch.int8, dtype)
                         assert got.dtype == dtype and torch.equal(got.float(), want.float())
     assert all(v is not fused._EAGER for v in fused._COMPILED.values())
+
+
+@pytest.mark.parametrize("spec,exact", [("e4m3fn:tensor", True), ("e5m2:channel", True), ("int8:channel", True),
+                                        ("e3m2fn:tensor", True), ("int8:g16", False), ("mxfp4", False),
+                                        ("e4m3fn:g16", False)])
+def test_bf16_exact_grid_values(spec, exact):
+    """Where the emulation may multiply in bf16 (CUDA): exactly the operands whose grid values bf16 holds."""
+    from lowbit.lowp.matmul import bf16_exact
+    from lowbit.quant.spec import QuantSpec
+
+    a = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 1e3
+    op = quantize_operand(a, QuantSpec.parse(spec), fast=False)
+    assert bf16_exact(op) == exact
+    if exact:
+        assert torch.equal(op.values.bfloat16().float(), op.values)

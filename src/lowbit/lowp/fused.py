@@ -14,8 +14,8 @@ COMPILE_ON = ("cuda",)   # device types whose calls are compiled (tests add "cpu
 def _cast_codes(a: torch.Tensor, s: torch.Tensor, fmax: float, is_int: bool, dtype: torch.dtype) -> torch.Tensor:
     y = a.float() / s
     if is_int:
-        return torch.round(y).clamp(-fmax, fmax).to(dtype)   # round half to even, as lowbit's nearest_even
-    return y.clamp(-fmax, fmax).to(dtype)                    # torch's float8 cast rounds to nearest even
+        y = torch.round(y)                   # half to even, as lowbit's nearest_even
+    return y.clamp_(-fmax, fmax).to(dtype)   # saturate; torch's float8 cast rounds to nearest even
 
 
 def _int8_epilogue(acc: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..formats import FloatFormat, IntFormat
 from .fused import int8_epilogue
 from .operand import NATIVE_DTYPES, Operand
 
@@ -21,11 +22,40 @@ def _factored_scale(op: Operand) -> Optional[torch.Tensor]:
     return None if op.scale is None or op.group is not None else op.scale
 
 
+_BF16_TINY = 2.0 ** -133   # bf16's smallest subnormal
+
+
+def bf16_exact(op: Operand) -> bool:
+    """Whether the values ``emulated_mm`` multiplies (element-grid values under a per-tensor or
+    per-row scale) are all exact in bfloat16: integers of at most 9 bits, minifloats with at most
+    7 mantissa bits inside bf16's range (E4M3, E5M2, E3M2, E2M1 ...)."""
+    if _factored_scale(op) is None:
+        return False   # group or block scales: dequantized values, not grid values
+    fmt = op.spec.fmt
+    if isinstance(fmt, IntFormat):
+        return fmt.width <= 9 and fmt.frac == 0
+    if isinstance(fmt, FloatFormat):
+        return fmt.man <= 7 and fmt.max < 2.0 ** 127 and fmt.min_subnormal >= _BF16_TINY
+    return False
+
+
+def _mm_float32(va: torch.Tensor, vb: torch.Tensor, exact_bf16: bool) -> torch.Tensor:
+    """``va @ vb.T`` with float32 accumulation and output. On CUDA, operands exact in bf16 run as a
+    bf16 GEMM with a float32 output (the products are exact either way, the sums float32): the
+    emulation then costs what a bf16 matmul costs."""
+    if exact_bf16 and va.is_cuda:
+        try:
+            return torch.mm(va.bfloat16(), vb.bfloat16().T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):   # a torch without mm(out_dtype=)
+            pass
+    return va @ vb.T
+
+
 def emulated_mm(a: Operand, b: Operand) -> torch.Tensor:
     """``A B^T`` in float32 (rows_a, rows_b) from the operands' exact values."""
     va = a.values.float() if _factored_scale(a) is not None or a.scale is None else a.dequantize()
     vb = b.values.float() if _factored_scale(b) is not None or b.scale is None else b.dequantize()
-    y = va @ vb.T
+    y = _mm_float32(va, vb, bf16_exact(a) and bf16_exact(b))
     if a.gain * b.gain > 1:
         y = y * (1.0 / math.sqrt(a.gain * b.gain))   # both rotated by H_b: the product carries b
     sa, sb = _factored_scale(a), _factored_scale(b)
