@@ -80,7 +80,7 @@ def layer_table(args, dev) -> list:
     except ImportError:
         print("torchao is not importable: its rows are left out")
     out = []
-    for k, n in SHAPES:
+    for k, n in args.shapes:
         x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
         x[:, :4] *= 20  # a few outlier channels, as LLM activations have
         gy = torch.randn(args.tokens, n, device=dev, dtype=torch.bfloat16) * 1e-2
@@ -119,14 +119,16 @@ def summarize_layers(rows: list) -> dict:
     return summary
 
 
-def llama_1b(vocab: int):
+def llama_1b(vocab: int, dev):
+    """Built on ``dev`` directly (random initialisation of 1B parameters on a CPU takes tens of seconds)."""
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                                    tie_word_embeddings=True)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    with torch.device(dev):
+        return transformers.LlamaForCausalLM(cfg)
 
 
 def end_to_end(args, dev) -> list:
@@ -134,7 +136,7 @@ def end_to_end(args, dev) -> list:
 
     out = []
     for name, recipe in (("bf16", None), ("lowbit fp8 HALO-1", "fp8:1")):
-        model = llama_1b(args.vocab).to(dev)
+        model = llama_1b(args.vocab, dev)
         n_params = sum(p.numel() for p in model.parameters())
         if recipe:
             prepare_lowp(model, recipe, block=args.block)
@@ -167,6 +169,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in p.split("x")) for p in t.split(",")],
+                    default=list(SHAPES), help="in x out features, comma-separated (default 4096x14336,14336x4096)")
     ap.add_argument("--block", type=int, default=256, help="Hadamard block size")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
