@@ -172,8 +172,8 @@ def main() -> None:
     ap.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in p.split("x")) for p in t.split(",")],
                     default=list(SHAPES), help="in x out features, comma-separated (default 4096x14336,14336x4096)")
     ap.add_argument("--block", type=int, default=256, help="Hadamard block size")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--e2e-batch", type=int, default=4)
