@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowbit.lowp import lowp_linear, parse_recipe, prepare_lowp
-from lowbit.lowp.linear import _choose_kernel
+from lowbit.lowp.linear import choose_kernel
 from lowbit.lowp.operand import quantize_operand, rotate
 from lowbit.quant.spec import QuantSpec
 
@@ -55,9 +55,9 @@ def test_cuda_kernel_path_matches_emulation(text):
 def test_cuda_auto_backend_picks_the_kernels():
     x, w, _ = _data()
     r = parse_recipe("fp8:1", block=64)
-    assert _choose_kernel(r, "x", "w", x, w.shape, torch.bfloat16) == "fp8"
-    assert _choose_kernel(parse_recipe("int8:2"), "g", "x", x, w.shape, torch.float32) == "int8"
-    assert _choose_kernel(parse_recipe("e3m2:1"), "x", "w", x, w.shape, torch.bfloat16) is None
+    assert choose_kernel(r, "x", "w", x, w.shape, torch.bfloat16) == "fp8"
+    assert choose_kernel(parse_recipe("int8:2"), "g", "x", x, w.shape, torch.float32) == "int8"
+    assert choose_kernel(parse_recipe("e3m2:1"), "x", "w", x, w.shape, torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("text", ["fp8:2", "int8:2", "mxfp4:1"])

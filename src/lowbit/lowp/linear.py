@@ -23,8 +23,9 @@ from .recipe import LowpRecipe, parse_recipe
 ALIGN = 16
 
 
-def _choose_kernel(recipe: LowpRecipe, a_role: str, b_role: str, a: torch.Tensor, b_shape,
-                   out_dtype: torch.dtype) -> Optional[str]:
+def choose_kernel(recipe: LowpRecipe, a_role: str, b_role: str, a: torch.Tensor, b_shape,
+                  out_dtype: torch.dtype) -> Optional[str]:
+    """The kernel (``matmul.KERNELS``) this matmul runs on under the recipe's backend, or None to emulate."""
     if recipe.backend == "emulate":
         return None
     sa, sb = recipe.spec(a_role), recipe.spec(b_role)
@@ -59,7 +60,7 @@ def lowp_mm(a: torch.Tensor, b: Union[torch.Tensor, Operand], recipe: LowpRecipe
         if not isinstance(b, Operand):
             b, _ = rotate(b, recipe.block)
     b_shape = b.values.shape if isinstance(b, Operand) else b.shape
-    kind = _choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
+    kind = choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
     fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
     qa = quantize_operand(a, recipe.spec(a_role), codes=kind is not None, gain=gain, fast=fast)
     if isinstance(b, Operand):
