@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .scaling.command import add_scaling_parser
 
     add_scaling_parser(sub)
+    from .lowp.cli import add_parser as add_lptrain
+
+    add_lptrain(sub)
     return p
 
 

@@ -1,0 +1,177 @@
+"""The low-precision linear layer: an autograd Function whose forward, input-gradient and
+weight-gradient matmuls each take their operands in the recipe's formats, with HALO's Hadamard
+rotations by level (``recipe.py`` names the three matmuls), and ``LowpLinear``, a drop-in
+``nn.Linear`` that runs it.
+
+Tokens are padded with zero rows to a multiple of 16 (the FP8 kernels' alignment) and, at HALO-2, of
+the Hadamard block (the weight gradient is rotated along the tokens); zero rows change no product
+and no absmax."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .matmul import emulated_mm, kernel_for, kernel_mm
+from .operand import NATIVE_DTYPES, Operand, quantize_operand, rotate
+from .recipe import LowpRecipe, parse_recipe
+
+ALIGN = 16
+
+
+def choose_kernel(recipe: LowpRecipe, a_role: str, b_role: str, a: torch.Tensor, b_shape,
+                  out_dtype: torch.dtype) -> Optional[str]:
+    """The kernel (``matmul.KERNELS``) this matmul runs on under the recipe's backend, or None to emulate."""
+    if recipe.backend == "emulate":
+        return None
+    sa, sb = recipe.spec(a_role), recipe.spec(b_role)
+    kind = kernel_for(sa, sb, a.shape[0], a.shape[1], b_shape[0], a.device, out_dtype)
+    if recipe.backend == "kernel":
+        if kind is None:
+            raise ValueError(f"backend='kernel': no low-precision kernel takes {sa} x {sb} at shape "
+                             f"{tuple(a.shape)} x {tuple(b_shape)}; FP8 (e4m3fn/e5m2, per tensor, dims multiple "
+                             "of 16) and INT8 (per tensor/row) are supported; use backend='auto' to emulate the rest")
+        return kind
+    return kind if a.is_cuda else None   # auto: the CPU emulates
+
+
+def _as_codes(op: Operand, codes: bool) -> Operand:
+    """The same operand holding hardware codes (``codes``) or float32 values: an exact conversion."""
+    is_codes = op.values.dtype in NATIVE_DTYPES.values()
+    if codes == is_codes:
+        return op
+    dtype = NATIVE_DTYPES[str(op.spec.fmt)]
+    return replace(op, values=op.values.to(dtype) if codes else op.values.float())
+
+
+def lowp_mm(a: torch.Tensor, b: Union[torch.Tensor, Operand], recipe: LowpRecipe, a_role: str, b_role: str,
+            level: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, Operand, Operand]:
+    """``(Q(a R) Q(b R)^T / b, Q(a R), Q(b R))`` for operands (rows, inner) sharing the inner
+    dimension, ``a`` in the format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``;
+    ``R`` the +-1 block Hadamard matrix of the inner dimension when the recipe's level is at least
+    ``level``. ``b`` may be an operand quantized before (reused as it is)."""
+    gain = 1
+    if recipe.level >= level:
+        a, gain = rotate(a, recipe.block)
+        if not isinstance(b, Operand):
+            b, _ = rotate(b, recipe.block)
+    b_shape = b.values.shape if isinstance(b, Operand) else b.shape
+    kind = choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
+    fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
+    qa = quantize_operand(a, recipe.spec(a_role), codes=kind is not None, gain=gain, fast=fast)
+    if isinstance(b, Operand):
+        qb = _as_codes(b, kind is not None)
+    else:
+        qb = quantize_operand(b, recipe.spec(b_role), codes=kind is not None, gain=gain, fast=fast)
+    y = emulated_mm(qa, qb).to(out_dtype) if kind is None else kernel_mm(qa, qb, kind, out_dtype)
+    return y, qa, qb
+
+
+def _reusable(recipe: LowpRecipe, role: str) -> bool:
+    """Whether the forward's quantized X or W serves the backward as it is: no rotation anywhere
+    (HALO-0), one scale for the whole tensor (the same along either dimension) and a deterministic
+    rounding; the backward then transposes the codes instead of quantizing again."""
+    spec = recipe.spec(role)
+    return recipe.level == 0 and spec.granularity == "tensor" and "stochastic" not in spec.rounding
+
+
+def _transposed(op: Operand) -> Operand:
+    return replace(op, values=op.values.t().contiguous())
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else F.pad(t, (0, 0, 0, rows - t.shape[0]))
+
+
+def padded_tokens(tokens: int, recipe: LowpRecipe) -> int:
+    """Tokens padded to the kernels' alignment, the weight gradient's group/block size and, at
+    HALO-2, the Hadamard block."""
+    m = math.lcm(ALIGN, recipe.inner_multiple(("g", "x")), recipe.block if recipe.level == 2 else 1)
+    return -(-tokens // m) * m
+
+
+class LowpMatmuls(torch.autograd.Function):
+    """``Y = X W^T`` with the three matmuls in low precision; X is (tokens, in_features). The operands
+    are rotated and quantized from ``compute_dtype`` (bf16 under autocast, as nn.Linear would cast
+    them; float32 otherwise)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: LowpRecipe, compute_dtype: torch.dtype):
+        x = x.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        ctx.recipe, ctx.tokens, ctx.weight_dtype, ctx.dtype = recipe, x.shape[0], weight.dtype, compute_dtype
+        rows = padded_tokens(x.shape[0], recipe)
+        y, qx, qw = lowp_mm(_pad_rows(x, rows), w, recipe, "x", "w", 1, compute_dtype)
+        # keep what the backward needs: the quantized operand where it is reusable (smaller, too)
+        ctx.qx = _transposed(qx) if _reusable(recipe, "x") else None
+        ctx.qw = _transposed(qw) if _reusable(recipe, "w") else None
+        ctx.save_for_backward(None if ctx.qx is not None else x, None if ctx.qw is not None else w)
+        return y[: x.shape[0]]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        recipe = ctx.recipe
+        gy = _pad_rows(gy.to(ctx.dtype), padded_tokens(ctx.tokens, recipe))
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            # E_X = E_Y W: inner dimension = the output features
+            b = ctx.qw if ctx.qw is not None else w.t()
+            gx = lowp_mm(gy, b, recipe, "g", "w", 1, ctx.dtype)[0][: ctx.tokens]
+        if ctx.needs_input_grad[1]:
+            # E_W = E_Y^T X: inner dimension = the tokens
+            b = ctx.qx if ctx.qx is not None else _pad_rows(x, gy.shape[0]).t()
+            gw = lowp_mm(gy.t(), b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
+        ctx.qx = ctx.qw = None
+        return gx, gw, None, None
+
+
+def lowp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], recipe: LowpRecipe
+                ) -> torch.Tensor:
+    """``F.linear`` with its three matmuls in ``recipe``'s formats. The output dtype is autocast's
+    where autocast is on (bf16 on CUDA in training), else ``x``'s."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    recipe.check_layer(weight.shape[1], weight.shape[0])
+    dev = x.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    lead = x.shape[:-1]
+    with torch.autocast(dev, enabled=False):
+        y = LowpMatmuls.apply(x.reshape(-1, x.shape[-1]), weight, recipe, compute)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
+class LowpLinear(nn.Linear):
+    """``nn.Linear`` whose matmuls (forward and both gradients) run in ``recipe``'s formats; the same
+    parameters (``weight``, ``bias``) and state-dict keys as the layer it replaces."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = parse_recipe(recipe)
+        if self.recipe is None:
+            raise ValueError("LowpLinear needs a low-precision recipe; leave the layer an nn.Linear for bf16")
+        self.recipe.check_layer(in_features, out_features)
+        self.lowp = True   # False: plain F.linear (evaluating the trained master weights)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe) -> "LowpLinear":
+        """A LowpLinear sharing ``linear``'s parameter tensors (the optimizer and any tying see no change)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, recipe=recipe, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.lowp:
+            return F.linear(x, self.weight, self.bias)
+        return lowp_linear(x, self.weight, self.bias, self.recipe)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.recipe.describe()}"

@@ -1,0 +1,119 @@
+"""Matmul operands in a low-precision format: a 2-D tensor whose last dimension is the matmul's inner
+(reduced) dimension, rotated by a block Hadamard matrix and rounded by lowbit's quantizers.
+
+Pure tensor functions; no autograd (the linear layer's Function calls them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..emulate import quantize
+from ..formats import BlockFormat
+from ..kernels.scalar_div import div_scalar
+from ..quant.spec import QuantSpec
+from .fused import cast_codes
+from ..transforms.hadamard import hadamard_matrix
+
+# element formats the hardware multiplies natively, by name
+NATIVE_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
+
+
+def inner_block(n: int, block: int) -> int:
+    """The Hadamard block used on an inner dimension of size ``n``: ``block``, or the largest power
+    of two dividing ``n`` when ``block`` does not (a size with an odd factor mixes within its
+    power-of-two runs)."""
+    return min(int(block), n & -n)
+
+
+_SIGN_MATRICES: dict = {}
+
+
+def sign_hadamard(b: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order ``b`` with entries +-1 (exact in every float dtype)."""
+    key = (b, dtype, str(device))
+    if key not in _SIGN_MATRICES:
+        H = hadamard_matrix(b, b, dtype=torch.float64) * math.sqrt(b)
+        _SIGN_MATRICES[key] = H.round().to(device=device, dtype=dtype)
+    return _SIGN_MATRICES[key]
+
+
+def rotate(a: torch.Tensor, block: int) -> Tuple[torch.Tensor, int]:
+    """``(a @ blockdiag(H_b), b)`` over the last dimension with ``H_b`` the +-1 Hadamard matrix of
+    order ``b = inner_block(n, block)``, as one matmul in ``a``'s dtype (float32 accumulation on
+    tensor cores for bf16). ``H_b H_b^T = b I``: rotating both operands of a matmul multiplies the
+    product by ``b``, which the matmul divides out exactly (a power of two)."""
+    n = a.shape[-1]
+    b = inner_block(n, block)
+    a = a.contiguous()
+    if b < 2:
+        return a, 1
+    return (a.reshape(-1, b) @ sign_hadamard(b, a.dtype, a.device)).reshape(a.shape), b
+
+
+@dataclass
+class Operand:
+    """A quantized operand. ``values``: the element-grid values in units of ``scale`` (float32), or
+    the hardware codes (float8 / int8 dtypes) of the same values; block formats keep their own block
+    scales, so their ``values`` are the dequantized values and ``scale`` is None. ``scale``: ``()``
+    per tensor, ``(rows, 1)`` per row, ``(rows, groups)`` per group of ``group`` inner elements."""
+
+    values: torch.Tensor
+    scale: Optional[torch.Tensor]
+    spec: QuantSpec
+    group: Optional[int] = None
+    gain: int = 1   # the Hadamard block the operand was rotated with (its product carries this factor)
+
+    def dequantize(self) -> torch.Tensor:
+        """The represented values, float32 (``values * scale``)."""
+        v = self.values.float()
+        if self.scale is None:
+            return v
+        if self.group is not None:
+            rows, n = v.shape
+            return (v.reshape(rows, -1, self.group) * self.scale.unsqueeze(-1)).reshape(rows, n)
+        return v * self.scale
+
+
+def _amax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """absmax / format max, 1 where the slice is all zero (so it stays zero)."""
+    return torch.where(amax > 0, div_scalar(amax, fmax), torch.ones_like(amax))
+
+
+def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain: int = 1,
+                     fast: bool = True) -> Operand:
+    """Round ``a`` (rows, inner) to ``spec`` with scales along the inner dimension (float32 maths;
+    ``gain``: the rotation's block, carried to the matmul).
+
+    ``codes``: return hardware codes (the float8/int8 dtypes of ``NATIVE_DTYPES``) instead of float32
+    grid values. ``fast``: formats of ``NATIVE_DTYPES`` in round-to-nearest-even are rounded by
+    torch's own saturating cast, bit for bit lowbit's rounding (tests check it) at memory speed on
+    every device; ``fast=False`` and every other format and rounding go through lowbit's quantizer."""
+    if a.dim() != 2:
+        raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
+    fmt = spec.fmt
+    if isinstance(fmt, BlockFormat):
+        return Operand(quantize(a.float(), fmt, spec.rounding, axis=-1), None, spec, gain=gain)
+    rows, n = a.shape
+    group = None
+    # amax of the operand's own values (bf16 values are exact in float32: the same on every path)
+    if spec.granularity == "tensor":
+        s = _amax_scale(a.abs().amax().float(), fmt.max)
+    elif spec.granularity in ("channel", "token"):
+        s = _amax_scale(a.abs().amax(dim=1, keepdim=True).float(), fmt.max)
+    else:
+        group = spec.group_size
+        if n % group:
+            raise ValueError(f"groups of {group} do not divide the inner dimension {n} of this operand; use a "
+                             f"group size dividing {n}, per-row ('channel') or per-tensor scales")
+        s = _amax_scale(a.reshape(rows, n // group, group).abs().amax(dim=-1).float(), fmt.max)
+    dtype = NATIVE_DTYPES.get(str(fmt))
+    if dtype is not None and fast and group is None and spec.rounding == "nearest_even":
+        c = cast_codes(a, s, float(fmt.max), dtype)
+        return Operand(c if codes else c.float(), s, spec, group, gain)
+    a = a.float()
+    y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
+    q = quantize(y, fmt, spec.rounding)
+    return Operand(q.to(dtype) if codes and dtype is not None else q, s, spec, group, gain)
