@@ -476,3 +476,40 @@ def test_rotation_of_real_smollm2_is_exact_in_float():
                                       {"input_ids": ids})
     assert rec["block"] == 576 and rec["online_down"]["block"] == 1536
     assert diff < 1e-3 * scale
+
+
+@pytest.mark.parametrize("signs_after", [False, True])
+def test_fused_rotation_passes_the_gradient_on(monkeypatch, signs_after):
+    """Under training, the fused (CUDA) rotation is differentiable and its gradient is the one of
+    the reference transform: a kernel call without autograd would cut the gradient to every layer
+    before an online rotation. The kernel is stood in for by the reference here (no CUDA in CI);
+    on CUDA the same test runs against the real kernel."""
+    from lowbit.transforms import hadamard as hd
+
+    n, b = 64, 16
+    signs = hd.random_signs(n, 3)
+    if not torch.cuda.is_available():
+        class Kernel:
+            @staticmethod
+            def supports(y, block):
+                return True
+
+            @staticmethod
+            def block_fwht(y, block, signs=None, signs_after=False):
+                assert not y.requires_grad or not torch.is_grad_enabled()
+                with torch.no_grad():  # a kernel launch: no autograd of its own
+                    return hd.block_fwht(y, block, "kron", signs=signs, signs_after=signs_after)
+
+        monkeypatch.setattr(hd, "_triton_kernels", lambda: Kernel)
+        monkeypatch.setattr(hd, "_use_triton", lambda y, block, method: method == "auto")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(0)).to(dev)
+    coef = torch.randn(5, n, generator=torch.Generator().manual_seed(1)).to(dev)
+    s = signs.to(dev)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = hd.block_fwht(xa, b, signs=s, signs_after=signs_after)
+    yb = hd.block_fwht(xb, b, "kron", signs=s, signs_after=signs_after)
+    torch.testing.assert_close(ya, yb)
+    (ya * coef).sum().backward()
+    (yb * coef).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)

@@ -113,6 +113,23 @@ def _triton_kernels():
     return _triton_state["mod"]
 
 
+class _FusedFWHT(torch.autograd.Function):
+    """The fused kernel with its gradient, so a rotation inside a model that trains (an online
+    input transform under QAT) passes the gradient on instead of cutting it: ``R`` is orthogonal and
+    ``H_b / sqrt(b)`` symmetric, so the gradient ``g R^T`` is the same kernel with the signs on the
+    other side."""
+
+    @staticmethod
+    def forward(ctx, y, b, signs, signs_after):
+        ctx.b, ctx.signs_after, ctx.signs = b, signs_after, signs
+        return _triton_kernels().block_fwht(y, b, signs, signs_after)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = _triton_kernels().block_fwht(g.float().contiguous(), ctx.b, ctx.signs, not ctx.signs_after)
+        return gx, None, None, None
+
+
 def _use_triton(y: torch.Tensor, b: int, method: str) -> bool:
     """Whether this call goes to the fused kernel: always for ``method="triton"`` (which raises when
     it cannot), for ``"auto"`` when the kernel takes the input (CUDA float32 contiguous, b <= 4096)."""
@@ -228,6 +245,8 @@ def block_fwht(x: torch.Tensor, block: Optional[int] = None, method: str = "auto
     dtype = x.dtype
     y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     if _use_triton(y, b, method):
+        if torch.is_grad_enabled() and y.requires_grad:
+            return _FusedFWHT.apply(y, b, signs, signs_after).to(dtype)
         return _triton_kernels().block_fwht(y, b, signs, signs_after).to(dtype)
     if signs is not None and not signs_after:
         y = y * signs.to(y.device, y.dtype)
