@@ -2,10 +2,12 @@
 
 Used for the few elements whose float64 libm result lies too close to a float32 for its rounding to
 be trusted (lowbit.arith.elementary). The value is evaluated at 160 bits, and at doubled precision
-until an error interval of 2**-(prec-8) relative rounds to one float64-to-odd value; a result that is
-a float64 at two precisions in a row is taken as exact (the exact cases of these functions on
+until an error interval of 2**-(prec-8) relative rounds to one float64-to-odd value (the exact cases
+of these functions on
 float64 arguments are known and few: f(0), log(1), log2(2**k), log10(10**k), arccos(1), arccosh(1),
-and powers, which are decided with exact rational arithmetic instead).
+which the caller sets, and powers, decided with exact rational arithmetic where possible). Other
+functions never accept a value that looks exact: the loop runs on to 5120 bits, enough for every
+float64 argument except tanh and expm1 saturating at +-1, whose side is known.
 """
 from __future__ import annotations
 
@@ -130,15 +132,21 @@ def true_odd64(name: str, *args: float) -> float:
             if isinstance(v, mpmath.mpc):
                 return math.nan
             f = odd_of_mpf(v)
-            if mpmath.isfinite(v) and v == mpmath.mpf(f):
+            if name == "power" and mpmath.isfinite(v) and v == mpmath.mpf(f):
+                # powers not decided exactly above: accept a float64 seen at two precisions
                 if last_exact == f:
                     return f
                 last_exact = f
-            else:
-                last_exact = None
+            elif v != mpmath.mpf(f) or not mpmath.isfinite(v):
                 err = abs(v) * mpmath.ldexp(1, 8 - prec)
                 if odd_of_mpf(v - err) == odd_of_mpf(v + err):
                     return f
         if prec >= _MAX_PREC:
-            return f
+            break
         prec *= 2
+    # the other functions take no float64 value at a float64 argument outside the exact cases handled
+    # by the caller; a value still looking like one is tanh or expm1 saturating at +-1 or -1 from the
+    # inside (|1 - |tanh x|| = 2 exp(-2|x|) < 2**-5000): the true value lies toward zero
+    if name in ("tanh", "expm1") and abs(f) == 1.0:
+        return _odd_of(f, -1 if f > 0 else 1)
+    return f
