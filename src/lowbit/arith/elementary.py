@@ -32,7 +32,7 @@ from ..emulate import quantize
 from ..rounding import STOCHASTIC_MODES
 from .basic import finish, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
 from .mpref import DBL_MAX, true_odd64
-from .odd32 import NEAR_ABS, NEAR_REL, odd32_exact, to_odd32, to_odd32_near
+from .odd32 import NEAR_ABS, NEAR_REL, odd32_exact, odd32_pair, run_fused, to_odd32, to_odd32_near
 
 UNARY = ("exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "arcsin", "arccos",
          "arctan", "sinh", "cosh", "tanh", "arcsinh", "arccosh", "arctanh")
@@ -49,7 +49,7 @@ _TORCH = {
 _CAN_OVERFLOW = ("exp", "expm1", "sinh", "cosh")
 _ODD_AT_ZERO = ("expm1", "log1p", "sin", "tan", "arcsin", "arctan", "sinh", "tanh", "arcsinh", "arctanh")
 _ONE_AT_ZERO = ("exp", "cos", "cosh")
-_POWERS_OF_TEN = torch.tensor([10.0**k for k in range(23)], dtype=torch.float64)
+_POWERS_OF_TEN = tuple(10.0**k for k in range(23))  # the exact ones
 
 
 def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
@@ -72,12 +72,25 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         y = torch.where(pow2, (e - 1).double(), y)
         known = known | pow2
     elif name == "log10":
-        p10 = _POWERS_OF_TEN.to(x.device)
-        k = torch.searchsorted(p10, x.contiguous()).clamp(max=len(p10) - 1)
-        hit = p10[k] == x
-        y = torch.where(hit, k.double(), y)
-        known = known | hit
+        for k, p in enumerate(_POWERS_OF_TEN):
+            hit = x == p
+            y = torch.where(hit, torch.full_like(y, float(k)), y)
+            known = known | hit
     return known, y
+
+
+def _evaluate(t: torch.Tensor, *, static):
+    """float64 value of the function, exact cases set, overflow kept finite; its RO32 and the mask of
+    elements needing the exact fallback (fused into one loop by torch.compile on large CPU tensors)."""
+    name, want_y = static
+    y = _TORCH[name](t)
+    if name in _CAN_OVERFLOW:
+        y = _fix_overflow(y, torch.isinf(y) & torch.isfinite(t))
+    known, y = _known_exact(name, t, y)
+    if want_y:
+        return y, known
+    ro, near = odd32_pair(y)
+    return ro, near & ~known
 
 
 def _fix_overflow(y: torch.Tensor, overflowed: torch.Tensor) -> torch.Tensor:
@@ -132,13 +145,19 @@ def _unary(name: str, x, fmt, rounding, overflow, generator, sr_bits):
     (t,), kind, dtype = operands(("x", x))
     f, mode, ov, gen = setup(fmt, rounding, overflow, generator, t.device)
     with torch.no_grad():
-        y = _TORCH[name](t)
         if name in EXACT_UNARY:
-            return finish(round_to(y, f, mode, ov, gen, sr_bits), kind, dtype, f)
-        if name in _CAN_OVERFLOW:
-            y = _fix_overflow(y, torch.isinf(y) & torch.isfinite(t))
-        known, y = _known_exact(name, t, y)
-        out = _round_function(name, y, known, [t], f, mode, ov, gen, sr_bits)
+            return finish(round_to(_TORCH[name](t), f, mode, ov, gen, sr_bits), kind, dtype, f)
+        flat = t.reshape(-1)
+        if odd32_exact(f) and mode not in STOCHASTIC_MODES:
+            ro, fix = run_fused(_evaluate, (name, False), flat)
+            idx = fix.nonzero().squeeze(1)
+            if idx.numel():
+                ro = ro.clone()
+                ro[idx] = to_odd32(_exact_values(name, idx, [flat]))
+            out = quantize(ro, f, mode, ov).reshape(t.shape)
+        else:
+            y, known = run_fused(_evaluate, (name, True), flat)
+            out = _round_function(name, y, known, [flat], f, mode, ov, gen, sr_bits).reshape(t.shape)
     return finish(out, kind, dtype, f)
 
 

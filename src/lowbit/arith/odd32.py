@@ -63,40 +63,52 @@ def _odd32(y: torch.Tensor, want_near: bool):
     return out, near
 
 
-def _plain(y):
+def odd32_pair(y: torch.Tensor):
+    """(RO32(y), near), for use inside fused functions (see :func:`to_odd32_near`)."""
+    return _odd32(y, True)
+
+
+def _plain(y, *, static=None):
     return _odd32(y, False)
 
 
-def _with_near(y):
+def _with_near(y, *, static=None):
     return _odd32(y, True)
 
 
 _compiled: dict = {}
 
 
-def _run(fn, y: torch.Tensor):
+def run_fused(fn, static, *args):
+    """``fn(*args, static=static)``, compiled with torch.compile for large CPU tensors (one variant
+    per static key; eager where compiling is off or fails: LOWBIT_CPU_COMPILE=0 forces eager)."""
+    y = args[0]
     flag = os.environ.get("LOWBIT_CPU_COMPILE", "auto").lower()
     if y.device.type == "cpu" and y.numel() >= _COMPILE_MIN and flag not in ("0", "false", "no", "off") \
             and _compiled.get("ok", True):
-        cfn = _compiled.get(fn.__name__)
+        key = (fn.__name__, static)
+        cfn = _compiled.get(key)
         if cfn is None:
-            cfn = _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+            def bound(*a):
+                return fn(*a, static=static)
+            bound.__code__ = bound.__code__.replace(co_name=f"lowbit_{fn.__name__.strip('_')}_{len(_compiled)}")
+            cfn = _compiled[key] = torch.compile(bound, dynamic=True)
         try:
-            return cfn(y)
+            return cfn(*args)
         except Exception:  # no working C++ toolchain: stay eager
             _compiled["ok"] = False
-    return fn(y)
+    return fn(*args, static=static)
 
 
 def to_odd32(y: torch.Tensor) -> torch.Tensor:
     """RO32 of float64 ``y`` (finite values past float32's range give +-FLT_MAX; nan, inf kept)."""
-    return _run(_plain, y.contiguous())
+    return run_fused(_plain, None, y.contiguous())
 
 
 def to_odd32_near(y: torch.Tensor):
     """(RO32(y), near): ``near`` marks elements with a float32 within the assumed libm error of y,
     whose float32 interval is therefore uncertain (they need a better evaluation)."""
-    return _run(_with_near, y.contiguous())
+    return run_fused(_with_near, None, y.contiguous())
 
 
 def round_float64(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str, generator=None,
