@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..emulate import quantize
+from ..kernels import cpu_fast
 from ..rounding import STOCHASTIC_MODES
 from .basic import finish, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
 from .mpref import DBL_MAX, true_odd64
@@ -79,10 +80,10 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
     return known, y
 
 
-def _evaluate(t: torch.Tensor, *, static):
+def _evaluate(t: torch.Tensor, *P, static):
     """float64 value of the function, exact cases set, overflow kept finite; its RO32 and the mask of
     elements needing the exact fallback (fused into one loop by torch.compile on large CPU tensors)."""
-    name, want_y = static
+    name, want_y, st = static
     y = _TORCH[name](t)
     if name in _CAN_OVERFLOW:
         y = _fix_overflow(y, torch.isinf(y) & torch.isfinite(t))
@@ -90,6 +91,8 @@ def _evaluate(t: torch.Tensor, *, static):
     if want_y:
         return y, known
     ro, near = odd32_pair(y)
+    if st is not None:  # and round to the format in the same loop (cpu_fast's bit arithmetic)
+        return cpu_fast.round_bits(ro, st, P[0]), near & ~known
     return ro, near & ~known
 
 
@@ -131,7 +134,6 @@ def _round_function(name, y, known, args, f, mode, ov, gen, sr_bits):
             ro = ro.clone()
             ro[fix] = to_odd32(y[fix])
         if mode not in STOCHASTIC_MODES:
-            from ..emulate import quantize
             return quantize(ro, f, mode, ov).double().reshape(shape)
     else:
         fix = _uncertain_generic(y, f, mode, ov, known).nonzero().squeeze(1)
@@ -148,15 +150,23 @@ def _unary(name: str, x, fmt, rounding, overflow, generator, sr_bits):
         if name in EXACT_UNARY:
             return finish(round_to(_TORCH[name](t), f, mode, ov, gen, sr_bits), kind, dtype, f)
         flat = t.reshape(-1)
+        spec = cpu_fast.element_spec(f, mode, ov) if t.device.type == "cpu" else None
         if odd32_exact(f) and mode not in STOCHASTIC_MODES:
-            ro, fix = run_fused(_evaluate, (name, False), flat)
+            if spec is not None:
+                P = torch.tensor(spec.numbers(), dtype=torch.int32)
+                out, fix = run_fused(_evaluate, (name, False, spec.static_key()), flat, P)
+            else:
+                out, fix = run_fused(_evaluate, (name, False, None), flat)
             idx = fix.nonzero().squeeze(1)
             if idx.numel():
-                ro = ro.clone()
-                ro[idx] = to_odd32(_exact_values(name, idx, [flat]))
-            out = quantize(ro, f, mode, ov).reshape(t.shape)
+                out = out.clone()
+                ro = to_odd32(_exact_values(name, idx, [flat]))
+                out[idx] = ro if spec is None else quantize(ro, f, mode, ov)
+            if spec is None:
+                out = quantize(out, f, mode, ov)
+            out = out.reshape(t.shape)
         else:
-            y, known = run_fused(_evaluate, (name, True), flat)
+            y, known = run_fused(_evaluate, (name, True, None), flat)
             out = _round_function(name, y, known, [flat], f, mode, ov, gen, sr_bits).reshape(t.shape)
     return finish(out, kind, dtype, f)
 
