@@ -117,3 +117,25 @@ def test_torch_axis_shapes_and_errors():
     with pytest.raises(ValueError, match="accum_every"):
         arith.cumsum(t, FMT, accum_every=0)
     assert math.isinf(float(arith.cumsum(np.array([6e4, 6e4]), "fp16")[-1]))
+
+
+def test_blocks_of_a_memmap_equal_the_in_memory_results(tmp_path):
+    from lowbit.arith import chunked
+    x = _data((53, 3), seed=6)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    xm = np.load(path, mmap_mode="r")
+    out = np.lib.format.open_memmap(tmp_path / "y.npy", "w+", np.float64, x.shape)
+    chunked.map_blocks(arith.exp, xm, out=out, rows=7, fmt=FMT)
+    assert np.array_equal(out, arith.exp(x, FMT))
+    for mode in ("nearest_even", "down"):
+        assert np.array_equal(chunked.scan_blocks("cumsum", xm, FMT, mode, rows=7), arith.cumsum(x, FMT, 0, rounding=mode))
+        xp = lowbit.quantize(x / 4 + 1, FMT)
+        assert np.array_equal(chunked.scan_blocks("cumprod", xp, FMT, mode, rows=5),
+                              arith.cumprod(xp, FMT, 0, rounding=mode))
+        assert np.array_equal(chunked.fold_blocks("sum", xm, FMT, mode, rows=7), arith.sum(x, FMT, 0, rounding=mode))
+        assert np.array_equal(chunked.fold_blocks("prod", xp, FMT, mode, rows=4), arith.prod(xp, FMT, 0, rounding=mode))
+    with pytest.raises(ValueError, match="rows"):
+        chunked.fold_blocks("sum", xm, FMT, rows=0)
+    with pytest.raises(ValueError, match="scan_blocks"):
+        chunked.scan_blocks("cummax", xm, FMT)
