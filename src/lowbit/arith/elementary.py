@@ -67,10 +67,12 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         one = x == 1
         y = torch.where(one, torch.zeros_like(y), y)
         known = known | one
-    elif name == "log2":
-        m, e = torch.frexp(x)
-        pow2 = m == 0.5
-        y = torch.where(pow2, (e - 1).double(), y)
+    elif name == "log2":  # powers of two, from the bits (subnormals scaled up by 2**64 first)
+        sub = x.abs() < 2.0**-1022
+        bits = torch.where(sub, x * 2.0**64, x).view(torch.int64)
+        pow2 = (x > 0) & ((bits & ((1 << 52) - 1)) == 0)
+        e = (bits >> 52) - 1023 - torch.where(sub, 64, 0)
+        y = torch.where(pow2, e.double(), y)
         known = known | pow2
     elif name == "log10":
         for k, p in enumerate(_POWERS_OF_TEN):

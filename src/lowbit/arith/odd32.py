@@ -84,9 +84,9 @@ def run_fused(fn, static, *args):
     per static key; eager where compiling is off or fails: LOWBIT_CPU_COMPILE=0 forces eager)."""
     y = args[0]
     flag = os.environ.get("LOWBIT_CPU_COMPILE", "auto").lower()
+    key = (fn.__name__, static)
     if y.device.type == "cpu" and y.numel() >= _COMPILE_MIN and flag not in ("0", "false", "no", "off") \
-            and _compiled.get("ok", True):
-        key = (fn.__name__, static)
+            and _compiled.get(key, True) is not False:
         cfn = _compiled.get(key)
         if cfn is None:
             def bound(*a):
@@ -95,8 +95,8 @@ def run_fused(fn, static, *args):
             cfn = _compiled[key] = torch.compile(bound, dynamic=True)
         try:
             return cfn(*args)
-        except Exception:  # no working C++ toolchain: stay eager
-            _compiled["ok"] = False
+        except Exception:  # no working C++ toolchain or an inductor limitation: this one stays eager
+            _compiled[key] = False
     return fn(*args, static=static)
 
 
