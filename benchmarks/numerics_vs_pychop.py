@@ -102,6 +102,18 @@ def run_functions(n: int, fmt: str, mode: int, repeat: int):
         gc.collect = gc_collect
 
 
+def run_public_api(n: int, fmt: str, repeat: int):
+    """pychop.exp(x, pychop.Chop(...)): Pychop's documented front door (LightChop + math_func)."""
+    import pychop
+    f = lowbit.format(fmt)
+    ch = pychop.Chop(f.exp, f.man, rmode=1)
+    x = lowbit.quantize(np.random.default_rng(0).uniform(-10, 10, n), fmt)
+    arith.exp(x, fmt)
+    ours = _best(lambda: arith.exp(x, fmt), repeat)
+    theirs = _best(lambda: pychop.exp(x, ch), 1)
+    _row("exp (pychop.exp + Chop)", ours, theirs, "Pychop's public API")
+
+
 def run_faults(n: int, device: str, repeat: int):
     print(f"\nfault injection on {n:,} codes ({device}): time against a copy of the codes")
     print(f"{'format / bit error rate':<32}{'inject s':>10}{'copy s':>10}{'copy/inject':>12}")
@@ -133,6 +145,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--faults-only", action="store_true")
+    ap.add_argument("--public-api-only", action="store_true", help="only exp through pychop.exp(x, pychop.Chop)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fault-n", type=int, default=None, help="codes for fault injection (default: --n; "
                     "2**28 on cuda)")
@@ -140,6 +153,8 @@ def main():
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     torch.set_num_threads(a.threads)
+    if a.public_api_only:
+        return run_public_api(a.n, a.format, a.repeat)
     if not a.faults_only:
         run_functions(a.n, a.format, a.rmode, a.repeat)
     run_faults(a.fault_n or (2**28 if a.device == "cuda" else a.n), a.device, max(a.repeat, 3))
