@@ -179,11 +179,15 @@ def _power_float64(a: torch.Tensor, b: torch.Tensor):
     finite = torch.isfinite(a) & torch.isfinite(b)
     y = _fix_overflow(y, torch.isinf(y) & finite & (a != 0))
     known = ~finite | torch.isnan(y) | torch.isinf(y) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
-    for exponent, value in ((2.0, odd_mul(a, a)), (-1.0, odd_div(torch.ones_like(a), a)),
-                            (0.5, odd_sqrt(a))):
+    specials = ((2.0, lambda v: odd_mul(v, v)), (-1.0, lambda v: odd_div(torch.ones_like(v), v)),
+                (0.5, odd_sqrt))
+    for exponent, exact in specials:
         hit = (b == exponent) & finite & (a > 0)
-        y = torch.where(hit, value, y)
-        known = known | hit
+        if bool(hit.any()):
+            idx = hit.nonzero(as_tuple=True)
+            y = y.clone()
+            y[idx] = exact(a[idx])
+            known = known | hit
     return y, known
 
 
