@@ -23,6 +23,7 @@ floor_divide through an exact remainder), then rounded once. Special values foll
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import numpy as np
@@ -32,7 +33,6 @@ from ..emulate import quantize
 from ..kernels import cpu_fast
 from ..rounding import STOCHASTIC_MODES
 from .basic import finish, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
-from .mpref import DBL_MAX, true_odd64
 from .odd32 import NEAR_ABS, NEAR_REL, odd32_exact, odd32_pair, run_fused, to_odd32, to_odd32_near
 
 UNARY = ("exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "arcsin", "arccos",
@@ -51,6 +51,15 @@ _CAN_OVERFLOW = ("exp", "expm1", "sinh", "cosh")
 _ODD_AT_ZERO = ("expm1", "log1p", "sin", "tan", "arcsin", "arctan", "sinh", "tanh", "arcsinh", "arctanh")
 _ONE_AT_ZERO = ("exp", "cos", "cosh")
 _POWERS_OF_TEN = tuple(10.0**k for k in range(23))  # the exact ones
+
+
+DBL_MAX = sys.float_info.max
+
+
+def true_odd64(name: str, *args: float) -> float:
+    """The exact fallback (lowbit.arith.mpref; mpmath is imported on first use)."""
+    from .mpref import true_odd64 as exact
+    return exact(name, *args)
 
 
 def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
