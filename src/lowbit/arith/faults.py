@@ -73,12 +73,18 @@ def _generator(seed, device) -> torch.Generator:
     return g
 
 
+def _sorted_unique(v: torch.Tensor) -> torch.Tensor:
+    if v.device.type == "cpu":  # NumPy's sort is ~100x faster than torch's here for int64 keys
+        return torch.from_numpy(np.unique(v.numpy()))
+    return torch.unique(v)
+
+
 def _distinct(total: int, k: int, gen: torch.Generator, device) -> torch.Tensor:
     """k distinct uniform integers in [0, total) (sorted), by drawing with replacement and topping up."""
-    got = torch.unique(torch.randint(0, total, (k,), generator=gen, device=device))
+    got = _sorted_unique(torch.randint(0, total, (k,), generator=gen, device=device))
     while got.numel() < k:
         more = torch.randint(0, total, (k - got.numel(),), generator=gen, device=device)
-        got = torch.unique(torch.cat([got, more]))
+        got = _sorted_unique(torch.cat([got, more]))
     return got
 
 
