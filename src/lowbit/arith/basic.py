@@ -33,9 +33,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .emulate import quantize
-from .formats import BlockFormat, Codebook, ElementFormat, FloatFormat, IntFormat, format as parse_format
-from .rounding import STOCHASTIC_MODES, check_rounding, make_generator
+from ..emulate import quantize
+from ..formats import BlockFormat, Codebook, ElementFormat, FloatFormat, IntFormat, format as parse_format
+from ..rounding import STOCHASTIC_MODES, check_rounding, make_generator
+from .odd32 import round_float64
 
 __all__ = ["add", "sub", "mul", "div", "sqrt", "fma", "matmul", "dot", "sum", "Chop", "resolve_overflow"]
 
@@ -68,7 +69,7 @@ def _to_tensor(x, name: str) -> tuple:
     raise TypeError(f"{name}: expected a torch.Tensor, numpy.ndarray or real number, got {type(x).__name__}")
 
 
-def _operands(*named):
+def operands(*named):
     """Convert operands; returns (float64 tensors on one device, output kind, output dtype before
     widening)."""
     ts, kinds = [], []
@@ -106,7 +107,7 @@ def _holds(dtype: torch.dtype, fmt: Optional[ElementFormat]) -> bool:
     return bool(torch.equal(vals.to(dtype).double(), vals))
 
 
-def _finish(t: torch.Tensor, kind: str, dtype: torch.dtype, fmt: Optional[ElementFormat]):
+def finish(t: torch.Tensor, kind: str, dtype: torch.dtype, fmt: Optional[ElementFormat]):
     for d in (dtype, torch.float32, _F64):
         if torch.finfo(d).bits >= torch.finfo(dtype).bits and _holds(d, fmt):
             break
@@ -116,7 +117,7 @@ def _finish(t: torch.Tensor, kind: str, dtype: torch.dtype, fmt: Optional[Elemen
 
 # --- formats, rounding, overflow ------------------------------------------------------------------
 
-def _element_format(fmt, what: str = "fmt") -> ElementFormat:
+def element_format(fmt, what: str = "fmt") -> ElementFormat:
     f = parse_format(fmt)
     if isinstance(f, BlockFormat):
         raise ValueError(f"{what}={f} is a block format; arithmetic results need an element format "
@@ -137,14 +138,14 @@ def resolve_overflow(fmt, overflow: Optional[str]) -> str:
     return "saturate"
 
 
-def _round(x: torch.Tensor, fmt: Optional[ElementFormat], rounding: str, overflow: str, gen, sr_bits):
+def round_to(x: torch.Tensor, fmt: Optional[ElementFormat], rounding: str, overflow: str, gen, sr_bits):
     if fmt is None:
         return x
-    return quantize(x, fmt, rounding, overflow, generator=gen, sr_bits=sr_bits)
+    return round_float64(x, fmt, rounding, overflow, gen, sr_bits)
 
 
-def _setup(fmt, rounding, overflow, generator, device, what="fmt"):
-    f = _element_format(fmt, what)
+def setup(fmt, rounding, overflow, generator, device, what="fmt"):
+    f = element_format(fmt, what)
     mode = check_rounding(rounding)
     ov = resolve_overflow(f, overflow)
     gen = make_generator(generator, device) if mode in STOCHASTIC_MODES else None
@@ -153,7 +154,7 @@ def _setup(fmt, rounding, overflow, generator, device, what="fmt"):
 
 # --- error-free transformations and rounding to odd ------------------------------------------------
 
-def _two_sum(a: torch.Tensor, b: torch.Tensor):
+def two_sum(a: torch.Tensor, b: torch.Tensor):
     """s = fl(a + b) and e with a + b = s + e exactly (Knuth's TwoSum; e = 0 where s is not finite)."""
     s = a + b
     bb = s - a
@@ -170,7 +171,7 @@ def _split(a: torch.Tensor):
     return hi, a - hi
 
 
-def _two_prod(a: torch.Tensor, b: torch.Tensor):
+def two_prod(a: torch.Tensor, b: torch.Tensor):
     """p = fl(a * b) and e with a * b = p + e exactly (Dekker; |a|, |b| < 2**995, no underflow)."""
     p = a * b
     ah, al = _split(a)
@@ -179,7 +180,7 @@ def _two_prod(a: torch.Tensor, b: torch.Tensor):
     return p, torch.where(torch.isfinite(p), e, torch.zeros_like(e))
 
 
-def _to_odd(h: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+def to_odd(h: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """Round-to-odd at float64 of the exact value h + tail, given h = RN(exact) and tail's sign: where
     inexact and h's last bit is even, step to the neighbour on tail's side (which is odd)."""
     even = (h.view(torch.int64) & 1) == 0
@@ -188,87 +189,87 @@ def _to_odd(h: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     return torch.where(step, torch.nextafter(h, toward), h)
 
 
-def _odd_add(a, b):
-    s, e = _two_sum(a, b)
-    return _to_odd(s, e)
+def odd_add(a, b):
+    s, e = two_sum(a, b)
+    return to_odd(s, e)
 
 
-def _odd_mul(a, b):
-    p, e = _two_prod(a, b)
-    return _to_odd(p, e)
+def odd_mul(a, b):
+    p, e = two_prod(a, b)
+    return to_odd(p, e)
 
 
-def _odd_div(a, b):
+def odd_div(a, b):
     q = a / b
-    ph, pl = _two_prod(q, b)
+    ph, pl = two_prod(q, b)
     r = (a - ph) - pl  # the exact remainder a - q*b (representable), sign gives the direction
     tail = torch.where(torch.isfinite(q) & (b != 0), r * torch.sign(b), torch.zeros_like(q))
-    return _to_odd(q, tail)
+    return to_odd(q, tail)
 
 
-def _odd_sqrt(a):
+def odd_sqrt(a):
     s = torch.sqrt(a)
-    ph, pl = _two_prod(s, s)
+    ph, pl = two_prod(s, s)
     r = (a - ph) - pl
     tail = torch.where(torch.isfinite(s) & (s > 0), r, torch.zeros_like(s))
-    return _to_odd(s, tail)
+    return to_odd(s, tail)
 
 
-def _odd_fma(a, b, c):
-    ph, pl = _two_prod(a, b)
-    s, e1 = _two_sum(ph, c)
-    t, e2 = _two_sum(e1, pl)
-    h, lo = _two_sum(s, t)  # exact = h + lo + e2, with |e2| < |lo| wherever lo != 0
+def odd_fma(a, b, c):
+    ph, pl = two_prod(a, b)
+    s, e1 = two_sum(ph, c)
+    t, e2 = two_sum(e1, pl)
+    h, lo = two_sum(s, t)  # exact = h + lo + e2, with |e2| < |lo| wherever lo != 0
     tail = torch.where(lo != 0, lo, e2)
-    return _to_odd(h, tail)
+    return to_odd(h, tail)
 
 
 # --- elementwise operations -----------------------------------------------------------------------
 
 def _elementwise(op, names, args, fmt, rounding, overflow, generator, sr_bits):
-    ts, kind, dtype = _operands(*zip(names, args))
-    f, mode, ov, gen = _setup(fmt, rounding, overflow, generator, ts[0].device)
+    ts, kind, dtype = operands(*zip(names, args))
+    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, ts[0].device)
     ts = torch.broadcast_tensors(*ts)
     with torch.no_grad():
-        y = _round(op(*ts), f, mode, ov, gen, sr_bits)
-    return _finish(y, kind, dtype, f)
+        y = round_to(op(*ts), f, mode, ov, gen, sr_bits)
+    return finish(y, kind, dtype, f)
 
 
 def add(a, b, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
         sr_bits: Optional[int] = None):
     """a + b, correctly rounded to ``fmt``."""
-    return _elementwise(_odd_add, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
+    return _elementwise(odd_add, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
 
 
 def sub(a, b, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
         sr_bits: Optional[int] = None):
     """a - b, correctly rounded to ``fmt``."""
-    return _elementwise(lambda x, y: _odd_add(x, -y), ("a", "b"), (a, b), fmt, rounding, overflow,
+    return _elementwise(lambda x, y: odd_add(x, -y), ("a", "b"), (a, b), fmt, rounding, overflow,
                         generator, sr_bits)
 
 
 def mul(a, b, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
         sr_bits: Optional[int] = None):
     """a * b, correctly rounded to ``fmt``."""
-    return _elementwise(_odd_mul, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
+    return _elementwise(odd_mul, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
 
 
 def div(a, b, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
         sr_bits: Optional[int] = None):
     """a / b, correctly rounded to ``fmt`` (x/0 is +-inf, 0/0 nan, then the overflow policy applies)."""
-    return _elementwise(_odd_div, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
+    return _elementwise(odd_div, ("a", "b"), (a, b), fmt, rounding, overflow, generator, sr_bits)
 
 
 def sqrt(a, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
          sr_bits: Optional[int] = None):
     """sqrt(a), correctly rounded to ``fmt`` (nan for a < 0)."""
-    return _elementwise(_odd_sqrt, ("a",), (a,), fmt, rounding, overflow, generator, sr_bits)
+    return _elementwise(odd_sqrt, ("a",), (a,), fmt, rounding, overflow, generator, sr_bits)
 
 
 def fma(a, b, c, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
         sr_bits: Optional[int] = None):
     """a * b + c with a single rounding to ``fmt`` (fused multiply-add)."""
-    return _elementwise(_odd_fma, ("a", "b", "c"), (a, b, c), fmt, rounding, overflow, generator, sr_bits)
+    return _elementwise(odd_fma, ("a", "b", "c"), (a, b, c), fmt, rounding, overflow, generator, sr_bits)
 
 
 # --- accumulation: matmul, dot, sum ---------------------------------------------------------------
@@ -287,9 +288,9 @@ def _accumulate(chunk_sums, start: torch.Tensor, acc: Optional[ElementFormat], m
     chunk (an empty sum rounds ``start`` once)."""
     s, empty = start, True
     for part in chunk_sums:
-        s = _round(_odd_add(s, part), acc, mode, ov, gen, sr_bits)
+        s = round_to(odd_add(s, part), acc, mode, ov, gen, sr_bits)
         empty = False
-    return _round(s, acc, mode, ov, gen, sr_bits) if empty else s
+    return round_to(s, acc, mode, ov, gen, sr_bits) if empty else s
 
 
 def matmul(a, b, input_format=None, accum_format=None, accum_every: Optional[int] = 1,
@@ -311,7 +312,7 @@ def matmul(a, b, input_format=None, accum_format=None, accum_every: Optional[int
         one stream is used for the whole product, so a seed makes it reproducible.
     """
     named = (("a", a), ("b", b)) if c is None else (("a", a), ("b", b), ("c", c))
-    ts, kind, dtype = _operands(*named)
+    ts, kind, dtype = operands(*named)
     ta, tb = ts[0], ts[1]
     if ta.dim() == 0 or tb.dim() == 0:
         raise ValueError("matmul needs operands of at least one dimension; use mul for scalars")
@@ -319,8 +320,8 @@ def matmul(a, b, input_format=None, accum_format=None, accum_every: Optional[int
     in_mode = check_rounding(input_rounding) if input_rounding is not None else mode
     needs_gen = mode in STOCHASTIC_MODES or in_mode in STOCHASTIC_MODES
     gen = make_generator(generator, ta.device) if needs_gen else None
-    acc = None if accum_format is None else _element_format(accum_format, "accum_format")
-    prod = None if product_format is None else _element_format(product_format, "product_format")
+    acc = None if accum_format is None else element_format(accum_format, "accum_format")
+    prod = None if product_format is None else element_format(product_format, "product_format")
     acc_ov = resolve_overflow(acc, overflow) if acc is not None else None
     prod_ov = resolve_overflow(prod, overflow) if prod is not None else None
 
@@ -348,8 +349,8 @@ def matmul(a, b, input_format=None, accum_format=None, accum_every: Optional[int
                 if prod is None:
                     yield torch.matmul(ac, bc)
                 else:
-                    p = _odd_mul(ac.unsqueeze(-1), bc.unsqueeze(-3))  # (..., M, chunk, N)
-                    yield _round(p, prod, mode, prod_ov, gen, sr_bits).sum(dim=-2)
+                    p = odd_mul(ac.unsqueeze(-1), bc.unsqueeze(-3))  # (..., M, chunk, N)
+                    yield round_to(p, prod, mode, prod_ov, gen, sr_bits).sum(dim=-2)
 
         y_shape = out_shape[:-2] + out_shape[-2:][squeeze_a:(1 if squeeze_b else 2)]
         if c is None:
@@ -370,14 +371,14 @@ def matmul(a, b, input_format=None, accum_format=None, accum_every: Optional[int
         y = y.squeeze(-2)
     if squeeze_b:
         y = y.squeeze(-1)
-    return _finish(y, kind, dtype, acc)
+    return finish(y, kind, dtype, acc)
 
 
 def dot(a, b, input_format=None, accum_format=None, accum_every: Optional[int] = 1,
         rounding: str = "nearest_even", overflow: Optional[str] = None, **kw):
     """Dot product of two 1-D operands (or along the last axis of broadcastable operands), with
     :func:`matmul`'s rounding model."""
-    (ta, tb), _, _ = _operands(("a", a), ("b", b))
+    (ta, tb), _, _ = operands(("a", a), ("b", b))
     if ta.dim() == 1 and tb.dim() == 1:
         return matmul(a, b, input_format, accum_format, accum_every, rounding, overflow, **kw)
     a2 = a.unsqueeze(-2) if isinstance(a, torch.Tensor) else np.expand_dims(a, -2)
@@ -391,12 +392,12 @@ def sum(x, accum_format, axis: int = -1, accum_every: Optional[int] = 1,  # noqa
         sr_bits: Optional[int] = None):
     """Recursive summation along ``axis`` (first element first), the running sum rounded to
     ``accum_format`` after every ``accum_every`` terms (1: each addition rounded)."""
-    (t,), kind, dtype = _operands(("x", x))
+    (t,), kind, dtype = operands(("x", x))
     if t.dim() == 0:
         t = t.reshape(1)
     if not -t.dim() <= axis < t.dim():
         raise ValueError(f"axis {axis} is out of range for shape {tuple(t.shape)}")
-    f, mode, ov, gen = _setup(accum_format, rounding, overflow, generator, t.device, "accum_format")
+    f, mode, ov, gen = setup(accum_format, rounding, overflow, generator, t.device, "accum_format")
     t = t.movedim(axis, -1)
     n = t.shape[-1]
     every = _check_every(accum_every, n)
@@ -404,7 +405,7 @@ def sum(x, accum_format, axis: int = -1, accum_every: Optional[int] = 1,  # noqa
         parts = (t[..., c:c + every].sum(dim=-1) for c in range(0, n, every))
         y = _accumulate(parts, torch.zeros(t.shape[:-1], dtype=_F64, device=t.device), f, mode, ov, gen,
                         sr_bits)
-    return _finish(y, kind, dtype, f)
+    return finish(y, kind, dtype, f)
 
 
 # --- the wrapper ----------------------------------------------------------------------------------
@@ -423,7 +424,7 @@ class Chop:
 
     def __init__(self, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *,
                  generator: Union[None, int, torch.Generator] = None, sr_bits: Optional[int] = None):
-        self.fmt = _element_format(fmt)
+        self.fmt = element_format(fmt)
         self.rounding = check_rounding(rounding)
         self.overflow = resolve_overflow(self.fmt, overflow)
         quantize(torch.zeros(1, dtype=_F64), self.fmt, self.rounding, self.overflow,

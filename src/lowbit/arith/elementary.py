@@ -1,0 +1,274 @@
+"""Elementary functions correctly rounded to a format: exp, log, sin, ..., power, floor, mod.
+
+Each result is the true function value rounded once to ``fmt`` with the chosen mode (what an exact
+low-precision unit would return), for every element format and rounding mode lowbit has. How:
+
+1. The function is evaluated in float64 by torch (SLEEF / libm, error at most a few float64 ulps;
+   NEAR_REL = 512 ulps is assumed). Overflow past float64 from a finite argument is kept as
+   +-DBL_MAX (the true value is finite and past every format's range), not inf.
+2. Where the format is reachable through float32 rounded to odd (:mod:`lowbit.arith.odd32`), an
+   element is *safe* when no float32 lies within the error bound of its float64 value: its true value
+   then has the same float32-to-odd image, which rounds to the format exactly as the true value does
+   (no double-rounding error). Elsewhere (codebooks, >21-bit formats) an element is safe when the
+   format's rounding of the two ends of the error interval agrees (rounding is monotone); for the
+   stochastic modes the rounding down and up of both ends must agree (the two neighbours are known;
+   probabilities then come from the float64 value, off by at most 2**-44 relative).
+3. The elements that are not safe (about 2**-15 of random float32-precision data; none are lost by
+   underflow to 0) are re-evaluated exactly by :func:`lowbit.arith.mpref.true_odd64` (mpmath with
+   Ziv's loop; exact rational arithmetic for powers), and known exact cases (exp(0) = 1, log2(2**k),
+   log10(10**k), arccos(1) = 0, f(+-0), poles, domain errors) are set directly.
+
+floor, ceil, round (half to even), sign, mod and floor_divide are exact in float64 (mod and
+floor_divide through an exact remainder), then rounded once. Special values follow NumPy.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..emulate import quantize
+from ..kernels import cpu_fast
+from ..rounding import STOCHASTIC_MODES
+from .basic import finish, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
+from .odd32 import NEAR_ABS, NEAR_REL, odd32_exact, odd32_pair, run_fused, to_odd32, to_odd32_near
+
+UNARY = ("exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "arcsin", "arccos",
+         "arctan", "sinh", "cosh", "tanh", "arcsinh", "arccosh", "arctanh")
+EXACT_UNARY = ("floor", "ceil", "round", "sign")
+BINARY = ("power", "mod", "floor_divide")
+
+_TORCH = {
+    "exp": torch.exp, "expm1": torch.expm1, "log": torch.log, "log1p": torch.log1p, "log2": torch.log2,
+    "log10": torch.log10, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "arcsin": torch.asin,
+    "arccos": torch.acos, "arctan": torch.atan, "sinh": torch.sinh, "cosh": torch.cosh, "tanh": torch.tanh,
+    "arcsinh": torch.asinh, "arccosh": torch.acosh, "arctanh": torch.atanh,
+    "floor": torch.floor, "ceil": torch.ceil, "round": torch.round, "sign": torch.sign,
+}
+_CAN_OVERFLOW = ("exp", "expm1", "sinh", "cosh")
+_ODD_AT_ZERO = ("expm1", "log1p", "sin", "tan", "arcsin", "arctan", "sinh", "tanh", "arcsinh", "arctanh")
+_ONE_AT_ZERO = ("exp", "cos", "cosh")
+_POWERS_OF_TEN = tuple(10.0**k for k in range(23))  # the exact ones
+
+
+DBL_MAX = sys.float_info.max
+
+
+def true_odd64(name: str, *args: float) -> float:
+    """The exact fallback (lowbit.arith.mpref; mpmath is imported on first use)."""
+    from .mpref import true_odd64 as exact
+    return exact(name, *args)
+
+
+def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
+    """(mask, y): elements whose true value is known exactly, with y set to it."""
+    zero = x == 0
+    known = ~torch.isfinite(x) | torch.isnan(y) | torch.isinf(y)
+    if name in _ODD_AT_ZERO:
+        y = torch.where(zero, x, y)
+        known = known | zero
+    elif name in _ONE_AT_ZERO:
+        y = torch.where(zero, torch.ones_like(y), y)
+        known = known | zero
+    if name in ("log", "arccos", "arccosh"):
+        one = x == 1
+        y = torch.where(one, torch.zeros_like(y), y)
+        known = known | one
+    elif name == "log2":  # powers of two, from the bits (subnormals scaled up by 2**64 first)
+        sub = x.abs() < 2.0**-1022
+        bits = torch.where(sub, x * 2.0**64, x).view(torch.int64)
+        pow2 = (x > 0) & ((bits & ((1 << 52) - 1)) == 0)
+        e = (bits >> 52) - 1023 - torch.where(sub, 64, 0)
+        y = torch.where(pow2, e.double(), y)
+        known = known | pow2
+    elif name == "log10":
+        for k, p in enumerate(_POWERS_OF_TEN):
+            hit = x == p
+            y = torch.where(hit, torch.full_like(y, float(k)), y)
+            known = known | hit
+    return known, y
+
+
+def _evaluate(t: torch.Tensor, *P, static):
+    """float64 value of the function, exact cases set, overflow kept finite; its RO32 and the mask of
+    elements needing the exact fallback (fused into one loop by torch.compile on large CPU tensors)."""
+    name, want_y, st = static
+    y = _TORCH[name](t)
+    if name in _CAN_OVERFLOW:
+        y = _fix_overflow(y, torch.isinf(y) & torch.isfinite(t))
+    known, y = _known_exact(name, t, y)
+    if want_y:
+        return y, known
+    ro, near = odd32_pair(y)
+    if st is not None:  # and round to the format in the same loop (cpu_fast's bit arithmetic)
+        return cpu_fast.round_bits(ro, st, P[0]), near & ~known
+    return ro, near & ~known
+
+
+def _fix_overflow(y: torch.Tensor, overflowed: torch.Tensor) -> torch.Tensor:
+    return torch.where(overflowed, torch.copysign(torch.full_like(y, DBL_MAX), y), y)
+
+
+def _uncertain_generic(y, fmt, mode, ov, known):
+    """Elements whose rounding is not decided by the float64 value (formats outside odd32)."""
+
+    err = y.abs() * NEAR_REL + NEAR_ABS
+    lo, hi = y - err, y + err
+    checks = ("down", "up") if mode in STOCHASTIC_MODES else (mode,)
+    unsure = torch.zeros_like(known)
+    for m in checks:
+        a, b = quantize(lo, fmt, m, ov), quantize(hi, fmt, m, ov)
+        unsure = unsure | ~((a == b) | (torch.isnan(a) & torch.isnan(b)))
+    return unsure & ~known & torch.isfinite(y)
+
+
+def _exact_values(name: str, idx: torch.Tensor, args) -> torch.Tensor:
+    cols = [a.reshape(-1)[idx].cpu().tolist() for a in args]
+    vals = [true_odd64(name, *v) for v in zip(*cols)]
+    return torch.tensor(vals, dtype=torch.float64, device=args[0].device)
+
+
+def _round_function(name, y, known, args, f, mode, ov, gen, sr_bits):
+    """Round float64 approximations ``y`` of function ``name`` at ``args`` to ``f`` exactly."""
+    shape = y.shape
+    y = y.reshape(-1)
+    known = known.reshape(-1)
+    flat_args = [a.reshape(-1) for a in args]
+    if odd32_exact(f):
+        ro, near = to_odd32_near(y)
+        fix = (near & ~known).nonzero().squeeze(1)
+        if fix.numel():
+            y = y.clone()
+            y[fix] = _exact_values(name, fix, flat_args)
+            ro = ro.clone()
+            ro[fix] = to_odd32(y[fix])
+        if mode not in STOCHASTIC_MODES:
+            return quantize(ro, f, mode, ov).double().reshape(shape)
+    else:
+        fix = _uncertain_generic(y, f, mode, ov, known).nonzero().squeeze(1)
+        if fix.numel():
+            y = y.clone()
+            y[fix] = _exact_values(name, fix, flat_args)
+    return round_to(y, f, mode, ov, gen, sr_bits).reshape(shape)
+
+
+def _unary(name: str, x, fmt, rounding, overflow, generator, sr_bits):
+    (t,), kind, dtype = operands(("x", x))
+    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, t.device)
+    with torch.no_grad():
+        if name in EXACT_UNARY:
+            return finish(round_to(_TORCH[name](t), f, mode, ov, gen, sr_bits), kind, dtype, f)
+        flat = t.reshape(-1)
+        spec = cpu_fast.element_spec(f, mode, ov) if t.device.type == "cpu" else None
+        if odd32_exact(f) and mode not in STOCHASTIC_MODES:
+            if spec is not None:
+                P = torch.tensor(spec.numbers(), dtype=torch.int32)
+                out, fix = run_fused(_evaluate, (name, False, spec.static_key()), flat, P)
+            else:
+                out, fix = run_fused(_evaluate, (name, False, None), flat)
+            idx = fix.nonzero().squeeze(1)
+            if idx.numel():
+                out = out.clone()
+                ro = to_odd32(_exact_values(name, idx, [flat]))
+                out[idx] = ro if spec is None else quantize(ro, f, mode, ov)
+            if spec is None:
+                out = quantize(out, f, mode, ov)
+            out = out.reshape(t.shape)
+        else:
+            y, known = run_fused(_evaluate, (name, True, None), flat)
+            out = _round_function(name, y, known, [flat], f, mode, ov, gen, sr_bits).reshape(t.shape)
+    return finish(out, kind, dtype, f)
+
+
+def _power_float64(a: torch.Tensor, b: torch.Tensor):
+    """(y, known): float64 powers, exact (rounded to odd) for the exponents 1, 2, -1, 0.5."""
+    y = torch.pow(a, b)
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    y = _fix_overflow(y, torch.isinf(y) & finite & (a != 0))
+    known = ~finite | torch.isnan(y) | torch.isinf(y) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
+    specials = ((2.0, lambda v: odd_mul(v, v)), (-1.0, lambda v: odd_div(torch.ones_like(v), v)),
+                (0.5, odd_sqrt))
+    for exponent, exact in specials:
+        hit = (b == exponent) & finite & (a > 0)
+        if bool(hit.any()):
+            idx = hit.nonzero(as_tuple=True)
+            y = y.clone()
+            y[idx] = exact(a[idx])
+            known = known | hit
+    return y, known
+
+
+def _floor_divide_float64(a, b):
+    q = a / b
+    ph, pl = two_prod(q, b)
+    r = (a - ph) - pl
+    below = (r * torch.sign(b)) < 0  # the exact quotient lies below q
+    fq = torch.floor(q)
+    integral = fq == q
+    big = q.abs() >= 2.0**53
+    step_down = torch.where(big, to_odd(q, -torch.ones_like(q)), q - 1)
+    return torch.where(integral, torch.where(below, step_down, q), fq)
+
+
+def _mod_float64(a, b):
+    r = torch.fmod(a, b)
+    wrap = (r != 0) & ((r < 0) != (b < 0))
+    r = torch.where(wrap, odd_add(r, b), r)
+    return torch.where(r == 0, torch.copysign(torch.zeros_like(r), b), r)
+
+
+def _numpy_specials(name, a, b, y):
+    """NumPy's results where an operand is not finite or the divisor is 0."""
+    special = ~(torch.isfinite(a) & torch.isfinite(b) & (b != 0))
+    if bool(special.any()):
+        idx = special.nonzero(as_tuple=True)
+        with np.errstate(all="ignore"):
+            ref = getattr(np, name)(a[idx].cpu().numpy(), b[idx].cpu().numpy())
+        y = y.clone()
+        y[idx] = torch.from_numpy(np.asarray(ref, dtype=np.float64)).to(y.device)
+    return y
+
+
+def _binary(name: str, a, b, fmt, rounding, overflow, generator, sr_bits):
+    ts, kind, dtype = operands(("x", a), ("y", b))
+    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, ts[0].device)
+    ta, tb = torch.broadcast_tensors(*ts)
+    with torch.no_grad():
+        if name == "power":
+            y, known = _power_float64(ta, tb)
+            out = _round_function("power", y, known, [ta, tb], f, mode, ov, gen, sr_bits)
+            return finish(out, kind, dtype, f)
+        exact = _floor_divide_float64 if name == "floor_divide" else _mod_float64
+        y = _numpy_specials(name, ta, tb, exact(ta, tb))
+        out = round_to(y, f, mode, ov, gen, sr_bits)
+    return finish(out, kind, dtype, f)
+
+
+def _make_unary(name: str):
+    def fn(x, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
+           sr_bits: Optional[int] = None):
+        return _unary(name, x, fmt, rounding, overflow, generator, sr_bits)
+    what = "rounded half to even" if name == "round" else "correctly rounded"
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"numpy.{name}(x), {what} to ``fmt`` (see lowbit.arith.elementary)."
+    return fn
+
+
+def _make_binary(name: str):
+    def fn(x, y, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
+           sr_bits: Optional[int] = None):
+        return _binary(name, x, y, fmt, rounding, overflow, generator, sr_bits)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f"numpy.{name}(x, y), correctly rounded to ``fmt`` (see lowbit.arith.elementary)."
+    return fn
+
+
+exp, expm1, log, log1p, log2, log10, sin, cos, tan, arcsin, arccos, arctan, sinh, cosh, tanh, \
+    arcsinh, arccosh, arctanh = (_make_unary(n) for n in UNARY)
+floor, ceil, round, sign = (_make_unary(n) for n in EXACT_UNARY)  # noqa: A001
+power, mod, floor_divide = (_make_binary(n) for n in BINARY)
+
+FUNCTIONS = {n: globals()[n] for n in UNARY + EXACT_UNARY + BINARY}
+__all__ = list(FUNCTIONS)
