@@ -430,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    from .export.command import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
