@@ -29,7 +29,7 @@ import torch
 from ..formats import FloatFormat, IntFormat
 from ..quant.spec import QuantSpec
 from .dense import copy_side_files
-from .stored import StoredCheckpoint, StoredLayer, read_checkpoint
+from .stored import StoredLayer, read_checkpoint
 
 STRATEGIES = {"group": "group", "channel": "channel", "tensor": "tensor"}
 
@@ -43,7 +43,8 @@ def weight_args(spec: QuantSpec, cols: int) -> Tuple[Optional[dict], str]:
     fmt = spec.fmt
     accepted = "integer 1..8-bit (group/channel/tensor, sym or asym) or e4m3fn (group/channel/tensor) weights"
     if spec.granularity not in STRATEGIES:
-        return None, f"{spec}: granularity {spec.granularity!r} has no compressed-tensors strategy (accepted: {accepted})"
+        return None, (f"{spec}: granularity {spec.granularity!r} has no compressed-tensors strategy "
+                      f"(accepted: {accepted})")
     args = {"strategy": STRATEGIES[spec.granularity], "symmetric": spec.symmetric}
     if spec.granularity == "group":
         if cols % spec.group_size:
@@ -113,7 +114,8 @@ def export_compressed_tensors(checkpoint, out, allow_drop: bool = False) -> dict
     if ck.meta.get("kv"):
         (dropped if allow_drop else problems).append("KV-cache quantization rules")
     if ck.meta["act_only"]:
-        (dropped if allow_drop else problems).append(f"activation-only quantization of {len(ck.meta['act_only'])} layers")
+        n_act = len(ck.meta["act_only"])
+        (dropped if allow_drop else problems).append(f"activation-only quantization of {n_act} layers")
     groups: Dict[str, dict] = {}  # one scheme per distinct (weight, activation) spec pair
     for name, layer in ck.layers.items():
         w, why = weight_args(layer.spec, layer.shape[1])

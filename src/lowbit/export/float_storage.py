@@ -55,7 +55,8 @@ def float_tensors(model: nn.Module, skip: Iterable[str]) -> Dict[str, torch.Tens
     return {n: t for n, t in model.state_dict().items() if n not in skip}
 
 
-def round_to_storage(model: nn.Module, skip: Iterable[str], choice: str = DEFAULT_FLOAT_STORAGE) -> Dict[str, torch.dtype]:
+def round_to_storage(model: nn.Module, skip: Iterable[str],
+                     choice: str = DEFAULT_FLOAT_STORAGE) -> Dict[str, torch.dtype]:
     """Round ``model``'s float tensors (but the names in ``skip``) in place to the values their
     storage dtype holds, keeping their own dtypes; returns {name: storage dtype}. Idempotent: a
     rounded tensor is exact in its storage dtype."""

@@ -55,10 +55,6 @@ class StoredCheckpoint:
     layers: Dict[str, StoredLayer]
     floats: Dict[str, torch.Tensor]  # every other tensor by its model name, tied names included
 
-    @property
-    def config_dir(self) -> Path:
-        return self.path
-
 
 def read_checkpoint(path) -> StoredCheckpoint:
     """The checkpoint at ``path`` (checked as ``lowbit.load`` checks it)."""
@@ -73,6 +69,7 @@ def read_checkpoint(path) -> StoredCheckpoint:
                                    info.get("retain"))
     for name, source in meta["tied"].items():
         if source not in state:
-            raise CheckpointError(f"{d / 'lowbit.json'}: tied[{name!r}]: expected a stored tensor {source!r}, found none")
+            raise CheckpointError(f"{d / 'lowbit.json'}: tied[{name!r}]: expected a stored tensor {source!r}, "
+                                  "found none")
         state[name] = state[source]
     return StoredCheckpoint(d, meta, layers, state)
