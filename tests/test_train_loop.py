@@ -76,10 +76,13 @@ def test_training_lowers_kl_to_teacher_and_freezes_exactly(tmp_path):
     # the checkpoint lowbit quantize writes, reloaded: the same logits
     from lowbit.export.checkpoint import load_quantized, save_quantized
 
+    # (the unquantized tensors are stored in 16 bits: saving rounds the student to the stored values)
     save_quantized(student, packed_weights(student), tmp_path, kind="causal_lm")
     reloaded, _, meta = load_quantized(tmp_path)
     with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, trained)
+        stored = student(input_ids=ids).logits
+        assert torch.equal(reloaded(input_ids=ids).logits, stored)
+        assert (stored - trained).abs().max() < 1e-2
     assert all(isinstance(reloaded.get_submodule(n), QuantLinear) for n in packed_weights(student))
 
 

@@ -130,11 +130,13 @@ def _kind(model: nn.Module) -> str:
 
 
 def save(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer=None,
-         source: Optional[str] = None) -> Path:
+         source: Optional[str] = None, float_storage: str = "auto") -> Path:
     """Write a model quantized by :func:`quantize_model` as a packed checkpoint in directory
     ``path`` (model.safetensors, lowbit.json, the config and ``tokenizer``), the format
     ``lowbit quantize --out`` writes and ``lowbit eval`` and :func:`load` read; returns the path.
-    ``source``: the float model's name or path (``lowbit eval`` measures an encoder against it)."""
+    ``source``: the float model's name or path (``lowbit eval`` measures an encoder against it).
+    ``float_storage``: auto | fp16 | bf16 | fp32, the dtype of the unquantized tensors (embeddings,
+    norms); the model's own tensors are rounded in place to the stored values (docs/checkpoints.md)."""
     from .export.checkpoint import save_quantized
 
     _check_module(model)
@@ -158,7 +160,8 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer=None,
         meta["model_spec"] = os.path.abspath(source) if os.path.exists(source) else source
     if kv:
         meta["kv"] = kv
-    save_quantized(model, packed, path, kind=_kind(model), tokenizer=tokenizer, extra=meta)
+    save_quantized(model, packed, path, kind=_kind(model), tokenizer=tokenizer, extra=meta,
+                   float_storage=float_storage)
     return Path(path)
 
 

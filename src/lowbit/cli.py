@@ -114,7 +114,8 @@ def cmd_quantize(args) -> int:
                           seq_len=args.seq_len, settings=settings, act_order=args.act_order,
                           percdamp=args.damp, quiet=args.quiet, retain=_retain_config(args),
                           rotate=args.rotate, smooth=args.smooth, calibration=args.calibration,
-                          device=args.device, offload=args.offload, smooth_tokens=args.smooth_tokens)
+                          device=args.device, offload=args.offload, smooth_tokens=args.smooth_tokens,
+                          float_storage=args.float_storage)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized accuracy (with labels) and output error")
     q.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
     q.add_argument("--out", help="directory for report.json, layer_error.png and the checkpoint")
+    q.add_argument("--float-storage", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="dtype of the unquantized tensors (embeddings, norms) in the checkpoint: auto (16-bit; "
+                        "exact where a 16-bit type holds them), fp16, bf16, or fp32 (as before)")
     q.add_argument("--calib", type=int, default=128, help="calibration sequences (default 128)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     q.add_argument("--eval-tokens", type=int, default=8192,
@@ -433,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .lowp.cli import add_parser as add_lptrain
 
     add_lptrain(sub)
+    from .export.command import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return p
 
 

@@ -19,8 +19,10 @@ def dense_bytes(model) -> int:
     return sum(seen.values())
 
 
-def estimated_bytes(model, res) -> int:
-    """Bytes the checkpoint of ``model`` quantized as ``res`` (a ``QuantizeResult``) would hold."""
+def estimated_bytes(model, res, float_storage: str = "auto") -> int:
+    """Bytes the checkpoint of ``model`` quantized as ``res`` (a ``QuantizeResult``) would hold,
+    its float tensors in their storage dtypes (``export.float_storage``), the file header aside."""
+    from .export.float_storage import storage_dtype
     from .quant.packed import packed_nbytes
 
     quantized = {f"{n}.weight" for n in res.packed}
@@ -29,7 +31,7 @@ def estimated_bytes(model, res) -> int:
         if name in quantized or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        total += t.numel() * storage_dtype(t, float_storage).itemsize
     return total + sum(packed_nbytes(p) for p in res.packed.values())
 
 

@@ -140,20 +140,25 @@ def run_quantize(
     transform_seed: int = 0,
     smooth_tokens="default",
     calib_seed: int = 0,
+    float_storage: str = "auto",
 ) -> dict:
     """Quantize ``model`` with ``scheme`` (or ``plan``) by ``method``; returns the report dict and,
     with ``out``, writes the checkpoint, report.json, layer_error.png and report.html there.
     ``calibration``: auto | sequential | parallel (see ``lowbit.ptq.pipeline.quantize_model``).
     ``device``: where the model runs (auto | cpu | cuda | cuda:N; None leaves it where it is); with
     ``offload`` the model stays in CPU memory and only the block being quantized visits ``device``
-    (evaluation then runs on the CPU). ``calib_seed`` draws another set of calibration windows."""
-    from .export.checkpoint import save_quantized
+    (evaluation then runs on the CPU). ``calib_seed`` draws another set of calibration windows.
+    ``float_storage``: the dtype of the unquantized float tensors (``export.float_storage``); the
+    quantized model is measured after its float tensors are rounded to it, as it is stored."""
+    from .export.checkpoint import save_quantized, size_breakdown
+    from .export.float_storage import check_float_storage, round_to_storage
     from .models.loader import load_model
     from .ptq.pipeline import quantize_model
     from .report import plot_layer_errors
     from .transforms.apply import ROTATIONS, parse_smooth, parse_smooth_tokens
 
     settings = settings or EvalSettings()
+    check_float_storage(float_storage)
     smooth = parse_smooth(smooth)  # bad options fail before the model is loaded
     if smooth_tokens is not None:  # None: every calibration token; "default": STATS_TOKENS
         smooth_tokens = parse_smooth_tokens(smooth_tokens)
@@ -199,6 +204,7 @@ def run_quantize(
                          progress_dir=progress_dir, progress=not quiet, retain=retain,
                          calibration=calibration, device=dev if offload else None)
     q_seconds = time.time() - t_q
+    round_to_storage(loaded.model, {f"{n}.weight" for n in res.packed}, float_storage)
     _log("evaluating the quantized model ...", quiet)
     quant = evaluate_model(loaded.model, loaded.tokenizer, loaded.kind, settings, reference, progress=not quiet)
     report = {
@@ -209,6 +215,7 @@ def run_quantize(
         "plan": plan.to_dict(),
         "method": method,
         "method_options": {"act_order": act_order, "percdamp": percdamp, "block_size": 128},
+        "float_storage": float_storage,
         "calibration": ({"sequences": calib, "seq_len": seq_len, "corpus": "python-stdlib-docstrings",
                          "seed": calib_seed, "order": res.calibration} if batches else None),
         "retain": retain.to_dict() if retain is not None else None,
@@ -243,14 +250,15 @@ def run_quantize(
         if res.kv:
             meta["kv"] = res.kv
         size = save_quantized(loaded.model, res.packed, out, kind=loaded.kind, tokenizer=loaded.tokenizer,
-                              extra=meta)
+                              extra=meta, float_storage=float_storage)
         report["quantized"]["size_bytes"] = size
+        report["quantized"]["size_breakdown"] = size_breakdown(json.loads((Path(out) / "lowbit.json").read_text()))
         report["quantized"]["checkpoint"] = str(Path(out) / "model.safetensors")
         if res.layers:  # a KV-only plan quantizes no weight
             plot_layer_errors(res.layers, Path(out) / "layer_error.png",
                               title=f"{loaded.name} {plan.describe()} {method}", output_space=method == "gptq")
     else:
-        report["quantized"]["size_bytes"] = estimated_bytes(loaded.model, res)
+        report["quantized"]["size_bytes"] = estimated_bytes(loaded.model, res, float_storage)
     report["seconds"] = time.time() - t_start
     if out:
         (Path(out) / "report.json").write_text(json.dumps(report, indent=1))

@@ -89,6 +89,9 @@ def run_quantize_module(
     res = quantize_model(model, plan, data.calibration if data and method == "gptq" else [], method,
                          act_order=act_order, percdamp=percdamp, progress_dir=progress_dir, progress=not quiet)
     q_seconds = time.time() - t_q
+    from .export.float_storage import round_to_storage
+
+    round_to_storage(model, {f"{n}.weight" for n in res.packed})  # measured as it will be stored
     _log("evaluating the quantized model ...", quiet)
     quant = measure(model, data, ref_outputs)[0] if data is not None else {}
     name = type(model).__name__

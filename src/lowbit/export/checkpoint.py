@@ -17,6 +17,7 @@ from ..models.blocks import replace_module
 from ..quant.conv import QuantConv1d, QuantConv2d
 from ..quant.linear import QuantLinear
 from ..quant.spec import QuantSpec
+from .float_storage import DEFAULT_FLOAT_STORAGE, round_to_storage
 from .packing import unpack_weight
 from .validate import (CHECKPOINT_VERSION, META_FILE, RESERVED_KEYS, WEIGHTS_FILE, CheckpointError, dtype_name,
                        file_sha256, manifest_digest, read_manifest, read_tensors)
@@ -24,14 +25,17 @@ from .validate import (CHECKPOINT_VERSION, META_FILE, RESERVED_KEYS, WEIGHTS_FIL
 QUANT_CONVS = (QuantConv1d, QuantConv2d)
 LOADABLE_KINDS = ("causal_lm", "encoder")
 
-__all__ = ["save_quantized", "load_quantized", "CheckpointError", "CHECKPOINT_VERSION", "META_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_quantized", "load_quantized", "size_breakdown", "CheckpointError", "CHECKPOINT_VERSION", "META_FILE", "WEIGHTS_FILE"]
 
 
 def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]], out_dir, *,
-                   kind: str, tokenizer=None, extra: Optional[dict] = None) -> int:
+                   kind: str, tokenizer=None, extra: Optional[dict] = None,
+                   float_storage: str = DEFAULT_FLOAT_STORAGE) -> int:
     """Write the checkpoint; returns the size of model.safetensors in bytes. ``extra``: further
     JSON-serialisable keys for the manifest (keys the manifest defines itself, such as ``layers``
-    or ``files``, are taken from this save, not from ``extra``)."""
+    or ``files``, are taken from this save, not from ``extra``). ``float_storage``: the dtype of
+    the unquantized float tensors (``export.float_storage``); the model's own tensors are rounded
+    in place to the stored values, so that the model in memory is the model on disk."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -40,6 +44,7 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
     layers, tied = {}, {}
     seen = {}
     quantized = {f"{n}.weight" for n in packed}
+    dtypes = round_to_storage(model, quantized, float_storage)
     for name, t in model.state_dict().items():
         if name in quantized:
             continue
@@ -48,7 +53,7 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
             tied[name] = seen[key]
             continue
         seen[key] = name
-        state[name] = t.detach().contiguous()
+        state[name] = t.detach().to(dtypes[name]).contiguous()
     for name, tensors in packed.items():
         mod = model.get_submodule(name)
         for k, v in tensors.items():
@@ -83,6 +88,21 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return (out / WEIGHTS_FILE).stat().st_size
+
+
+def size_breakdown(meta: dict) -> Dict[str, int]:
+    """Every byte of a checkpoint's model.safetensors by what it holds: the quantized layers' packed
+    tensors, the float tensors per stored dtype, and the file's header (from the manifest)."""
+    prefixes = tuple(f"{n}.weight." for n in meta["layers"])
+    out: Dict[str, int] = {"packed_layers": 0}
+    for name, rec in meta["tensors"].items():
+        n = getattr(torch, rec["dtype"]).itemsize
+        for s in rec["shape"]:
+            n *= s
+        key = "packed_layers" if name.startswith(prefixes) else f"{rec['dtype']}_tensors"
+        out[key] = out.get(key, 0) + n
+    out["header"] = meta["files"][WEIGHTS_FILE]["bytes"] - sum(out.values())
+    return out
 
 
 def load_quantized(path, dtype=torch.float32):
@@ -129,6 +149,8 @@ def load_quantized(path, dtype=torch.float32):
                         QuantSpec.parse(spec))
         replace_module(model, name, q)
     _restore_transforms(model, meta.get("input_transforms", {}), where)
+    # float tensors stored in 16 bits come back in the model's dtype (assign keeps a tensor's dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tied = meta["tied"]
     for name, source in tied.items():
         state[name] = state[source]

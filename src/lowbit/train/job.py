@@ -141,6 +141,9 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
                 cfg, teacher=ref if teacher == "fp32" else None,
                 state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
     convert(student)
+    from ..export.float_storage import round_to_storage
+
+    round_to_storage(student, {f"{n}.weight" for n in packed_weights(student)})  # measured as it is stored
     _log("evaluating the trained model ...", quiet)
     after = evaluate_model(student, tokenizer, kind, settings, ref if kind == "encoder" else None, progress=not quiet)
     if kind == "causal_lm":
