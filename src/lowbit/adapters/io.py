@@ -151,7 +151,7 @@ def put_matrices(layer: LoRALinear, tensors: Dict[str, torch.Tensor]) -> None:
     layer.lora_A.requires_grad_(False)
     layer.lora_B.requires_grad_(False)
     layer.stored = tensors
-    layer.fixed = (a.to(dev), b.t().contiguous().to(dev))
+    layer.fixed_A, layer.fixed_B = a.to(dev), b.t().contiguous().to(dev)
 
 
 # --- PEFT ---------------------------------------------------------------------------------------

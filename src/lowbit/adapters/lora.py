@@ -87,8 +87,9 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default: B = 0, so the start is the base
-        # a loaded adapter: the stored matrices as they are (``fixed``) and their packed tensors (``stored``)
-        self.fixed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # a loaded adapter: the stored matrices as they are (fixed_A/B) and their packed tensors (``stored``)
+        self.register_buffer("fixed_A", None, persistent=False)
+        self.register_buffer("fixed_B", None, persistent=False)
         self.stored: Optional[Dict[str, torch.Tensor]] = None
 
     @property
@@ -97,8 +98,8 @@ class LoRALinear(nn.Module):
 
     def adapter_matrices(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as the forward uses them: quantized per rank component (rows of A, columns of B)."""
-        if self.fixed is not None:
-            return self.fixed
+        if self.fixed_A is not None:
+            return self.fixed_A, self.fixed_B
         a = self.fmt.fake(self.lora_A)
         b = self.fmt.fake(self.lora_B.t()).t()
         return a, b
