@@ -27,7 +27,7 @@ from . import tasks as task_data
 from .adapter_quant import AdapterFormat
 from .io import adapter_bytes, export_peft, load_adapter, read_adapter_meta, save_adapter
 from .lora import add_lora, lora_layers, parse_targets
-from .lrqat import fold, lrqat_layers, prepare_lrqat
+from .lrqat import fold, layer_scales, prepare_lrqat
 
 METHODS = ("lora", "lrqat")
 DEFAULT_TARGETS = ("*",)
@@ -110,18 +110,6 @@ def load_base(base: Optional[str], scheme: Optional[str] = None, method: str = "
     return model, tok, info, packed
 
 
-def _stored_scales(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-    from ..train.qat import stored_scales
-
-    out = {}
-    for name, tensors in packed.items():
-        mod = model.get_submodule(name)
-        s, z = stored_scales(tensors, getattr(mod, "weight_spec", None), tuple(mod.weight.shape))
-        if s is not None:
-            out[name] = {"scales": s, "zeros": z}
-    return out
-
-
 def heldout_perplexity(model: nn.Module, tokens: torch.Tensor, context: int, progress: bool = False) -> float:
     from ..evaluate import perplexity
 
@@ -163,7 +151,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
         trainable = [p for l in lora_layers(model).values() for p in (l.lora_A, l.lora_B)]
         groups = {"weights": trainable, "scales": []}
     else:
-        made = prepare_lrqat(model, rules, stored=_stored_scales(model, packed), seed=cfg.seed)
+        made = prepare_lrqat(model, rules, stored=layer_scales(model, packed), seed=cfg.seed)
         groups = {"weights": [p for l in made.values() for p in (l.lora_A, l.lora_B)],
                   "scales": [l.scale for l in made.values()]}
     if dev is not None:

@@ -52,8 +52,9 @@ class _CastSTE(torch.autograd.Function):
 
 
 def frac_bits(grid: IntFormat) -> int:
-    """Fractional bits of the int8 ``Phi``: as many as fit beside the grid's integer range."""
-    return max(0, 7 - grid.bits) if grid.is_signed else max(0, 8 - grid.bits)
+    """Fractional bits of the int8 ``Phi``: as many as fit beside the grid's integer range (signed
+    b-bit levels times 2^(8-b) fill int8; unsigned ones need one bit less)."""
+    return max(0, 8 - grid.bits) if grid.is_signed else max(0, 7 - grid.bits)
 
 
 class LRQATLinear(nn.Module):
@@ -191,6 +192,21 @@ def prepare_lrqat(model: nn.Module, rules: Sequence[TargetRule], spec: Optional[
         raise ValueError("LR-QAT found no quantized linear among the adapter targets: start from a lowbit "
                          "checkpoint of an integer format, or give the spec to quantize to (e.g. --scheme w3g64)")
     return made
+
+
+def layer_scales(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Layer -> {'scales', 'zeros'} float (rows, groups) of a quantized model's packed tensors (a
+    checkpoint's, or ``lowbit_result.packed`` of PTQ): the grid LR-QAT keeps (re-fitting it from
+    the quantized weight would move an asymmetric grid)."""
+    from ..train.qat import stored_scales
+
+    out = {}
+    for name, tensors in packed.items():
+        mod = model.get_submodule(name)
+        s, z = stored_scales(tensors, getattr(mod, "weight_spec", None), tuple(mod.weight.shape))
+        if s is not None:
+            out[name] = {"scales": s, "zeros": z}
+    return out
 
 
 def lrqat_layers(model: nn.Module) -> Dict[str, LRQATLinear]:

@@ -25,7 +25,7 @@ import torch
 EXACT_MAX_VALUES = 16
 _EVENT_BUDGET = 1 << 22      # events sorted at once (rows are processed in chunks below it)
 _LLOYD_RATIOS = 48
-_LLOYD_ITERS = 8
+_LLOYD_ITERS = 64
 
 
 def nearest(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,11 +73,12 @@ def code_text(source: str) -> str:
     return "".join(line for i, line in enumerate(lines) if i not in drop)
 
 
-def stdlib_task(name: str) -> TrainingCorpus:
-    """The ``docs`` or ``code`` task as a corpus of one document per module (empty ones left out)."""
+def stdlib_task(name: str, modules: Optional[Sequence[str]] = None) -> TrainingCorpus:
+    """The ``docs`` or ``code`` task as a corpus of one document per module (empty ones left out);
+    ``modules`` restricts it as :func:`~lowbit.data.train_corpus.training_corpus` does (tests)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; accepted: {', '.join(TASKS)} or a text file's path")
-    base = training_corpus()
+    base = training_corpus(modules)
     make = docs_text if name == "docs" else code_text
     docs = []
     for d in base.documents:
