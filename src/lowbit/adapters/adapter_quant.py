@@ -89,8 +89,8 @@ class AdapterFormat:
     @torch.no_grad()
     def quantize_rows(self, w: torch.Tensor):
         """(levels float64, scales in SCALE_DTYPE) of ``w`` (channels x n)."""
-        values = self.values()
-        w64 = w.detach().double().cpu()
+        values = self.values().to(w.device)
+        w64 = w.detach().double()
         s = stored_scale(w64, optimal_scale(w64, values), values, SCALE_DTYPE)
         s64 = s.double()
         safe = torch.where(s64 > 0, s64, torch.ones_like(s64))
@@ -104,7 +104,7 @@ class AdapterFormat:
             q = w.detach().to(self.float_dtype).float()
         else:
             levels, s = self.quantize_rows(w)
-            q = (levels.float() * s.float()[:, None]).to(w.device)
+            q = levels.float() * s.float()[:, None]
         return _StraightThrough.apply(w, q)
 
     def pack(self, w: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -113,8 +113,8 @@ class AdapterFormat:
         if self.is_float:
             return {"weight": w.detach().to(self.float_dtype).cpu().contiguous()}
         levels, s = self.quantize_rows(w)
-        codes = parse_format(self.grid).encode_values(levels)
-        return {"codes": pack_bits(codes, self.bits), "scales": s.contiguous()}
+        codes = parse_format(self.grid).encode_values(levels.cpu())
+        return {"codes": pack_bits(codes, self.bits), "scales": s.cpu().contiguous()}
 
     def unpack(self, t: Dict[str, torch.Tensor], shape) -> torch.Tensor:
         """The float32 matrix the packed tensors hold (what :meth:`fake` computed)."""

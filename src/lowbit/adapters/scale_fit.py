@@ -20,6 +20,8 @@ changes; the result is a fixed point of both steps (a local optimum), which test
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 EXACT_MAX_VALUES = 16
@@ -38,10 +40,18 @@ def nearest(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def row_error(w: torch.Tensor, s: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Per row, ``||w - s * nearest(w / s)||^2`` in float64 (a zero scale gives the zero row)."""
     w = w.double()
+    values = values.to(w.device)
     s = s.double().reshape(-1, 1)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     q = torch.where(s > 0, nearest(w / safe, values.double()) * s, torch.zeros_like(w))
     return (w - q).pow(2).sum(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _sides(table: tuple):
+    """Both sides of a grid (as a tuple of floats), cached: every forward of an adapter asks again."""
+    values = torch.tensor(table, dtype=torch.float64)
+    return _side(values, 1.0), _side(values, -1.0)
 
 
 def _side(values: torch.Tensor, sign: float):
@@ -57,10 +67,9 @@ def _side(values: torch.Tensor, sign: float):
 def exact_scale(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The global least-squares scale of each row of ``w`` (float64, 0 for an all-zero row)."""
     w = w.double()
-    values = values.double()
     rows, n = w.shape
-    out = torch.zeros(rows, dtype=torch.float64)
-    sides = [_side(values, 1.0), _side(values, -1.0)]
+    out = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    sides = [tuple(t.to(w.device) for t in side) for side in _sides(tuple(values.double().tolist()))]
     k = max(sides[0][1].numel(), sides[1][1].numel())
     chunk = max(1, _EVENT_BUDGET // max(1, n * max(k, 1)))
     for r0 in range(0, rows, chunk):
@@ -110,10 +119,10 @@ def _exact_rows(w: torch.Tensor, sides, k: int) -> torch.Tensor:
 def lloyd_scale(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A least-squares fixed point per row (see the module docstring), float64."""
     w = w.double()
-    values = values.double()
+    values = values.double().to(w.device)
     top = values.abs().max()
     amax = w.abs().amax(1)
-    ratios = torch.linspace(0.1, 1.0, _LLOYD_RATIOS, dtype=torch.float64)
+    ratios = torch.linspace(0.1, 1.0, _LLOYD_RATIOS, dtype=torch.float64, device=w.device)
     cands = amax[:, None] / top * ratios[None, :]                       # (rows, R)
     errs = torch.stack([row_error(w, cands[:, j], values) for j in range(_LLOYD_RATIOS)], 1)
     s = torch.gather(cands, 1, errs.argmin(1, keepdim=True)).reshape(-1)
