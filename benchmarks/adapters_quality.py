@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tasks", default="docs,code")
     p.add_argument("--bases", default="fp32,w3g64", help="fp32 and/or schemes quantized by GPTQ (e.g. w3g64,w4g64)")
-    p.add_argument("--bits", default="1,2,4,8,16,32")
+    p.add_argument("--bits", default="1,2,4,8,16,32", help="adapter bits on the fp32 base")
+    p.add_argument("--quant-bits", default="1,16,32", help="adapter bits on the quantized bases")
     p.add_argument("--no-lrqat", dest="lrqat", action="store_false")
     p.add_argument("--no-peft", dest="peft", action="store_false")
     p.add_argument("--rank", type=int, default=16)
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    bits = [int(b) for b in args.bits.split(",") if b]
+    fp32_bits = [int(b) for b in args.bits.split(",") if b]
+    quant_bits = [int(b) for b in args.quant_bits.split(",") if b]
     t0 = time.time()
     bases = {}
     for b in args.bases.split(","):
@@ -156,6 +158,7 @@ def main(argv=None) -> int:
             common = {"task": task, "base": bname, "base_perplexity": base_ppl, "fp32_perplexity": fp32_ppl}
             rows.append({**common, "adapter": "none", "perplexity": base_ppl, "adapter_bytes": 0})
             float_lora = None
+            bits = fp32_bits if bname == "fp32" else quant_bits
             for nb in bits:
                 lm, row = lora_row(model, corpus, tok, tokens, args, nb, args.rank, dev)
                 rows.append({**common, **row})

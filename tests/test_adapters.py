@@ -206,3 +206,18 @@ def test_lrqat_from_a_float_base_keeps_fractional_bits():
 def test_lrqat_refuses_non_integer_grids():
     with pytest.raises(ValueError, match="integer weight format"):
         LRQATLinear.from_layer(byte_llama().model.layers[0].mlp.up_proj, "e2m1:g32", 4, 8)
+
+
+@pytest.mark.parametrize("scheme", ["int4:g32", "int3:g32:asym", "int8"])
+def test_compact_base_rebuilds_the_same_weights_from_int8(scheme):
+    from lowbit.adapters.compact_base import CompactQuantLinear, compact_base
+
+    m = quantized_tiny(scheme)
+    ref = logits(m)
+    grids = layer_scales(m, m.lowbit_result.packed)
+    add_lora(m, parse_targets(["*q_proj=4"]), AdapterFormat.parse("1bit"))
+    saved = compact_base(m, grids)
+    compact = [mod for mod in m.modules() if isinstance(mod, CompactQuantLinear)]
+    assert len(compact) == len(grids) and saved == sum(3 * c.levels.numel() for c in compact)
+    assert all(c.levels.dtype == torch.int8 for c in compact)
+    assert torch.equal(logits(m), ref)  # B = 0: exactly the quantized base

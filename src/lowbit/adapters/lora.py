@@ -9,6 +9,7 @@ rule that matches a layer wins, and a plain ``"*"`` skips ``lm_head`` and embedd
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -83,7 +84,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = int(rank), float(alpha)
         self.fmt = fmt or AdapterFormat.parse(None)
-        dev = base.weight.device
+        dev = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default: B = 0, so the start is the base

@@ -124,7 +124,8 @@ def lloyd_scale(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     amax = w.abs().amax(1)
     ratios = torch.linspace(0.1, 1.0, _LLOYD_RATIOS, dtype=torch.float64, device=w.device)
     cands = amax[:, None] / top * ratios[None, :]                       # (rows, R)
-    errs = torch.stack([row_error(w, cands[:, j], values) for j in range(_LLOYD_RATIOS)], 1)
+    y = w[:, None, :] / torch.where(cands > 0, cands, torch.ones_like(cands))[:, :, None]
+    errs = (w[:, None, :] - nearest(y, values) * cands[:, :, None]).pow(2).sum(2)   # (rows, R), one pass
     s = torch.gather(cands, 1, errs.argmin(1, keepdim=True)).reshape(-1)
     for _ in range(_LLOYD_ITERS):
         safe = torch.where(s > 0, s, torch.ones_like(s))
