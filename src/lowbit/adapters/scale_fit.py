@@ -28,6 +28,7 @@ EXACT_MAX_VALUES = 16
 _EVENT_BUDGET = 1 << 22      # events sorted at once (rows are processed in chunks below it)
 _LLOYD_RATIOS = 48
 _LLOYD_ITERS = 64
+_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 def nearest(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -150,8 +151,10 @@ def stored_scale(w: torch.Tensor, s: torch.Tensor, values: torch.Tensor, dtype: 
     """``s`` rounded to the storage ``dtype``: of the representable neighbours of ``s``, the one with
     the smaller error (returned in ``dtype``)."""
     down = s.to(dtype)
-    up = torch.nextafter(down, torch.full_like(down, float("inf")))
-    low = torch.nextafter(down, torch.zeros_like(down))
+    # the neighbours of a non-negative float are its bit pattern +- 1 (any device, any float dtype)
+    bits = down.view(_INT_OF[dtype])
+    up = (bits + 1).view(dtype)
+    low = torch.where(bits > 0, bits - 1, bits).view(dtype)
     cands = torch.stack([low, down, up], 1)
     errs = torch.stack([row_error(w, cands[:, j].double(), values) for j in range(3)], 1)
     return torch.gather(cands, 1, errs.argmin(1, keepdim=True)).reshape(-1)
