@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     for b in args.bases.split(","):
         scheme = None if b == "fp32" else b
         model, tok, info, packed = load_base(args.model, scheme, "gptq", calib=args.calib, calib_seq_len=512,
-                                             quiet=args.quiet)
+                                             device=dev, quiet=args.quiet)
         bases[b] = (model.to(dev), packed)
     rows = []
     for task in args.tasks.split(","):
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                 if nb == 32:
                     float_lora = lm
                 print(json.dumps(rows[-1]), flush=True)
-            if 1 in bits:  # 16-bit LoRA with the 1-bit adapter's storage
+            if 1 in bits and bname == "fp32":  # 16-bit LoRA with the 1-bit adapter's storage
                 r16 = max(1, args.rank // 16)
                 _, row = lora_row(model, corpus, tok, tokens, args, 16, r16, dev)
                 rows.append({**common, **row, "adapter": f"lora 16-bit rank {r16} (1-bit's storage)"})

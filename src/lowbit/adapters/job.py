@@ -75,10 +75,11 @@ def _packed_of_checkpoint(directory: Path, meta: dict) -> Dict[str, Dict[str, to
 
 
 def load_base(base: Optional[str], scheme: Optional[str] = None, method: str = "rtn", *, calib: int = 128,
-              calib_seq_len: int = 512, quiet: bool = False):
+              calib_seq_len: int = 512, device: Optional[torch.device] = None, quiet: bool = False):
     """(model, tokenizer, info, packed) of a base: a lowbit checkpoint directory, or a model name/path
-    (``smollm2`` by default) quantized on the fly by ``method`` when ``scheme`` is given. ``packed``
-    holds each quantized layer's stored scales (what LR-QAT starts from)."""
+    (``smollm2`` by default) quantized on the fly by ``method`` when ``scheme`` is given (on
+    ``device``, where the model is put). ``packed`` holds each quantized layer's stored scales
+    (what LR-QAT starts from)."""
     from ..export.checkpoint import load_quantized
 
     if base and (Path(base) / "lowbit.json").is_file():
@@ -98,6 +99,8 @@ def load_base(base: Optional[str], scheme: Optional[str] = None, method: str = "
     if loaded.kind != "causal_lm":
         raise ValueError(f"lowbit finetune adapts causal language models; {loaded.name} is a {loaded.kind}")
     model, tok = loaded.model, loaded.tokenizer
+    if device is not None:
+        model.to(device)
     info = {"model": loaded.name, "model_spec": base or "smollm2", "scheme": scheme, "method": method if scheme else None}
     packed = {}
     if scheme:
@@ -140,7 +143,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
         raise ValueError("--peft exports LoRA adapters; LR-QAT folds its update into the checkpoint's codes")
     dev = resolve_device(device)
     corpus = task_data.load_task(task)
-    model, tok, info, packed = load_base(base, scheme, method, quiet=quiet)
+    model, tok, info, packed = load_base(base, scheme, method, device=dev, quiet=quiet)
     if dev is not None:
         model.to(dev)
     tokens = task_data.heldout_tokens(corpus, tok, eval_tokens, context)
@@ -254,9 +257,9 @@ def run_eval_adapters(base: Optional[str], adapters: Sequence[str], task: Option
     on_the_fly = not (base and (Path(base) / "lowbit.json").is_file()) and recorded.get("scheme") \
         and not recorded.get("checkpoint")
     # a base quantized on the fly is rebuilt the way the adapter's run built it
-    model, tok, _, _ = load_base(base, recorded.get("scheme") if on_the_fly else None,
-                                 recorded.get("method") or "rtn", quiet=quiet)
     dev = resolve_device(device)
+    model, tok, _, _ = load_base(base, recorded.get("scheme") if on_the_fly else None,
+                                 recorded.get("method") or "rtn", device=dev, quiet=quiet)
     if dev is not None:
         model.to(dev)
     results = []
