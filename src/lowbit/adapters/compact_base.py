@@ -31,9 +31,9 @@ class CompactQuantLinear(nn.Module):
         self.weight_spec, self.act_spec = spec, layer.act_spec
         self.group = cols if spec.granularity == "tensor" else q.group_size(cols)
         n_groups = math.ceil(cols / self.group)
-        s = scales.float().expand(rows, n_groups)
-        z = None if zeros is None else zeros.float().expand(rows, n_groups)
         w = layer.weight.detach().float()
+        s = scales.float().to(w.device).expand(rows, n_groups)
+        z = None if zeros is None else zeros.float().to(w.device).expand(rows, n_groups)
         levels = torch.round(w / self._expand(s) + (0 if z is None else self._expand(z)))
         self.register_buffer("levels", levels.to(torch.int8))
         self.register_buffer("scales", s.contiguous())

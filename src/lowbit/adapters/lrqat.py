@@ -98,6 +98,8 @@ class LRQATLinear(nn.Module):
             _, params = q.rtn(W.float())
             scales = torch.cat([p.scale for p in params], 1).float()
             zeros = None if params[0].zero is None else torch.cat([p.zero for p in params], 1).float()
+        scales = scales.to(W.device)
+        zeros = None if zeros is None else zeros.to(W.device)
         if spec.granularity == "tensor":
             scales, zeros = scales[:1, :1], (None if zeros is None else zeros[:1, :1])
         s = scales.double().expand(rows, n_groups).repeat_interleave(group, 1)[:, :cols]
