@@ -30,6 +30,7 @@ def test_tiny_finetune_on_cuda(kind):
     if kind == "lrqat":
         lowbit.quantize_model(m, "int4:g32")
         _own_tensors(m)
+        m.cuda()  # the stored scales stay on the CPU: LR-QAT must follow the weights' device
         made = prepare_lrqat(m, parse_targets(["*proj=4"]), stored=layer_scales(m, m.lowbit_result.packed))
         groups = {"weights": [p for l in made.values() for p in (l.lora_A, l.lora_B)],
                   "scales": [l.scale for l in made.values()]}
