@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tasks", default="docs,code")
-    p.add_argument("--bases", default="fp32,w3g64", help="fp32 and/or schemes quantized by GPTQ (e.g. w3g64,w4g64)")
+    p.add_argument("--bases", default="fp32,w3g64", help="fp32 and/or schemes quantized by GPTQ (e.g. w3g64,w4g64; rtn:w3g64 for RTN)")
     p.add_argument("--bits", default="1,2,4,8,16,32", help="adapter bits on the fp32 base")
     p.add_argument("--quant-bits", default="1,16,32", help="adapter bits on the quantized bases")
     p.add_argument("--no-lrqat", dest="lrqat", action="store_false")
@@ -144,9 +144,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     bases = {}
     for b in args.bases.split(","):
-        scheme = None if b == "fp32" else b
-        model, tok, info, packed = load_base(args.model, scheme, "gptq", calib=args.calib, calib_seq_len=512,
-                                             device=dev, quiet=args.quiet)
+        method, _, scheme = b.rpartition(":")  # "w3g64" (GPTQ) or "rtn:w3g64"
+        scheme = None if b == "fp32" else scheme
+        model, tok, info, packed = load_base(args.model, scheme, method or "gptq", calib=args.calib,
+                                             calib_seq_len=512, device=dev, quiet=args.quiet)
         bases[b] = (model.to(dev), packed)
     rows = []
     for task in args.tasks.split(","):
