@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             if 1 in bits and bname == "fp32":  # 16-bit LoRA with the 1-bit adapter's storage
                 r16 = max(1, args.rank // 16)
                 _, row = lora_row(model, corpus, tok, tokens, args, 16, r16, dev)
-                rows.append({**common, **row, "adapter": f"lora 16-bit rank {r16} (1-bit's storage)"})
+                rows.append({**common, **row, "adapter": f"lora 16-bit rank {r16} (rank/16: 1-bit's storage)"})
                 print(json.dumps(rows[-1]), flush=True)
             if bname != "fp32":
                 if float_lora is not None:
