@@ -156,9 +156,9 @@ def test_peft_loads_the_export_and_gives_lowbits_outputs(fmt, tmp_path):
 def quantized_tiny(scheme="int4:g32"):
     m = byte_llama()
     lowbit.quantize_model(m, scheme)
-    from lowbit.adapters.job import _own_tensors
+    from lowbit.adapters.job import own_tensors
 
-    _own_tensors(m)
+    own_tensors(m)
     return m
 
 

@@ -23,13 +23,13 @@ def test_cuda_adapter_quantization_matches_cpu(fmt):
 @pytest.mark.parametrize("kind", ["lora:1bit", "lrqat"])
 def test_tiny_finetune_on_cuda(kind):
     import lowbit
-    from lowbit.adapters.job import _own_tensors
+    from lowbit.adapters.job import own_tensors
     from lowbit.adapters.lrqat import layer_scales
 
     m = byte_llama()
     if kind == "lrqat":
         lowbit.quantize_model(m, "int4:g32")
-        _own_tensors(m)
+        own_tensors(m)
         m.cuda()  # the stored scales stay on the CPU: LR-QAT must follow the weights' device
         made = prepare_lrqat(m, parse_targets(["*proj=4"]), stored=layer_scales(m, m.lowbit_result.packed))
         groups = {"weights": [p for l in made.values() for p in (l.lora_A, l.lora_B)],

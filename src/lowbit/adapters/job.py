@@ -50,7 +50,7 @@ def parse_adapter(text: str) -> Tuple[str, AdapterFormat]:
     return method, AdapterFormat.parse(fmt or None)
 
 
-def _own_tensors(model: nn.Module) -> None:
+def own_tensors(model: nn.Module) -> None:
     """Parameters and buffers made under inference mode (PTQ) become ordinary tensors, so autograd
     can use them in the adapters' backward."""
     for mod in model.modules():
@@ -108,7 +108,7 @@ def load_base(base: Optional[str], scheme: Optional[str] = None, method: str = "
 
         _log(f"quantizing the base to {scheme} with {method} ...", quiet)
         lowbit.quantize_model(model, scheme, method, tokenizer=tok, calib=calib, seq_len=calib_seq_len)
-        _own_tensors(model)
+        own_tensors(model)
         packed = model.lowbit_result.packed
     return model, tok, info, packed
 
