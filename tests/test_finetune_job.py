@@ -90,3 +90,20 @@ def test_bad_input_exits_2_with_one_line(setup, capsys, argv, msg):
     assert cli.main(["finetune", model, "--steps", "1", "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0]
+
+
+def test_lora_on_a_checkpoint_base_keeps_it_compact_and_eval_swaps_in(setup, capsys):
+    import lowbit
+    from lowbit.models.loader import load_model
+
+    model, task, d = setup
+    loaded = load_model(model)
+    lowbit.save(lowbit.quantize_model(loaded.model, "int4:g32"), d / "q4", tokenizer=loaded.tokenizer, source=model)
+    rep = finetune_job.run_finetune(str(d / "q4"), "lora:2bit", str(d / "on-q4"), task=task,
+                                    config=TrainConfig(steps=2, lr=1e-2), **ARGS)
+    assert rep["base"]["checkpoint"] == str((d / "q4").resolve())
+    assert rep["base_bytes_saved_in_memory"] > 0  # the base trained as int8 levels
+    assert cli.main(["eval", str(d / "q4"), "--adapter", str(d / "on-q4/adapter"), "--eval-tokens", "256",
+                     "--context", "32", "--json", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res[0]["perplexity"] == pytest.approx(rep["after"]["perplexity"], rel=1e-6)

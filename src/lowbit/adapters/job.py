@@ -150,6 +150,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
     _log(f"held-out perplexity of the base on {task} ({tokens.numel():,} tokens) ...", quiet)
     before = heldout_perplexity(model, tokens, context)
     grids = layer_scales(model, packed)
+    saved = 0
     if kind == "lora":
         add_lora(model, rules, fmt, seed=cfg.seed)
         if compact:
@@ -178,7 +179,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
         "training": {**asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "objective": "ce"},
         "evaluation": {"metric": "perplexity", "split": "task held-out", "tokens": int(tokens.numel()),
                        "context": context},
-        "before": {"perplexity": before},
+        "before": {"perplexity": before}, "base_bytes_saved_in_memory": saved,
         "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
         "tokens_per_second": res.tokens_per_second(), "resumed_from": res.resumed_from, "history": res.history,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
