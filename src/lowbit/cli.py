@@ -187,6 +187,11 @@ def _plan_retain(path):
 def cmd_eval(args) -> int:
     from .jobs import EvalSettings, run_eval
 
+    if args.adapter:
+        from .adapters.cli import cmd_eval_adapters
+
+        return cmd_eval_adapters(args)
+
     settings = None
     if args.eval_tokens is not None or args.context is not None:
         settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context or 512)
@@ -346,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="load a quantized checkpoint and measure it as `quantize` did")
-    e.add_argument("dir")
+    e.add_argument("dir", help="a checkpoint directory (with --adapter: or a model name such as smollm2)")
+    e.add_argument("--adapter", action="append", default=None,
+                   help="an adapter directory of `lowbit finetune`; repeatable: one base, each adapter swapped in "
+                        "and measured on its task's held-out split")
+    e.add_argument("--task", default=None, help="with --adapter: docs | code | FILE instead of the adapter's own")
     e.add_argument("--eval-tokens", type=int, default=None)
     e.add_argument("--context", type=int, default=None)
     e.add_argument("--json", action="store_true", help="print the quantized fields as JSON")
@@ -440,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.command import add_parser as add_export_parser
 
     add_export_parser(sub)
+    from .adapters.cli import add_finetune_parser
+
+    add_finetune_parser(sub)
     return p
 
 
