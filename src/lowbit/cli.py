@@ -440,18 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
+    # each of these commands lives with its package and registers its own parser
+    from .adapters.cli import add_finetune_parser
+    from .export.command import add_parser as add_export_parser
+    from .lowp.cli import add_parser as add_lptrain_parser
     from .scaling.command import add_scaling_parser
 
-    add_scaling_parser(sub)
-    from .lowp.cli import add_parser as add_lptrain
-
-    add_lptrain(sub)
-    from .export.command import add_parser as add_export_parser
-
-    add_export_parser(sub)
-    from .adapters.cli import add_finetune_parser
-
-    add_finetune_parser(sub)
+    for add in (add_finetune_parser, add_lptrain_parser, add_scaling_parser, add_export_parser):
+        add(sub)
     return p
 
 
