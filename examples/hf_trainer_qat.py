@@ -53,9 +53,9 @@ def main(model: str = "smollm2", scheme: str = "w4g64", steps: int = 20, seq_len
                       optimizers=(opt, None))
     trainer.train()
     lowbit.convert(net)                                 # QATLinear -> QuantLinear + packed codes
-    after = lowbit.evaluate(net, tok, eval_tokens=2048)["perplexity"]
-    if out:
+    if out:   # saving rounds the unquantized tensors (embeddings, norms) to 16 bits, in place as stored
         lowbit.save(net, out, tokenizer=tok, source=model)
+    after = lowbit.evaluate(net, tok, eval_tokens=2048)["perplexity"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"{scheme}: perplexity fp32 {before:.3f} -> QAT {after:.3f} after {steps} steps; logged losses {losses}")
     return {"before": before, "after": after, "losses": losses}

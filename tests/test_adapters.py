@@ -181,9 +181,9 @@ def test_lrqat_starts_at_the_quantized_base_and_folds_exactly(scheme, tmp_path):
     packed = fold(m)
     assert not lrqat_layers(m)
     assert torch.equal(logits(m), trained)  # the fold is exact: zero extra parameters, same outputs
-    save_quantized(m, packed, tmp_path / "ck", kind="causal_lm")
+    save_quantized(m, packed, tmp_path / "ck", kind="causal_lm")   # rounds embeddings/norms to 16 bits
     back, _, meta = load_quantized(tmp_path / "ck")
-    assert torch.equal(logits(back), trained)
+    assert torch.equal(logits(back), logits(m))
     assert all(info["weight"] == scheme for info in meta["layers"].values())
 
 

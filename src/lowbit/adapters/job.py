@@ -194,6 +194,12 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
                                                              for l in layers.values())}
     else:
         new_packed = fold(model)
+        from ..export.float_storage import round_to_storage
+        from ..quant.linear import QuantLinear
+
+        quantized = {f"{n}.weight" for n, m in model.named_modules()
+                     if isinstance(m, QuantLinear) and m.weight_spec is not None}
+        round_to_storage(model, quantized)  # measured as it is stored (embeddings and norms in 16 bits)
         after = heldout_perplexity(model, tokens, context)
         report["after"] = {"perplexity": after, "adapter_bytes": 0, "inference_extra_parameters": 0,
                            "folded_layers": len(new_packed)}
