@@ -9,13 +9,11 @@ import math
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats import IntFormat
 from ..models.blocks import replace_module
-from ..quant.activation import quantize_activation
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, quantized_linear
 from ..quant.weight import WeightQuantizer
 
 
@@ -53,15 +51,7 @@ class CompactQuantLinear(nn.Module):
         return lv * self._expand(self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_spec is not None:
-            x = quantize_activation(x, self.act_spec)
-        w = self.weight()
-        b = self.bias
-        if not torch.is_autocast_enabled(x.device.type):
-            w, b = w.to(x.dtype), (None if b is None else b.to(x.dtype))
-        return F.linear(x, w, b)
+        return quantized_linear(x, self.weight(), self.bias, self.input_transform, self.act_spec)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_spec} (int8 levels)"

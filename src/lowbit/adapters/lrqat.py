@@ -16,13 +16,11 @@ import math
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats import IntFormat
 from ..models.blocks import replace_module
-from ..quant.activation import quantize_activation
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, quantized_linear
 from ..quant.packed import pack_weight
 from ..quant.spec import QuantSpec
 from ..quant.weight import GroupParams, WeightQuantizer
@@ -136,16 +134,7 @@ class LRQATLinear(nn.Module):
         return q * self._expand(self.effective_scale())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_spec is not None:
-            x = quantize_activation(x, self.act_spec)
-        w = self.quantized_weight()
-        b = self.bias
-        if not torch.is_autocast_enabled(x.device.type):
-            w = w.to(x.dtype)
-            b = None if b is None else b.to(x.dtype)
-        return F.linear(x, w, b)
+        return quantized_linear(x, self.quantized_weight(), self.bias, self.input_transform, self.act_spec)
 
     @torch.no_grad()
     def fold(self):

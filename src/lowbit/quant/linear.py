@@ -42,12 +42,24 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_spec is not None:
-            x = quantize_activation(x, self.act_spec)
-        return F.linear(x, self.weight, self.bias)
+        return quantized_linear(x, self.weight, self.bias, self.input_transform, self.act_spec)
 
     def extra_repr(self) -> str:
         extra = f", retain={self.retain}" if self.retain else ""
         return f"{super().extra_repr()}, weight={self.weight_spec}, act={self.act_spec}{extra}"
+
+
+def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     input_transform: Optional[nn.Module] = None, act_spec=None) -> torch.Tensor:
+    """What every quantized linear computes (PTQ's, QAT's, LR-QAT's, the compact adapter base's):
+    the input through its transform (rotation/smoothing), then its quantizer, times the weight.
+    Outside autocast the weight and bias take the input's dtype: a weight computed in float32
+    (fake-quantized, or rebuilt from codes) must meet a bf16 input."""
+    if input_transform is not None:
+        x = input_transform(x)
+    if act_spec is not None:
+        x = quantize_activation(x, act_spec)
+    if not torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)

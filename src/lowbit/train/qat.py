@@ -11,13 +11,11 @@ import fnmatch
 from typing import Dict, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..quant.packed import pack_weight
 from ..models.blocks import replace_module
-from ..quant.activation import quantize_activation
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, quantized_linear
 from ..quant.plan import Plan, as_plan
 from ..quant.spec import QuantSpec
 from .quantizers import WeightFakeQuant
@@ -65,16 +63,7 @@ class QATLinear(nn.Module):
         return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        if self.act_spec is not None:
-            x = quantize_activation(x, self.act_spec)
-        w = self.quantized_weight()
-        b = self.bias
-        if not torch.is_autocast_enabled(x.device.type):
-            w = w.to(x.dtype)
-            b = None if b is None else b.to(x.dtype)
-        return F.linear(x, w, b)
+        return quantized_linear(x, self.quantized_weight(), self.bias, self.input_transform, self.act_spec)
 
     @torch.no_grad()
     def freeze(self):
