@@ -13,7 +13,6 @@ matrices under PEFT's names, loadable by ``peft.PeftModel.from_pretrained`` on t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..export.validate import file_sha256
 from ..models.blocks import replace_module
 from .adapter_quant import AdapterFormat
 from .lora import LoRALinear, lora_layers
@@ -33,14 +33,6 @@ ADAPTER_VERSION = 1
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def layer_tensors(layer: LoRALinear) -> Dict[str, torch.Tensor]:
@@ -83,7 +75,7 @@ def save_adapter(model: nn.Module, out_dir, base: Optional[dict] = None, extra: 
     meta = {"lowbit_adapter": ADAPTER_VERSION, "format": fmts.pop(), "layers": info, "base": base or {},
             "bytes": sum(v.numel() * v.element_size() for v in state.values()),
             "parameters": sum(l.rank * (l.in_features + l.out_features) for l in layers.values()),
-            "sha256": _sha256(out / ADAPTER_FILE), **(extra or {})}
+            "sha256": file_sha256(out / ADAPTER_FILE), **(extra or {})}
     tmp = out / (ADAPTER_META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / ADAPTER_META)
@@ -113,7 +105,7 @@ def load_adapter(model: nn.Module, path, replace: bool = False) -> dict:
 
     d = Path(path)
     meta = read_adapter_meta(d)
-    if _sha256(d / ADAPTER_FILE) != meta.get("sha256"):
+    if file_sha256(d / ADAPTER_FILE) != meta.get("sha256"):
         raise ValueError(f"{d / ADAPTER_FILE}: its SHA-256 does not match {ADAPTER_META} (a changed or damaged file)")
     if lora_layers(model):
         if not replace:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..job_common import log
 from ..jobs import resolve_device
 from ..train.loop import TrainConfig, train
 from ..train.objectives import causal_lm_objective
@@ -32,10 +33,6 @@ from .lrqat import fold, layer_scales, prepare_lrqat
 METHODS = ("lora", "lrqat")
 DEFAULT_TARGETS = ("*",)
 
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def parse_adapter(text: str) -> Tuple[str, AdapterFormat]:
@@ -106,7 +103,7 @@ def load_base(base: Optional[str], scheme: Optional[str] = None, method: str = "
     if scheme:
         import lowbit
 
-        _log(f"quantizing the base to {scheme} with {method} ...", quiet)
+        log(f"quantizing the base to {scheme} with {method} ...", quiet)
         lowbit.quantize_model(model, scheme, method, tokenizer=tok, calib=calib, seq_len=calib_seq_len)
         own_tensors(model)
         packed = model.lowbit_result.packed
@@ -147,7 +144,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
     if dev is not None:
         model.to(dev)
     tokens = task_data.heldout_tokens(corpus, tok, eval_tokens, context)
-    _log(f"held-out perplexity of the base on {task} ({tokens.numel():,} tokens) ...", quiet)
+    log(f"held-out perplexity of the base on {task} ({tokens.numel():,} tokens) ...", quiet)
     before = heldout_perplexity(model, tokens, context)
     grids = layer_scales(model, packed)
     saved = 0
@@ -158,7 +155,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
 
             saved = compact_base(model, grids)
             if saved:
-                _log(f"the quantized base is kept as int8 levels: {saved / 2 ** 20:.0f} MiB less memory", quiet)
+                log(f"the quantized base is kept as int8 levels: {saved / 2 ** 20:.0f} MiB less memory", quiet)
         trainable = [p for l in lora_layers(model).values() for p in (l.lora_A, l.lora_B)]
         groups = {"weights": trainable, "scales": []}
     else:
@@ -168,7 +165,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
     if dev is not None:
         model.to(dev)
     n_train = sum(p.numel() for g in groups.values() for p in g)
-    _log(f"training {n_train:,} adapter parameters ({adapter}) for {cfg.steps} steps of {batch_size} x {seq_len} "
+    log(f"training {n_train:,} adapter parameters ({adapter}) for {cfg.steps} steps of {batch_size} x {seq_len} "
          f"tokens of {task}", quiet)
     out_dir = Path(out) if out else None
     res = train(model, task_data.task_batches(corpus, tok, seq_len, batch_size, cfg.seed), causal_lm_objective("ce"),
@@ -203,7 +200,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
         after = heldout_perplexity(model, tokens, context)
         report["after"] = {"perplexity": after, "adapter_bytes": 0, "inference_extra_parameters": 0,
                            "folded_layers": len(new_packed)}
-    _log(f"held-out perplexity on {task}: base {before:.3f} -> {after:.3f}", quiet)
+    log(f"held-out perplexity on {task}: base {before:.3f} -> {after:.3f}", quiet)
     if out_dir:
         if kind == "lora":
             save_adapter(model, out_dir / "adapter", base=info,

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..job_common import log
 from ..jobs import resolve_device
 from ..train.job import training_data
 from ..train.loop import TrainConfig, train
@@ -40,10 +41,6 @@ def held_out_loss(model, batches: torch.Tensor, bf16: bool) -> float:
     model.train(was_training)
     return total / len(batches)
 
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, config: Optional[TrainConfig] = None,
@@ -80,7 +77,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device_type == "cuda")
     val = validation_batches(tokenizer, seq_len, batch_size, val_batches)
     before = held_out_loss(student, val, bf16)
-    _log(f"{loaded.name}: {len(layers)} linear layers in {recipe.describe() if recipe else 'bf16/fp32'}; held-out "
+    log(f"{loaded.name}: {len(layers)} linear layers in {recipe.describe() if recipe else 'bf16/fp32'}; held-out "
          f"loss {before:.4f}; training {cfg.steps} steps of {batch_size} x {seq_len} tokens ({objective})", quiet)
     out_dir = Path(out) if out else None
     weights = [p for p in student.parameters() if p.requires_grad]

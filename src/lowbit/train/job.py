@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..job_common import log
 from ..jobs import EvalSettings, dense_bytes, evaluate_model, resolve_device, run_quantize
 from ..quant.plan import Plan
 from .loop import TrainConfig, train
@@ -25,10 +26,6 @@ from .qat import convert, packed_weights, prepare_qat, trainable_groups
 
 INITS = ("rtn", "gptq")
 
-
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(msg, flush=True)
 
 
 def checkpoint_scales(directory: Path, meta: dict) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -60,9 +57,9 @@ def _start_from(init: str, model: Optional[str], plan: Optional[Plan], out: Opti
         raise ValueError("--init rtn|gptq quantizes the model first: give --scheme or --plan")
     d = (out / "init") if out else Path(os.environ.get("TMPDIR", "/tmp")) / f"lowbit-train-init-{os.getpid()}"
     if (d / "report.json").is_file():
-        _log(f"starting from the {init} checkpoint already in {d}", quiet)
+        log(f"starting from the {init} checkpoint already in {d}", quiet)
         return d
-    _log(f"quantizing with {init} to start from ...", quiet)
+    log(f"quantizing with {init} to start from ...", quiet)
     run_quantize(model, None, init, str(d), plan=plan, calib=calib, seq_len=seq_len, settings=settings,
                  device=device, quiet=quiet)
     return d
@@ -119,7 +116,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
 
     student, tokenizer, meta = load_quantized(init_dir)
     source = meta.get("model_spec") if model is None else model
-    _log(f"loading the fp32 teacher ({source or 'smollm2'}) ...", quiet)
+    log(f"loading the fp32 teacher ({source or 'smollm2'}) ...", quiet)
     loaded = load_model(source)
     kind = loaded.kind
     tokenizer = tokenizer or loaded.tokenizer
@@ -134,7 +131,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
         with torch.no_grad():
             before = evaluate_model(student.eval(), tokenizer, kind, settings, ref if kind == "encoder" else None)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    _log(f"training {n_train / 1e6:.1f}M parameters for {cfg.steps} steps of {batch_size} x {seq_len} tokens "
+    log(f"training {n_train / 1e6:.1f}M parameters for {cfg.steps} steps of {batch_size} x {seq_len} tokens "
          f"({objective}{' + hidden MSE' if hidden_mse else ''}, teacher {teacher})", quiet)
     obj = (causal_lm_objective(objective, hidden_mse=hidden_mse) if kind == "causal_lm" else encoder_objective())
     res = train(student, training_data(kind, tokenizer, batch_size, seq_len, cfg.seed), obj, trainable_groups(student),
@@ -144,7 +141,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     from ..export.float_storage import round_to_storage
 
     round_to_storage(student, {f"{n}.weight" for n in packed_weights(student)})  # measured as it is stored
-    _log("evaluating the trained model ...", quiet)
+    log("evaluating the trained model ...", quiet)
     after = evaluate_model(student, tokenizer, kind, settings, ref if kind == "encoder" else None, progress=not quiet)
     if kind == "causal_lm":
         from ..data.corpus import evaluation_tokens
