@@ -39,9 +39,9 @@ def test_tiny_finetune_on_cuda(kind):
         groups = {"weights": [p for l in lora_layers(m).values() for p in (l.lora_A, l.lora_B)], "scales": []}
     m.cuda()
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 256, (8, 2, 32), generator=g)
-    res = train(m, lambda step: {"input_ids": data[step % 8]}, causal_lm_objective("ce"), groups,
+    data = torch.randint(0, 256, (2, 32), generator=g)  # one batch to memorise: random bytes have nothing else
+    res = train(m, lambda step: {"input_ids": data}, causal_lm_objective("ce"), groups,
                 TrainConfig(steps=8, lr=1e-2), progress=False)
-    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.05
     if kind == "lrqat":
         fold(m)

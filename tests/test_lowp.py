@@ -196,6 +196,10 @@ def test_kernel_selection():
     assert kernel_for(Q.parse("int8:channel"), Q.parse("int8:tensor"), 32, 64, 48, cpu, bf16) == "int8"
     assert kernel_for(Q.parse("int8:g32"), Q.parse("int8:channel"), 32, 64, 48, cpu, bf16) is None
     assert kernel_for(Q.parse("e3m2fn:tensor"), Q.parse("e3m2fn:tensor"), 32, 64, 48, cpu, bf16) is None
+    cuda, row = torch.device("cuda"), Q.parse("e4m3fn:channel")
+    for out in (bf16, torch.float32):   # row scales: CUDA only; a float32 output is the bf16 kernel's, upcast
+        assert kernel_for(row, row, 32, 64, 48, cuda, out) == "fp8_row"
+    assert kernel_for(row, row, 32, 64, 48, cpu, bf16) is None
     with pytest.raises(ValueError, match="no low-precision kernel"):
         lowp_linear(torch.randn(32, 64), torch.randn(48, 64), None, parse_recipe("e3m2:0", backend="kernel"))
 

@@ -47,13 +47,15 @@ def test_cuda_kernel_path_matches_emulation(text):
         assert y.dtype == torch.bfloat16
         y.backward(gy)
         outs.append((y.float(), xv.grad.float(), wv.grad))
-    for a, b in zip(*outs):
+    for name, a, b in zip(("y", "x.grad", "w.grad"), *outs):
         # bf16 outputs: one rounding of float32 sums accumulated in different orders
-        assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-4 * b.abs().max()).all()
+        bad = (a - b).abs() > 2 ** -7 * b.abs() + 1e-4 * b.abs().max()
+        assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} outside tolerance, max abs diff "
+                               f"{float((a - b).abs().max()):.3g}, max |ref| {float(b.abs().max()):.3g}")
 
 
 def test_cuda_auto_backend_picks_the_kernels():
-    x, w, _ = _data()
+    x, w, _ = _data(T=208)   # lowp_mm pads the tokens to a multiple of 16 before choosing
     r = parse_recipe("fp8:1", block=64)
     assert choose_kernel(r, "x", "w", x, w.shape, torch.bfloat16) == "fp8"
     assert choose_kernel(parse_recipe("int8:2"), "g", "x", x, w.shape, torch.float32) == "int8"

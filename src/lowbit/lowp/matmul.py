@@ -70,7 +70,7 @@ def kernel_for(a_spec, b_spec, rows_a: int, inner: int, rows_b: int, device: tor
                out_dtype: torch.dtype) -> Optional[str]:
     """Which low-precision kernel computes this matmul (one of ``KERNELS``), or None where only
     emulation can: FP8 needs E4M3/E5M2 operands (not both E5M2), per-tensor scales (per-row for
-    E4M3 x E4M3 with a bf16 output), round-to-nearest or stochastic rounding alike (the rounding
+    E4M3 x E4M3 on CUDA, whose kernel writes bf16: a float32 output is that bf16 result, upcast), round-to-nearest or stochastic rounding alike (the rounding
     happens before), every dimension a multiple of 16; INT8 needs int8 operands with per-tensor or
     per-row scales, more than 16 rows and the other dimensions multiples of 8."""
     fa, fb = str(a_spec.fmt), str(b_spec.fmt)
@@ -85,8 +85,7 @@ def kernel_for(a_spec, b_spec, rows_a: int, inner: int, rows_b: int, device: tor
         return None
     if gran == {"tensor"}:
         return "fp8"
-    if gran <= {"channel", "token"} and fa == fb == "e4m3fn" and out_dtype == torch.bfloat16 \
-            and device.type == "cuda":
+    if gran <= {"channel", "token"} and fa == fb == "e4m3fn" and device.type == "cuda":
         return "fp8_row"
     return None
 
@@ -103,5 +102,8 @@ def kernel_mm(a: Operand, b: Operand, kind: str, out_dtype: torch.dtype) -> torc
         sa, sb = a.scale.float().reshape(-1, 1) * inv_gain, b.scale.float().reshape(1, -1)
     else:
         raise ValueError(f"unknown kernel {kind!r}; accepted: {', '.join(KERNELS)}")
-    return torch._scaled_mm(a.values.contiguous(), b.values.contiguous().t(), scale_a=sa, scale_b=sb,
-                            out_dtype=out_dtype)
+    # the row-scaled FP8 GEMM writes bf16 only (Hopper's cuBLASLt/CUTLASS path)
+    kernel_out = torch.bfloat16 if kind == "fp8_row" else out_dtype
+    y = torch._scaled_mm(a.values.contiguous(), b.values.contiguous().t(), scale_a=sa, scale_b=sb,
+                         out_dtype=kernel_out)
+    return y.to(out_dtype)
