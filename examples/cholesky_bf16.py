@@ -15,13 +15,13 @@ Two models of the factorization (right-looking, only the upper triangle is read)
   mixed  a tensor-core-like unit: the row r_k enters each rank-1 update rounded to u_f, products are
          exact and sums are rounded to fp32 (arith.matmul(-r^T, r, input_format=u_f,
          accum_format="fp32", c=A22)); sqrt and division in fp32; R stored in u_f.
-Three ways to prepare the matrix (Higham & Pranesh, SIAM J. Sci. Comput. 2021):
+Two ways to prepare the matrix (after Higham & Pranesh, SIAM J. Sci. Comput. 2021):
   plain    A multiplied by the power of two mu with max|mu A| in (M/2, M], M = min(max(u_f)/8, 1024)
            (exact; keeps fp8 entries normal and products finite), as examples/iterative_refinement.py.
-  scaled   H = D^-1 A D^-1 with D = diag(sqrt(a_ii)) (unit diagonal), then mu H with mu = 2^floor(log2 M).
-  shifted  scaled, plus c n u_f on the diagonal of H before rounding, which moves the smallest
-           eigenvalue of fl(H) away from zero and lets the factorization finish; c = 2^-8 first,
-           doubled after each breakdown up to 2^2 (--shifts to choose the list), the c used printed.
+  scaled   H = D^-1 A D^-1 with D = diag(sqrt(a_ii)) (unit diagonal), then mu H with mu = 2^floor(log2 M);
+           if that breaks down, H + c n u_f I instead (the shift moves the smallest eigenvalue of fl(H)
+           away from zero), c = 2^-8 first and doubled after each breakdown up to 2^2 (--shifts); the
+           c used is printed (0: no shift was needed) with the step where the unshifted one broke.
 The factor of A is R_A = R D / sqrt(mu), formed in float64 (exact up to float64 rounding), so every
 variant is measured on the same footing. Reported:
   berr     ||A - R_A^T R_A||_2 / ||A||_2 (float64), the normwise backward error; n u_f is printed beside
@@ -37,7 +37,7 @@ float64 solve):
            It converges when kappa(A) * berr is safely below 1.
   PCG      conjugate gradients preconditioned with M = R_A^T R_A, the number of iterations until
            ||b - A x||_2 <= 1e-10 ||b||_2 (at most 2n); beside it unpreconditioned CG's. A factor too
-           inaccurate for IR (or a shifted one) is still a good preconditioner, the idea behind
+           inaccurate for IR (a shifted one, say) can still be a good preconditioner, the idea behind
            GMRES-IR (Carson & Higham 2017; Higham & Pranesh 2021).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ import numpy as np
 import lowbit
 from lowbit import arith
 
-PREPARATIONS = ("plain", "scaled", "shifted")
+PREPARATIONS = ("plain", "scaled")
 
 
 class CholeskyBreakdown(ArithmeticError):
@@ -119,9 +119,9 @@ def cholesky_mixed(a: np.ndarray, fmt: str) -> np.ndarray:
 FACTOR = {"lowp": cholesky_lowp, "mixed": cholesky_mixed}
 
 
-def prepare(a: np.ndarray, fmt: str, how: str, shift: float):
-    """(G, d, mu): the float64 matrix to round and factorize, G = mu * D^-1 (A [+ shift]) D^-1, with
-    the diagonal d of D (ones for plain) and the power of two mu."""
+def prepare(a: np.ndarray, fmt: str, how: str, shift: float = 0.0):
+    """(G, d, mu): the float64 matrix to round and factorize, G = mu (D^-1 A D^-1 + shift n u_f I) for
+    scaled, G = mu A for plain (d = ones), with the diagonal d of D and the power of two mu."""
     f = lowbit.format(fmt)
     m = min(f.max / 8, 1024.0)
     n = a.shape[0]
@@ -132,13 +132,13 @@ def prepare(a: np.ndarray, fmt: str, how: str, shift: float):
         d = np.sqrt(np.diag(a))
         h = a / np.outer(d, d)
         np.fill_diagonal(h, 1.0)
-        if how == "shifted":
+        if shift:
             h = h + shift * n * unit_roundoff(fmt) * np.eye(n)
     mu = 2.0 ** math.floor(math.log2(m / np.max(np.abs(h))))
     return h * mu, d, mu
 
 
-def factorize(a: np.ndarray, fmt: str, model: str, how: str, shift: float):
+def factorize(a: np.ndarray, fmt: str, model: str, how: str, shift: float = 0.0):
     """(R_A in float64, componentwise ratio on the factorized matrix); raises CholeskyBreakdown."""
     g, d, mu = prepare(a, fmt, how, shift)
     g = lowbit.quantize(g, fmt)
@@ -198,13 +198,15 @@ def cg_iterations(a: np.ndarray, r=None, tol: float = 1e-10, maxit=None) -> int:
     return maxit + 1
 
 
-def factorize_shifted(a: np.ndarray, fmt: str, model: str, shifts):
-    """factorize(..., "shifted", c) for the first c in shifts without breakdown: (R_A, comp, c)."""
-    for c in shifts:
+def factorize_scaled(a: np.ndarray, fmt: str, model: str, shifts):
+    """Scaled factorization, unshifted first, then with shift c for each c in shifts until one does not
+    break down: (R_A, comp, c, the unshifted breakdown or None). Raises the last breakdown."""
+    first = None
+    for c in [0.0] + [c for c in shifts if c > 0]:
         try:
-            return factorize(a, fmt, model, "shifted", c) + (c,)
+            return factorize(a, fmt, model, "scaled", c) + (c, first)
         except CholeskyBreakdown as e:
-            last = e
+            first, last = first or e, e
     raise last
 
 
@@ -217,20 +219,25 @@ def format_row(row: dict) -> str:
     irs = f"{ir[-1]:.1e} ({len(ir) - 1})" if ir else ""
     return (f"| {row['n']} | {row['matrix']} | {row['kappa']:.1e} | {row['fmt']} | {row['model']} | {row['prep']} "
             f"| {row['c']} | {row['status']} | {row['berr']:.1e} | {row['nu']:.1e} | {row['comp']:.1e} "
-            f"| {row['gamma']:.1e} | {irs} | {row['pcg']} | {row['cg']} |")
+            f"| {row['gamma']:.1e} | {irs} | {_its(row['pcg'], row['n'])} | {_its(row['cg'], row['n'])} |")
+
+
+def _its(k, n: int) -> str:
+    """CG iteration count, '>2n' where it did not converge."""
+    return f">{2 * n}" if k != "" and k > 2 * n else str(k)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[50, 100], help="sizes (default: %(default)s)")
-    ap.add_argument("--kappa", type=float, nargs="+", default=[1e1, 1e3, 1e5, 1e7],
+    ap.add_argument("--n", type=int, nargs="+", default=[32, 64], help="sizes (default: %(default)s)")
+    ap.add_argument("--kappa", type=float, nargs="+", default=[1e1, 1e3, 1e6],
                     help="2-norm condition numbers (default: %(default)s)")
     ap.add_argument("--badly-scaled", type=float, default=3.0,
                     help="also B = D A D, D = diag(10^linspace(-s, s)), A of the smallest kappa (0: off)")
     ap.add_argument("--formats", nargs="+", default=["bf16", "fp16", "fp8_e4m3"], help="factor formats")
     ap.add_argument("--models", nargs="+", default=["lowp", "mixed"], choices=list(FACTOR))
     ap.add_argument("--shifts", type=float, nargs="+", default=[2.0 ** k for k in range(-8, 3)],
-                    help="values of c in the shift c n u_f, tried in turn (default 2^-8 .. 2^2)")
+                    help="values of c in the shift c n u_f, tried in turn after a breakdown (default 2^-8 .. 2^2)")
     ap.add_argument("--ir-steps", type=int, default=5, help="refinement steps (0: none; default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/numerics/cholesky.md"),
@@ -262,15 +269,18 @@ def main(argv=None) -> int:
                                    berr=math.nan, nu=n * u, comp=math.nan, gamma=gamma(n + 1, u), ir=[],
                                    pcg="", cg=cg_plain)
                         try:
-                            if how == "shifted":
-                                r, row["comp"], c = factorize_shifted(a, fmt, model, args.shifts)
+                            note = "ok"
+                            if how == "scaled":
+                                r, row["comp"], c, first = factorize_scaled(a, fmt, model, args.shifts)
                                 row["c"] = f"2^{int(math.log2(c))}" if c > 0 else "0"
+                                if first is not None:
+                                    note = f"ok, shifted (unshifted: breakdown, step {first.step})"
                             else:
-                                r, row["comp"] = factorize(a, fmt, model, how, 0.0)
+                                r, row["comp"] = factorize(a, fmt, model, how)
                             row["berr"] = backward_error(a, r)
                             row["ir"] = refine(a, r, args.ir_steps) if args.ir_steps else []
                             row["pcg"] = cg_iterations(a, r)
-                            row["status"] = "ok"
+                            row["status"] = note
                         except CholeskyBreakdown as e:
                             row["status"] = f"breakdown, step {e.step}"
                         rows.append(row)
