@@ -211,13 +211,15 @@ def factorize_scaled(a: np.ndarray, fmt: str, model: str, shifts):
 
 
 HEADER = ("| n | matrix | kappa_2 | u_f | model | prep | c | status | berr | n u_f | comp | gamma_{n+1} "
-          "| IR error (steps) | PCG its | CG its |\n" + "|---:|---|---:|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|")
+          "| IR error (steps) | PCG its | CG its |\n"
+          "|---:|---|---:|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|")
 
 
 def format_row(row: dict) -> str:
     ir = row["ir"]
     irs = f"{ir[-1]:.1e} ({len(ir) - 1})" if ir else ""
-    return (f"| {row['n']} | {row['matrix']} | {row['kappa']:.1e} | {row['fmt']} | {row['model']} | {row['prep']} "
+    return (f"| {row['n']} | {row['matrix']} | {row['kappa']:.1e} | {row['fmt']} | {row['model']} "
+            f"| {row['prep']} "
             f"| {row['c']} | {row['status']} | {row['berr']:.1e} | {row['nu']:.1e} | {row['comp']:.1e} "
             f"| {row['gamma']:.1e} | {irs} | {_its(row['pcg'], row['n'])} | {_its(row['cg'], row['n'])} |")
 
@@ -237,7 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", nargs="+", default=["bf16", "fp16", "fp8_e4m3"], help="factor formats")
     ap.add_argument("--models", nargs="+", default=["lowp", "mixed"], choices=list(FACTOR))
     ap.add_argument("--shifts", type=float, nargs="+", default=[2.0 ** k for k in range(-8, 3)],
-                    help="values of c in the shift c n u_f, tried in turn after a breakdown (default 2^-8 .. 2^2)")
+                    help="values of c in the shift c n u_f, tried in turn after a breakdown "
+                         "(default 2^-8 .. 2^2)")
     ap.add_argument("--ir-steps", type=int, default=5, help="refinement steps (0: none; default 5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/numerics/cholesky.md"),

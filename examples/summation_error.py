@@ -142,11 +142,11 @@ def plot(path: Path, ns, results: dict, stag: dict, block: int) -> None:
                       label=f"{m} bound")
         ax.loglog(ns, bnd["sqrt(n) u"], "k--", lw=1, label="sqrt(n) u")
         ax.set_ylim(1e-5, 2)
-        ax.set_title(f"{fmt}, u = 2^{int(math.log2(unit_roundoff(fmt)))}" + (f", data x 2^{int(math.log2(scale))}" if scale != 1 else ""))
+        scaled = f", data x 2^{int(math.log2(scale))}" if scale != 1 else ""
+        ax.set_title(f"{fmt}, u = 2^{int(math.log2(unit_roundoff(fmt)))}{scaled}")
         ax.set_xlabel("n")
         ax.set_ylabel("|s_hat - s| / sum |x_i|")
         ax.grid(True, which="major", alpha=0.3)
-    axes.flat[0].legend(fontsize=7, loc="lower right")
     ax = axes.flat[len(results)]
     for fmt, sums in stag.items():
         k = np.arange(1, len(sums) + 1)
@@ -156,8 +156,11 @@ def plot(path: Path, ns, results: dict, stag: dict, block: int) -> None:
     ax.set_xlabel("n")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    for extra in axes.flat[len(results) + 1:]:
+    spare = axes.flat[len(results) + 1:]
+    for extra in spare:
         extra.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    (spare[0] if len(spare) else axes.flat[0]).legend(handles, labels, fontsize=9, loc="center")
     fig.suptitle(f"Summation error, uniform [0,1) data, blocked: b = {block} with an fp32 accumulator "
                  "(o median, x max over trials; thin lines: worst-case bounds)", fontsize=10)
     fig.tight_layout()
@@ -168,7 +171,8 @@ def plot(path: Path, ns, results: dict, stag: dict, block: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="float formats (default: %(default)s)")
-    ap.add_argument("--max-log2n", type=int, default=12, help="largest n = 2^k (default 12; the time grows as 2^k)")
+    ap.add_argument("--max-log2n", type=int, default=12,
+                    help="largest n = 2^k (default 12; the time grows as 2^k)")
     ap.add_argument("--trials", type=int, default=20, help="random vectors per format (default 20)")
     ap.add_argument("--block", type=int, default=32, help="block size of the blocked sum (default 32)")
     ap.add_argument("--seed", type=int, default=0)
