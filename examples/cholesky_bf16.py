@@ -3,7 +3,7 @@ fp8 e4m3, every rounding done by lowbit.arith: backward error against the roundi
 breakdown on ill-conditioned matrices, and the diagonal scaling and shift that prevent it.
 
     python3 examples/cholesky_bf16.py                          # the tables in docs/emulation.md
-    python3 examples/cholesky_bf16.py --n 50 200 --kappa 1e2 1e6 --formats bf16 fp16
+    python3 examples/cholesky_bf16.py --n 16 128 --kappa 1e2 1e6 --formats bf16 fp16
 
 Matrices: A = Q diag(sigma) Q^T, Q a random orthogonal matrix, sigma geometrically spaced from 1 to
 1/kappa (randsvd, mode 3), symmetrized exactly; and a badly scaled one, B = D A D with
@@ -25,12 +25,12 @@ Two ways to prepare the matrix (after Higham & Pranesh, SIAM J. Sci. Comput. 202
 The factor of A is R_A = R D / sqrt(mu), formed in float64 (exact up to float64 rounding), so every
 variant is measured on the same footing. Reported:
   berr     ||A - R_A^T R_A||_2 / ||A||_2 (float64), the normwise backward error; n u_f is printed beside
-           it (Higham, Accuracy and Stability, Thm 10.5: ||dA||_2 <= c n u ||A||_2 for a small c);
+           it (Higham, Accuracy and Stability of Numerical Algorithms, ch. 10: ||dA||_2 <= c n u ||A||_2);
   comp     max_ij |G - R^T R|_ij / (|R^T||R|)_ij for the matrix G = fl(prepared A) that was factorized,
-           to compare with gamma_{n+1} = (n+1) u_f / (1 - (n+1) u_f) (Thm 10.3: |dA| <= gamma_{n+1}
+           to compare with gamma_{n+1} = (n+1) u_f / (1 - (n+1) u_f) (ibid.: |dA| <= gamma_{n+1}
            |R^T||R| for the lowp model; the mixed model has no such bound and is shown for comparison);
   breakdown: the step k and the value of a pivot that is not positive (the factorization stops).
-Then two solvers of A x = 1 built on the factor (everything but the factorization in float64; x* the
+Then two solvers of A x = b, b = A 1, built on the factor (everything but the factorization in float64; x* the
 float64 solve):
   IR       Cholesky-based iterative refinement (--ir-steps): x_0 = R_A^-1 R_A^-T b; r = b - A x_i,
            d = R_A^-1 R_A^-T r, x_{i+1} = x_i + d; forward error ||x - x*||_inf / ||x*||_inf at the end.
@@ -248,6 +248,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.n) < 2 or min(args.kappa) < 1 or min(args.shifts) < 0 or args.ir_steps < 0:
         ap.error("need --n >= 2, --kappa >= 1, --shifts >= 0, --ir-steps >= 0")
+    for fmt in args.formats:
+        try:
+            f = lowbit.format(fmt)
+        except ValueError as e:
+            ap.error(f"--formats: {e}")
+        if not hasattr(f, "man"):
+            ap.error(f"--formats: {fmt!r} is not a floating-point element format (e.g. bf16, fp16, fp8_e4m3)")
     t0 = time.time()
     header = (f"lowbit {lowbit.__version__}, numpy {np.__version__}, python {platform.python_version()}; "
               f"seed {args.seed}")

@@ -168,6 +168,16 @@ def plot(path: Path, ns, results: dict, stag: dict, block: int) -> None:
     plt.close(fig)
 
 
+def check_float_format(ap: argparse.ArgumentParser, fmt: str) -> None:
+    """Exit 2 with one line unless fmt names a floating-point element format."""
+    try:
+        f = lowbit.format(fmt)
+    except ValueError as e:
+        ap.error(f"--formats: {e}")
+    if not hasattr(f, "man"):
+        ap.error(f"--formats: {fmt!r} is not a floating-point element format (e.g. fp16, bf16, fp8_e4m3)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), help="float formats (default: %(default)s)")
@@ -183,10 +193,7 @@ def main(argv=None) -> int:
     if not 4 <= args.max_log2n <= 20 or args.trials < 1 or args.block < 1:
         ap.error("need 4 <= --max-log2n <= 20, --trials >= 1, --block >= 1")
     for fmt in args.formats:
-        try:
-            unit_roundoff(fmt)
-        except (AttributeError, ValueError) as e:
-            ap.error(f"--formats: {fmt!r} is not a float element format ({e})")
+        check_float_format(ap, fmt)
     t0 = time.time()
     ns = [2 ** k for k in range(4, args.max_log2n + 1)]
     header = (f"lowbit {lowbit.__version__}, numpy {np.__version__}, python {platform.python_version()}; "
