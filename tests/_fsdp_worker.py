@@ -36,10 +36,14 @@ def free_port() -> int:
 
 
 def run_ranks(fn, world: int, timeout_s: float, *args) -> None:
-    """``fn(rank, world, port, *args)`` in ``world`` spawned processes; fails after ``timeout_s``."""
+    """``fn(rank, world, port, *args)`` in ``world`` processes, forked where the platform can (the
+    children then skip importing torch and transformers again); fails after ``timeout_s``."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    ctx = mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=False)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method=method)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -202,7 +202,8 @@ class GatheredLowpWeight(torch.Tensor):
                     **tree_map(lambda t: t.dequantize() if isinstance(t, cls) else t, kwargs))
 
 
-# what FSDP2 does to a parameter while sharding it, moving it and making the DTensor of its shard
+# what FSDP2 does to a parameter while sharding it and making the DTensor of its shard; copies
+# (state dicts, .cpu()) come out as plain tensors
 _KEEP_SHARD_WRAPPER = {aten.detach.default, aten.alias.default, aten.empty_like.default, aten.new_zeros.default,
                        aten.slice.Tensor, aten.copy_.default, aten.view.default, aten.as_strided.default,
-                       aten._to_copy.default, aten._pin_memory.default, aten.split.Tensor, aten.clone.default}
+                       aten.split.Tensor}
