@@ -35,14 +35,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world: int, timeout_s: float, *args) -> None:
+def run_ranks(fn, world: int, timeout_s: float, *args, fork: bool = True) -> None:
     """``fn(rank, world, port, *args)`` in ``world`` processes, forked where the platform can (the
-    children then skip importing torch and transformers again); fails after ``timeout_s``."""
+    children then skip importing torch and transformers again; CUDA needs ``fork=False``); fails
+    after ``timeout_s``."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    method = "fork" if fork and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "fork":   # import once, here, for every child
+        import lowbit.lowp.fsdp  # noqa: F401
+        import lowbit.train.loop  # noqa: F401
+        tiny_model(None)
     ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method=method)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
@@ -53,15 +58,18 @@ def run_ranks(fn, world: int, timeout_s: float, *args) -> None:
             raise TimeoutError(f"the {world} FSDP processes did not finish in {timeout_s:.0f} s")
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, port: int, device: str = "cpu") -> torch.device:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    return torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
 
 
-def train_configs(rank: int, world: int, port: int, out: str, configs: list, steps: int) -> None:
+def train_configs(rank: int, world: int, port: int, out: str, configs: list, steps: int, device: str = "cpu") -> None:
     """For each (recipe, gather): the loss curve of ``steps`` sharded steps and, after them, the
     first block's gathered q_proj weight beside the full master weight it came from."""
     import torch.distributed as dist
@@ -71,10 +79,10 @@ def train_configs(rank: int, world: int, port: int, out: str, configs: list, ste
     from lowbit.train.loop import TrainConfig, train
     from lowbit.train.objectives import causal_lm_objective
 
-    _init(rank, world, port)
+    dev = _init(rank, world, port, device)
     res = {}
     for recipe, gather in configs:
-        model = shard_model(tiny_model(recipe), gather=gather)
+        model = shard_model(tiny_model(recipe).to(dev), gather=gather)
         cfg = TrainConfig(steps=steps, lr=1e-3, grad_clip=None, seed=0)
         r = train(model, batches, causal_lm_objective("ce"), {"weights": list(model.parameters())}, cfg,
                   progress=False, parallel=DataParallel())
@@ -82,9 +90,10 @@ def train_configs(rank: int, world: int, port: int, out: str, configs: list, ste
         master = block.self_attn.q_proj.weight.full_tensor()
         block.unshard()
         w = block.self_attn.q_proj.weight
-        gathered = (w._codes.clone(), w._scales.clone(), w._gain) if hasattr(w, "_codes") else None
+        gathered = (w._codes.clone().cpu(), w._scales.clone().cpu(), w._gain) if hasattr(w, "_codes") else None
         block.reshard()
-        res[(recipe, gather)] = {"losses": [h["loss"] for h in r.history], "master": master, "gathered": gathered}
+        res[(recipe, gather)] = {"losses": [h["loss"] for h in r.history], "master": master.cpu(), "gathered": gathered,
+                                 "gathered_type": type(w).__name__}
     torch.save(res, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
