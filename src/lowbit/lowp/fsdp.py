@@ -3,6 +3,7 @@
 low-precision linears' weights all-gathered in FP8 or INT8 (``gather.py``)."""
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -29,9 +30,10 @@ def decoder_blocks(model: nn.Module) -> List[nn.Module]:
 def shard_model(model: nn.Module, *, gather="bf16", param_dtype="auto", reduce_dtype="auto",
                 reshard_after_forward: bool = True, mesh=None) -> nn.Module:
     """Shard ``model`` (already on this rank's device, ``torch.distributed`` initialized) with FSDP2
-    in place: each decoder block, then the root. ``gather``: the all-gather format of the
-    LowpLinear weights (``bf16``: FSDP's own, in the parameter dtype; ``fp8``, ``fp8row``, ``int8``
-    or a quant spec: HQ-FSDP). ``param_dtype``: the unsharded parameters' dtype (``auto``: bf16 on
+    in place: each decoder block, then the root. ``gather``: the all-gather format of the weights
+    of every LowpLinear and of the decoder blocks' other ``nn.Linear`` layers (``bf16``: FSDP's own,
+    in the parameter dtype; ``fp8``, ``fp8row``, ``int8`` or a quant spec: HQ-FSDP; a plain linear
+    computes with the dequantized weight; one process gathers nothing and ignores it). ``param_dtype``: the unsharded parameters' dtype (``auto``: bf16 on
     CUDA, the master dtype on the CPU); ``reduce_dtype``: the gradient reduction's (``auto``: the
     parameter dtype). Returns ``model``."""
     import torch.distributed as dist
@@ -45,20 +47,27 @@ def shard_model(model: nn.Module, *, gather="bf16", param_dtype="auto", reduce_d
     pdt, rdt = (_dtype(v, name, dev) for v, name in ((param_dtype, "param_dtype"), (reduce_dtype, "reduce_dtype")))
     world = dist.get_world_size()
     mesh = mesh or init_device_mesh(dev.type, (world,))
+    if spec is not None and mesh.size() == 1:
+        # nothing is communicated, and FSDP2's one-process path takes one all-gather input only
+        # (torch 2.13): the weights stay as they are, and the matmuls quantize them as without FSDP
+        warnings.warn(f"HQ-FSDP: one process has no all-gather; gather={gather!r} is ignored")
+        spec = None
+    blocks = decoder_blocks(model)
     if spec is not None:
         layers = [m for m in model.modules() if isinstance(m, LowpLinear)]
+        layers += [m for b in blocks for m in b.modules() if type(m) is nn.Linear]
         if not layers:
-            raise ValueError(f"gather={gather!r} all-gathers the weights of low-precision linears, and the model has "
-                             "none: prepare it with lowbit.lowp.prepare_lowp first, or use gather='bf16'")
+            raise ValueError(f"gather={gather!r} all-gathers the weights of linear layers, and the model has no "
+                             "low-precision linear nor decoder blocks of linears; use gather='bf16'")
         for m in layers:
             if m.out_features % world:
                 raise ValueError(f"HQ-FSDP shards whole rows: out_features={m.out_features} of a layer does not "
                                  f"split over {world} processes; use a world size dividing it or gather='bf16'")
             if not isinstance(m.weight, ShardedLowpWeight):
-                m.weight = nn.Parameter(ShardedLowpWeight(m.weight.data, spec, m.recipe),
+                m.weight = nn.Parameter(ShardedLowpWeight(m.weight.data, spec, getattr(m, "recipe", None)),
                                         requires_grad=m.weight.requires_grad)
     mp = MixedPrecisionPolicy(param_dtype=pdt, reduce_dtype=rdt)
-    for block in decoder_blocks(model):
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model

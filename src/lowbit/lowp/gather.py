@@ -54,13 +54,13 @@ def parse_gather(text) -> Optional[QuantSpec]:
     return spec
 
 
-def matches_forward(spec: QuantSpec, recipe: LowpRecipe) -> bool:
+def matches_forward(spec: QuantSpec, recipe: Optional[LowpRecipe]) -> bool:
     """Whether ``spec`` is the recipe's weight operand format: the gathered weight then feeds the
-    forward matmul as it is."""
-    return str(spec) == str(recipe.spec("w"))
+    forward matmul as it is (never for a plain linear: ``recipe`` None)."""
+    return recipe is not None and str(spec) == str(recipe.spec("w"))
 
 
-def _shard_operand(w: torch.Tensor, spec: QuantSpec, recipe: LowpRecipe, group) -> Operand:
+def _shard_operand(w: torch.Tensor, spec: QuantSpec, recipe: Optional[LowpRecipe], group) -> Operand:
     """The all-gather payload of one shard ``w`` (rows, in_features), already in the compute dtype."""
     import torch.distributed as dist
 
@@ -71,27 +71,28 @@ def _shard_operand(w: torch.Tensor, spec: QuantSpec, recipe: LowpRecipe, group) 
     if spec.granularity == "tensor":
         amax = w.abs().amax().float()
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)   # one scale for all shards
-    return quantize_operand(w, spec, codes=True, gain=gain, fast=recipe.backend != "emulate", amax=amax)
+    fast = recipe is None or recipe.backend != "emulate"   # emulate: lowbit's quantizer, as the forward
+    return quantize_operand(w, spec, codes=True, gain=gain, fast=fast, amax=amax)
 
 
 class ShardedLowpWeight(torch.Tensor):
-    """The master weight of a ``LowpLinear`` (FSDP2 makes it the local shard of a DTensor) whose
+    """The master weight of a linear layer (FSDP2 makes it the local shard of a DTensor) whose
     FSDP2 all-gather sends ``gather``-format codes and per-row scales. Every other operation runs on
     the wrapped master tensor (the optimizer updates it in place); the few FSDP2 uses to shard and
     move it keep the wrapper."""
 
     _tensor: torch.Tensor
     _gather: QuantSpec
-    _recipe: LowpRecipe
+    _recipe: Optional[LowpRecipe]   # a LowpLinear's; None for a plain linear
 
     @staticmethod
-    def __new__(cls, tensor: torch.Tensor, gather: QuantSpec, recipe: LowpRecipe):
+    def __new__(cls, tensor: torch.Tensor, gather: QuantSpec, recipe: Optional[LowpRecipe]):
         return torch.Tensor._make_wrapper_subclass(cls, tensor.size(), strides=tensor.stride(),
                                                    storage_offset=tensor.storage_offset(), dtype=tensor.dtype,
                                                    layout=tensor.layout, device=tensor.device,
                                                    requires_grad=tensor.requires_grad)
 
-    def __init__(self, tensor: torch.Tensor, gather: QuantSpec, recipe: LowpRecipe):
+    def __init__(self, tensor: torch.Tensor, gather: QuantSpec, recipe: Optional[LowpRecipe]):
         self._tensor, self._gather, self._recipe = tensor, gather, recipe
         self._payload: Optional[tuple] = None   # (key, codes, scales) of the last all-gather
 
