@@ -16,7 +16,8 @@ from _fsdp_worker import run_ranks, split_batches, tiny_model, train_configs, tr
 STEPS = 3
 EXACT = [("fp8:1", "bf16"), ("fp8:0", "fp8")]
 CLOSE = [("fp8:1", "fp8"), ("int8:1", "int8"), ("fp8row:2", "fp8row")]
-MISMATCHED = [("fp8:1", "int8")]   # the matmul quantizes the dequantized INT8 weight again
+# the matmul quantizes the dequantized INT8 weight again; bf16 matmuls take the dequantized FP8 weight
+MISMATCHED = [("fp8:1", "int8"), (None, "fp8")]
 
 
 def single_process_curve(recipe: str, steps: int = STEPS) -> list:
@@ -105,8 +106,17 @@ def test_gathered_weight_dequantizes_to_the_rounded_weight():
     assert g.operand_for(parse_recipe("int8:1", block=64)) is not None
     assert g.operand_for(parse_recipe("int8:0", block=64)) is None       # not rotated at HALO-0
     assert g.operand_for(parse_recipe("fp8:1", block=64)) is None        # another format
-    y = torch.nn.functional.linear(torch.ones(2, 128), g)                 # anything else: the dequantized weight
-    torch.testing.assert_close(y, torch.ones(2, 128) @ back.T)
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    param = torch.nn.Parameter(g)
+    y = torch.nn.functional.linear(x, param, torch.ones(32))              # a plain linear: the dequantized weight
+    torch.testing.assert_close(y, x @ back.T + 1)
+    y.square().sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ref_w = back.clone().requires_grad_()
+    (ref_x @ ref_w.T + 1).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(param.grad, ref_w.grad)
+    assert type(param.grad) is torch.Tensor and (param * 2).sub(2 * back).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("text, match", [("nonsense", "neither bf16"), ("fp4", "accepted are"),
@@ -148,3 +158,25 @@ def test_decoder_blocks_are_the_repeated_layers():
 
     model = tiny_model(None)
     assert decoder_blocks(model) == list(model.model.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_hq_fsdp_on_two_gpus(tmp_path):
+    """NCCL, bf16 parameters under autocast: the ranks agree, the losses are finite, and the FP8 /
+    INT8 all-gathered weights are one process's quantization of the bf16 master weight (HALO-0: no
+    rotation, whose GEMM could round differently for fewer rows)."""
+    from lowbit.lowp.gather import parse_gather
+    from lowbit.lowp.operand import quantize_operand
+
+    configs = [("fp8:0", "fp8"), ("int8:0", "int8"), ("fp8:1", "fp8")]
+    run_ranks(train_configs, 2, 300, str(tmp_path), configs, STEPS, "cuda", fork=False)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for c in configs:
+        losses = ranks[0][c]["losses"]
+        assert losses == ranks[1][c]["losses"] and all(torch.isfinite(torch.tensor(losses)))
+        if c[0].endswith(":0"):
+            codes, scales, _ = ranks[0][c]["gathered"]
+            ref = quantize_operand(ranks[0][c]["master"].cuda().bfloat16(), parse_gather(c[1]), codes=True)
+            assert torch.equal(codes.view(torch.uint8), ref.values.cpu().view(torch.uint8))
+            assert torch.equal(scales, ref.scale.float().cpu().expand(codes.shape[0], 1))

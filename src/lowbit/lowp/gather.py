@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 from ..quant.spec import QuantSpec
@@ -164,7 +165,15 @@ class GatheredLowpWeight(torch.Tensor):
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, gain: int, dtype: torch.dtype):
         self._codes, self._scales, self._spec, self._gain = codes, scales, spec, gain
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:   # a plain linear (or a LowpLinear switched off): dequantize, keep no copy
+            x, weight, bias = (list(args) + [None, None])[:3]
+            return _DequantizedLinear.apply(kwargs.get("input", x), kwargs.get("weight", weight),
+                                            kwargs.get("bias", bias))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"GatheredLowpWeight({tuple(self.shape)}, {self._spec}, rotated={self._gain > 1})"
@@ -201,6 +210,35 @@ class GatheredLowpWeight(torch.Tensor):
                 return me._like(size[0])   # FSDP trims the padded rows this way
         return func(*tree_map(lambda t: t.dequantize() if isinstance(t, cls) else t, args),
                     **tree_map(lambda t: t.dequantize() if isinstance(t, cls) else t, kwargs))
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """``F.linear`` with a gathered weight dequantized in the forward and again in the backward, in
+    the compute dtype (autocast's where it is on): no dequantized copy lives from one to the other,
+    so FSDP's freeing of the gathered codes after the forward saves the memory it should."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: GatheredLowpWeight, bias: Optional[torch.Tensor]):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            x = x.to(dtype)
+            y = F.linear(x, weight.dequantize(dtype), None if bias is None else bias.to(dtype))
+        ctx.weight, ctx.dtype, ctx.has_bias = weight, dtype, bias is not None
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        w = ctx.weight.dequantize(ctx.dtype)
+        gy = gy.to(ctx.dtype)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = (g2 @ w).reshape(*gy.shape[:-1], w.shape[1]) if ctx.needs_input_grad[0] else None
+        gw = (g2.t() @ x.reshape(-1, x.shape[-1])).to(ctx.weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        ctx.weight = None
+        return gx, gw, gb
 
 
 # what FSDP2 does to a parameter while sharding it and making the DTensor of its shard; copies
