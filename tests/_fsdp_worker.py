@@ -129,3 +129,16 @@ def train_resume(rank: int, world: int, port: int, out: str, recipe: str, gather
     torch.save({"straight": [h["loss"] for h in straight.history], "resumed": [h["loss"] for h in resumed.history],
                 "resumed_from": resumed.resumed_from}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def lptrain_cli(rank: int, world: int, port: int, argv: list) -> None:
+    """``lowbit lptrain ... --fsdp`` as torchrun would start it: the rank in the environment."""
+    import os
+
+    from lowbit.cli import main
+
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    if main(argv) != 0:
+        raise SystemExit(f"rank {rank}: lptrain failed")

@@ -180,3 +180,25 @@ def test_hq_fsdp_on_two_gpus(tmp_path):
             ref = quantize_operand(ranks[0][c]["master"].cuda().bfloat16(), parse_gather(c[1]), codes=True)
             assert torch.equal(codes.view(torch.uint8), ref.values.cpu().view(torch.uint8))
             assert torch.equal(scales, ref.scale.float().cpu().expand(codes.shape[0], 1))
+
+
+def test_lptrain_fsdp_command_end_to_end(tmp_path):
+    """``lowbit lptrain MODEL --fsdp --gather fp8`` on 2 ranks: rank 0 writes the report, with the
+    held-out loss of the master weights gathered in full."""
+    import json
+
+    from _fsdp_worker import lptrain_cli
+    from _tiny_lm import save_byte_llama
+
+    model_dir = save_byte_llama(tmp_path / "model", blocks=1)
+    out = tmp_path / "out"
+    torch.set_num_threads(1)
+    run_ranks(lptrain_cli, 2, 240, ["lptrain", model_dir, "--halo", "fp8:1", "--block", "64", "--fsdp", "--gather",
+                                    "fp8", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--val-batches", "1",
+                                    "--lr", "1e-3", "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["fsdp"] == {"gather": "fp8", "processes": 2} and report["steps"] == 2
+    assert report["tokens"] == 2 * 2 * 32 and len(report["history"]) == 2
+    held = report["held_out"]
+    assert held["after"] < held["before"] and abs(held["after"] - held["after_lowp"]) < 0.05
+    assert not (out / ".train").exists()
