@@ -24,6 +24,7 @@ relative difference.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -57,14 +58,17 @@ def token_data(vocab: int, seq: int, rows: int, steps: int) -> list:
     """``rows`` sequences per step of a fixed random successor chain with 10% noise (learnable, so
     the loss falls), made before the timing starts: the same on every process and for every K."""
     succ = torch.randperm(vocab, generator=torch.Generator().manual_seed(1234))
-    g = torch.Generator().manual_seed(0)
-    out = torch.empty(steps * rows, seq, dtype=torch.long)
-    out[:, 0] = torch.randint(0, vocab, (steps * rows,), generator=g)
-    noise = torch.rand(steps * rows, seq, generator=g) < 0.1
-    rand = torch.randint(0, vocab, (steps * rows, seq), generator=g)
-    for t in range(1, seq):
-        out[:, t] = torch.where(noise[:, t], rand[:, t], succ[out[:, t - 1]])
-    return list(out.split(rows))
+    batches = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        out = torch.empty(rows, seq, dtype=torch.long)
+        out[:, 0] = torch.randint(0, vocab, (rows,), generator=g)
+        noise = torch.rand(rows, seq, generator=g) < 0.1
+        rand = torch.randint(0, vocab, (rows, seq), generator=g)
+        for t in range(1, seq):
+            out[:, t] = torch.where(noise[:, t], rand[:, t], succ[out[:, t - 1]])
+        batches.append(out)
+    return batches
 
 
 def run_config(args, gather: str, matmuls: str, parallel, dev) -> dict:
@@ -106,18 +110,28 @@ def run_config(args, gather: str, matmuls: str, parallel, dev) -> dict:
 
     dist.all_gather_object(peaks, peak)
     row = {"gather": gather, "matmuls": matmuls, "params": n_params, "processes": world, "grad_accum": accum,
+           "gathered_as": gather if world > 1 else "nothing (one process: the weights as they are)",
            "tokens_per_step": args.global_batch * args.seq, "step_ms": 1e3 * secs / max(len(timed), 1),
            "tokens_per_second_per_gpu": tokens / secs / world if secs else float("nan"),
            "peak_gib_per_gpu": peaks, "losses": [h["loss"] for h in res.history]}
     del model, res
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def compare(rows: list, ref_path: str) -> dict:
+SAME_RUN = ("steps", "global_batch", "micro_batch", "seq", "vocab", "lr", "block", "tiny", "reduce_dtype")
+
+
+def compare(rows: list, ref_path: str, args) -> dict:
     """Scaling efficiency and loss-curve agreement of ``rows`` against the 1-GPU run's JSON."""
-    ref = {(r["gather"], r["matmuls"]): r for r in json.loads(Path(ref_path).read_text())["runs"]}
+    ref_json = json.loads(Path(ref_path).read_text())
+    differ = [k for k in SAME_RUN if ref_json["args"].get(k) != getattr(args, k)]
+    if differ:
+        print(f"not compared with {ref_path}: it ran with other {', '.join(differ)}")
+        return {}
+    ref = {(r["gather"], r["matmuls"]): r for r in ref_json["runs"]}
     out = {}
     for r in rows:
         base = ref.get((r["gather"], r["matmuls"]))
@@ -172,7 +186,7 @@ def main() -> None:
                   f"{row['step_ms']:8.1f} ms/step  {row['tokens_per_second_per_gpu']:10,.0f} tokens/s/GPU  peak "
                   f"{max(row['peak_gib_per_gpu']):.1f} GiB/GPU  loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}"
                   f"  ({time.time() - t0:.0f} s)", flush=True)
-    versus = compare(rows, args.compare) if args.compare and Path(args.compare).is_file() and parallel.world > 1 else {}
+    versus = compare(rows, args.compare, args) if args.compare and Path(args.compare).is_file() and parallel.world > 1 else {}
     if main_rank:
         for name, v in versus.items():
             print(f"vs 1 GPU, {name}: scaling efficiency {v['scaling_efficiency']:.3f}, loss curve max relative "
