@@ -10,6 +10,8 @@ weight: the curves then agree to 1e-3 (relative) over 3 steps at lr 1e-3, and th
 forward alone) exactly."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _fsdp_worker import run_ranks, split_batches, tiny_model, train_configs, train_resume
 
@@ -87,6 +89,31 @@ def test_fsdp_resume_continues_the_same_curve(tmp_path):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
         assert got["resumed_from"] == 2
         assert got["resumed"] == got["straight"] and len(got["straight"]) == 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(world=st.sampled_from([1, 2, 4]), rows=st.integers(1, 6), cols=st.sampled_from([16, 48, 128]),
+       gather=st.sampled_from(["fp8", "fp8row", "int8"]), level=st.integers(0, 2), scale=st.floats(1e-3, 1e3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_shard_operands_concatenate_to_the_whole_operand(world, rows, cols, gather, level, scale, dtype, seed):
+    """Property: quantizing each rank's rows (a per-tensor scale from the shards' largest absmax)
+    and stacking them gives the forward matmul's operand of the whole weight, bit for bit."""
+    from lowbit.lowp.gather import parse_gather, shard_operand
+    from lowbit.lowp.operand import quantize_operand, rotate
+    from lowbit.lowp.recipe import parse_recipe
+
+    w = (torch.randn(world * rows, cols, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+    w[0, 0] = 0.0
+    spec, recipe = parse_gather(gather), parse_recipe(f"{gather}:{level}", block=32)
+    whole = w if level == 0 else rotate(w, recipe.block)[0]
+    ref = quantize_operand(whole, recipe.spec("w"), codes=True)
+    glob = whole.abs().amax().float()
+    parts = [shard_operand(s, spec, recipe, lambda local: torch.maximum(local, glob)) for s in w.chunk(world)]
+    codes = torch.cat([p.values for p in parts])
+    assert torch.equal(codes.view(torch.uint8), ref.values.view(torch.uint8))
+    scales = torch.cat([p.scale.float().expand(p.values.shape[0], 1) for p in parts])
+    assert torch.equal(scales, ref.scale.float().expand(w.shape[0], 1))
+    assert all(p.gain == (min(32, cols & -cols) if level else 1) for p in parts)
 
 
 def test_gathered_weight_dequantizes_to_the_rounded_weight():

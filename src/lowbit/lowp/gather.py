@@ -15,7 +15,7 @@ Any other all-gather format is sent unrotated and dequantized after the gather (
 dtype); the matmul then quantizes it to its own format as usual."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,19 +61,28 @@ def matches_forward(spec: QuantSpec, recipe: Optional[LowpRecipe]) -> bool:
     return recipe is not None and str(spec) == str(recipe.spec("w"))
 
 
-def _shard_operand(w: torch.Tensor, spec: QuantSpec, recipe: Optional[LowpRecipe], group) -> Operand:
-    """The all-gather payload of one shard ``w`` (rows, in_features), already in the compute dtype."""
-    import torch.distributed as dist
-
+def shard_operand(w: torch.Tensor, spec: QuantSpec, recipe: Optional[LowpRecipe],
+                  tensor_amax: Callable[[torch.Tensor], torch.Tensor]) -> Operand:
+    """The all-gather payload of one shard ``w`` (rows, in_features) in the compute dtype: rotated
+    as the recipe's forward rotates W when ``spec`` is its weight format, then quantized with
+    hardware codes. ``tensor_amax(local_amax)``: the whole tensor's absmax (an all-reduce across
+    the shards) for a per-tensor scale."""
     gain = 1
     if matches_forward(spec, recipe) and recipe.level >= 1:
         w, gain = rotate(w, recipe.block)
-    amax = None
-    if spec.granularity == "tensor":
-        amax = w.abs().amax().float()
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)   # one scale for all shards
+    amax = tensor_amax(w.abs().amax().float()) if spec.granularity == "tensor" else None
     fast = recipe is None or recipe.backend != "emulate"   # emulate: lowbit's quantizer, as the forward
     return quantize_operand(w, spec, codes=True, gain=gain, fast=fast, amax=amax)
+
+
+def _all_reduce_max(group) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch.distributed as dist
+
+    def reduce(amax: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        return amax
+
+    return reduce
 
 
 class ShardedLowpWeight(torch.Tensor):
@@ -134,7 +143,7 @@ class ShardedLowpWeight(torch.Tensor):
         # the weights change only at optimizer steps: the backward's all-gather reuses the forward's
         key = (dtype, self._tensor.data_ptr())
         if self._payload is None or self._payload[0] != key:
-            op = _shard_operand(self._tensor.to(dtype), self._gather, self._recipe, mesh.get_group())
+            op = shard_operand(self._tensor.to(dtype), self._gather, self._recipe, _all_reduce_max(mesh.get_group()))
             scales = op.scale.float().expand(op.values.shape[0], 1).contiguous()   # per tensor: repeated
             self._payload = (key, op.values, scales, op.gain)
         _, codes, scales, gain = self._payload
