@@ -196,12 +196,14 @@ class GatheredLowpWeight(torch.Tensor):
         return Operand(self._codes, scale, self._spec, None, self._gain)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The weight the codes represent, rotated back to the input features' basis."""
-        v = self._codes.float() * self._scales
+        """The weight the codes represent in ``dtype`` (default: this tensor's), rotated back to the
+        input features' basis by a matmul in ``dtype``, as the forward rotates."""
+        dtype = dtype or self.dtype
+        v = (self._codes.float() * self._scales).to(dtype)
         if self._gain > 1:   # H H = b I for the +-1 Sylvester matrix, and /b is exact
-            v = (v.reshape(-1, self._gain) @ sign_hadamard(self._gain, v.dtype, v.device)).reshape(v.shape)
+            v = (v.reshape(-1, self._gain) @ sign_hadamard(self._gain, dtype, v.device)).reshape(v.shape)
             v = v / self._gain
-        return v.to(dtype or self.dtype)
+        return v
 
     def _like(self, rows: int) -> "GatheredLowpWeight":
         return GatheredLowpWeight(self._codes[:rows], self._scales[:rows], self._spec, self._gain, self.dtype)
