@@ -104,7 +104,7 @@ class ShardedLowpWeight(torch.Tensor):
 
     def __init__(self, tensor: torch.Tensor, gather: QuantSpec, recipe: Optional[LowpRecipe]):
         self._tensor, self._gather, self._recipe = tensor, gather, recipe
-        self._payload: Optional[tuple] = None   # (key, codes, scales) of the last all-gather
+        self._payload: Optional[tuple] = None   # (key, codes, scales, gain) of the last all-gather
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 

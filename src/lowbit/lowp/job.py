@@ -110,7 +110,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     after_lowp = held_out_loss(student, val, bf16)
     if parallel is not None:
         # the master weights, gathered in full: the sharded model all-gathers low-precision codes
-        student = _unsharded(student, model, tokenizer, halo, block, backend, grad_rounding, dev, parallel)
+        student = _unsharded(student, model, tokenizer, recipe, dev, parallel)
     after = None
     if student is not None:
         set_lowp(student, False)
@@ -122,7 +122,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         "training": {**asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "objective": objective,
                      "corpus": "python-stdlib-sources (training split)"},
         "held_out": {"before": before, "after": after, "after_lowp": after_lowp,
-                     "perplexity_after": math.exp(after) if after is not None else None, "batches": int(val.shape[0]),
+                     "perplexity_after": None if after is None else math.exp(after), "batches": int(val.shape[0]),
                      "tokens": int(val.numel()), "split": "python-stdlib-sources (validation modules)"},
         "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
         "tokens_per_second": res.tokens_per_second(), "resumed_from": res.resumed_from, "history": res.history,
@@ -148,7 +148,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     return report
 
 
-def _unsharded(sharded, model, tokenizer, halo, block, backend, grad_rounding, dev, parallel):
+def _unsharded(sharded, model, tokenizer, recipe, dev, parallel):
     """On rank 0: a fresh copy of the model holding the sharded model's trained master weights
     (every rank takes part in gathering them); None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -159,7 +159,6 @@ def _unsharded(sharded, model, tokenizer, halo, block, backend, grad_rounding, d
     full = None
     if parallel.is_main:
         full = load_model(model, tokenizer=tokenizer).model
-        recipe = parse_recipe(halo, block=block, backend=backend, grad_rounding=grad_rounding)
         if recipe is not None:
             prepare_lowp(full, recipe)
         full.load_state_dict(state, strict=False)
