@@ -99,8 +99,8 @@ def train_configs(rank: int, world: int, port: int, out: str, configs: list, ste
 
 
 def train_resume(rank: int, world: int, port: int, out: str, recipe: str, gather: str, steps: int, stop: int) -> None:
-    """The loss curve of ``steps`` sharded steps straight through, and of a run interrupted after
-    ``stop`` steps (its state saved by rank 0) and resumed by new processes' worth of fresh models."""
+    """The loss curve of ``steps`` sharded steps straight through, and of a run saving its state
+    every step (rank 0 writes), interrupted in step ``stop`` and resumed by fresh sharded models."""
     import torch.distributed as dist
 
     from lowbit.lowp.fsdp import shard_model
@@ -109,7 +109,7 @@ def train_resume(rank: int, world: int, port: int, out: str, recipe: str, gather
     from lowbit.train.objectives import causal_lm_objective
 
     _init(rank, world, port)
-    cfg = TrainConfig(steps=steps, lr=1e-3, save_every=100, seed=0)
+    cfg = TrainConfig(steps=steps, lr=1e-3, save_every=1, seed=0)
 
     def run(state_dir=None, on_step=None):
         model = shard_model(tiny_model(recipe), gather=gather)

@@ -81,13 +81,14 @@ def test_gathered_weight_is_the_single_process_operand_bit_for_bit(sharded, conf
 
 
 def test_fsdp_resume_continues_the_same_curve(tmp_path):
-    """Interrupted after 2 of 4 steps (rank 0 writes the state gathered from the shards), then
-    resumed by fresh sharded models: the same losses as a run that never stopped (with clipping)."""
+    """Saving every step (rank 0 writes the state gathered from the shards), interrupted in step 2
+    of 4 (no save on an interrupt under FSDP), then resumed from step 1 by fresh sharded models:
+    the same losses as a run that never stopped (with clipping)."""
     torch.set_num_threads(1)
     run_ranks(train_resume, 2, 240, str(tmp_path), "fp8:1", "fp8", 4, 2)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
-        assert got["resumed_from"] == 2
+        assert got["resumed_from"] == 1
         assert got["resumed"] == got["straight"] and len(got["straight"]) == 4
 
 

@@ -10,7 +10,8 @@ sweeps) runs this, with its own model, data and objective.
   interrupted; progress shows loss, tokens/s and the time left.
 - Data-parallel (FSDP2 under torchrun, ``parallel``: a ``train.distributed.DataParallel``): each
   rank trains on its slice of every batch, the loss and tokens are reduced over the ranks, rank 0
-  alone shows progress and writes the state (gathered in full); a resume loads it on every rank.
+  alone shows progress and writes the state (gathered in full) every ``save_every`` steps (not on
+  an interrupt, which reaches the ranks at different points); a resume loads it on every rank.
 """
 from __future__ import annotations
 
@@ -205,8 +206,9 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
             if state_path is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
                 _save_state(state_path, model, opt, step + 1, result, parallel)
     except KeyboardInterrupt:
-        if state_path is not None and result.steps > start:
-            _save_state(state_path, model, opt, result.steps, result, parallel)
+        # data-parallel: the ranks are interrupted at different points, and the save is collective
+        if state_path is not None and result.steps > start and parallel is None:
+            _save_state(state_path, model, opt, result.steps, result)
         raise
     finally:
         bar.close()
