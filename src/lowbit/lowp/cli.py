@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
     t.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda, cuda:N")
     t.add_argument("--save-model", action="store_true", help="write the fine-tuned weights to --out")
     t.add_argument("--out", help="directory for report.json, loss.png (and the model); a rerun resumes there")
+    t.add_argument("--fsdp", action="store_true",
+                   help="data-parallel FSDP2 under torchrun (torchrun --nproc-per-node K -m lowbit.cli lptrain ... "
+                        "--fsdp); --batch-size is the global batch, split over the processes")
+    t.add_argument("--gather", default="bf16",
+                   help="with --fsdp: all-gather format of the low-precision linears' weights: bf16 (default), "
+                        "fp8 (E4M3 per tensor), fp8row (E4M3 per row), int8 (per row) or a quant spec (HQ-FSDP)")
     t.add_argument("--json", action="store_true")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_lptrain)
@@ -48,7 +54,14 @@ def cmd_lptrain(args) -> int:
     report = run_lptrain(args.model, args.halo, args.out, config=cfg, batch_size=args.batch_size, seq_len=args.seq_len,
                          objective=args.objective, block=args.block, backend=args.backend,
                          grad_rounding=args.grad_rounding, val_batches=args.val_batches, device=args.device,
-                         save_model=args.save_model, quiet=args.quiet)
+                         save_model=args.save_model, quiet=args.quiet, fsdp=args.fsdp, gather=args.gather)
+    if args.fsdp:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return 0   # rank 0 reports
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
     else:

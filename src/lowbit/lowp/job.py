@@ -5,7 +5,11 @@ progress), and report the held-out loss before and after.
 The held-out loss is the mean next-token loss on the training corpus's validation modules (never
 trained on). ``after`` evaluates the trained master weights with ordinary matmuls (what the
 fine-tuning produced); ``after_lowp`` with the low-precision forward the model trained under. A run
-killed and started again with the same command resumes from OUT/.train."""
+killed and started again with the same command resumes from OUT/.train.
+
+``fsdp``: data-parallel under ``torchrun`` (FSDP2, ``fsdp.py``): every rank loads the model, the
+global batch (``batch_size``) is split over the ranks, rank 0 alone prints and writes; ``gather``
+picks the weights' all-gather format (HQ-FSDP: fp8, fp8row, int8)."""
 from __future__ import annotations
 
 import copy
@@ -47,7 +51,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
                 batch_size: int = 8, seq_len: int = 512, objective: str = "ce", block: int = 256,
                 backend: str = "auto", grad_rounding: Optional[str] = None, val_batches: int = 8,
                 device: Optional[str] = "auto", save_model: bool = False, tokenizer=None,
-                quiet: bool = False) -> dict:
+                quiet: bool = False, fsdp: bool = False, gather: str = "bf16") -> dict:
     """Fine-tune ``model`` (a causal LM spec, or a module with ``tokenizer``; a module is trained in
     place) under the recipe ``halo`` (``fp8:2``, ``int8:0``, ``e3m2:1``, ``mxfp4:1``, ``bf16`` ...);
     returns the report (also written to ``out``)."""
@@ -60,7 +64,21 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     if batch_size < 1 or seq_len < 2 or val_batches < 1:
         raise ValueError(f"need a batch of 1+ sequences of 2+ tokens and 1+ validation batches, got {batch_size} x "
                          f"{seq_len}, {val_batches}")
-    dev = resolve_device(device)
+    parallel = None
+    if fsdp:
+        from ..train.distributed import init_distributed
+
+        if isinstance(model, torch.nn.Module):
+            raise ValueError("fsdp: give the model as a name or path that every process loads, not a module")
+        from .gather import parse_gather
+
+        parse_gather(gather)   # bad text: fail before the process group forms
+        parallel, dev = init_distributed(device)
+        quiet = quiet or not parallel.is_main
+    elif gather not in (None, "bf16"):
+        raise ValueError(f"gather={gather!r} is the FSDP all-gather format: add --fsdp (under torchrun)")
+    else:
+        dev = resolve_device(device)
     loaded = load_model(model, tokenizer=tokenizer)
     if loaded.kind != "causal_lm":
         raise ValueError(f"lptrain fine-tunes causal language models; {loaded.name} is a {loaded.kind}")
@@ -73,6 +91,11 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         student.to(dev)
         if teacher is not None:
             teacher.to(dev)
+    if parallel is not None:
+        from .fsdp import shard_model
+
+        shard_model(student, gather=gather)
+    device_name = str(next(student.parameters()).device)
     device_type = next(student.parameters()).device.type
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device_type == "cuda")
     val = validation_batches(tokenizer, seq_len, batch_size, val_batches)
@@ -83,26 +106,32 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     weights = [p for p in student.parameters() if p.requires_grad]
     res = train(student, training_data("causal_lm", tokenizer, batch_size, seq_len, cfg.seed),
                 causal_lm_objective(objective), {"weights": weights}, cfg, teacher=teacher,
-                state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
+                state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet, parallel=parallel)
     after_lowp = held_out_loss(student, val, bf16)
-    set_lowp(student, False)
-    after = held_out_loss(student, val, bf16)
-    set_lowp(student, True)
+    if parallel is not None:
+        # the master weights, gathered in full: the sharded model all-gathers low-precision codes
+        student = _unsharded(student, model, tokenizer, recipe, dev, parallel)
+    after = None
+    if student is not None:
+        set_lowp(student, False)
+        after = held_out_loss(student, val, bf16)
+        set_lowp(student, True)
     report = {
         "model": loaded.name, "halo": halo, "recipe": recipe.to_dict() if recipe else None,
         "recipe_text": recipe.describe() if recipe else "bf16/fp32 (unquantized)", "lowp_layers": len(layers),
         "training": {**asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "objective": objective,
                      "corpus": "python-stdlib-sources (training split)"},
         "held_out": {"before": before, "after": after, "after_lowp": after_lowp,
-                     "perplexity_after": math.exp(after), "batches": int(val.shape[0]),
+                     "perplexity_after": None if after is None else math.exp(after), "batches": int(val.shape[0]),
                      "tokens": int(val.numel()), "split": "python-stdlib-sources (validation modules)"},
         "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
         "tokens_per_second": res.tokens_per_second(), "resumed_from": res.resumed_from, "history": res.history,
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "device": str(next(student.parameters()).device)},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name,
+                        "processes": parallel.world if parallel else 1},
+        "fsdp": {"gather": gather, "processes": parallel.world} if parallel else None,
     }
     report["wall_seconds"] = time.time() - t_start
-    if out_dir:
+    if out_dir and student is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         from ..train.report import plot_loss
 
@@ -114,7 +143,28 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         state = out_dir / ".train"
         if state.is_dir():
             shutil.rmtree(state)
+    if parallel is not None:
+        parallel.barrier()
     return report
+
+
+def _unsharded(sharded, model, tokenizer, recipe, dev, parallel):
+    """On rank 0: a fresh copy of the model holding the sharded model's trained master weights
+    (every rank takes part in gathering them); None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..models.loader import load_model
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = None
+    if parallel.is_main:
+        full = load_model(model, tokenizer=tokenizer).model
+        if recipe is not None:
+            prepare_lowp(full, recipe)
+        full.load_state_dict(state, strict=False)
+        full.to(dev)
+    parallel.barrier()
+    return full
 
 
 def summary_lines(report: dict) -> list:

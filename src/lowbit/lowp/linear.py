@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gather import GatheredLowpWeight
 from .matmul import emulated_mm, kernel_for, kernel_mm
 from .operand import NATIVE_DTYPES, Operand, quantize_operand, rotate
 from .recipe import LowpRecipe, parse_recipe
@@ -102,19 +103,29 @@ class LowpMatmuls(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: LowpRecipe, compute_dtype: torch.dtype):
         x = x.to(compute_dtype)
-        w = weight.to(compute_dtype)
         ctx.recipe, ctx.tokens, ctx.weight_dtype, ctx.dtype = recipe, x.shape[0], weight.dtype, compute_dtype
+        ctx.gathered = None
+        if isinstance(weight, GatheredLowpWeight):   # HQ-FSDP: the all-gather delivered codes
+            gathered = weight.operand_for(recipe)
+            w = weight.dequantize(compute_dtype) if gathered is None else gathered
+        else:
+            w = weight.to(compute_dtype)
         rows = padded_tokens(x.shape[0], recipe)
         y, qx, qw = lowp_mm(_pad_rows(x, rows), w, recipe, "x", "w", 1, compute_dtype)
         # keep what the backward needs: the quantized operand where it is reusable (smaller, too)
         ctx.qx = _transposed(qx) if _reusable(recipe, "x") else None
         ctx.qw = _transposed(qw) if _reusable(recipe, "w") else None
+        if isinstance(weight, GatheredLowpWeight) and ctx.qw is None:
+            # FSDP frees the gathered codes after the forward and gathers them again for the backward
+            ctx.gathered, w = weight, None
         ctx.save_for_backward(None if ctx.qx is not None else x, None if ctx.qw is not None else w)
         return y[: x.shape[0]]
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x, w = ctx.saved_tensors
+        if ctx.gathered is not None:
+            w = ctx.gathered.dequantize(ctx.dtype)
         recipe = ctx.recipe
         gy = _pad_rows(gy.to(ctx.dtype), padded_tokens(ctx.tokens, recipe))
         gx = gw = None
@@ -126,7 +137,7 @@ class LowpMatmuls(torch.autograd.Function):
             # E_W = E_Y^T X: inner dimension = the tokens
             b = ctx.qx if ctx.qx is not None else _pad_rows(x, gy.shape[0]).t()
             gw = lowp_mm(gy.t(), b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
-        ctx.qx = ctx.qw = None
+        ctx.qx = ctx.qw = ctx.gathered = None
         return gx, gw, None, None
 
 

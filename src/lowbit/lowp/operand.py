@@ -83,14 +83,15 @@ def _amax_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
 
 
 def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain: int = 1,
-                     fast: bool = True) -> Operand:
+                     fast: bool = True, amax: Optional[torch.Tensor] = None) -> Operand:
     """Round ``a`` (rows, inner) to ``spec`` with scales along the inner dimension (float32 maths;
     ``gain``: the rotation's block, carried to the matmul).
 
     ``codes``: return hardware codes (the float8/int8 dtypes of ``NATIVE_DTYPES``) instead of float32
     grid values. ``fast``: formats of ``NATIVE_DTYPES`` in round-to-nearest-even are rounded by
     torch's own saturating cast, bit for bit lowbit's rounding (tests check it) at memory speed on
-    every device; ``fast=False`` and every other format and rounding go through lowbit's quantizer."""
+    every device; ``fast=False`` and every other format and rounding go through lowbit's quantizer.
+    ``amax``: the absmax of a per-tensor scale when ``a`` is one shard of the tensor (HQ-FSDP)."""
     if a.dim() != 2:
         raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
     fmt = spec.fmt
@@ -100,7 +101,7 @@ def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain
     group = None
     # amax of the operand's own values (bf16 values are exact in float32: the same on every path)
     if spec.granularity == "tensor":
-        s = _amax_scale(a.abs().amax().float(), fmt.max)
+        s = _amax_scale((a.abs().amax() if amax is None else amax).float(), fmt.max)
     elif spec.granularity in ("channel", "token"):
         s = _amax_scale(a.abs().amax(dim=1, keepdim=True).float(), fmt.max)
     else:

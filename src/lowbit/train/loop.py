@@ -8,6 +8,10 @@ sweeps) runs this, with its own model, data and objective.
   cosine decay, gradient accumulation, gradient clipping, bf16 autocast on CUDA.
 - State (model, optimizer, step, history) is saved atomically every ``save_every`` steps and when
   interrupted; progress shows loss, tokens/s and the time left.
+- Data-parallel (FSDP2 under torchrun, ``parallel``: a ``train.distributed.DataParallel``): each
+  rank trains on its slice of every batch, the loss and tokens are reduced over the ranks, rank 0
+  alone shows progress and writes the state (gathered in full) every ``save_every`` steps (not on
+  an interrupt, which reaches the ranks at different points); a resume loads it on every rank.
 """
 from __future__ import annotations
 
@@ -97,17 +101,21 @@ def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
 
-def _save_state(path: Path, model: nn.Module, opt, step: int, result: TrainResult) -> None:
+def _save_state(path: Path, model: nn.Module, opt, step: int, result: TrainResult, parallel=None) -> None:
     """Atomically: a killed save leaves the previous state intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v for k, v in model.state_dict().items() if k in trainable}
-    torch.save({"step": step, "model": state, "optimizer": opt.state_dict(), "result": asdict(result)}, tmp)
-    os.replace(tmp, path)
+    model_state, opt_state = parallel.full_state(model, opt) if parallel else (model.state_dict(), opt.state_dict())
+    if parallel is None or parallel.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        state = {k: v for k, v in model_state.items() if k in trainable}
+        torch.save({"step": step, "model": state, "optimizer": opt_state, "result": asdict(result)}, tmp)
+        os.replace(tmp, path)
+    if parallel is not None:
+        parallel.barrier()
 
 
-def _load_state(path: Path, model: nn.Module, opt) -> tuple:
+def _load_state(path: Path, model: nn.Module, opt, parallel=None) -> tuple:
     try:
         st = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -117,23 +125,28 @@ def _load_state(path: Path, model: nn.Module, opt) -> tuple:
     if missing:
         raise ValueError(f"training state {path} does not belong to this model: it holds {sorted(missing)[:3]} "
                          "... which the model lacks; delete it or use another --out")
-    model.load_state_dict(st["model"], strict=False)
-    opt.load_state_dict(st["optimizer"])
+    if parallel is not None:
+        parallel.load_full_state(model, opt, st["model"], st["optimizer"])
+    else:
+        model.load_state_dict(st["model"], strict=False)
+        opt.load_state_dict(st["optimizer"])
     return st["step"], TrainResult(**st["result"])
 
 
 def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], objective: Objective,
           groups: Dict[str, list], cfg: TrainConfig, *, teacher: Optional[nn.Module] = None,
           state_dir: Optional[os.PathLike] = None, progress: bool = True,
-          on_step: Optional[Callable[[dict], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[dict], None]] = None, parallel=None) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps on ``batches(micro_step)``; resumes from
-    ``state_dir`` when it holds a saved state. ``groups``: parameters by role ('weights', 'scales')."""
+    ``state_dir`` when it holds a saved state. ``groups``: parameters by role ('weights', 'scales').
+    ``parallel``: the ranks of a data-parallel run (``model`` sharded by FSDP2; every rank calls
+    with the same ``batches``, each trains on its slice)."""
     device = next(model.parameters()).device
     opt = optimizer_for(groups, cfg)
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
     start, result = 0, TrainResult(0, 0, 0.0, 0.0)
     if state_path is not None and state_path.is_file():
-        start, result = _load_state(state_path, model, opt)
+        start, result = _load_state(state_path, model, opt, parallel)
         result.resumed_from = start
     if cfg.grad_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -146,7 +159,9 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
     bf16 = _use_bf16(cfg, device)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    quiet_rank = parallel is not None and not parallel.is_main
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or quiet_rank, desc="train", unit="step",
+               dynamic_ncols=True)
     step = start
     try:
         for step in range(start, cfg.steps):
@@ -160,13 +175,16 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
             for micro in range(cfg.grad_accum):
                 k = step * cfg.grad_accum + micro
                 torch.manual_seed(cfg.seed * 1_000_003 + k)  # dropout and stochastic rounding: a function of the step
-                batch = {n: v.to(device) for n, v in batches(k).items()}
+                batch = batches(k) if parallel is None else parallel.local_batch(batches(k))
+                batch = {n: v.to(device) for n, v in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss, t_teacher = objective(model, teacher, batch)
                 (loss / cfg.grad_accum).backward()
                 teacher_s += t_teacher
                 total += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if parallel is not None:
+                total, tokens = parallel.reduce_step(total, tokens, device)
             if not math.isfinite(total):
                 raise FloatingPointError(f"training loss became {total} at step {step}; lower --lr")
             if cfg.grad_clip:
@@ -186,9 +204,10 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
             if on_step:
                 on_step(rec)
             if state_path is not None and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                _save_state(state_path, model, opt, step + 1, result)
+                _save_state(state_path, model, opt, step + 1, result, parallel)
     except KeyboardInterrupt:
-        if state_path is not None and result.steps > start:
+        # data-parallel: the ranks are interrupted at different points, and the save is collective
+        if state_path is not None and result.steps > start and parallel is None:
             _save_state(state_path, model, opt, result.steps, result)
         raise
     finally:
