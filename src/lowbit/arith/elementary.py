@@ -54,6 +54,8 @@ _POWERS_OF_TEN = tuple(10.0**k for k in range(23))  # the exact ones
 
 
 DBL_MAX = sys.float_info.max
+_FIX_BITS = 0x7FF8_0000_0F1C_5EED  # a nan marking "needs the exact fallback"
+_FIX = torch.tensor(_FIX_BITS, dtype=torch.int64).view(torch.float64)  # low 29 bits set: no float32 gives it
 
 
 def true_odd64(name: str, *args: float) -> float:
@@ -62,10 +64,14 @@ def true_odd64(name: str, *args: float) -> float:
     return exact(name, *args)
 
 
+def _finite(v: torch.Tensor) -> torch.Tensor:
+    return v.abs() < float("inf")  # not isfinite: inductor vectorises this one
+
+
 def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
     """(mask, y): elements whose true value is known exactly, with y set to it."""
     zero = x == 0
-    known = ~torch.isfinite(x) | torch.isnan(y) | torch.isinf(y)
+    known = ~(_finite(x) & _finite(y))
     if name in _ODD_AT_ZERO:
         y = torch.where(zero, x, y)
         known = known | zero
@@ -83,28 +89,62 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         e = (bits >> 52) - 1023 - torch.where(sub, 64, 0)
         y = torch.where(pow2, e.double(), y)
         known = known | pow2
-    elif name == "log10":
-        for k, p in enumerate(_POWERS_OF_TEN):
-            hit = x == p
-            y = torch.where(hit, torch.full_like(y, float(k)), y)
-            known = known | hit
+    elif name == "log10":  # 10**k for k = 0..22 (the exact ones): y is within ulps of k there
+        k = torch.where(_finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
+        hit = x == torch.tensor(_POWERS_OF_TEN, dtype=x.dtype, device=x.device)[k.long()]
+        y = torch.where(hit, k, y)
+        known = known | hit
     return known, y
 
 
-def _evaluate(t: torch.Tensor, *P, static):
-    """float64 value of the function, exact cases set, overflow kept finite; its RO32 and the mask of
-    elements needing the exact fallback (fused into one loop by torch.compile on large CPU tensors)."""
-    name, want_y, st = static
+def _value(name: str, *args):
+    """(y, known, marked): float64 value of the function (overflow past float64 from finite
+    arguments kept as +-DBL_MAX), the elements whose y is exact, and those the fused fast path
+    leaves to :func:`_exact_path` (power's exponents 2, -1, 0.5; mod's and floor_divide's NumPy
+    special cases). Written with ops inductor vectorises (no isinf / isnan / nextafter)."""
+    if name in EXACT_UNARY:
+        y = _TORCH[name](args[0])
+        return y, torch.ones_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
+    if name in ("mod", "floor_divide"):
+        a, b = args
+        special = ~(_finite(a) & _finite(b) & (b != 0))
+        y = torch.where(special, 0.0, _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b))
+        return y, torch.ones_like(special), special
+    if name == "power":
+        a, b = args
+        y = torch.pow(a, b)
+        finite = _finite(a) & _finite(b)
+        y = _fix_overflow(y, (y.abs() == float("inf")) & finite & (a != 0))
+        known = ~(finite & _finite(y)) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
+        special = ((b == 2) | (b == -1) | (b == 0.5)) & finite & (a > 0)
+        return y, known, special
+    (t,) = args
     y = _TORCH[name](t)
     if name in _CAN_OVERFLOW:
-        y = _fix_overflow(y, torch.isinf(y) & torch.isfinite(t))
+        y = _fix_overflow(y, (y.abs() == float("inf")) & _finite(t))
     known, y = _known_exact(name, t, y)
-    if want_y:
-        return y, known
+    return y, known, torch.zeros_like(known)
+
+
+def _fast(*args, static):
+    """The value rounded to the format through RO32 and cpu_fast's bit arithmetic, as float64, with
+    the elements needing :func:`_exact_path` set to FIX (args: operands, FIX, P). One loop under
+    torch.compile on large CPU tensors; a single float64 output because inductor stores bool masks
+    element by element."""
+    name, st = static
+    *xs, fix, P = args
+    y, known, marked = _value(name, *xs)
     ro, near = odd32_pair(y)
-    if st is not None:  # and round to the format in the same loop (cpu_fast's bit arithmetic)
-        return cpu_fast.round_bits(ro, st, P[0]), near & ~known
-    return ro, near & ~known
+    out = cpu_fast.round_bits(ro, st, P).double()
+    return torch.where((near & ~known) | marked, fix, out)
+
+
+def _marked(out: torch.Tensor) -> torch.Tensor:
+    """Indices of the elements set to _FIX (few). NumPy on the CPU: one thread scans this faster
+    than torch's parallel eq + nonzero on a busy 2-core machine (~3 ms against ~35 ms for 4M)."""
+    if out.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(out.numpy().view(np.int64) == _FIX_BITS))
+    return (out.view(torch.int64) == _FIX_BITS).nonzero().squeeze(1)
 
 
 def _fix_overflow(y: torch.Tensor, overflowed: torch.Tensor) -> torch.Tensor:
@@ -152,34 +192,6 @@ def _round_function(name, y, known, args, f, mode, ov, gen, sr_bits):
             y = y.clone()
             y[fix] = _exact_values(name, fix, flat_args)
     return round_to(y, f, mode, ov, gen, sr_bits).reshape(shape)
-
-
-def _unary(name: str, x, fmt, rounding, overflow, generator, sr_bits):
-    (t,), kind, dtype = operands(("x", x))
-    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, t.device)
-    with torch.no_grad():
-        if name in EXACT_UNARY:
-            return finish(round_to(_TORCH[name](t), f, mode, ov, gen, sr_bits), kind, dtype, f)
-        flat = t.reshape(-1)
-        spec = cpu_fast.element_spec(f, mode, ov) if t.device.type == "cpu" else None
-        if odd32_exact(f) and mode not in STOCHASTIC_MODES:
-            if spec is not None:
-                P = torch.tensor(spec.numbers(), dtype=torch.int32)
-                out, fix = run_fused(_evaluate, (name, False, spec.static_key()), flat, P)
-            else:
-                out, fix = run_fused(_evaluate, (name, False, None), flat)
-            idx = fix.nonzero().squeeze(1)
-            if idx.numel():
-                out = out.clone()
-                ro = to_odd32(_exact_values(name, idx, [flat]))
-                out[idx] = ro if spec is None else quantize(ro, f, mode, ov)
-            if spec is None:
-                out = quantize(out, f, mode, ov)
-            out = out.reshape(t.shape)
-        else:
-            y, known = run_fused(_evaluate, (name, True, None), flat)
-            out = _round_function(name, y, known, [flat], f, mode, ov, gen, sr_bits).reshape(t.shape)
-    return finish(out, kind, dtype, f)
 
 
 def _power_float64(a: torch.Tensor, b: torch.Tensor):
@@ -231,25 +243,43 @@ def _numpy_specials(name, a, b, y):
     return y
 
 
-def _binary(name: str, a, b, fmt, rounding, overflow, generator, sr_bits):
-    ts, kind, dtype = operands(("x", a), ("y", b))
-    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, ts[0].device)
-    ta, tb = torch.broadcast_tensors(*ts)
-    with torch.no_grad():
-        if name == "power":
-            y, known = _power_float64(ta, tb)
-            out = _round_function("power", y, known, [ta, tb], f, mode, ov, gen, sr_bits)
-            return finish(out, kind, dtype, f)
+def _exact_path(name: str, args, f, mode, ov, gen, sr_bits) -> torch.Tensor:
+    """The generic exact path (any format, mode and device) on flat float64 operands."""
+    if name == "power":
+        y, known = _power_float64(*args)
+        return _round_function("power", y, known, args, f, mode, ov, gen, sr_bits)
+    if name in ("mod", "floor_divide"):
         exact = _floor_divide_float64 if name == "floor_divide" else _mod_float64
-        y = _numpy_specials(name, ta, tb, exact(ta, tb))
-        out = round_to(y, f, mode, ov, gen, sr_bits)
-    return finish(out, kind, dtype, f)
+        return round_to(_numpy_specials(name, *args, exact(*args)), f, mode, ov, gen, sr_bits)
+    if name in EXACT_UNARY:
+        return round_to(_TORCH[name](args[0]), f, mode, ov, gen, sr_bits)
+    y, known, _ = _value(name, *args)
+    return _round_function(name, y, known, args, f, mode, ov, gen, sr_bits)
+
+
+def _compute(name: str, named, fmt, rounding, overflow, generator, sr_bits):
+    ts, kind, dtype = operands(*named)
+    f, mode, ov, gen = setup(fmt, rounding, overflow, generator, ts[0].device)
+    ts = torch.broadcast_tensors(*ts)
+    shape = ts[0].shape
+    flat = [t.reshape(-1) for t in ts]
+    spec = cpu_fast.element_spec(f, mode, ov) if flat[0].device.type == "cpu" else None
+    with torch.no_grad():
+        if spec is not None and odd32_exact(f) and mode not in STOCHASTIC_MODES and flat[0].numel() < 2**31:
+            P = torch.tensor(spec.numbers(), dtype=torch.int32)
+            out = run_fused(_fast, (name, spec.static_key()), *flat, _FIX, P)
+            idx = _marked(out)
+            if idx.numel():
+                out[idx] = _exact_path(name, [a[idx] for a in flat], f, mode, ov, gen, sr_bits)
+        else:
+            out = _exact_path(name, flat, f, mode, ov, gen, sr_bits)
+    return finish(out.reshape(shape), kind, dtype, f)
 
 
 def _make_unary(name: str):
     def fn(x, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
            sr_bits: Optional[int] = None):
-        return _unary(name, x, fmt, rounding, overflow, generator, sr_bits)
+        return _compute(name, (("x", x),), fmt, rounding, overflow, generator, sr_bits)
     what = "rounded half to even" if name == "round" else "correctly rounded"
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"numpy.{name}(x), {what} to ``fmt`` (see lowbit.arith.elementary)."
@@ -259,7 +289,7 @@ def _make_unary(name: str):
 def _make_binary(name: str):
     def fn(x, y, fmt, rounding: str = "nearest_even", overflow: Optional[str] = None, *, generator=None,
            sr_bits: Optional[int] = None):
-        return _binary(name, x, y, fmt, rounding, overflow, generator, sr_bits)
+        return _compute(name, (("x", x), ("y", y)), fmt, rounding, overflow, generator, sr_bits)
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = f"numpy.{name}(x, y), correctly rounded to ``fmt`` (see lowbit.arith.elementary)."
     return fn
