@@ -32,7 +32,7 @@ import torch
 from ..emulate import quantize
 from ..kernels import cpu_fast
 from ..rounding import STOCHASTIC_MODES
-from .basic import finish, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
+from .basic import finish, finite, odd_add, odd_div, odd_mul, odd_sqrt, operands, round_to, setup, to_odd, two_prod
 from .odd32 import NEAR_ABS, NEAR_REL, odd32_exact, odd32_pair, run_fused, to_odd32, to_odd32_near
 
 UNARY = ("exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "arcsin", "arccos",
@@ -64,14 +64,10 @@ def true_odd64(name: str, *args: float) -> float:
     return exact(name, *args)
 
 
-def _finite(v: torch.Tensor) -> torch.Tensor:
-    return v.abs() < float("inf")  # not isfinite: inductor vectorises this one
-
-
 def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
     """(mask, y): elements whose true value is known exactly, with y set to it."""
     zero = x == 0
-    known = ~(_finite(x) & _finite(y))
+    known = ~(finite(x) & finite(y))
     if name in _ODD_AT_ZERO:
         y = torch.where(zero, x, y)
         known = known | zero
@@ -90,7 +86,7 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         y = torch.where(pow2, e.double(), y)
         known = known | pow2
     elif name == "log10":  # 10**k for k = 0..22 (the exact ones): y is within ulps of k there
-        k = torch.where(_finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
+        k = torch.where(finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
         hit = x == torch.tensor(_POWERS_OF_TEN, dtype=x.dtype, device=x.device)[k.long()]
         y = torch.where(hit, k, y)
         known = known | hit
@@ -107,21 +103,21 @@ def _value(name: str, *args):
         return y, torch.ones_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     if name in ("mod", "floor_divide"):
         a, b = args
-        special = ~(_finite(a) & _finite(b) & (b != 0))
+        special = ~(finite(a) & finite(b) & (b != 0))
         y = torch.where(special, 0.0, _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b))
         return y, torch.ones_like(special), special
     if name == "power":
         a, b = args
         y = torch.pow(a, b)
-        finite = _finite(a) & _finite(b)
-        y = _fix_overflow(y, (y.abs() == float("inf")) & finite & (a != 0))
-        known = ~(finite & _finite(y)) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
-        special = ((b == 2) | (b == -1) | (b == 0.5)) & finite & (a > 0)
+        both = finite(a) & finite(b)
+        y = _fix_overflow(y, (y.abs() == float("inf")) & both & (a != 0))
+        known = ~(both & finite(y)) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
+        special = ((b == 2) | (b == -1) | (b == 0.5)) & both & (a > 0)
         return y, known, special
     (t,) = args
     y = _TORCH[name](t)
     if name in _CAN_OVERFLOW:
-        y = _fix_overflow(y, (y.abs() == float("inf")) & _finite(t))
+        y = _fix_overflow(y, (y.abs() == float("inf")) & finite(t))
     known, y = _known_exact(name, t, y)
     return y, known, torch.zeros_like(known)
 
@@ -196,20 +192,14 @@ def _round_function(name, y, known, args, f, mode, ov, gen, sr_bits):
 
 def _power_float64(a: torch.Tensor, b: torch.Tensor):
     """(y, known): float64 powers, exact (rounded to odd) for the exponents 1, 2, -1, 0.5."""
-    y = torch.pow(a, b)
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    y = _fix_overflow(y, torch.isinf(y) & finite & (a != 0))
-    known = ~finite | torch.isnan(y) | torch.isinf(y) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
-    specials = ((2.0, lambda v: odd_mul(v, v)), (-1.0, lambda v: odd_div(torch.ones_like(v), v)),
-                (0.5, odd_sqrt))
-    for exponent, exact in specials:
-        hit = (b == exponent) & finite & (a > 0)
-        if bool(hit.any()):
-            idx = hit.nonzero(as_tuple=True)
+    y, known, special = _value("power", a, b)
+    exact = {2.0: lambda v: odd_mul(v, v), -1.0: lambda v: odd_div(torch.ones_like(v), v), 0.5: odd_sqrt}
+    for exponent, fn in exact.items():
+        idx = (special & (b == exponent)).nonzero(as_tuple=True)
+        if idx[0].numel():
             y = y.clone()
-            y[idx] = exact(a[idx])
-            known = known | hit
-    return y, known
+            y[idx] = fn(a[idx])
+    return y, known | special
 
 
 def _floor_divide_float64(a, b):
