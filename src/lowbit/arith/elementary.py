@@ -20,6 +20,11 @@ low-precision unit would return), for every element format and rounding mode low
 
 floor, ceil, round (half to even), sign, mod and floor_divide are exact in float64 (mod and
 floor_divide through an exact remainder), then rounded once. Special values follow NumPy.
+
+On the CPU, for deterministic modes and odd32 formats, steps 1-2 and the rounding run as one loop
+(:func:`_fast`, compiled by torch.compile for large tensors) whose only output is the float64 result;
+elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and floor_divide's NumPy
+special cases) come out as a marker nan and go through the generic path (:func:`_exact_path`) alone.
 """
 from __future__ import annotations
 
@@ -65,61 +70,74 @@ def true_odd64(name: str, *args: float) -> float:
 
 
 def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
-    """(mask, y): elements whose true value is known exactly, with y set to it."""
+    """(y, conditions): y with the elements whose true value is known exactly set to it, and the
+    conditions (see :func:`_value`) marking them."""
     zero = x == 0
-    known = ~(finite(x) & finite(y))
+    conds = [(finite(x), "known_unless"), (finite(y), "known_unless")]
     if name in _ODD_AT_ZERO:
         y = torch.where(zero, x, y)
-        known = known | zero
+        conds.append((zero, "known"))
     elif name in _ONE_AT_ZERO:
-        y = torch.where(zero, torch.ones_like(y), y)
-        known = known | zero
+        y = torch.where(zero, 1.0, y)
+        conds.append((zero, "known"))
     if name in ("log", "arccos", "arccosh"):
         one = x == 1
-        y = torch.where(one, torch.zeros_like(y), y)
-        known = known | one
+        y = torch.where(one, 0.0, y)
+        conds.append((one, "known"))
     elif name == "log2":  # powers of two, from the bits (subnormals scaled up by 2**64 first)
         sub = x.abs() < 2.0**-1022
         bits = torch.where(sub, x * 2.0**64, x).view(torch.int64)
         pow2 = (x > 0) & ((bits & ((1 << 52) - 1)) == 0)
         e = (bits >> 52) - 1023 - torch.where(sub, 64, 0)
         y = torch.where(pow2, e.double(), y)
-        known = known | pow2
+        conds.append((pow2, "known"))
     elif name == "log10":  # 10**k for k = 0..22 (the exact ones): y is within ulps of k there
         k = torch.where(finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
         hit = x == torch.tensor(_POWERS_OF_TEN, dtype=x.dtype, device=x.device)[k.long()]
         y = torch.where(hit, k, y)
-        known = known | hit
-    return known, y
+        conds.append((hit, "known"))
+    return y, conds
 
 
 def _value(name: str, *args):
-    """(y, known, marked): float64 value of the function (overflow past float64 from finite
-    arguments kept as +-DBL_MAX), the elements whose y is exact, and those the fused fast path
-    leaves to :func:`_exact_path` (power's exponents 2, -1, 0.5; mod's and floor_divide's NumPy
-    special cases). Written with ops inductor vectorises (no isinf / isnan / nextafter)."""
+    """(y, conditions): float64 value of the function (overflow past float64 from finite arguments
+    kept as +-DBL_MAX) and (condition, role) pairs: "known" (y is exact where the condition holds),
+    "known_unless" (exact where it does not hold), "mark" / "mark_unless" (left by the fused path to
+    :func:`_exact_path`: power's exponents 2, -1, 0.5; mod's and floor_divide's NumPy special cases);
+    marks win over known. Single comparisons rather than bool algebra, and no isinf / isnan: the
+    fused loop then applies each as one blend, which inductor vectorises."""
     if name in EXACT_UNARY:
-        y = _TORCH[name](args[0])
-        return y, torch.ones_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
+        return _TORCH[name](args[0]), [(None, "known")]
     if name in ("mod", "floor_divide"):
         a, b = args
-        special = ~(finite(a) & finite(b) & (b != 0))
-        y = torch.where(special, 0.0, _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b))
-        return y, torch.ones_like(special), special
+        y = _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b)
+        return y, [(None, "known"), (finite(a), "mark_unless"), (finite(b), "mark_unless"), (b == 0, "mark")]
     if name == "power":
         a, b = args
         y = torch.pow(a, b)
-        both = finite(a) & finite(b)
-        y = _fix_overflow(y, (y.abs() == float("inf")) & both & (a != 0))
-        known = ~(both & finite(y)) | (a == 0) | (b == 0) | (a == 1) | (b == 1)
-        special = ((b == 2) | (b == -1) | (b == 0.5)) & both & (a > 0)
-        return y, known, special
+        y = torch.where((y.abs() == float("inf")) & finite(a) & finite(b) & (a != 0),
+                        torch.copysign(torch.full_like(y, DBL_MAX), y), y)
+        special = ((b == 2) | (b == -1) | (b == 0.5)) & (a > 0) & (a < float("inf"))
+        return y, [(finite(a), "known_unless"), (finite(b), "known_unless"), (finite(y), "known_unless"),
+                   (a == 0, "known"), (b == 0, "known"), (a == 1, "known"), (b == 1, "known"), (special, "mark")]
     (t,) = args
     y = _TORCH[name](t)
     if name in _CAN_OVERFLOW:
-        y = _fix_overflow(y, (y.abs() == float("inf")) & finite(t))
-    known, y = _known_exact(name, t, y)
-    return y, known, torch.zeros_like(known)
+        y = torch.where(y.abs() == float("inf"), torch.where(finite(t), torch.copysign(torch.full_like(y, DBL_MAX), y), y), y)
+    return _known_exact(name, t, y)
+
+
+def _masks(y: torch.Tensor, conds):
+    """(known, marked) bool masks from :func:`_value`'s conditions."""
+    known = torch.zeros_like(y, dtype=torch.bool)
+    marked = torch.zeros_like(known)
+    for c, role in conds:
+        c = torch.ones_like(known) if c is None else (~c if role.endswith("_unless") else c)
+        if role.startswith("known"):
+            known = known | c
+        else:
+            marked = marked | c
+    return known, marked
 
 
 def _fast(*args, static):
@@ -129,10 +147,17 @@ def _fast(*args, static):
     element by element."""
     name, st = static
     *xs, fix, P = args
-    y, known, marked = _value(name, *xs)
+    y, conds = _value(name, *xs)
     ro, near = odd32_pair(y)
     out = cpu_fast.round_bits(ro, st, P).double()
-    return torch.where((near & ~known) | marked, fix, out)
+    res = torch.where(near, fix, out)
+    for c, role in sorted(conds, key=lambda cr: cr[1].startswith("mark")):  # marks last: they win
+        hit, miss = (out, res) if role.startswith("known") else (fix, res)
+        if c is None:
+            res = hit
+        else:
+            res = torch.where(c, miss, hit) if role.endswith("_unless") else torch.where(c, hit, miss)
+    return res
 
 
 def _marked(out: torch.Tensor) -> torch.Tensor:
@@ -141,10 +166,6 @@ def _marked(out: torch.Tensor) -> torch.Tensor:
     if out.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(out.numpy().view(np.int64) == _FIX_BITS))
     return (out.view(torch.int64) == _FIX_BITS).nonzero().squeeze(1)
-
-
-def _fix_overflow(y: torch.Tensor, overflowed: torch.Tensor) -> torch.Tensor:
-    return torch.where(overflowed, torch.copysign(torch.full_like(y, DBL_MAX), y), y)
 
 
 def _uncertain_generic(y, fmt, mode, ov, known):
@@ -192,7 +213,8 @@ def _round_function(name, y, known, args, f, mode, ov, gen, sr_bits):
 
 def _power_float64(a: torch.Tensor, b: torch.Tensor):
     """(y, known): float64 powers, exact (rounded to odd) for the exponents 1, 2, -1, 0.5."""
-    y, known, special = _value("power", a, b)
+    y, conds = _value("power", a, b)
+    known, special = _masks(y, conds)
     exact = {2.0: lambda v: odd_mul(v, v), -1.0: lambda v: odd_div(torch.ones_like(v), v), 0.5: odd_sqrt}
     for exponent, fn in exact.items():
         idx = (special & (b == exponent)).nonzero(as_tuple=True)
@@ -243,7 +265,8 @@ def _exact_path(name: str, args, f, mode, ov, gen, sr_bits) -> torch.Tensor:
         return round_to(_numpy_specials(name, *args, exact(*args)), f, mode, ov, gen, sr_bits)
     if name in EXACT_UNARY:
         return round_to(_TORCH[name](args[0]), f, mode, ov, gen, sr_bits)
-    y, known, _ = _value(name, *args)
+    y, conds = _value(name, *args)
+    known, _ = _masks(y, conds)
     return _round_function(name, y, known, args, f, mode, ov, gen, sr_bits)
 
 
