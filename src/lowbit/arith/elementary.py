@@ -115,16 +115,24 @@ def _value(name: str, *args):
     if name == "power":
         a, b = args
         y = torch.pow(a, b)
-        y = torch.where((y.abs() == float("inf")) & finite(a) & finite(b) & (a != 0),
-                        torch.copysign(torch.full_like(y, DBL_MAX), y), y)
+        y = _overflow_kept_finite(y, (finite(a), finite(b), a != 0))
         special = ((b == 2) | (b == -1) | (b == 0.5)) & (a > 0) & (a < float("inf"))
         return y, [(finite(a), "known_unless"), (finite(b), "known_unless"), (finite(y), "known_unless"),
                    (a == 0, "known"), (b == 0, "known"), (a == 1, "known"), (b == 1, "known"), (special, "mark")]
     (t,) = args
     y = _TORCH[name](t)
     if name in _CAN_OVERFLOW:
-        y = torch.where(y.abs() == float("inf"), torch.where(finite(t), torch.copysign(torch.full_like(y, DBL_MAX), y), y), y)
+        y = _overflow_kept_finite(y, (finite(t),))
     return _known_exact(name, t, y)
+
+
+def _overflow_kept_finite(y: torch.Tensor, conditions) -> torch.Tensor:
+    """y with +-inf replaced by +-DBL_MAX where every condition holds (a finite true value past
+    float64's range); nested blends rather than bool algebra (see :func:`_value`)."""
+    out = torch.where(y.abs() == float("inf"), torch.copysign(torch.full_like(y, DBL_MAX), y), y)
+    for c in conditions:
+        out = torch.where(c, out, y)
+    return out
 
 
 def _masks(y: torch.Tensor, conds):

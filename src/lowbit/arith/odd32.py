@@ -20,8 +20,8 @@ import os
 import torch
 
 from ..emulate import quantize
-from ..kernels import cpu_fast
 from ..formats import ElementFormat, FloatFormat, IntFormat
+from ..kernels import cpu_fast
 from ..rounding import STOCHASTIC_MODES
 
 # |libm(x) - f(x)| <= NEAR_REL * |f(x)| + NEAR_ABS is assumed of torch's float64 functions: 2**-44 is
