@@ -21,15 +21,13 @@ import torch
 
 from ..emulate import quantize
 from ..formats import ElementFormat, FloatFormat, IntFormat
+from ..kernels import cpu_fast
 from ..rounding import STOCHASTIC_MODES
 
-FP32_MAX = 3.4028234663852886e38
 # |libm(x) - f(x)| <= NEAR_REL * |f(x)| + NEAR_ABS is assumed of torch's float64 functions: 2**-44 is
 # 512 float64 ulps, far above the documented bounds (SLEEF u10 and glibc: 1 to 4 ulps)
 NEAR_REL = 2.0**-44
 NEAR_ABS = 2.0**-1040
-_SIGN = -(2**31)
-_ABS = 0x7FFFFFFF
 _COMPILE_MIN = 1 << 16
 
 
@@ -44,22 +42,19 @@ def odd32_exact(fmt: ElementFormat) -> bool:
 
 
 def _odd32(y: torch.Tensor, want_near: bool):
-    big = torch.clamp(y, -FP32_MAX, FP32_MAX)
-    c = torch.where(torch.isinf(y), y, big)
-    y32 = c.float()
-    d = y - y32.double()  # exact; nan where y is inf or nan
-    bits = y32.view(torch.int32)
-    inexact = (d != 0) & (d == d)
-    step = inexact & ((bits & 1) == 0)
-    away = (d > 0) == (y32 > 0)
-    moved = torch.where(away, bits + 1, bits - 1)
-    from_zero = torch.where(d < 0, torch.full_like(bits, _SIGN | 1), torch.ones_like(bits))
-    moved = torch.where((bits & _ABS) == 0, from_zero, moved)
-    out = torch.where(step, moved, bits).view(torch.float32)
+    # RO32 = float32 truncation of y with the sticky bit ORed into the last bit. From f = RN32(y):
+    # where |f| > |y| the truncation is one pattern below f's magnitude (f != 0 there; past float32's
+    # range f is inf and the step gives FLT_MAX). Only comparisons and integer arithmetic: inductor
+    # vectorises all of it (isinf / isnan / clamp here made it fall back to scalar code).
+    f = y.float()
+    g = f.double()
+    bits = (f.view(torch.int32) - (g.abs() > y.abs()).int()) | (g != y).int()
+    out = bits.view(torch.float32)
     if not want_near:
         return out
     # no float32 lies within the error bound of y: the float32 interval of the true value is known
-    near = d.abs() <= y.abs() * NEAR_REL + NEAR_ABS
+    # (false for |y| past float32's range: every odd32-exact format overflows there)
+    near = (y - g).abs() <= y.abs() * NEAR_REL + NEAR_ABS
     return out, near
 
 
@@ -74,6 +69,10 @@ def _plain(y, *, static=None):
 
 def _with_near(y, *, static=None):
     return _odd32(y, True)
+
+
+def _rounded(y, P, *, static):
+    return cpu_fast.round_bits(_odd32(y, False), static, P).double()
 
 
 _compiled: dict = {}
@@ -114,7 +113,12 @@ def to_odd32_near(y: torch.Tensor):
 def round_float64(x: torch.Tensor, fmt: ElementFormat, mode: str, overflow: str, generator=None,
                   sr_bits=None) -> torch.Tensor:
     """float64 ``x`` rounded to ``fmt`` as float64, via RO32 and the fast float32 kernels where that
-    is exact (deterministic modes, :func:`odd32_exact` formats); otherwise the float64 reference."""
+    is exact (deterministic modes, :func:`odd32_exact` formats; on the CPU one fused loop);
+    otherwise the float64 reference."""
     if mode not in STOCHASTIC_MODES and odd32_exact(fmt):
+        spec = cpu_fast.element_spec(fmt, mode, overflow) if x.device.type == "cpu" else None
+        if spec is not None and x.numel() < 2**31:
+            P = torch.tensor(spec.numbers(), dtype=torch.int32)
+            return run_fused(_rounded, spec.static_key(), x.contiguous().view(-1), P).view(x.shape)
         return quantize(to_odd32(x), fmt, mode, overflow).double()
     return quantize(x, fmt, mode, overflow, generator=generator, sr_bits=sr_bits)

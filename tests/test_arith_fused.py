@@ -1,0 +1,98 @@
+"""The fused CPU fast path of lowbit.arith's functions (odd32 RO32 + bit rounding in one compiled loop)
+against its definitions: RO32 against a scalar NumPy construction, and every function's fused result
+against the generic exact path (itself checked against mpmath in test_arith_elementary.py) on inputs
+built to sit on and next to rounding boundaries, exact cases and special values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit import arith
+from lowbit.arith import elementary
+from lowbit.arith.basic import setup
+from lowbit.arith.odd32 import to_odd32
+
+BIG = 1 << 16  # run_fused compiles from this size on
+
+
+def _ro32_reference(vals: np.ndarray) -> np.ndarray:
+    """RO32 by definition: truncate to float32, then step to the odd neighbour if inexact."""
+    out = np.empty(len(vals), dtype=np.float32)
+    for i, v in enumerate(vals):
+        if np.isnan(v) or np.isinf(v):
+            out[i] = v
+            continue
+        with np.errstate(over="ignore"):
+            f = np.float32(v)
+        if abs(float(f)) > abs(v):
+            f = np.nextafter(f, np.float32(0))
+        if float(f) != v and f.view(np.int32) & 1 == 0:
+            f = np.nextafter(f, np.float32(np.inf if v > 0 else -np.inf))
+        out[i] = f
+    return out
+
+
+def _adversarial_float64(rng) -> np.ndarray:
+    f32 = rng.integers(0, 2**32, 3000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    f32 = f32[np.isfinite(f32)].astype(np.float64)
+    ulp = np.abs(np.spacing(f32.astype(np.float32)).astype(np.float64))
+    specials = [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, -5e-324, 2.0**-149, 2.0**-150, 3 * 2.0**-151,
+                2.0**-151, -2.0**-150, 3.4028234663852886e38, 3.4028235e38 * 1.0000001, -3.5e38, 1e300,
+                -1.7976931348623157e308]
+    return np.concatenate([f32, f32 + ulp / 2, f32 - ulp / 2, f32 + ulp / 4, np.nextafter(f32, np.inf),
+                           np.nextafter(f32, -np.inf), specials])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_ro32_matches_its_definition(monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setenv("LOWBIT_CPU_COMPILE", "0")
+    vals = _adversarial_float64(np.random.default_rng(0))
+    want = _ro32_reference(vals)
+    reps = -(-BIG // len(vals))
+    got = to_odd32(torch.from_numpy(np.tile(vals, reps))).numpy()[: len(vals)]
+    same = (got.view(np.int32) == want.view(np.int32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), (vals[~same][:5], got[~same][:5], want[~same][:5])
+
+
+def _boundary_arguments(name, fmt, rng):
+    """Arguments whose function value lies on or within a float64 ulp of a value or midpoint of fmt."""
+    vals = lowbit.format(fmt).values().numpy()
+    vals = vals[(vals > 0.05) & (vals < 60)]
+    targets = rng.choice(np.concatenate([vals[:-1], (vals[:-1] + vals[1:]) / 2]), 150)
+    inverse = {"exp": np.log, "log10": lambda v: 10.0**v, "cosh": np.arccosh}
+    xs = inverse[name](targets[targets >= 1] if name == "cosh" else targets) if name in inverse else targets
+    xs = xs[np.isfinite(xs)]
+    return np.concatenate([np.nextafter(xs, -np.inf), xs, np.nextafter(xs, np.inf)])
+
+
+SPECIALS = np.array([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, 8.0, 1000.0, 1e22, 1e23, np.inf, -np.inf, np.nan,
+                     2.0**-30, 5e-324, -800.0, 800.0, 1e300, -1e300])
+
+
+@pytest.mark.parametrize("name", ["exp", "log10", "cosh", "power", "mod", "floor_divide", "floor", "sign"])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_fused_equals_exact_path(monkeypatch, name, compiled):
+    if not compiled:
+        monkeypatch.setenv("LOWBIT_CPU_COMPILE", "0")
+    elif name not in ("exp", "power", "floor_divide"):
+        pytest.skip("compiled: the other functions cover the same code (test time)")
+    rng = np.random.default_rng(1)
+    fmt, mode = ("e4m3", "down") if name == "cosh" else ("fp16", "nearest_even")
+    x = np.concatenate([_boundary_arguments(name, fmt, rng), SPECIALS, -SPECIALS])
+    args = [x]
+    if name in elementary.BINARY:
+        y = np.concatenate([rng.choice(SPECIALS, 200), lowbit.quantize(rng.uniform(-4, 4, len(x) - 200), fmt)])
+        rng.shuffle(y)
+        args = [x, y]
+    pad = BIG - len(x)  # ordinary values up to the compiled size (the hard ones once: mpmath is slow)
+    args = [np.concatenate([a, lowbit.quantize(rng.uniform(-3, 3, pad), fmt)]) for a in args]
+    with np.errstate(all="ignore"):
+        got = getattr(arith, name)(*args, fmt, mode)
+    f, m, ov, gen = setup(fmt, mode, None, None, torch.device("cpu"))
+    want = elementary._exact_path(name, [torch.from_numpy(a) for a in args], f, m, ov, gen, None).numpy()
+    same = (got == want) | (np.isnan(got) & np.isnan(want))
+    bad = np.flatnonzero(~same)
+    assert not bad.size, [(tuple(a[i] for a in args), got[i], want[i]) for i in bad[:5]]
