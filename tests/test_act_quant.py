@@ -230,6 +230,13 @@ def test_block_formats_keep_their_rule_and_manifest_checks_ratios(tmp_path):
 
     meta = json.loads((tmp_path / "lowbit.json").read_text())
     name = next(iter(meta["act_clips"]))
+    try:  # compressed-tensors' dynamic activation scales are the plain absmax: the ratios are refused
+        from lowbit.export.compressed_tensors_export import CompressedTensorsError, export_compressed_tensors
+    except ImportError:
+        pass
+    else:
+        with pytest.raises(CompressedTensorsError, match="learned input clipping ratios of 14 layers"):
+            export_compressed_tensors(tmp_path, tmp_path / "ct")
     for bad, why in ((1.5, "clipping ratio in"), ("0.5", "clipping ratio in"), (0.5, None)):
         m = copy.deepcopy(meta)
         if why is None:  # a ratio for a layer without quantized inputs
