@@ -23,7 +23,9 @@ from ..quant.activation import CLIP_MIN, check_clip, check_clip_spec, clip_grad_
 from ..quant.spec import QuantSpec
 
 ACT_SCALINGS = ("fixed", "learned")
-CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(25))  # 1.0 down to 0.4
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(13))  # 1.0 down to 0.4
+CALIB_TOKENS = 256  # tokens of each batch a layer's error is measured on (evenly strided): the search
+                    # quantizes them once per grid point in every layer, which dominates its cost
 
 
 class _ClampStraight(torch.autograd.Function):
@@ -78,7 +80,7 @@ class ActivationFakeQuant(nn.Module):
 def calibrate_act_clips(model: nn.Module, batches: Iterable[Dict[str, torch.Tensor]],
                         grid: Sequence[float] = CLIP_GRID) -> Dict[str, float]:
     """Set every learned clipping ratio of ``model`` to the value of ``grid`` with the least squared
-    error of its layer's quantized inputs over ``batches`` (model inputs, on the model's device);
+    error of its layer's quantized inputs over ``batches`` (model inputs; CALIB_TOKENS tokens of each);
     returns layer name -> ratio. Each layer sees the inputs the model gives it with every other
     quantizer as it is (its ratios unchanged during the pass)."""
     from .qat import qat_layers
@@ -95,6 +97,9 @@ def calibrate_act_clips(model: nn.Module, batches: Iterable[Dict[str, torch.Tens
             if layer.input_transform is not None:
                 x = layer.input_transform(x)
             x = x.float()
+            if layer.act_spec.granularity != "tensor":  # steps of their own per token: a subset is a sample
+                x = x.reshape(-1, x.shape[-1])
+                x = x[:: max(1, x.shape[0] // CALIB_TOKENS)][:CALIB_TOKENS]
             for i, a in enumerate(grid):
                 errors[name][i] += float((clipped_activation(x, layer.act_spec, a) - x).square().sum())
         return hook

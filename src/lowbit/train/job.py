@@ -27,7 +27,7 @@ from .qat import convert, packed_weights, prepare_qat, trainable_groups
 
 INITS = ("rtn", "gptq")
 ACT_CLIP_INITS = ("mse", "one")
-CLIP_CALIB_BATCHES = 4  # training batches the input clipping ratios are calibrated on
+CLIP_CALIB_BATCHES = 2  # training batches the input clipping ratios are calibrated on
 
 
 
