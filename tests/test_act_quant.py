@@ -303,3 +303,28 @@ def test_cuda_learned_clip_matches_cpu(spec):
     torch.testing.assert_close(aq.alpha.grad, aq_cuda.alpha.grad.cpu(), rtol=1e-4, atol=1e-6)
     xb = x.bfloat16()
     assert torch.equal(aq(xb), aq_cuda(xb.cuda()).cpu())
+
+
+def test_adapter_layers_keep_a_learned_ratio():
+    """LR-QAT and the compact adapter base built on a layer with a learned ratio compute what it
+    computes, and LR-QAT's fold keeps the ratio."""
+    from lowbit.adapters.compact_base import CompactQuantLinear
+    from lowbit.adapters.lrqat import LRQATLinear
+
+    lin = torch.nn.Linear(64, 32)
+    layer = QATLinear.from_linear(lin, QuantSpec.parse("int4:g32"), QuantSpec.parse("int4:token"),
+                                  act_scaling="learned")
+    with torch.no_grad():
+        layer.act_quant.alpha.fill_(0.7)
+    frozen, packed = layer.freeze()
+    assert frozen.act_clip == pytest.approx(0.7)
+    x = _acts((2, 5, 64), seed=4)
+    with torch.no_grad():
+        ref = frozen(x)
+        assert torch.equal(layer(x), ref)
+        scales = packed["scales"].float()
+        assert torch.equal(CompactQuantLinear(frozen, scales, None)(x), ref)
+        lr = LRQATLinear.from_layer(frozen, None, rank=2, alpha=1.0, scales=scales)
+        assert torch.equal(lr(x), ref)
+        folded, _ = lr.fold()
+    assert folded.act_clip == frozen.act_clip
