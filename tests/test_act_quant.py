@@ -52,6 +52,26 @@ def test_ratio_one_is_the_fixed_quantizer_bit_for_bit(spec):
     assert torch.equal(ActivationFakeQuant(sp, 64)(xb), quantize_activation(xb, sp))
 
 
+@pytest.mark.parametrize("spec", ELEMENT_SPECS + ["int4:token:nearest_away", "int8:g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_quantizer_is_emulate_quantize_with_the_absmax_step(spec, dtype):
+    """The dynamic quantizer (integer grids rounded by torch.round) against ``emulate.quantize`` with
+    the absmax step: the same bits, and a plain straight-through gradient."""
+    from lowbit.emulate import quantize
+    from lowbit.kernels.scalar_div import div_scalar
+
+    sp = QuantSpec.parse(spec)
+    x = _acts().to(dtype).requires_grad_(True)
+    v, _, amax = _steps(x.detach().float(), sp, 1.0)
+    s = torch.where(amax > 0, div_scalar(amax, sp.fmt.max), torch.ones_like(amax))
+    ref = quantize(v, sp.fmt, sp.rounding, scale=s).reshape(x.shape).to(dtype)
+    out = quantize_activation(x, sp)
+    assert torch.equal(out, ref)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(g)
+    assert torch.equal(x.grad, g)
+
+
 @pytest.mark.parametrize("spec", ["int4:token", "int4:g16", "int4:tensor", "e4m3fn:token"])
 def test_clipped_forward_matches_an_independent_reference(spec):
     sp = QuantSpec.parse(spec)
