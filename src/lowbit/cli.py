@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned: LSQ step sizes (LSQ+ offsets for asym); dynamic: the spec's rule every step")
     t.add_argument("--gradient", default="clipped", choices=("clipped", "straight"),
                    help="straight-through gradient of the weights: only inside the grid's range, or everywhere")
-    t.add_argument("--act-scaling", default="fixed", choices=("fixed", "learned"),
+    t.add_argument("--act-scaling", default="learned", choices=("fixed", "learned"),
                    help="input activations: fixed: the dynamic absmax step; learned: the dynamic absmax times a "
                         "clipping ratio per layer learned with LSQ's gradient (element formats; saved in the checkpoint)")
     t.add_argument("--act-clip-init", default="mse", choices=("mse", "one"),

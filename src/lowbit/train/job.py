@@ -91,7 +91,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
               plan: Optional[Plan] = None, init: str = "gptq", config: Optional[TrainConfig] = None,
               batch_size: int = 8, seq_len: int = 512, teacher: str = "fp32", objective: str = "kl",
               hidden_mse: float = 0.0, scaling: str = "learned", gradient: str = "clipped",
-              act_scaling: str = "fixed", act_clip_init: str = "mse", calib: int = 128, settings: Optional[EvalSettings] = None, device: Optional[str] = "auto",
+              act_scaling: str = "learned", act_clip_init: str = "mse", calib: int = 128, settings: Optional[EvalSettings] = None, device: Optional[str] = "auto",
               quiet: bool = False) -> dict:
     """Train ``model`` under ``scheme``/``plan`` from ``init``; returns the report (also written to
     ``out`` with the checkpoint). See the module docstring."""
