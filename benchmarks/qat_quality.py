@@ -11,6 +11,11 @@ of the PTQ gap closed, tokens/s and minutes; --json writes every report.
     python3 benchmarks/qat_quality.py --runs w4a4-rot w4a4-fc2a8-rot --steps 400 --device cuda  # from
         # `quantize --rotate hadamard --smooth auto`
     python3 benchmarks/qat_quality.py --model minilm --runs int3g64 --steps 300 --device cuda
+    python3 benchmarks/qat_quality.py --runs w4a4-rot w4a4-rot-lact --steps 300 --device cuda  # input
+        # activations: fixed absmax vs learned clipping ratio (-lact), from the same start
+
+A run named NAME-lact trains with `--act-scaling learned` (the ratio calibrated by MSE, then learned);
+NAME and NAME-lact share one PTQ start (quantized once, kept in OUT/MODEL-NAME-init).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+LEARNED_ACTS = "-lact"  # suffix of a run: the same run with learned input clipping ratios
 RUNS = {  # name -> (scheme, init, PTQ transforms of the start)
     "int3g64": ("int3:g64", "gptq", {}),
     "int4g64": ("int4:g64", "gptq", {}),
@@ -72,7 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--runs", nargs="+", default=["int3g64", "control"],
-                    help=f"any of {', '.join(RUNS)}, control")
+                    help=f"any of {', '.join(RUNS)} (each also as NAME{LEARNED_ACTS}: learned input clipping), "
+                         "control")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -96,15 +103,21 @@ def main() -> None:
         if name == "control":
             rep = control(args.model, args.steps, args.batch_size, args.seq_len, args.lr, args.device, args.quiet)
         else:
-            scheme, init, transforms = RUNS[name]
+            base = name[: -len(LEARNED_ACTS)] if name.endswith(LEARNED_ACTS) else name
+            if base not in RUNS:
+                raise SystemExit(f"unknown run {name!r}: any of {', '.join(RUNS)}, NAME{LEARNED_ACTS}, control")
+            scheme, init, transforms = RUNS[base]
             cfg = TrainConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, warmup=args.warmup)
             out = f"{args.out}/{args.model}-{name}"
             if transforms:  # the start is a rotated/smoothed PTQ checkpoint, trained with its own specs
-                run_quantize(args.model, scheme, init, f"{out}-init", calib=args.calib, seq_len=args.seq_len,
-                             device=args.device, quiet=args.quiet, **transforms)
-                scheme, init = None, f"{out}-init"
+                start = Path(f"{args.out}/{args.model}-{base}-init")
+                if not (start / "lowbit.json").is_file():  # NAME and NAME-lact share it
+                    run_quantize(args.model, scheme, init, str(start), calib=args.calib, seq_len=args.seq_len,
+                                 device=args.device, quiet=args.quiet, **transforms)
+                scheme, init = None, str(start)
             rep = run_train(args.model, scheme, out, init=init, config=cfg,
                             batch_size=args.batch_size, seq_len=args.seq_len, calib=args.calib,
+                            act_scaling="learned" if name != base else "fixed",
                             device=args.device, quiet=args.quiet)
         rep.pop("history", None)
         rep["minutes"] = (time.time() - t) / 60
@@ -113,12 +126,14 @@ def main() -> None:
         if "perplexity" in a:
             gap = s.get("perplexity", float("nan")) - b["perplexity"]
             closed = (s.get("perplexity", float("nan")) - a["perplexity"]) / gap if gap else float("nan")
-            rows.append(f"{name:12s} fp32 {b['perplexity']:7.3f}  start {s.get('perplexity', float('nan')):7.3f}  "
+            cal = rep.get("calibrated")  # the start with calibrated clipping ratios (learned runs)
+            clip = f" clip {cal['perplexity']:7.3f}" if cal else ""
+            rows.append(f"{name:19s} fp32 {b['perplexity']:7.3f}  start {s.get('perplexity', float('nan')):7.3f}{clip}  "
                         f"trained {a['perplexity']:7.3f} ({a['perplexity'] / b['perplexity']:.3f} x fp32, "
                         f"{closed:6.1%} of the gap)  KL {a.get('kl_to_fp32', float('nan')):.4f}  "
                         f"{rep['tokens_per_second']:9,.0f} tok/s  {rep['minutes']:5.1f} min")
         else:
-            rows.append(f"{name:12s} cosine start {s.get('cosine_mean', float('nan')):.4f}  trained "
+            rows.append(f"{name:19s} cosine start {s.get('cosine_mean', float('nan')):.4f}  trained "
                         f"{a['cosine_mean']:.4f}  {rep['tokens_per_second']:9,.0f} tok/s  {rep['minutes']:5.1f} min")
         print(rows[-1], flush=True)
         if args.json:

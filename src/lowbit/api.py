@@ -261,17 +261,19 @@ def evaluate(model: Union[nn.Module, Checkpoint], tokenizer=None, *, reference: 
 # --- training verbs ---------------------------------------------------------------------------------
 
 def prepare_qat(model: nn.Module, scheme_or_plan: Optional[SchemeOrPlan] = None, *, scaling: str = "learned",
-                gradient: str = "clipped") -> nn.Module:
+                gradient: str = "clipped", act_scaling: str = "fixed") -> nn.Module:
     """Swap the plan's linear layers for trainable ``QATLinear`` (fp32 master weights, learned LSQ
     scales or the spec's own rule, straight-through gradients) in place; returns the model. Train it
     with any loop; :func:`convert` then freezes it. A model loaded from a ``lowbit quantize``
     checkpoint keeps its own specs (``scheme_or_plan`` may be None) -- ``lowbit train --init DIR``
-    also starts its scales at the stored ones."""
+    also starts its scales at the stored ones. ``act_scaling="learned"``: inputs in element formats
+    learn a clipping ratio of their dynamic amax (start it with
+    ``lowbit.train.calibrate_act_clips(model, batches)``)."""
     from .train.qat import prepare_qat as _prepare
 
     _check_module(model)
     return _prepare(model, as_plan(scheme_or_plan) if scheme_or_plan is not None else None,
-                    scaling=scaling, gradient=gradient)
+                    scaling=scaling, gradient=gradient, act_scaling=act_scaling)
 
 
 def convert(model: nn.Module) -> nn.Module:

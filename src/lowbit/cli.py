@@ -250,7 +250,8 @@ def cmd_train(args) -> int:
     report = run_train(args.model, scheme, args.out, plan=plan, init=args.init, config=cfg,
                        batch_size=args.batch_size, seq_len=args.seq_len, teacher=args.teacher,
                        objective=args.objective, hidden_mse=args.hidden_mse, scaling=args.scaling,
-                       gradient=args.gradient, calib=args.calib, settings=settings, device=args.device,
+                       gradient=args.gradient, act_scaling=args.act_scaling, act_clip_init=args.act_clip_init,
+                       calib=args.calib, settings=settings, device=args.device,
                        quiet=args.quiet)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
@@ -424,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned: LSQ step sizes (LSQ+ offsets for asym); dynamic: the spec's rule every step")
     t.add_argument("--gradient", default="clipped", choices=("clipped", "straight"),
                    help="straight-through gradient of the weights: only inside the grid's range, or everywhere")
+    t.add_argument("--act-scaling", default="learned", choices=("fixed", "learned"),
+                   help="input activations: fixed: the dynamic absmax step; learned: the dynamic absmax times a "
+                        "clipping ratio per layer learned with LSQ's gradient (element formats; saved in the checkpoint)")
+    t.add_argument("--act-clip-init", default="mse", choices=("mse", "one"),
+                   help="start of the learned clipping ratios: mse (the least squared error of the quantized inputs "
+                        "over a few batches) or one (no clipping)")
     t.add_argument("--grad-checkpointing", action="store_true")
     t.add_argument("--autocast", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
     t.add_argument("--calib", type=int, default=128, help="calibration sequences of --init gptq")

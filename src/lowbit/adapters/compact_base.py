@@ -27,6 +27,7 @@ class CompactQuantLinear(nn.Module):
         rows, cols = layer.weight.shape
         self.in_features, self.out_features = cols, rows
         self.weight_spec, self.act_spec = spec, layer.act_spec
+        self.act_clip = layer.act_clip
         self.group = cols if spec.granularity == "tensor" else q.group_size(cols)
         n_groups = math.ceil(cols / self.group)
         w = layer.weight.detach().float()
@@ -51,7 +52,7 @@ class CompactQuantLinear(nn.Module):
         return lv * self._expand(self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.weight(), self.bias, self.input_transform, self.act_spec)
+        return quantized_linear(x, self.weight(), self.bias, self.input_transform, self.act_spec, self.act_clip)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.weight_spec} (int8 levels)"

@@ -77,6 +77,7 @@ class LRQATLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=phi.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.input_transform = input_transform
+        self.act_clip: Optional[float] = None  # the base layer's learned input clipping ratio, kept as it is
 
     @classmethod
     def from_layer(cls, layer: nn.Module, spec: Optional[QuantSpec], rank: int, alpha: float,
@@ -106,8 +107,10 @@ class LRQATLinear(nn.Module):
         f = frac_bits(grid)
         phi = torch.round(y * 2 ** f).clamp(grid.qmin * 2 ** f, grid.qmax * 2 ** f)
         dtype = torch.int8 if phi.abs().max() <= 127 and phi.min() >= -128 else torch.int16
-        return cls(phi.to(dtype), f, scales, zeros, spec, rank, alpha, layer.bias,
+        made = cls(phi.to(dtype), f, scales, zeros, spec, rank, alpha, layer.bias,
                    getattr(layer, "act_spec", None), getattr(layer, "input_transform", None))
+        made.act_clip = getattr(layer, "act_clip", None)
+        return made
 
     @property
     def scaling(self) -> float:
@@ -134,7 +137,8 @@ class LRQATLinear(nn.Module):
         return q * self._expand(self.effective_scale())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.quantized_weight(), self.bias, self.input_transform, self.act_spec)
+        return quantized_linear(x, self.quantized_weight(), self.bias, self.input_transform, self.act_spec,
+                                self.act_clip)
 
     @torch.no_grad()
     def fold(self):
@@ -149,7 +153,9 @@ class LRQATLinear(nn.Module):
             lin.bias.copy_(self.bias)
         lin.input_transform = self.input_transform
         packed = {k: v.cpu() for k, v in pack_weight(W, self.quantizer, params).items()}
-        return QuantLinear.from_linear(lin, W, self.spec, self.act_spec), packed
+        frozen = QuantLinear.from_linear(lin, W, self.spec, self.act_spec)
+        frozen.act_clip = self.act_clip
+        return frozen, packed
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weight={self.spec}, rank={self.rank}, " \

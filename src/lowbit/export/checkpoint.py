@@ -70,10 +70,14 @@ def save_quantized(model: nn.Module, packed: Dict[str, Dict[str, torch.Tensor]],
     # online input transforms (rotation/smoothing): their scales are in the state dict already
     transforms = {n: m.input_transform.to_dict() for n, m in model.named_modules()
                   if isinstance(m, QuantLinear) and getattr(m, "input_transform", None) is not None}
+    # input clipping ratios learned in training (lowbit.train.act_quant): numbers, kept exactly by JSON
+    act_clips = {n: float(m.act_clip) for n, m in model.named_modules()
+                 if isinstance(m, QuantLinear) and m.act_clip is not None}
     save_file(state, str(out / WEIGHTS_FILE))
     extra = {k: v for k, v in (extra or {}).items() if k not in RESERVED_KEYS}
     meta = {"lowbit_checkpoint": CHECKPOINT_VERSION, "kind": kind, "layers": layers, "act_only": act_only,
             "tied": tied, **({"input_transforms": transforms} if transforms else {}),
+            **({"act_clips": act_clips} if act_clips else {}),
             "files": {WEIGHTS_FILE: {"sha256": file_sha256(out / WEIGHTS_FILE),
                                      "bytes": (out / WEIGHTS_FILE).stat().st_size}},
             "tensors": {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for n, t in state.items()},
@@ -149,6 +153,7 @@ def load_quantized(path, dtype=torch.float32):
                         QuantSpec.parse(spec))
         replace_module(model, name, q)
     _restore_transforms(model, meta.get("input_transforms", {}), where)
+    restore_act_clips(model, meta.get("act_clips", {}), where)
     # float tensors stored in 16 bits come back in the model's dtype (assign keeps a tensor's dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tied = meta["tied"]
@@ -204,6 +209,13 @@ def decode_layer(d: Path, name: str, tensors: Dict[str, torch.Tensor], spec: Qua
     except (RuntimeError, IndexError, ValueError) as e:  # only reachable for version 1 files (no checksum)
         raise CheckpointError(f"{d / WEIGHTS_FILE}: layer {name!r}: expected packed tensors that decode to "
                               f"a {list(shape)} weight, found ones that do not ({e})") from None
+
+
+def restore_act_clips(model: nn.Module, clips: dict, where) -> None:
+    """Give each layer its learned input clipping ratio (the manifest checked them already)."""
+    for name, clip in clips.items():
+        lin = submodule(model, name, where, f"act_clips[{name!r}]", QuantLinear)
+        lin.act_clip = float(clip)
 
 
 def _restore_transforms(model: nn.Module, transforms: dict, where) -> None:

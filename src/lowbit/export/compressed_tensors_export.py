@@ -113,6 +113,9 @@ def export_compressed_tensors(checkpoint, out, allow_drop: bool = False) -> dict
         problems.append("online input transforms (rotation/smoothing) have no compressed-tensors equivalent")
     if ck.meta.get("kv"):
         (dropped if allow_drop else problems).append("KV-cache quantization rules")
+    if ck.meta.get("act_clips"):  # compressed-tensors' dynamic activation scales are the plain absmax
+        (dropped if allow_drop else problems).append(f"learned input clipping ratios of {len(ck.meta['act_clips'])} "
+                                                     "layers")
     if ck.meta["act_only"]:
         n_act = len(ck.meta["act_only"])
         (dropped if allow_drop else problems).append(f"activation-only quantization of {n_act} layers")

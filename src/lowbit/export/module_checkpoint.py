@@ -13,7 +13,7 @@ from ..models.blocks import replace_module
 from ..quant.conv import CONV_TYPES, quant_conv_from
 from ..quant.linear import QuantLinear
 from ..quant.spec import QuantSpec
-from .checkpoint import decode_layer, submodule
+from .checkpoint import decode_layer, restore_act_clips, submodule
 from .validate import META_FILE, WEIGHTS_FILE, CheckpointError, matrix_shape, read_manifest, read_tensors
 
 LAYER_TYPES = (nn.Linear,) + CONV_TYPES
@@ -50,6 +50,7 @@ def load_quantized_into(model: nn.Module, path) -> dict:
         new = quant_conv_from(mod, mod.weight.detach(), None, aspec) if isinstance(mod, CONV_TYPES) \
             else QuantLinear.from_linear(mod, mod.weight.detach(), None, aspec)
         replace_module(model, name, new)
+    restore_act_clips(model, meta.get("act_clips", {}), where)
     for name, source in meta["tied"].items():
         state[name] = state[source]
     mismatch = f"{d / WEIGHTS_FILE}: the checkpoint does not match this {type(model).__name__}: expected its tensors"

@@ -27,6 +27,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..ptq.retention import RetainFormat
+from ..quant.activation import CLIP_MIN, check_clip_spec
 from ..quant.packed import dense_layout, packed_bytes, unpack_bits
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
@@ -39,7 +40,7 @@ READABLE_VERSIONS = (1, 2)
 # keys save_quantized writes itself; a caller's ``extra`` cannot replace them
 REQUIRED_KEYS = ("lowbit_checkpoint", "kind", "layers", "act_only", "tied", "files", "tensors", "extra",
                  "manifest_sha256")
-OPTIONAL_KEYS = ("input_transforms",)
+OPTIONAL_KEYS = ("input_transforms", "act_clips")
 RESERVED_KEYS = REQUIRED_KEYS + OPTIONAL_KEYS
 LAYER_KEYS = ("weight", "act", "shape")
 LAYER_OPTIONAL = ("retain",)
@@ -191,6 +192,11 @@ def check_manifest(meta, where: str) -> dict:
                               "found one also listed in layers")
     if "input_transforms" in meta:
         _check_names(where, "input_transforms", meta["input_transforms"], lambda e, v: _check_transform(where, e, v))
+    if "act_clips" in meta:
+        acts = {n: i["act"] for n, i in meta["layers"].items() if i["act"] is not None} | dict(meta["act_only"])
+        _want(where, "act_clips", meta["act_clips"], (dict,), "an object keyed by name")
+        for name, clip in meta["act_clips"].items():
+            _check_clip(where, f"act_clips[{name!r}]", clip, acts.get(name))
     for key, types in EXTRA_TYPES.items():
         if key in meta:
             _want(where, key, meta[key], types, " or ".join("null" if t is type(None) else t.__name__ for t in types))
@@ -232,6 +238,20 @@ def _check_layers(where: str, layers) -> None:
             raise CheckpointError(f"{where}: {entry}: weight spec {info['weight']!r} does not fit shape {shape}: {why}")
         if "retain" in info:
             parse_retain(where, f"{entry}.retain", info["retain"])
+
+
+def _check_clip(where: str, entry: str, clip, act) -> None:
+    """A learned clipping ratio: a number in [CLIP_MIN, 1] of a layer whose input has an element format."""
+    _want(where, entry, clip, (float, int), f"a clipping ratio in [{CLIP_MIN}, 1]")
+    if not CLIP_MIN <= clip <= 1:
+        raise CheckpointError(f"{where}: {entry}: expected a clipping ratio in [{CLIP_MIN}, 1], found {clip}")
+    if act is None:
+        raise CheckpointError(f"{where}: {entry}: expected a layer with quantized inputs (in layers with an act spec, "
+                              "or in act_only), found none of that name")
+    try:
+        check_clip_spec(QuantSpec.parse(act))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {entry}: the layer's input spec {act!r} takes no clipping ratio ({e})") from None
 
 
 def _check_transform(where: str, entry: str, d) -> None:

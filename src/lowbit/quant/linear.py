@@ -2,7 +2,7 @@
 fake-quantized on the fly; the model stays an ordinary nn.Module."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ class QuantLinear(nn.Linear):
         # optional run-time transform of the input (rotation/smoothing, see lowbit.transforms): the
         # stored weight is then the transformed one, so outputs are unchanged in exact arithmetic
         self.input_transform: Optional[nn.Module] = None
+        # clipping ratio of the input's dynamic amax learned in training (lowbit.train.act_quant);
+        # None: the plain absmax step. Saved in the checkpoint's manifest (act_clips).
+        self.act_clip: Optional[float] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor, weight_spec: Optional[QuantSpec],
@@ -42,23 +45,26 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.weight, self.bias, self.input_transform, self.act_spec)
+        return quantized_linear(x, self.weight, self.bias, self.input_transform, self.act_spec, self.act_clip)
 
     def extra_repr(self) -> str:
         extra = f", retain={self.retain}" if self.retain else ""
+        extra += f", act_clip={self.act_clip!r}" if self.act_clip is not None else ""
         return f"{super().extra_repr()}, weight={self.weight_spec}, act={self.act_spec}{extra}"
 
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     input_transform: Optional[nn.Module] = None, act_spec=None) -> torch.Tensor:
+                     input_transform: Optional[nn.Module] = None, act_spec=None,
+                     act_clip: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
     """What every quantized linear computes (PTQ's, QAT's, LR-QAT's, the compact adapter base's):
-    the input through its transform (rotation/smoothing), then its quantizer, times the weight.
+    the input through its transform (rotation/smoothing), then its quantizer (with the clipping
+    ratio ``act_clip`` of its dynamic amax, when learned), times the weight.
     Outside autocast the weight and bias take the input's dtype: a weight computed in float32
     (fake-quantized, or rebuilt from codes) must meet a bf16 input."""
     if input_transform is not None:
         x = input_transform(x)
     if act_spec is not None:
-        x = quantize_activation(x, act_spec)
+        x = quantize_activation(x, act_spec, act_clip)
     if not torch.is_autocast_enabled(x.device.type):
         weight = weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)

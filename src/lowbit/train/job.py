@@ -20,11 +20,14 @@ import torch
 from ..job_common import log
 from ..jobs import EvalSettings, dense_bytes, evaluate_model, resolve_device, run_quantize
 from ..quant.plan import Plan
+from .act_quant import ACT_SCALINGS, calibrate_act_clips, clip_summary
 from .loop import TrainConfig, train
 from .objectives import causal_lm_objective, encoder_objective
 from .qat import convert, packed_weights, prepare_qat, trainable_groups
 
 INITS = ("rtn", "gptq")
+ACT_CLIP_INITS = ("mse", "one")
+CLIP_CALIB_BATCHES = 2  # training batches the input clipping ratios are calibrated on
 
 
 
@@ -88,7 +91,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
               plan: Optional[Plan] = None, init: str = "gptq", config: Optional[TrainConfig] = None,
               batch_size: int = 8, seq_len: int = 512, teacher: str = "fp32", objective: str = "kl",
               hidden_mse: float = 0.0, scaling: str = "learned", gradient: str = "clipped",
-              calib: int = 128, settings: Optional[EvalSettings] = None, device: Optional[str] = "auto",
+              act_scaling: str = "learned", act_clip_init: str = "mse", calib: int = 128, settings: Optional[EvalSettings] = None, device: Optional[str] = "auto",
               quiet: bool = False) -> dict:
     """Train ``model`` under ``scheme``/``plan`` from ``init``; returns the report (also written to
     ``out`` with the checkpoint). See the module docstring."""
@@ -102,6 +105,10 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
         raise ValueError(f"--teacher must be fp32 or none, got {teacher!r}")
     if teacher == "none" and objective != "ce":
         raise ValueError(f"objective {objective!r} distils from the teacher: use --teacher fp32, or --objective ce")
+    if act_scaling not in ACT_SCALINGS:
+        raise ValueError(f"--act-scaling must be one of {', '.join(ACT_SCALINGS)}, got {act_scaling!r}")
+    if act_clip_init not in ACT_CLIP_INITS:
+        raise ValueError(f"--act-clip-init must be one of {', '.join(ACT_CLIP_INITS)}, got {act_clip_init!r}")
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"need a batch of 1+ sequences of 2+ tokens, got {batch_size} x {seq_len}")
     dev = resolve_device(device)
@@ -120,7 +127,8 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     loaded = load_model(source)
     kind = loaded.kind
     tokenizer = tokenizer or loaded.tokenizer
-    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=checkpoint_scales(init_dir, meta))
+    prepare_qat(student, None, scaling=scaling, gradient=gradient, scales=checkpoint_scales(init_dir, meta),
+                act_scaling=act_scaling)
     if dev is not None:
         student.to(dev)
         loaded.model.to(dev)
@@ -130,11 +138,21 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     if before is None:
         with torch.no_grad():
             before = evaluate_model(student.eval(), tokenizer, kind, settings, ref if kind == "encoder" else None)
+    batches = training_data(kind, tokenizer, batch_size, seq_len, cfg.seed)
+    calibrated = None
+    # a ratio already in the start (a trained checkpoint) is kept; a fresh one starts at 1 or the MSE pick
+    fresh = act_scaling == "learned" and not meta.get("act_clips")
+    if fresh and act_clip_init == "mse" and clip_summary(student)["layers"]:
+        log(f"calibrating the input clipping ratios on {CLIP_CALIB_BATCHES} batches ...", quiet)
+        calibrate_act_clips(student, (batches(k) for k in range(CLIP_CALIB_BATCHES)))
+        with torch.no_grad():
+            calibrated = evaluate_model(student.eval(), tokenizer, kind, settings, ref if kind == "encoder" else None)
+        calibrated["act_clips"] = clip_summary(student)
     n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
     log(f"training {n_train / 1e6:.1f}M parameters for {cfg.steps} steps of {batch_size} x {seq_len} tokens "
          f"({objective}{' + hidden MSE' if hidden_mse else ''}, teacher {teacher})", quiet)
     obj = (causal_lm_objective(objective, hidden_mse=hidden_mse) if kind == "causal_lm" else encoder_objective())
-    res = train(student, training_data(kind, tokenizer, batch_size, seq_len, cfg.seed), obj, trainable_groups(student),
+    res = train(student, batches, obj, trainable_groups(student),
                 cfg, teacher=ref if teacher == "fp32" else None,
                 state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
     convert(student)
@@ -155,11 +173,13 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
         "init_dir": str(init_dir), "method": "qat",
         "training": {**asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "objective": objective,
                      "hidden_mse": hidden_mse, "teacher": teacher, "scaling": scaling, "gradient": gradient,
+                     "act_scaling": act_scaling, "act_clip_init": act_clip_init if act_scaling == "learned" else None,
                      "corpus": "python-stdlib-sources (training split)"},
         "evaluation": settings.describe(kind),
         "baseline": {**baseline, "size_bytes": dense_bytes(ref)},
         "before": before,
-        "after": {**after, "bits_per_weight": (before or {}).get("bits_per_weight")},
+        "after": {**after, "bits_per_weight": (before or {}).get("bits_per_weight"), "act_clips": clip_summary(student)},
+        **({"calibrated": calibrated} if calibrated else {}),
         "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
         "tokens_per_second": res.tokens_per_second(), "teacher_seconds": res.teacher_seconds,
         "resumed_from": res.resumed_from, "history": res.history,
@@ -169,7 +189,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     }
     if out_dir:
         extra = {k: v for k, v in meta.items() if k not in ("lowbit_checkpoint", "kind", "layers", "act_only",
-                                                          "input_transforms")}
+                                                          "input_transforms", "act_clips")}
         extra.update({"method": "qat", "init": init if init in INITS else os.path.abspath(init),
                       "training": report["training"]})
         size = save_quantized(student, packed_weights(student), out_dir, kind=kind, tokenizer=tokenizer, extra=extra)

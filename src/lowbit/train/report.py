@@ -78,6 +78,12 @@ def summary_lines(report: dict) -> List[str]:
     else:
         lines = [f"cosine to fp32: start ({report['init']}) {s.get('cosine_mean', float('nan')):.4f} | trained "
                  f"{a['cosine_mean']:.4f}"]
+    clips = a.get("act_clips") or {}
+    if clips.get("layers"):
+        cal = report.get("calibrated") or {}
+        start = f"; after calibrating them {cal.get('perplexity', cal.get('cosine_mean')):.3f}" if cal else ""
+        lines.append(f"input clipping ratios of {clips['layers']} layers: min {clips['min']:.3f}, mean "
+                     f"{clips['mean']:.3f}, max {clips['max']:.3f}{start}")
     lines.append(f"{report['steps']} steps, {report['tokens']:,} tokens in {report['seconds']:.1f} s "
                  f"({report['tokens_per_second']:,.0f} tokens/s; teacher {report['teacher_seconds']:.1f} s); "
                  f"bits/weight {a.get('bits_per_weight')}")
