@@ -15,8 +15,9 @@ group only once and draws one 32-bit random word per group in the common case:
 * per="element": every failing element flips bit ``pos[(w * nb) >> 32]`` of a fresh word w.
 
 Uniforms have 63 bits: u = (w0 << 31) | (w1 >> 1) from two Philox4x32 words, thresholds
-T[m] = round(2^63 (1 - (1-p)^(m+1))) computed in float64 on the host (-expm1(m * log1p(-p))), so a
-probability is represented within 2^-63 (p down to ~1e-18 is meaningful). w1 matters only when w0
+T[m] = round(2^63 (1 - (1-p)^(m+1))) computed in float64 on the host (-expm1((m+1) log1p(-p))), so
+every probability of the law is represented to float64's relative precision (a few 2^-53) plus 2^-63:
+no floor on p (a 32-bit uniform alone could not go below 2^-32 per group). w1 matters only when w0
 equals the high 32 bits of a threshold (probability ~2^-32 per comparison), so it is drawn only
 then: the common path is one Philox word per group and a compare. Everything after the first
 candidate of a tile (binary search for K, the chain, the ties) runs only in tiles that have one.
@@ -32,15 +33,16 @@ torch and must agree bit for bit.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_quant import N_ROUNDS, _on_device
+from .triton_quant import N_ROUNDS
 
-C_MASK31 = tl.constexpr(0x7FFFFFFF)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (tests without a GPU)
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 CALLS = 256          # Philox calls per program: 1024 groups, 1-4 KiB of codes per element size
@@ -181,7 +183,7 @@ def _tables(p: float, units: int, positions: tuple, device: str):
 def claims(codes: torch.Tensor, p: float) -> bool:
     """Whether the kernel takes this call: CUDA (or the interpreter), a supported integer dtype,
     0 < p <= 1/16 (the dense draw of arith.faults is better above), int32-indexable groups."""
-    return (_on_device(codes) and codes.dtype in _DTYPES and 0 < p <= 1.0 / 16
+    return ((codes.is_cuda or _INTERPRET) and codes.dtype in _DTYPES and 0 < p <= 1.0 / 16
             and codes.numel() // group_size(codes.dtype) < 2**31 - 4 * CALLS)
 
 
