@@ -80,11 +80,8 @@ def test_ties_with_the_threshold_words_draw_the_low_words(tf):
                     gaps[torch.randperm(ng, generator=gen)[:units // 2]]]).sort().values
     lo = torch.randint(0, 2**31, (units,), generator=gen, dtype=torch.int64)
     t = ((hi << 31) | lo).sort().values
-    logu = (units - 1).bit_length()
-    th = torch.cat([t >> 31, torch.full(((1 << logu) + 1 - units,), 2**32, dtype=torch.int64)])
-    tables = (th.to(DEV), (t & 0x7FFFFFFF).to(DEV), torch.arange(8, dtype=torch.int32, device=DEV), logu)
     codes = _codes(n, torch.uint8).to(DEV)
-    out = tf.flip_bits(codes, 0.01, ALL8, "bit", key, tables=tables)
+    out = tf.flip_bits(codes, 0.01, ALL8, "bit", key, thresholds_=t.tolist())
     assert torch.equal(out.cpu(), ref.flip_reference(codes.cpu(), ALL8, "bit", key, t.tolist(), g))
 
 

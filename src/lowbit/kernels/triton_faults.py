@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
+from typing import Optional
 
 import torch
 import triton
@@ -45,7 +46,7 @@ from .triton_quant import N_ROUNDS
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (tests without a GPU)
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-CALLS = 256          # Philox calls per program: 1024 groups, 1-4 KiB of codes per element size
+CALLS = 256          # Philox calls per program: 1024 groups, 1-8 KiB of codes per element size
 STREAM_GATE, STREAM_GAP, STREAM_LOW, STREAM_BIT = 0, 1, 2, 3
 
 
@@ -66,60 +67,75 @@ def _philox(k0, k1, c0, c1, c2, c3, NR: tl.constexpr):
 
 @triton.jit
 def _word(k0, k1, call, lane, stream, step, NR: tl.constexpr):
-    """Word ``lane`` (0..3, shape (1, 4)) of Philox(call, stream, step): (calls, 4) uint32."""
+    """Word ``lane`` (0..3, broadcast against call) of Philox(call, stream, step) as uint32."""
     c0 = call.to(tl.uint32)
     z = c0 * 0
     r0, r1, r2, r3 = _philox(k0, k1, c0, z + stream, z + step, z, NR)
-    r0 = r0[:, None]
-    r1 = r1[:, None]
-    r2 = r2[:, None]
-    r3 = r3[:, None]
     return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
 
 
 @triton.jit
-def _count_below(w, k0, k1, call, lane, tie_step, TH, TL, U: tl.constexpr, LOGU: tl.constexpr,
-                 NR: tl.constexpr):
-    """#{m < U : T[m] <= u} for u = (w << 31) | (w1 >> 1), w1 from stream 2 drawn only on ties.
-    TH / TL: high 32 / low 31 bits of T, TH padded past U with 2^32 (above every word)."""
-    wl = w.to(tl.int64)
-    idx = tl.zeros(w.shape, tl.int32)
-    for b in tl.static_range(LOGU):
-        step = 1 << (LOGU - 1 - b)
-        t = tl.load(TH + idx + (step - 1))
-        idx = tl.where(t < wl, idx + step, idx)
-    tie = tl.load(TH + idx) == wl           # idx <= U: the padding never ties
-    if tl.max(tl.max(tie.to(tl.int32), axis=1), axis=0) > 0:
-        low = (_word(k0, k1, call, lane, 2, tie_step, NR) >> 1).to(tl.int64)
-        for m in tl.static_range(U):
-            idx += ((tl.load(TH + m) == wl) & (tl.load(TL + m) <= low)).to(tl.int32)
-    return idx
+def _uniform(k0, k1, call, lane, stream, step, low_step, NR: tl.constexpr):
+    """u = (w0 << 31) | (w1 >> 1) as int64: w0 from (stream, step), w1 from (2, low_step)."""
+    hi = _word(k0, k1, call, lane, stream, step, NR).to(tl.int64)
+    lo = (_word(k0, k1, call, lane, 2, low_step, NR) >> 1).to(tl.int64)
+    return (hi << 31) | lo
 
 
 @triton.jit
-def _flip_mask(k, live, wbit, POS, elem, NB: tl.constexpr, PER_ELEMENT: tl.constexpr,
-               WIDE: tl.constexpr):
-    """XOR mask over (calls, 4, G) of the failing unit k of each live group."""
+def _count(u, T, U: tl.constexpr):
+    """#{m < U : T[m] <= u}."""
+    k = tl.zeros(u.shape, tl.int32)
+    for m in tl.static_range(U):
+        k += (tl.load(T + m) <= u).to(tl.int32)
+    return k
+
+
+@triton.jit
+def _shift(k, wbit, POS, NB: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr):
+    """Bit of the group's code word (element e at bits e*BITS..) that failing unit k flips."""
     if PER_ELEMENT:
         e = k
         slot = tl.umulhi(wbit, NB).to(tl.int32)
     else:
         e = k // NB
         slot = k % NB
-    bit = tl.load(POS + slot, mask=live, other=0)
-    if WIDE:
-        one = tl.full(bit.shape, 1, tl.int64)
-        bit = bit.to(tl.int64)
-    else:
-        one = tl.full(bit.shape, 1, tl.int32)
-    hit = (elem == e[:, :, None]) & live[:, :, None]
-    return tl.where(hit, (one << bit)[:, :, None], 0)
+    return e * BITS + tl.load(POS + slot)
 
 
 @triton.jit
-def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, TH, TL, POS, NB: tl.constexpr, U: tl.constexpr,
-                   LOGU: tl.constexpr, G: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
-                   CALLS: tl.constexpr, NR: tl.constexpr):
+def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, BITS: tl.constexpr,
+                 PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr, NR: tl.constexpr):
+    """XOR word of each group in ``grp`` (global indices of candidate groups): the whole chain."""
+    call = grp // 4
+    lane = grp % 4
+    if WIDE:
+        one = tl.full(grp.shape, 1, tl.int64)
+    else:
+        one = tl.full(grp.shape, 1, tl.int32)
+    k = _count(_uniform(k0, k1, call, lane, 0, 0, 0, NR), T, U)
+    live = k < U
+    wbit = lane.to(tl.uint32)
+    if PER_ELEMENT:
+        wbit = _word(k0, k1, call, lane, 3, 0, NR)
+    gx = tl.where(live, one << _shift(k, wbit, POS, NB, BITS, PER_ELEMENT).to(one.dtype), 0)
+    s = 0
+    while tl.max(live.to(tl.int32), axis=0) > 0:
+        k = k + 1 + _count(_uniform(k0, k1, call, lane, 1, s, s + 1, NR), T, U)
+        live = live & (k < U)
+        if PER_ELEMENT:
+            wbit = _word(k0, k1, call, lane, 3, s + 1, NR)
+        gx = gx | tl.where(live, one << _shift(k, wbit, POS, NB, BITS, PER_ELEMENT).to(one.dtype), 0)
+        s += 1
+    return gx
+
+
+@triton.jit
+def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.constexpr, U: tl.constexpr,
+                   G: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
+                   CALLS: tl.constexpr, CH: tl.constexpr, LOGNG: tl.constexpr, NR: tl.constexpr):
+    """One tile of 4 * CALLS groups: copy, gate words, and (only in tiles with a candidate) the
+    candidates compacted CH at a time (cumsum + gather), their chains, and their XOR words back."""
     pid = tl.program_id(0)
     call = pid * CALLS + tl.arange(0, CALLS)
     lane = tl.arange(0, 4)[None, :]
@@ -132,29 +148,33 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, TH, TL, POS, NB: tl.constex
     s64 = tl.to_tensor(seed).to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w = _word(k0, k1, call, lane, 0, 0, NR)
-    cand = (w.to(tl.int64) <= tl.load(TH + (U - 1))) & (grp < ngroups)
-    if WIDE:
-        flips = tl.zeros(offs.shape, tl.int64)
-    else:
-        flips = tl.zeros(offs.shape, tl.int32)
-    if tl.max(tl.max(cand.to(tl.int32), axis=1), axis=0) > 0:
-        k = _count_below(w, k0, k1, call, lane, 0, TH, TL, U, LOGU, NR)
-        live = cand & (k < U)
-        wbit = w
-        if PER_ELEMENT:
-            wbit = _word(k0, k1, call, lane, 3, 0, NR)
-        flips = flips ^ _flip_mask(k, live, wbit, POS, elem, NB, PER_ELEMENT, WIDE)
-        s = 0
-        while tl.max(tl.max(live.to(tl.int32), axis=1), axis=0) > 0:
-            wg = _word(k0, k1, call, lane, 1, s, NR)
-            k = k + 1 + _count_below(wg, k0, k1, call, lane, s + 1, TH, TL, U, LOGU, NR)
-            live = live & (k < U)
-            if PER_ELEMENT:
-                wbit = _word(k0, k1, call, lane, 3, s + 1, NR)
-            flips = flips ^ _flip_mask(k, live, wbit, POS, elem, NB, PER_ELEMENT, WIDE)
-            s += 1
-    tl.store(out_ptr + offs, x ^ flips.to(x.dtype), mask=m)
+    w = _word(k0, k1, call[:, None], lane, 0, 0, NR)
+    cand = ((w.to(tl.int64) <= gate) & (grp < ngroups)).to(tl.int32)
+    if tl.max(tl.max(cand, axis=1), axis=0) > 0:
+        c1 = tl.reshape(cand, (4 * CALLS,))
+        cum = tl.cumsum(c1, 0)                                      # rank + 1 of each candidate
+        nh = tl.sum(c1, 0)
+        if WIDE:
+            gx = tl.zeros((4 * CALLS,), tl.int64)
+        else:
+            gx = tl.zeros((4 * CALLS,), tl.int32)
+        for c0 in range(0, nh, CH):
+            j = c0 + tl.arange(0, CH)
+            at = tl.zeros((CH,), tl.int32)                          # first index with cum > j
+            for b in tl.static_range(LOGNG):
+                step = 1 << (LOGNG - 1 - b)
+                at = tl.where(tl.gather(cum, at + (step - 1), 0) <= j, at + step, at)
+            at = tl.minimum(at, 4 * CALLS - 1)
+            fx = _group_flips(pid * 4 * CALLS + at, k0, k1, T, POS, NB, U, BITS, PER_ELEMENT, WIDE, NR)
+            fx = tl.where(j < nh, fx, 0)
+            slot = cum - 1 - c0
+            mine = (c1 > 0) & (slot >= 0) & (slot < CH)
+            gx = gx | tl.where(mine, tl.gather(fx, tl.minimum(tl.maximum(slot, 0), CH - 1), 0), 0)
+        g2 = tl.reshape(gx, (CALLS, 4))[:, :, None]
+        if G > 1:
+            g2 = g2 >> (elem * BITS)
+        x = x ^ g2.to(x.dtype)
+    tl.store(out_ptr + offs, x, mask=m)
 
 
 def group_size(dtype: torch.dtype) -> int:
@@ -172,12 +192,17 @@ def thresholds(p: float, units: int) -> list:
 @lru_cache(maxsize=64)
 def _tables(p: float, units: int, positions: tuple, device: str):
     t = thresholds(p, units)
-    logu = max(1, (units - 1).bit_length())
-    th = [v >> 31 for v in t] + [2**32] * ((1 << logu) + 1 - units)
-    tl_ = [v & 0x7FFFFFFF for v in t]
     dev = torch.device(device)
-    return (torch.tensor(th, dtype=torch.int64, device=dev), torch.tensor(tl_, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int32, device=dev), logu)
+    return t, torch.tensor(t, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int32, device=dev)
+
+
+def chunk(q: float) -> int:
+    """Candidates handled together in a tile (a loop takes more): the expected count per tile of
+    groups hit with probability q plus 4 standard deviations, a power of two in [16, the tile]."""
+    ng = 4 * CALLS
+    mean = ng * q
+    want = mean + 4 * math.sqrt(mean * (1 - q)) + 1
+    return min(ng, max(16, 1 << math.ceil(math.log2(want))))
 
 
 def claims(codes: torch.Tensor, p: float) -> bool:
@@ -188,9 +213,9 @@ def claims(codes: torch.Tensor, p: float) -> bool:
 
 
 def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: int,
-              tables=None) -> torch.Tensor:
+              thresholds_: Optional[list] = None) -> torch.Tensor:
     """A copy of ``codes`` with the allowed bit ``positions`` flipped (law in the module doc); seed
-    in [0, 2^63). ``tables``: (TH, TL, POS, LOGU) in place of those of p (tests craft ties)."""
+    in [0, 2^63). ``thresholds_`` replaces those of p (tests craft ties of the gate)."""
     if not claims(codes, p):
         raise ValueError("triton_faults.flip_bits: needs a CUDA tensor of uint8/int8/int16/int32/int64 codes "
                          f"and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, p={p})")
@@ -202,11 +227,13 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     g = group_size(x.dtype)
     nb = len(positions)
     units = g * nb if per == "bit" else g
-    th, tl_, pos, logu = tables if tables is not None else _tables(float(p), units, tuple(positions),
-                                                                    str(x.device))
+    t, tt, pos = _tables(float(p), units, tuple(positions), str(x.device))
+    if thresholds_ is not None:
+        t, tt = thresholds_, torch.tensor(thresholds_, dtype=torch.int64, device=x.device)
     ngroups = -(-n // g)
+    ch = chunk(t[-1] / 2.0**63)
     grid = (triton.cdiv(ngroups, 4 * CALLS),)
-    _faults_kernel[grid](x, out, n, ngroups, int(seed), th, tl_, pos, NB=nb, U=units, LOGU=logu, G=g,
-                         PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64, CALLS=CALLS,
-                         NR=N_ROUNDS, num_warps=4)
+    _faults_kernel[grid](x, out, n, ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units, G=g,
+                         BITS=8 * x.element_size(), PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64,
+                         CALLS=CALLS, CH=ch, LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=4)
     return out.view(codes.shape)
