@@ -46,7 +46,7 @@ from .triton_quant import N_ROUNDS
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (tests without a GPU)
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-CALLS = 256          # Philox calls per program: 1024 groups, 1-8 KiB of codes per element size
+CALLS = 1024         # Philox calls per program: 4096 groups, 16-32 KiB of codes
 STREAM_GATE, STREAM_GAP, STREAM_LOW, STREAM_BIT = 0, 1, 2, 3
 
 
@@ -83,12 +83,15 @@ def _uniform(k0, k1, call, lane, stream, step, low_step, NR: tl.constexpr):
 
 
 @triton.jit
-def _count(u, T, U: tl.constexpr):
-    """#{m < U : T[m] <= u}."""
-    k = tl.zeros(u.shape, tl.int32)
-    for m in tl.static_range(U):
-        k += (tl.load(T + m) <= u).to(tl.int32)
-    return k
+def _count(u, T, U: tl.constexpr, LOGU: tl.constexpr):
+    """#{m < U : T[m] <= u} by binary search; T padded to 2^LOGU entries with 2^63 - 1 (a pad
+    counts only for u = 2^63 - 1, where the minimum with U gives the same answer)."""
+    at = tl.zeros(u.shape, tl.int32)
+    for b in tl.static_range(LOGU):
+        step = 1 << (LOGU - 1 - b)
+        at = tl.where(tl.load(T + at + (step - 1)) <= u, at + step, at)
+    at += (tl.load(T + at) <= u).to(tl.int32)
+    return tl.minimum(at, U)
 
 
 @triton.jit
@@ -104,7 +107,7 @@ def _shift(k, wbit, POS, NB: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.c
 
 
 @triton.jit
-def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, BITS: tl.constexpr,
+def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, LOGU: tl.constexpr, BITS: tl.constexpr,
                  PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr, NR: tl.constexpr):
     """XOR word of each group in ``grp`` (global indices of candidate groups): the whole chain."""
     call = grp // 4
@@ -113,7 +116,7 @@ def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, BITS: t
         one = tl.full(grp.shape, 1, tl.int64)
     else:
         one = tl.full(grp.shape, 1, tl.int32)
-    k = _count(_uniform(k0, k1, call, lane, 0, 0, 0, NR), T, U)
+    k = _count(_uniform(k0, k1, call, lane, 0, 0, 0, NR), T, U, LOGU)
     live = k < U
     wbit = lane.to(tl.uint32)
     if PER_ELEMENT:
@@ -121,7 +124,7 @@ def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, BITS: t
     gx = tl.where(live, one << _shift(k, wbit, POS, NB, BITS, PER_ELEMENT).to(one.dtype), 0)
     s = 0
     while tl.max(live.to(tl.int32), axis=0) > 0:
-        k = k + 1 + _count(_uniform(k0, k1, call, lane, 1, s, s + 1, NR), T, U)
+        k = k + 1 + _count(_uniform(k0, k1, call, lane, 1, s, s + 1, NR), T, U, LOGU)
         live = live & (k < U)
         if PER_ELEMENT:
             wbit = _word(k0, k1, call, lane, 3, s + 1, NR)
@@ -132,6 +135,7 @@ def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, BITS: t
 
 @triton.jit
 def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.constexpr, U: tl.constexpr,
+                   LOGU: tl.constexpr,
                    G: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
                    CALLS: tl.constexpr, CH: tl.constexpr, LOGNG: tl.constexpr, NR: tl.constexpr):
     """One tile of 4 * CALLS groups: copy, gate words, and (only in tiles with a candidate) the
@@ -165,7 +169,7 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
                 step = 1 << (LOGNG - 1 - b)
                 at = tl.where(tl.gather(cum, at + (step - 1), 0) <= j, at + step, at)
             at = tl.minimum(at, 4 * CALLS - 1)
-            fx = _group_flips(pid * 4 * CALLS + at, k0, k1, T, POS, NB, U, BITS, PER_ELEMENT, WIDE, NR)
+            fx = _group_flips(pid * 4 * CALLS + at, k0, k1, T, POS, NB, U, LOGU, BITS, PER_ELEMENT, WIDE, NR)
             fx = tl.where(j < nh, fx, 0)
             slot = cum - 1 - c0
             mine = (c1 > 0) & (slot >= 0) & (slot < CH)
@@ -193,7 +197,13 @@ def thresholds(p: float, units: int) -> list:
 def _tables(p: float, units: int, positions: tuple, device: str):
     t = thresholds(p, units)
     dev = torch.device(device)
-    return t, torch.tensor(t, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int32, device=dev)
+    return t, _padded(t, dev), torch.tensor(positions, dtype=torch.int32, device=dev)
+
+
+def _padded(t: list, device) -> torch.Tensor:
+    """The thresholds as an int64 tensor padded to a power of two for the binary search."""
+    size = 1 << (len(t) - 1).bit_length()
+    return torch.tensor(t + [2**63 - 1] * (size - len(t)), dtype=torch.int64, device=device)
 
 
 def chunk(q: float) -> int:
@@ -213,9 +223,10 @@ def claims(codes: torch.Tensor, p: float) -> bool:
 
 
 def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: int,
-              thresholds_: Optional[list] = None) -> torch.Tensor:
+              thresholds_: Optional[list] = None, chunk_: Optional[int] = None) -> torch.Tensor:
     """A copy of ``codes`` with the allowed bit ``positions`` flipped (law in the module doc); seed
-    in [0, 2^63). ``thresholds_`` replaces those of p (tests craft ties of the gate)."""
+    in [0, 2^63). For tests: ``thresholds_`` replaces those of p (to craft ties of the gate),
+    ``chunk_`` the candidates per pass (to run the loop over passes)."""
     if not claims(codes, p):
         raise ValueError("triton_faults.flip_bits: needs a CUDA tensor of uint8/int8/int16/int32/int64 codes "
                          f"and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, p={p})")
@@ -229,11 +240,12 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     units = g * nb if per == "bit" else g
     t, tt, pos = _tables(float(p), units, tuple(positions), str(x.device))
     if thresholds_ is not None:
-        t, tt = thresholds_, torch.tensor(thresholds_, dtype=torch.int64, device=x.device)
+        t, tt = thresholds_, _padded(list(thresholds_), x.device)
     ngroups = -(-n // g)
-    ch = chunk(t[-1] / 2.0**63)
+    ch = chunk_ or chunk(t[-1] / 2.0**63)
     grid = (triton.cdiv(ngroups, 4 * CALLS),)
-    _faults_kernel[grid](x, out, n, ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units, G=g,
+    _faults_kernel[grid](x, out, n, ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units,
+                         LOGU=(units - 1).bit_length(), G=g,
                          BITS=8 * x.element_size(), PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64,
-                         CALLS=CALLS, CH=ch, LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=4)
+                         CALLS=CALLS, CH=ch, LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=8)
     return out.view(codes.shape)
