@@ -84,6 +84,15 @@ def test_kernel_equals_reference(tf, dtype, positions, per, p, n):
     assert not torch.equal(out, codes)
 
 
+def test_word_and_element_layouts_agree(tf):
+    """uint8 codes filling int32 words go through the kernel as words; an unaligned view of the
+    same length goes element by element: both are the reference's flips."""
+    base = _codes(8001, torch.uint8, 9).to(DEV)
+    for codes in (base[:8000], base[1:]):
+        out = tf.flip_bits(codes, 0.01, ALL8, "bit", 77)
+        assert torch.equal(out.cpu(), _want(codes.cpu(), ALL8, "bit", 77, 0.01, tf))
+
+
 def test_candidates_in_several_passes(tf):
     codes = _codes(9001, torch.uint8, 5).to(DEV)
     out = tf.flip_bits(codes, 0.003, ALL8, "bit", 31, chunk_=16)

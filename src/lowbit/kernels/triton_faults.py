@@ -17,11 +17,14 @@ group only once and draws one 32-bit random word per group in the common case:
 Uniforms have 63 bits: u = (w0 << 31) | (w1 >> 1) from two Philox4x32 words, thresholds
 T[m] = round(2^63 (1 - (1-p)^(m+1))) computed in float64 on the host (-expm1((m+1) log1p(-p))), so
 every probability of the law is represented to float64's relative precision (a few 2^-53) plus 2^-63:
-no floor on p (a 32-bit uniform alone could not go below 2^-32 per group). w1 matters only when w0
-equals the high 32 bits of a threshold (probability ~2^-32 per comparison), so it is drawn only
-then: the common path is one Philox word per group and a compare. Everything after the first
-candidate of a tile (binary search for K, the chain, the ties) runs only in tiles that have one.
-The per="element" bit choice has 32-bit resolution: each bit's probability is within 2^-32 of 1/nb.
+no floor on p (a 32-bit uniform alone could not go below 2^-32 per group).
+
+Cost: the common path is one Philox word per group and a compare (w0 <= T[U-1] >> 31 makes a group
+a *candidate*, probability T[U-1] + 2^-32). Only tiles with a candidate do more, and only on their
+candidates: a cumsum ranks them, a binary search (tl.gather) picks CH of them at a time (CH from the
+expected count, so one pass nearly always), each candidate draws w1, its first failure and its chain
+on CH lanes, and tl.gather brings the XOR words back to the tile. The per="element" bit choice has
+32-bit resolution: each bit's probability is within 2^-32 of 1/nb.
 
 Random words: Philox4x32 with N_ROUNDS rounds (the project's count, see triton_quant), key = the
 63-bit seed, counter (c0, c1, c2, c3) = (group // 4, stream, step, 0), word = group % 4. Streams:
@@ -47,7 +50,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpre
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 CALLS = 1024         # Philox calls per program: 4096 groups, 16-32 KiB of codes
-STREAM_GATE, STREAM_GAP, STREAM_LOW, STREAM_BIT = 0, 1, 2, 3
 
 
 @triton.jit
@@ -135,11 +137,11 @@ def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, LOGU: t
 
 @triton.jit
 def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.constexpr, U: tl.constexpr,
-                   LOGU: tl.constexpr,
-                   G: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
+                   LOGU: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
                    CALLS: tl.constexpr, CH: tl.constexpr, LOGNG: tl.constexpr, NR: tl.constexpr):
-    """One tile of 4 * CALLS groups: copy, gate words, and (only in tiles with a candidate) the
-    candidates compacted CH at a time (cumsum + gather), their chains, and their XOR words back."""
+    """One tile of 4 * CALLS groups of G codes each (G = 1: x holds whole groups, e.g. int32 words
+    of four uint8 codes): copy, gate words, and (only in tiles with a candidate) the candidates
+    compacted CH at a time (cumsum + gather), their chains, and their XOR words back."""
     pid = tl.program_id(0)
     call = pid * CALLS + tl.arange(0, CALLS)
     lane = tl.arange(0, 4)[None, :]
@@ -230,11 +232,10 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     if not claims(codes, p):
         raise ValueError("triton_faults.flip_bits: needs a CUDA tensor of uint8/int8/int16/int32/int64 codes "
                          f"and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, p={p})")
-    x = codes.contiguous()
-    out = torch.empty_like(x)
+    x = codes.contiguous().reshape(-1)
     n = x.numel()
     if n == 0:
-        return out.view(codes.shape)
+        return x.clone().view(codes.shape)
     g = group_size(x.dtype)
     nb = len(positions)
     units = g * nb if per == "bit" else g
@@ -243,9 +244,14 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
         t, tt = thresholds_, _padded(list(thresholds_), x.device)
     ngroups = -(-n // g)
     ch = chunk_ or chunk(t[-1] / 2.0**63)
+    # 1- and 2-byte codes that fill whole 32-bit words go through the kernel as int32 words, one
+    # group each (wide, aligned loads and stores); the group's XOR word is then applied as it is
+    words = g > 1 and n % g == 0 and x.data_ptr() % 4 == 0
+    xk = x.view(torch.int32) if words else x
+    out = torch.empty_like(xk)
     grid = (triton.cdiv(ngroups, 4 * CALLS),)
-    _faults_kernel[grid](x, out, n, ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units,
-                         LOGU=(units - 1).bit_length(), G=g,
-                         BITS=8 * x.element_size(), PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64,
-                         CALLS=CALLS, CH=ch, LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=8)
-    return out.view(codes.shape)
+    _faults_kernel[grid](xk, out, xk.numel(), ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units,
+                         LOGU=(units - 1).bit_length(), G=1 if words else g, BITS=8 * x.element_size(),
+                         PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64, CALLS=CALLS, CH=ch,
+                         LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=8)
+    return out.view(x.dtype).view(codes.shape)
