@@ -31,11 +31,15 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi32, lo32
 
 
-def words(key: int, ngroups: int, stream: int, step: int, rounds: int = 7) -> torch.Tensor:
-    """The word of every group: Philox(group // 4, stream, step) word group % 4."""
+def gate_words(key: int, ngroups: int, rounds: int = 7) -> torch.Tensor:
+    """The gate word w0 of every group: word group % 4 of Philox(group // 4, 0, 0, 0)."""
     calls = torch.arange((ngroups + 3) // 4, dtype=torch.int64)
-    r = torch.stack(philox4x32(key, calls, stream, step, 0, rounds), 1).reshape(-1)
-    return r[:ngroups]
+    return torch.stack(philox4x32(key, calls, 0, 0, 0, rounds), 1).reshape(-1)[:ngroups]
+
+
+def group_words(key: int, ngroups: int, stream: int, step: int, rounds: int = 7) -> list:
+    """The four words of Philox(group, stream, step, 0) of every group."""
+    return philox4x32(key, torch.arange(ngroups, dtype=torch.int64), stream, step, 0, rounds)
 
 
 def first_below(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,24 +61,23 @@ def flip_reference(codes: torch.Tensor, positions, per: str, key: int, t, group:
     padded = torch.zeros(ng * group, dtype=torch.int64)
     padded[:n] = flat
 
-    def uniform(hi_stream, hi_step, lo_step):
-        return (words(key, ng, hi_stream, hi_step, rounds) << 31) | (words(key, ng, 2, lo_step, rounds) >> 1)
-
-    def flip(k, live, step):
+    def flip(k, live, wbit):
         if per == "element":
-            e, slot = k, (words(key, ng, 3, step, rounds) * nb) >> 32
+            e, slot = k, (wbit * nb) >> 32
         else:
             e, slot = k // nb, k % nb
         idx = torch.arange(ng)[live] * group + e[live]
         padded[idx] ^= 1 << pos[slot[live]]
 
-    k = first_below(uniform(0, 0, 0), t)
+    first = group_words(key, ng, 1, 0, rounds)
+    k = first_below((gate_words(key, ng, rounds) << 31) | (first[0] >> 1), t)
     live = k < units
-    flip(k, live, 0)
+    flip(k, live, first[1])
     s = 0
     while chain and bool(live.any()):
-        k = k + 1 + first_below(uniform(1, s, s + 1), t)
+        r = group_words(key, ng, 2, s, rounds)
+        k = k + 1 + first_below((r[0] << 31) | (r[1] >> 1), t)
         live &= k < units
-        flip(k, live, s + 1)
+        flip(k, live, r[2])
         s += 1
     return padded[:n].to(codes.dtype).reshape(codes.shape)

@@ -99,20 +99,22 @@ def test_candidates_in_several_passes(tf):
     assert torch.equal(out.cpu(), _want(codes.cpu(), ALL8, "bit", 31, 0.003, tf))
 
 
-def test_ties_with_the_threshold_words_draw_the_low_words(tf):
-    """Thresholds whose high words equal drawn words, so the kernel's rare path (the low word w1,
-    Philox stream 2) decides, for the first failure and for the chain's gaps."""
+def test_ties_of_high_words_are_decided_by_the_low_words(tf):
+    """Thresholds whose high 32 bits equal drawn words: the gate passes such a group as a
+    candidate and its 63-bit uniform decides (w1 = the low word); the same for the chain's gaps."""
     key, n = 4242, 4000
     g = tf.group_size(torch.uint8)
     ng = n // g
-    gate = ref.words(key, ng, 0, 0)
-    gaps = ref.words(key, ng, 1, 0)
+    gate = ref.gate_words(key, ng)
+    gaps = ref.group_words(key, ng, 2, 0)[0]
     units = g * 8
     gen = torch.Generator().manual_seed(1)
-    hi = torch.cat([gate[torch.randperm(ng, generator=gen)[:units // 2]],
-                    gaps[torch.randperm(ng, generator=gen)[:units // 2]]]).sort().values
+    hi_gate = gate[torch.randperm(ng, generator=gen)[:units - 8]]
+    small_gaps = gaps[gaps < hi_gate.max()]
+    hi = torch.cat([hi_gate, small_gaps[torch.randperm(small_gaps.numel(), generator=gen)[:8]]])
     lo = torch.randint(0, 2**31, (units,), generator=gen, dtype=torch.int64)
     t = ((hi << 31) | lo).sort().values
+    assert int((gate == t[-1] >> 31).sum()) >= 1     # a tie at the gate itself
     codes = _codes(n, torch.uint8).to(DEV)
     out = tf.flip_bits(codes, 0.01, ALL8, "bit", key, thresholds_=t.tolist())
     assert torch.equal(out.cpu(), ref.flip_reference(codes.cpu(), ALL8, "bit", key, t.tolist(), g))

@@ -27,11 +27,11 @@ on CH lanes, and tl.gather brings the XOR words back to the tile. The per="eleme
 32-bit resolution: each bit's probability is within 2^-32 of 1/nb.
 
 Random words: Philox4x32 with N_ROUNDS rounds (the project's count, see triton_quant), key = the
-63-bit seed, counter (c0, c1, c2, c3) = (group // 4, stream, step, 0), word = group % 4. Streams:
-0 the gate word w0 of the first failure, 1 the chain's gap words (step s = the s-th gap), 2 the
-low words w1 (step 0: the first failure's, step s + 1: gap s's), 3 per="element" bit choices
-(step s = the s-th failing element of the group). tests/_faults_ref.py recomputes all of this in
-torch and must agree bit for bit.
+63-bit seed. The gate word w0 of group g: word g % 4 of counter (g // 4, 0, 0, 0) (one call per
+four groups). Candidates only: counter (g, 1, 0, 0) gives w1 (word 0) and the per="element" bit
+choice of the first failure (word 1); chain step s, counter (g, 2, s, 0), gives the gap's two words
+(0, 1) and the bit choice (2). tests/_faults_ref.py recomputes all of this in torch and must agree
+bit for bit.
 """
 from __future__ import annotations
 
@@ -68,20 +68,18 @@ def _philox(k0, k1, c0, c1, c2, c3, NR: tl.constexpr):
 
 
 @triton.jit
-def _word(k0, k1, call, lane, stream, step, NR: tl.constexpr):
-    """Word ``lane`` (0..3, broadcast against call) of Philox(call, stream, step) as uint32."""
+def _gate_word(k0, k1, call, lane, NR: tl.constexpr):
+    """Word ``lane`` (0..3, broadcast against call) of Philox(call, 0, 0, 0) as uint32."""
     c0 = call.to(tl.uint32)
     z = c0 * 0
-    r0, r1, r2, r3 = _philox(k0, k1, c0, z + stream, z + step, z, NR)
+    r0, r1, r2, r3 = _philox(k0, k1, c0, z, z, z, NR)
     return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
 
 
 @triton.jit
-def _uniform(k0, k1, call, lane, stream, step, low_step, NR: tl.constexpr):
-    """u = (w0 << 31) | (w1 >> 1) as int64: w0 from (stream, step), w1 from (2, low_step)."""
-    hi = _word(k0, k1, call, lane, stream, step, NR).to(tl.int64)
-    lo = (_word(k0, k1, call, lane, 2, low_step, NR) >> 1).to(tl.int64)
-    return (hi << 31) | lo
+def _uniform(hi, lo):
+    """u = (hi << 31) | (lo >> 1) as int64, from two uint32 words."""
+    return (hi.to(tl.int64) << 31) | (lo >> 1).to(tl.int64)
 
 
 @triton.jit
@@ -109,27 +107,25 @@ def _shift(k, wbit, POS, NB: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.c
 
 
 @triton.jit
-def _group_flips(grp, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, LOGU: tl.constexpr, BITS: tl.constexpr,
-                 PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr, NR: tl.constexpr):
-    """XOR word of each group in ``grp`` (global indices of candidate groups): the whole chain."""
-    call = grp // 4
-    lane = grp % 4
+def _group_flips(grp, w0, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, LOGU: tl.constexpr,
+                 BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr, NR: tl.constexpr):
+    """XOR word of each group in ``grp`` (global indices of candidate groups, w0 their gate words):
+    the first failure and the whole chain."""
     if WIDE:
         one = tl.full(grp.shape, 1, tl.int64)
     else:
         one = tl.full(grp.shape, 1, tl.int32)
-    k = _count(_uniform(k0, k1, call, lane, 0, 0, 0, NR), T, U, LOGU)
+    g32 = grp.to(tl.uint32)
+    z = g32 * 0
+    lo, wbit, _, _ = _philox(k0, k1, g32, z + 1, z, z, NR)
+    k = _count(_uniform(w0, lo), T, U, LOGU)
     live = k < U
-    wbit = lane.to(tl.uint32)
-    if PER_ELEMENT:
-        wbit = _word(k0, k1, call, lane, 3, 0, NR)
     gx = tl.where(live, one << _shift(k, wbit, POS, NB, BITS, PER_ELEMENT).to(one.dtype), 0)
     s = 0
     while tl.max(live.to(tl.int32), axis=0) > 0:
-        k = k + 1 + _count(_uniform(k0, k1, call, lane, 1, s, s + 1, NR), T, U, LOGU)
+        hi, lo, wbit, _ = _philox(k0, k1, g32, z + 2, z + s, z, NR)
+        k = k + 1 + _count(_uniform(hi, lo), T, U, LOGU)
         live = live & (k < U)
-        if PER_ELEMENT:
-            wbit = _word(k0, k1, call, lane, 3, s + 1, NR)
         gx = gx | tl.where(live, one << _shift(k, wbit, POS, NB, BITS, PER_ELEMENT).to(one.dtype), 0)
         s += 1
     return gx
@@ -154,10 +150,11 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
     s64 = tl.to_tensor(seed).to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w = _word(k0, k1, call[:, None], lane, 0, 0, NR)
+    w = _gate_word(k0, k1, call[:, None], lane, NR)
     cand = ((w.to(tl.int64) <= gate) & (grp < ngroups)).to(tl.int32)
     if tl.max(tl.max(cand, axis=1), axis=0) > 0:
         c1 = tl.reshape(cand, (4 * CALLS,))
+        w1d = tl.reshape(w, (4 * CALLS,))
         cum = tl.cumsum(c1, 0)                                      # rank + 1 of each candidate
         nh = tl.sum(c1, 0)
         if WIDE:
@@ -171,7 +168,8 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
                 step = 1 << (LOGNG - 1 - b)
                 at = tl.where(tl.gather(cum, at + (step - 1), 0) <= j, at + step, at)
             at = tl.minimum(at, 4 * CALLS - 1)
-            fx = _group_flips(pid * 4 * CALLS + at, k0, k1, T, POS, NB, U, LOGU, BITS, PER_ELEMENT, WIDE, NR)
+            fx = _group_flips(pid * 4 * CALLS + at, tl.gather(w1d, at, 0), k0, k1, T, POS, NB, U, LOGU, BITS,
+                              PER_ELEMENT, WIDE, NR)
             fx = tl.where(j < nh, fx, 0)
             slot = cum - 1 - c0
             mine = (c1 > 0) & (slot >= 0) & (slot < CH)
