@@ -143,7 +143,10 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
     lane = tl.arange(0, 4)[None, :]
     grp = call[:, None] * 4 + lane                                  # (CALLS, 4)
     elem = tl.arange(0, G)[None, None, :]
-    offs = grp.to(tl.int64)[:, :, None] * G + elem                  # (CALLS, 4, G)
+    if G == 1:      # a flat tile: contiguous offsets give 16-byte vector loads and stores
+        offs = pid * (4 * CALLS) + tl.arange(0, 4 * CALLS)
+    else:
+        offs = grp.to(tl.int64)[:, :, None] * G + elem              # (CALLS, 4, G)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0)
 
@@ -174,10 +177,10 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
             slot = cum - 1 - c0
             mine = (c1 > 0) & (slot >= 0) & (slot < CH)
             gx = gx | tl.where(mine, tl.gather(fx, tl.minimum(tl.maximum(slot, 0), CH - 1), 0), 0)
-        g2 = tl.reshape(gx, (CALLS, 4))[:, :, None]
-        if G > 1:
-            g2 = g2 >> (elem * BITS)
-        x = x ^ g2.to(x.dtype)
+        if G == 1:
+            x = x ^ gx.to(x.dtype)
+        else:
+            x = x ^ (tl.reshape(gx, (CALLS, 4))[:, :, None] >> (elem * BITS)).to(x.dtype)
     tl.store(out_ptr + offs, x, mask=m)
 
 
