@@ -50,6 +50,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpre
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 CALLS = 1024         # Philox calls per program: 4096 groups, 16-32 KiB of codes
+WARPS = 16           # 64 registers a thread on sm_90 (8 warps: 98, i.e. half the warps per SM)
 
 
 @triton.jit
@@ -157,30 +158,25 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
     cand = ((w.to(tl.int64) <= gate) & (grp < ngroups)).to(tl.int32)
     if tl.max(tl.max(cand, axis=1), axis=0) > 0:
         c1 = tl.reshape(cand, (4 * CALLS,))
-        w1d = tl.reshape(w, (4 * CALLS,))
         cum = tl.cumsum(c1, 0)                                      # rank + 1 of each candidate
         nh = tl.sum(c1, 0)
-        if WIDE:
-            gx = tl.zeros((4 * CALLS,), tl.int64)
-        else:
-            gx = tl.zeros((4 * CALLS,), tl.int32)
         for c0 in range(0, nh, CH):
             j = c0 + tl.arange(0, CH)
             at = tl.zeros((CH,), tl.int32)                          # first index with cum > j
             for b in tl.static_range(LOGNG):
                 step = 1 << (LOGNG - 1 - b)
                 at = tl.where(tl.gather(cum, at + (step - 1), 0) <= j, at + step, at)
-            at = tl.minimum(at, 4 * CALLS - 1)
-            fx = _group_flips(pid * 4 * CALLS + at, tl.gather(w1d, at, 0), k0, k1, T, POS, NB, U, LOGU, BITS,
-                              PER_ELEMENT, WIDE, NR)
+            g = pid * 4 * CALLS + tl.minimum(at, 4 * CALLS - 1)
+            w0 = _gate_word(k0, k1, g // 4, g % 4, NR)             # recomputed: fewer live registers
+            fx = _group_flips(g, w0, k0, k1, T, POS, NB, U, LOGU, BITS, PER_ELEMENT, WIDE, NR)
             fx = tl.where(j < nh, fx, 0)
             slot = cum - 1 - c0
             mine = (c1 > 0) & (slot >= 0) & (slot < CH)
-            gx = gx | tl.where(mine, tl.gather(fx, tl.minimum(tl.maximum(slot, 0), CH - 1), 0), 0)
-        if G == 1:
-            x = x ^ gx.to(x.dtype)
-        else:
-            x = x ^ (tl.reshape(gx, (CALLS, 4))[:, :, None] >> (elem * BITS)).to(x.dtype)
+            gx = tl.where(mine, tl.gather(fx, tl.minimum(tl.maximum(slot, 0), CH - 1), 0), 0)
+            if G == 1:
+                x = x ^ gx.to(x.dtype)
+            else:
+                x = x ^ (tl.reshape(gx, (CALLS, 4))[:, :, None] >> (elem * BITS)).to(x.dtype)
     tl.store(out_ptr + offs, x, mask=m)
 
 
@@ -254,5 +250,5 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     _faults_kernel[grid](xk, out, xk.numel(), ngroups, int(seed), t[-1] >> 31, tt, pos, NB=nb, U=units,
                          LOGU=(units - 1).bit_length(), G=1 if words else g, BITS=8 * x.element_size(),
                          PER_ELEMENT=per == "element", WIDE=x.dtype == torch.int64, CALLS=CALLS, CH=ch,
-                         LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=8)
+                         LOGNG=(4 * CALLS).bit_length() - 1, NR=N_ROUNDS, num_warps=WARPS)
     return out.view(x.dtype).view(codes.shape)
