@@ -152,6 +152,9 @@ def test_dispatch_seed_and_errors(tf):
         tf.flip_bits(codes.float(), 0.01, pos, "bit", 0)
     with pytest.raises(ValueError, match="1/16"):
         tf.flip_bits(codes, 0.5, pos, "bit", 0)
+    with pytest.raises(ValueError, match="inside the code"):
+        tf.flip_bits(codes, 0.01, (3, 8), "bit", 0)
+    assert not tf.claims(codes, 0.01, (8,)) and tf.claims(codes.to(torch.int16), 0.01, (8,))
     assert tf.flip_bits(codes[:0], 0.01, pos, "bit", 0).numel() == 0
 
 

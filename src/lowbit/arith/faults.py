@@ -98,7 +98,7 @@ def _binomial(n: int, p: float, gen: torch.Generator) -> int:
     return int(np.random.default_rng(seed).binomial(n, p))
 
 
-def _fused(codes: torch.Tensor, p: float):
+def _fused(codes: torch.Tensor, p: float, positions: list):
     """kernels.triton_faults where it takes this call (CUDA, or Triton's interpreter in tests)."""
     if not (codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
@@ -106,7 +106,7 @@ def _fused(codes: torch.Tensor, p: float):
         from ..kernels import triton_faults
     except Exception:  # no triton, no driver: the sparse path answers
         return None
-    return triton_faults if triton_faults.claims(codes, p) else None
+    return triton_faults if triton_faults.claims(codes, p, positions) else None
 
 
 def _philox_key(seed, device) -> int:
@@ -130,7 +130,7 @@ def flip_bits(codes: torch.Tensor, p: float, mask: int, *, per: str = "bit", see
     pos = _positions(mask)
     if not pos or p == 0 or codes.numel() == 0:
         return codes.clone()
-    fused = _fused(codes, p)
+    fused = _fused(codes, p, pos)
     if fused is not None:
         return fused.flip_bits(codes, p, tuple(pos), per, _philox_key(seed, codes.device))
     out = codes.clone()

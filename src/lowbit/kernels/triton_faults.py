@@ -214,10 +214,12 @@ def chunk(q: float) -> int:
     return min(ng, max(16, 1 << math.ceil(math.log2(want))))
 
 
-def claims(codes: torch.Tensor, p: float) -> bool:
-    """Whether the kernel takes this call: CUDA (or the interpreter), a supported integer dtype,
-    0 < p <= 1/16 (the dense draw of arith.faults is better above), int32-indexable groups."""
+def claims(codes: torch.Tensor, p: float, positions=()) -> bool:
+    """Whether the kernel takes this call: CUDA (or the interpreter), a supported integer dtype with
+    every bit position inside the code, 0 < p <= 1/16 (the dense draw of arith.faults is better
+    above), int32-indexable groups."""
     return ((codes.is_cuda or _INTERPRET) and codes.dtype in _DTYPES and 0 < p <= 1.0 / 16
+            and all(0 <= b < 8 * codes.element_size() for b in positions)
             and codes.numel() // group_size(codes.dtype) < 2**31 - 4 * CALLS)
 
 
@@ -226,9 +228,10 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     """A copy of ``codes`` with the allowed bit ``positions`` flipped (law in the module doc); seed
     in [0, 2^63). For tests: ``thresholds_`` replaces those of p (to craft ties of the gate),
     ``chunk_`` the candidates per pass (to run the loop over passes)."""
-    if not claims(codes, p):
-        raise ValueError("triton_faults.flip_bits: needs a CUDA tensor of uint8/int8/int16/int32/int64 codes "
-                         f"and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, p={p})")
+    if not claims(codes, p, positions):
+        raise ValueError("triton_faults.flip_bits: needs a CUDA tensor of uint8/int8/int16/int32/int64 codes, "
+                         f"bit positions inside the code and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, "
+                         f"positions {tuple(positions)}, p={p})")
     x = codes.contiguous().reshape(-1)
     n = x.numel()
     if n == 0:
