@@ -22,6 +22,7 @@ that generator or torch's default one).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -98,9 +99,12 @@ def _binomial(n: int, p: float, gen: torch.Generator) -> int:
     return int(np.random.default_rng(seed).binomial(n, p))
 
 
+_fused_error = []   # the first failure of the fused kernel (then the sparse path answers, warned once)
+
+
 def _fused(codes: torch.Tensor, p: float, positions: list):
     """kernels.triton_faults where it takes this call (CUDA, or Triton's interpreter in tests)."""
-    if not (codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _fused_error or not (codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
     try:
         from ..kernels import triton_faults
@@ -132,7 +136,13 @@ def flip_bits(codes: torch.Tensor, p: float, mask: int, *, per: str = "bit", see
         return codes.clone()
     fused = _fused(codes, p, pos)
     if fused is not None:
-        return fused.flip_bits(codes, p, tuple(pos), per, _philox_key(seed, codes.device))
+        key = _philox_key(seed, codes.device)
+        try:
+            return fused.flip_bits(codes, p, tuple(pos), per, key)
+        except Exception as e:  # a Triton that cannot compile the kernel: same law, slower path
+            _fused_error.append(e)
+            warnings.warn(f"lowbit fault injection: fused Triton kernel failed ({type(e).__name__}: {e}); "
+                          "using the sparse path")
     out = codes.clone()
     n = out.numel()
     gen = _generator(seed, out.device)
