@@ -170,13 +170,21 @@ def _chi2(observed, expected) -> float:
     return sum((o - e) ** 2 / e for o, e in zip(observed, expected))
 
 
-def _binomial_cells(k: torch.Tensor, zeros: int, trials: int, p: float, top: int):
-    """Observed and expected counts of k = 0..top-1 and >= top for Binomial(trials, p); k holds
-    the nonzero counts only, ``zeros`` how many counts are 0."""
+def _binomial_cells(k: torch.Tensor, zeros: int, trials: int, p: float):
+    """Observed and expected counts of k = 0, 1, ... for Binomial(trials, p), the tail pooled from
+    where it expects fewer than 5; k holds the nonzero counts only, ``zeros`` how many are 0."""
     n = k.numel() + zeros
-    probs = [math.comb(trials, j) * p**j * (1 - p) ** (trials - j) for j in range(top)]
+    probs = [math.comb(trials, j) * p**j * (1 - p) ** (trials - j) for j in range(trials + 1)]
+    top = 1
+    while top < trials and n * (1 - sum(probs[:top + 1])) >= 5:
+        top += 1
     obs = [zeros + int((k == 0).sum())] + [int((k == j).sum()) for j in range(1, top)] + [int((k >= top).sum())]
-    return obs, [n * q for q in probs] + [n * (1 - sum(probs))]
+    return obs, [n * q for q in probs[:top]] + [n * (1 - sum(probs[:top]))]
+
+
+def _cells_chi2(obs_exp) -> tuple:
+    obs, exp = obs_exp
+    return _chi2(obs, exp), _chi2_bound(len(obs) - 1)
 
 
 def _sparse_bits(diff: torch.Tensor, positions, group: int):
@@ -204,10 +212,9 @@ def per_bit_statistics(diff: torch.Tensor, positions, p: float, group: int) -> d
     pairs = [int((f[:, i] & f[:, j]).sum()) for i in range(nb) for j in range(i + 1, nb)]
     if pairs:
         out["pairs"] = (_chi2(pairs, [n * p * p] * len(pairs)), _chi2_bound(len(pairs)))
-    out["per element"] = (_chi2(*_binomial_cells(f.sum(1), n - f.shape[0], nb, p, 3)), _chi2_bound(3))
+    out["per element"] = _cells_chi2(_binomial_cells(f.sum(1), n - f.shape[0], nb, p))
     ng = n // group
-    out["per group"] = (_chi2(*_binomial_cells(per_group, ng - per_group.numel(), nb * group, p, 4)),
-                        _chi2_bound(4))
+    out["per group"] = _cells_chi2(_binomial_cells(per_group, ng - per_group.numel(), nb * group, p))
     return out
 
 
@@ -252,8 +259,7 @@ def per_element_statistics(diff: torch.Tensor, positions, p: float, group: int) 
            "which bit": (_chi2(f.sum(0).tolist(), [k / nb] * nb), _chi2_bound(nb - 1))}
     if group > 1:
         ng = n // group
-        out["per group"] = (_chi2(*_binomial_cells(per_group, ng - per_group.numel(), group, p, 2)),
-                            _chi2_bound(2))
+        out["per group"] = _cells_chi2(_binomial_cells(per_group, ng - per_group.numel(), group, p))
     return out
 
 
