@@ -30,8 +30,10 @@ Random words: Philox4x32 with N_ROUNDS rounds (the project's count, see triton_q
 63-bit seed. The gate word w0 of group g: word g % 4 of counter (g // 4, 0, 0, 0) (one call per
 four groups). Candidates only: counter (g, 1, 0, 0) gives w1 (word 0) and the per="element" bit
 choice of the first failure (word 1); chain step s, counter (g, 2, s, 0), gives the gap's two words
-(0, 1) and the bit choice (2). tests/_faults_ref.py recomputes all of this in torch and must agree
-bit for bit.
+(0, 1) and the bit choice (2). Counters depend on the group only, so the flips do not depend on
+the tile size, the warps or the layout (1- and 2-byte codes that fill int32 words are loaded as
+words, others code by code: same flips). tests/_faults_ref.py recomputes all of this in torch and
+must agree bit for bit.
 """
 from __future__ import annotations
 
