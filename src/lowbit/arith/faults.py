@@ -10,14 +10,19 @@ bits that may flip: sign, exponent, mantissa (integers: sign and mantissa = the 
 two's complement code; codebooks: mantissa = the index bits) and, for block formats (MX, NVFP4, BFP),
 ``scale``: the shared scale's code (its own bit error rate, ``p_scale``, defaults to p).
 
-Sampling is sparse: the number of flips is drawn from the binomial distribution and their positions
-as a uniform random subset, so the cost is a copy of the codes plus O(flips); at rates above 1/16 per
-candidate bit a dense Bernoulli draw per bit is used instead. Random numbers come from a
-torch.Generator seeded with ``seed`` on the codes' device: the same seed gives the same flips on the
-same device type (CPU and CUDA streams differ).
+CUDA codes (uint8, int8, int16, int32, int64) with 0 < p <= 1/16 go to one fused Triton pass
+(kernels/triton_faults: copy and flips together, one Philox word per 4 bytes of codes; same law,
+thresholds with 63-bit uniforms). Elsewhere sampling is sparse: the number of flips is drawn from
+the binomial distribution and their positions as a uniform random subset, so the cost is a copy of
+the codes plus O(flips); at rates above 1/16 per candidate bit a dense Bernoulli draw per bit is used
+instead. Seeds: the same int seed gives the same flips on the same device type (CPU and CUDA streams
+differ; on CUDA the int is the Philox key itself, a torch.Generator or None gives a key drawn from
+that generator or torch's default one).
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -25,6 +30,7 @@ import torch
 
 from ..emulate import Encoded, decode, encode
 from ..formats import BlockFormat, Codebook, ElementFormat, FloatFormat, IntFormat, format as parse_format
+from ..kernels.cpu_fast import draw_seeds
 
 FIELDS = ("sign", "exponent", "mantissa", "scale")
 PER = ("bit", "element")
@@ -93,6 +99,30 @@ def _binomial(n: int, p: float, gen: torch.Generator) -> int:
     return int(np.random.default_rng(seed).binomial(n, p))
 
 
+_fused_error = []   # the first failure of the fused kernel (then the sparse path answers, warned once)
+
+
+def _fused(codes: torch.Tensor, p: float, positions: list):
+    """kernels.triton_faults where it takes this call (CUDA, or Triton's interpreter in tests)."""
+    if _fused_error or not (codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    try:
+        from ..kernels import triton_faults
+    except Exception:  # no triton, no driver: the sparse path answers
+        return None
+    return triton_faults if triton_faults.claims(codes, p, positions) else None
+
+
+def _philox_key(seed, device) -> int:
+    """A 63-bit Philox key: an int seed itself, else two words drawn from the generator."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return int(seed) % 2**63
+    if seed is not None and not isinstance(seed, torch.Generator):
+        raise ValueError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
+    a, b = draw_seeds(seed, device)
+    return ((a & 0xFFFFFFFF) << 31 | (b & 0x7FFFFFFF)) & (2**63 - 1)
+
+
 def flip_bits(codes: torch.Tensor, p: float, mask: int, *, per: str = "bit", seed=None) -> torch.Tensor:
     """A copy of integer ``codes`` with bits of ``mask`` flipped (see the module doc)."""
     if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
@@ -101,11 +131,20 @@ def flip_bits(codes: torch.Tensor, p: float, mask: int, *, per: str = "bit", see
         raise ValueError(f"per must be one of {', '.join(PER)}, got {per!r}")
     if not (isinstance(p, (int, float)) and 0 <= p <= 1):
         raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
-    out = codes.clone()
     pos = _positions(mask)
+    if not pos or p == 0 or codes.numel() == 0:
+        return codes.clone()
+    fused = _fused(codes, p, pos)
+    if fused is not None:
+        key = _philox_key(seed, codes.device)
+        try:
+            return fused.flip_bits(codes, p, tuple(pos), per, key)
+        except Exception as e:  # a Triton that cannot compile the kernel: same law, slower path
+            _fused_error.append(e)
+            warnings.warn(f"lowbit fault injection: fused Triton kernel failed ({type(e).__name__}: {e}); "
+                          "using the sparse path")
+    out = codes.clone()
     n = out.numel()
-    if not pos or p == 0 or n == 0:
-        return out
     gen = _generator(seed, out.device)
     flat = out.view(-1)
     bits = torch.tensor([1 << b for b in pos], dtype=torch.int64, device=out.device)

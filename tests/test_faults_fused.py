@@ -1,0 +1,323 @@
+"""The fused fault-injection kernel (kernels/triton_faults.py): bit for bit against a torch reference
+of the same construction on the same Philox words, and the law of the flips by chi-square tests
+(which a perturbed law fails). On CUDA the real kernel runs; without CUDA, Triton's interpreter."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import arith
+
+import _faults_ref as ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+ALL8 = tuple(range(8))
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def tf():
+    """kernels.triton_faults on CUDA, or under Triton's interpreter (which must be on before triton
+    is imported: test_interpreter_run below runs this file so when neither holds)."""
+    if not (CUDA or INTERPRET):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (test_interpreter_run covers it)")
+    from lowbit.kernels import triton_faults
+    return triton_faults
+
+
+def test_interpreter_run():
+    """Without CUDA and without the interpreter on: this file again in a process that has it on."""
+    if CUDA or INTERPRET:
+        pytest.skip("the kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
+                                                      env.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def _codes(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n,), generator=g, dtype=torch.int64).to(dtype)
+    hi = min(2 ** (8 * torch.empty((), dtype=dtype).element_size() - 1), 2**62)
+    return torch.randint(-hi, hi, (n,), generator=g, dtype=torch.int64).to(dtype)
+
+
+def _want(codes, positions, per, key, p, tf):
+    g = tf.group_size(codes.dtype)
+    units = g * len(positions) if per == "bit" else g
+    return ref.flip_reference(codes, positions, per, key, tf.thresholds(p, units), g)
+
+
+# --- bit for bit against the reference ----------------------------------------------------------------
+
+CASES = [(torch.uint8, ALL8, "bit", 0.02, 9001), (torch.int8, (0, 7), "element", 0.05, 5000),
+         (torch.int16, (3, 7, 14, 15), "bit", 0.03, 4099), (torch.int16, tuple(range(16)), "element", 0.06, 3001),
+         (torch.int32, tuple(range(16)), "bit", 0.01, 3000), (torch.int64, tuple(range(0, 64, 3)), "bit", 0.02, 2500),
+         (torch.int64, (1, 63), "element", 0.06, 2000), (torch.uint8, (6,), "bit", 1e-4, 20000)]
+
+
+@pytest.mark.parametrize("dtype,positions,per,p,n", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernel_equals_reference(tf, dtype, positions, per, p, n):
+    codes = _codes(n, dtype, seed=n).to(DEV)
+    out = tf.flip_bits(codes, p, positions, per, 987654321987)
+    assert out.dtype == dtype and out.shape == codes.shape
+    want = _want(codes.cpu(), positions, per, 987654321987, p, tf)
+    assert torch.equal(out.cpu(), want)
+    assert not torch.equal(out, codes)
+
+
+def test_word_and_element_layouts_agree(tf):
+    """uint8 codes filling int32 words go through the kernel as words; an unaligned view of the
+    same length goes element by element: both are the reference's flips."""
+    base = _codes(8001, torch.uint8, 9).to(DEV)
+    for codes in (base[:8000], base[1:]):
+        out = tf.flip_bits(codes, 0.01, ALL8, "bit", 77)
+        assert torch.equal(out.cpu(), _want(codes.cpu(), ALL8, "bit", 77, 0.01, tf))
+
+
+def test_candidates_in_several_passes(tf):
+    codes = _codes(9001, torch.uint8, 5).to(DEV)
+    out = tf.flip_bits(codes, 0.003, ALL8, "bit", 31, chunk_=16)
+    assert torch.equal(out.cpu(), _want(codes.cpu(), ALL8, "bit", 31, 0.003, tf))
+
+
+def test_ties_of_high_words_are_decided_by_the_low_words(tf):
+    """Thresholds whose high 32 bits equal drawn words: the gate passes such a group as a
+    candidate and its 63-bit uniform decides (w1 = the low word); the same for the chain's gaps."""
+    key, n = 4242, 4000
+    g = tf.group_size(torch.uint8)
+    ng = n // g
+    gate = ref.gate_words(key, ng)
+    gaps = ref.group_words(key, ng, 2, 0)[0]
+    units = g * 8
+    gen = torch.Generator().manual_seed(1)
+    hi_gate = gate[torch.randperm(ng, generator=gen)[:units - 8]]
+    small_gaps = gaps[gaps < hi_gate.max()]
+    hi = torch.cat([hi_gate, small_gaps[torch.randperm(small_gaps.numel(), generator=gen)[:8]]])
+    lo = torch.randint(0, 2**31, (units,), generator=gen, dtype=torch.int64)
+    t = ((hi << 31) | lo).sort().values
+    assert int((gate == t[-1] >> 31).sum()) >= 1     # a tie at the gate itself
+    codes = _codes(n, torch.uint8).to(DEV)
+    out = tf.flip_bits(codes, 0.01, ALL8, "bit", key, thresholds_=t.tolist())
+    assert torch.equal(out.cpu(), ref.flip_reference(codes.cpu(), ALL8, "bit", key, t.tolist(), g))
+
+
+def test_thresholds_are_exact_to_float64_precision(tf):
+    for p in (1e-12, 1e-7, 1e-3, 1.0 / 16):
+        for m, t in enumerate(tf.thresholds(p, 64)):
+            exact = (1 - (1 - Fraction(p)) ** (m + 1)) * 2**63
+            assert abs(t - exact) <= 1 + exact * 2**-49, (p, m)
+
+
+def test_philox_matches_random123_known_answers():
+    m = 0xFFFFFFFF
+    got = ref.philox4x32(0, torch.zeros(1, dtype=torch.int64), 0, 0, 0, rounds=10)
+    assert [int(v) for v in got] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    got = ref.philox4x32(m | m << 32, torch.full((1,), m, dtype=torch.int64), m, m, m, rounds=10)
+    assert [int(v) for v in got] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def test_dispatch_seed_and_errors(tf):
+    codes = _codes(3000, torch.uint8).to(DEV)
+    mask = arith.field_mask(lowbit.format("e4m3fn"), ["exponent", "sign"])
+    pos = tuple(b for b in range(8) if mask >> b & 1)
+    out = arith.flip_bits(codes, 0.01, mask, seed=7)
+    assert torch.equal(out.cpu(), _want(codes.cpu(), pos, "bit", 7, 0.01, tf))
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    a = arith.flip_bits(codes, 0.01, mask, seed=gen)
+    b = arith.flip_bits(codes, 0.01, mask, seed=torch.Generator(device=DEV).manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, arith.flip_bits(codes, 0.01, mask, seed=gen))
+    assert bool((((out ^ codes).to(torch.int64) & ~mask) == 0).all())
+    with pytest.raises(ValueError, match="seed"):
+        arith.flip_bits(codes, 0.01, mask, seed="x")
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        tf.flip_bits(codes.float(), 0.01, pos, "bit", 0)
+    with pytest.raises(ValueError, match="1/16"):
+        tf.flip_bits(codes, 0.5, pos, "bit", 0)
+    with pytest.raises(ValueError, match="inside the code"):
+        tf.flip_bits(codes, 0.01, (3, 8), "bit", 0)
+    assert not tf.claims(codes, 0.01, (8,)) and tf.claims(codes.to(torch.int16), 0.01, (8,))
+    assert tf.flip_bits(codes[:0], 0.01, pos, "bit", 0).numel() == 0
+
+
+# --- the law: chi-square tests ----------------------------------------------------------------------
+
+def _chi2_bound(df: int, z: float = 4.75) -> float:
+    """Upper 1e-6 quantile of chi-square(df) (Wilson-Hilferty): a right law fails once in a million."""
+    c = 2.0 / (9 * df)
+    return df * (1 - c + z * math.sqrt(c)) ** 3
+
+
+def _chi2(observed, expected) -> float:
+    return sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+
+
+def _binomial_cells(k: torch.Tensor, zeros: int, trials: int, p: float):
+    """Observed and expected counts of k = 0, 1, ... for Binomial(trials, p), the tail pooled from
+    where it expects fewer than 5; k holds the nonzero counts only, ``zeros`` how many are 0."""
+    n = k.numel() + zeros
+    probs = [math.comb(trials, j) * p**j * (1 - p) ** (trials - j) for j in range(trials + 1)]
+    top = 1
+    while top < trials and n * (1 - sum(probs[:top + 1])) >= 5:
+        top += 1
+    obs = [zeros + int((k == 0).sum())] + [int((k == j).sum()) for j in range(1, top)] + [int((k >= top).sum())]
+    return obs, [n * q for q in probs[:top]] + [n * (1 - sum(probs[:top]))]
+
+
+def _cells_chi2(obs_exp) -> tuple:
+    obs, exp = obs_exp
+    return _chi2(obs, exp), _chi2_bound(len(obs) - 1)
+
+
+def _sparse_bits(diff: torch.Tensor, positions, group: int):
+    """Rows (elements) with a flip, their (rows, nb) 0/1 flip matrix, and the flips per group of
+    the groups that have one (complete groups only)."""
+    d = diff.reshape(-1)
+    idx = d.nonzero().squeeze(1)
+    v = d[idx].to(torch.int64)
+    f = torch.stack([(v >> b) & 1 for b in positions], 1).cpu()
+    full = idx < d.numel() // group * group
+    grp = (idx[full] // group).cpu()
+    per_group = torch.zeros(0, dtype=torch.int64)
+    if grp.numel():
+        uniq, inv = torch.unique(grp, return_inverse=True)
+        per_group = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inv, f[full.cpu()].sum(1))
+    return f, per_group
+
+
+def per_bit_statistics(diff: torch.Tensor, positions, p: float, group: int) -> dict:
+    """Chi-square statistics and bounds for a per-bit law with rate p: each bit's frequency, each
+    pair of bits in one element, flips per element and per group (independence across the group)."""
+    n, nb = diff.numel(), len(positions)
+    f, per_group = _sparse_bits(diff, positions, group)
+    out = {"bits": (_chi2(f.sum(0).tolist(), [n * p] * nb) / (1 - p), _chi2_bound(nb))}
+    pairs = [int((f[:, i] & f[:, j]).sum()) for i in range(nb) for j in range(i + 1, nb)]
+    if pairs:
+        out["pairs"] = (_chi2(pairs, [n * p * p] * len(pairs)), _chi2_bound(len(pairs)))
+    out["per element"] = _cells_chi2(_binomial_cells(f.sum(1), n - f.shape[0], nb, p))
+    ng = n // group
+    out["per group"] = _cells_chi2(_binomial_cells(per_group, ng - per_group.numel(), nb * group, p))
+    return out
+
+
+def _assert_law(stats: dict):
+    bad = {k: v for k, v in stats.items() if v[0] > v[1]}
+    assert not bad, f"chi-square above its 1e-6 bound: {bad}"
+
+
+def _assert_detects(stats: dict):
+    assert any(v[0] > v[1] for v in stats.values()), f"a wrong law passed: {stats}"
+
+
+def test_per_bit_law_and_a_wrong_law_fails(tf):
+    n, p = 32_768, 0.04
+    codes = _codes(n, torch.uint8, 1).to(DEV)
+    diff = (tf.flip_bits(codes, p, ALL8, "bit", 11) ^ codes).cpu()
+    _assert_law(per_bit_statistics(diff, ALL8, p, 4))
+    # wrong laws: rate 1.1 p; and the first failure only (no chain: at most one flip per group)
+    g = tf.group_size(torch.uint8)
+    wrong = ref.flip_reference(codes.cpu(), ALL8, "bit", 11, tf.thresholds(1.1 * p, 32), g) ^ codes.cpu()
+    _assert_detects(per_bit_statistics(wrong, ALL8, p, 4))
+    first = ref.flip_reference(codes.cpu(), ALL8, "bit", 11, tf.thresholds(p, 32), g, chain=False) ^ codes.cpu()
+    _assert_detects(per_bit_statistics(first, ALL8, p, 4))
+
+
+def test_per_bit_law_wide_codes(tf):
+    """int32 codes (one element per group, 12 allowed bits of 32) and int16 (two per group)."""
+    p = 0.05
+    for dtype, positions, n in ((torch.int32, (0, 5, 9, 13, 17, 20, 22, 25, 26, 28, 30, 31), 8192),
+                                (torch.int16, (0, 1, 2, 10, 11, 15), 16384)):
+        codes = _codes(n, dtype, 2).to(DEV)
+        diff = (tf.flip_bits(codes, p, positions, "bit", 5) ^ codes).cpu()
+        _assert_law(per_bit_statistics(diff, positions, p, tf.group_size(dtype)))
+
+
+def per_element_statistics(diff: torch.Tensor, positions, p: float, group: int) -> dict:
+    n, nb = diff.numel(), len(positions)
+    f, per_group = _sparse_bits(diff, positions, group)
+    assert int(f.sum(1).max()) <= 1, "per='element' flipped more than one bit of an element"
+    k = f.shape[0]
+    out = {"hit rate": (_chi2([k, n - k], [n * p, n * (1 - p)]), _chi2_bound(1)),
+           "which bit": (_chi2(f.sum(0).tolist(), [k / nb] * nb), _chi2_bound(nb - 1))}
+    if group > 1:
+        ng = n // group
+        out["per group"] = _cells_chi2(_binomial_cells(per_group, ng - per_group.numel(), group, p))
+    return out
+
+
+def test_per_element_law_and_a_wrong_law_fails(tf):
+    n, p, positions = 32_768, 0.05, (0, 1, 2, 4, 7)
+    codes = _codes(n, torch.uint8, 3).to(DEV)
+    diff = (tf.flip_bits(codes, p, positions, "element", 99) ^ codes).cpu()
+    _assert_law(per_element_statistics(diff, positions, p, 4))
+    g = tf.group_size(torch.uint8)
+    first = ref.flip_reference(codes.cpu(), positions, "element", 99, tf.thresholds(p, g), g, chain=False)
+    _assert_detects(per_element_statistics(first ^ codes.cpu(), positions, p, 4))
+    fewer = ref.flip_reference(codes.cpu(), positions[:4], "element", 99, tf.thresholds(p, g), g)
+    _assert_detects(per_element_statistics(fewer ^ codes.cpu(), positions, p, 4))
+
+
+# --- the real kernel (CUDA): bigger samples, every rate of the benchmark, speed ------------------------
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("p", [1e-7, 1e-5, 1e-3, 0.05])
+def test_gpu_law_at_benchmark_rates(tf, p):
+    n = 2**28 if p < 1e-4 else 2**24
+    codes = torch.randint(0, 256, (n,), device="cuda", dtype=torch.uint8)
+    diff = tf.flip_bits(codes, p, ALL8, "bit", 2024) ^ codes
+    stats = per_bit_statistics(diff, ALL8, p, 4)
+    if p < 1e-4:   # pairs expected ~0: their chi-square says nothing; the others still apply
+        stats.pop("pairs")
+    _assert_law(stats)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_per_element_law():
+    from lowbit.kernels import triton_faults as tf
+    n, p, positions = 2**24, 0.01, tuple(range(16))
+    codes = torch.randint(-2**15, 2**15, (n,), device="cuda", dtype=torch.int16)
+    diff = tf.flip_bits(codes, p, positions, "element", 1) ^ codes
+    _assert_law(per_element_statistics(diff, positions, p, 2))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_runs_near_copy_speed():
+    """Fault injection at >= 0.8 of a copy's throughput (issue 21), 2^28 uint8 codes at p = 1e-5:
+    the printed ratios at every rate come from benchmarks/numerics_vs_pychop.py --faults-only."""
+    from lowbit.kernels import triton_faults as tf
+    codes = torch.randint(0, 256, (2**28,), device="cuda", dtype=torch.uint8)
+
+    def best(fn, reps=5):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+    ti = best(lambda: tf.flip_bits(codes, 1e-5, ALL8, "bit", 0))
+    tc = best(lambda: codes.clone())
+    assert tc / ti >= 0.8, f"inject {ti * 1e3:.3f} ms, copy {tc * 1e3:.3f} ms"
