@@ -478,6 +478,49 @@ def test_rotation_of_real_smollm2_is_exact_in_float():
     assert diff < 1e-3 * scale
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("signs_after", [False, True])
+def test_fused_paley_rotation_passes_the_gradient_on(monkeypatch, signs_after, transpose):
+    """The same for the fused Paley-size kernel (SmolLM2's 1536-wide down_proj input, 12 x 128):
+    without its own autograd it cut the gradient to every layer below each MLP's output, and QAT
+    from a rotated start diverged on CUDA. Its stand-in here is the two-pass route, run without
+    autograd as a kernel launch is."""
+    from lowbit.transforms import hadamard as hd
+
+    n, b = 48, 24   # 24 = 12 x 2: a Paley order times a power of two
+    signs = hd.random_signs(n, 3)
+    if not torch.cuda.is_available():
+        class Kernel:
+            @staticmethod
+            def paley_supports(y, m, p):
+                return True
+
+            @staticmethod
+            def paley_operand(h, transpose, device):
+                return ("H^T" if transpose else "H", device)
+
+            @staticmethod
+            def paley_fwht(y, hop, m, p, signs=None, signs_after=False):
+                assert not y.requires_grad or not torch.is_grad_enabled()
+                with torch.no_grad():
+                    return hd._paley_two_pass(y, m * p, "kron", signs, signs_after, hop[0] == "H^T")
+
+        monkeypatch.setattr(hd, "_triton_kernels", lambda: Kernel)
+        monkeypatch.setattr(hd, "_PALEY_OPERANDS", {})
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(0)).to(dev)
+    coef = torch.randn(5, n, generator=torch.Generator().manual_seed(1)).to(dev)
+    s = signs.to(dev)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = hd.block_fwht(xa, b, "auto", signs=s, signs_after=signs_after, transpose=transpose)
+    yb = hd._paley_two_pass(xb, b, "kron", s, signs_after, transpose)
+    torch.testing.assert_close(ya, yb)
+    (ya * coef).sum().backward()
+    (yb * coef).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 @pytest.mark.parametrize("signs_after", [False, True])
 def test_fused_rotation_passes_the_gradient_on(monkeypatch, signs_after):
     """Under training, the fused (CUDA) rotation is differentiable and its gradient is the one of

@@ -184,9 +184,30 @@ def _paley_fwht(x: torch.Tensor, b: int, method: str, signs: Optional[torch.Tens
         if mod is not None:
             y = x.float().contiguous()
             if mod.paley_supports(y, m, p):
+                if torch.is_grad_enabled() and y.requires_grad:
+                    return _FusedPaley.apply(y, m, p, signs, signs_after, transpose).to(x.dtype)
                 hop = _paley_operand(mod, m, transpose, y.device)
                 return mod.paley_fwht(y, hop, m, p, signs, signs_after).to(x.dtype)
     return _paley_two_pass(x, b, method, signs, signs_after, transpose)
+
+
+class _FusedPaley(torch.autograd.Function):
+    """The fused Paley-size kernel with its gradient (as ``_FusedFWHT``): the transform is
+    orthogonal, so the gradient is the transposed transform (``H_m`` is not symmetric) with the
+    signs on the other side."""
+
+    @staticmethod
+    def forward(ctx, y, m, p, signs, signs_after, transpose):
+        ctx.shape, ctx.signs, ctx.signs_after, ctx.transpose = (m, p), signs, signs_after, transpose
+        mod = _triton_kernels()
+        return mod.paley_fwht(y, _paley_operand(mod, m, transpose, y.device), m, p, signs, signs_after)
+
+    @staticmethod
+    def backward(ctx, g):
+        (m, p), mod = ctx.shape, _triton_kernels()
+        hop = _paley_operand(mod, m, not ctx.transpose, g.device)
+        gx = mod.paley_fwht(g.float().contiguous(), hop, m, p, ctx.signs, not ctx.signs_after)
+        return gx, None, None, None, None, None
 
 
 def _paley_two_pass(x: torch.Tensor, b: int, method: str, signs: Optional[torch.Tensor], signs_after: bool,
