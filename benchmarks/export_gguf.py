@@ -14,7 +14,12 @@ the windows ``lowbit eval`` uses):
 4. the peer: the float model written as an F32 GGUF and quantized to Q4_0 by llama.cpp's own
    ``llama_model_quantize``, run the same way.
 
-Rows 3 and 4 need llama-cpp-python (a C++ build from PyPI); without it they print as not run.
+Rows 3 and 4 need llama-cpp-python. Its ``pip install`` compiles llama.cpp; a llama.cpp built apart
+(``cmake -B build -DBUILD_SHARED_LIBS=ON && cmake --build build --target llama``) serves as well: put
+the package's Python sources on PYTHONPATH and point ``LLAMA_CPP_LIB_PATH`` at the directory holding
+libllama.so. ``--llama-convert PATH/convert_hf_to_gguf.py`` makes the peer's F32 GGUF with llama.cpp's
+own converter (from the float model saved in Hugging Face format) instead of lowbit's exporter.
+Without llama_cpp the llama.cpp rows print as not run.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,6 +81,16 @@ def llama_cpp_q4_0(f32_gguf: Path, out: Path) -> None:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
 
 
+def gguf_types(path: Path) -> dict:
+    """Tensor type -> count in a GGUF file (what each side stores: llama.cpp's Q4_0 recipe keeps
+    some tensors wider)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="gptq", choices=("gptq", "rtn"))
@@ -83,6 +99,8 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/lowbit_export_gguf", help="work directory (checkpoints, GGUF files)")
+    ap.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py: the peer's F32 GGUF from its own "
+                    "converter (default: lowbit's exporter writes it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -139,10 +157,20 @@ def main() -> int:
         rows.append(("GGUF Q4_0 (lowbit GPTQ) run by llama.cpp" if args.method == "gptq"
                      else "GGUF Q4_0 (lowbit RTN) run by llama.cpp", ppl, tps))
         base = load_model(None)  # the float model, as an F32 GGUF, quantized by llama.cpp itself
-        fdir = work / "float"
-        save_quantized(base.model, {}, fdir, kind="causal_lm", tokenizer=base.tokenizer, float_storage="fp32",
-                       extra={"model": base.name})
-        export_gguf(fdir, work / "float_f32.gguf", GGUFOptions(embedding_type="f32", float_type="f32"))
+        if args.llama_convert:
+            hf_dir = work / "float_hf"
+            base.model.save_pretrained(hf_dir)
+            base.tokenizer.save_pretrained(hf_dir)
+            subprocess.run([sys.executable, args.llama_convert, str(hf_dir), "--outfile", str(work / "float_f32.gguf"),
+                            "--outtype", "f32"], check=True, stdout=subprocess.DEVNULL)
+            converter = "llama.cpp's convert_hf_to_gguf.py"
+        else:
+            fdir = work / "float"
+            save_quantized(base.model, {}, fdir, kind="causal_lm", tokenizer=base.tokenizer, float_storage="fp32",
+                           extra={"model": base.name})
+            export_gguf(fdir, work / "float_f32.gguf", GGUFOptions(embedding_type="f32", float_type="f32"))
+            converter = "lowbit's exporter"
+        notes.append(f"the peer's F32 GGUF was written by {converter}")
         llama_cpp_q4_0(work / "float_f32.gguf", work / "llama_q4_0.gguf")
         ppl, tps = llama_cpp_perplexity(work / "llama_q4_0.gguf", tokens, args.context, args.threads)
         rows.append(("llama.cpp's own Q4_0 (llama_model_quantize) run by llama.cpp", ppl, tps))
@@ -154,11 +182,15 @@ def main() -> int:
     print(f"{'':64s} {'perplexity':>10s} {'vs lowbit':>9s} {'tokens/s':>9s}")
     for name, ppl, tps in rows:
         print(f"{name:64s} {ppl:10.3f} {ppl / ppl_lowbit - 1:+9.3%} {tps:9.0f}")
+    sizes = {f.name: f.stat().st_size for f in sorted(work.glob("*.gguf"))}
+    for name, size in sizes.items():
+        print(f"{name}: {size / 1e6:.1f} MB, tensor types {gguf_types(work / name)}")
     for n in notes:
         print("note:", n)
     (work / "export_gguf.json").write_text(json.dumps(
         {"rows": [{"name": n, "perplexity": p, "tokens_per_second": s} for n, p, s in rows], "notes": notes,
-         "export": info, "export_seconds": export_s, "bit_exact": not differ and not missing}, indent=1))
+         "export": info, "export_seconds": export_s, "bit_exact": not differ and not missing,
+         "gguf_bytes": sizes}, indent=1))
     return 0
 
 
