@@ -156,6 +156,11 @@ def main() -> int:
         ppl, tps = llama_cpp_perplexity(work / "lowbit_q4_0.gguf", tokens, args.context, args.threads)
         rows.append(("GGUF Q4_0 (lowbit GPTQ) run by llama.cpp" if args.method == "gptq"
                      else "GGUF Q4_0 (lowbit RTN) run by llama.cpp", ppl, tps))
+        # the same codes with the embedding in Q8_0, the type llama.cpp's Q4_0 recipe gives it: equal
+        # tensor types on both sides, so the comparison below is at equal size
+        export_gguf(ckpt, work / "lowbit_q4_0_q8emb.gguf", GGUFOptions(embedding_type="q8_0", allow_requantize=True))
+        ppl, tps = llama_cpp_perplexity(work / "lowbit_q4_0_q8emb.gguf", tokens, args.context, args.threads)
+        rows.append(("the same, embedding re-quantized to Q8_0 (llama.cpp's types), run by llama.cpp", ppl, tps))
         base = load_model(None)  # the float model, as an F32 GGUF, quantized by llama.cpp itself
         if args.llama_convert:
             hf_dir = work / "float_hf"
