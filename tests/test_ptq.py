@@ -278,13 +278,13 @@ def test_nan_weights_stop_the_run_naming_the_layer(tiny):
 
 def test_layers_fed_the_same_input_share_one_hessian(tiny):
     from lowbit.models.blocks import capture_block_inputs, linear_layers
-    from lowbit.ptq.pipeline import _collect_hessians
+    from lowbit.ptq.pipeline import block_hessians
 
     model, ids, batches = tiny
     block = model.model.layers[0]
     inputs = capture_block_inputs(model, block, batches)
     with torch.inference_mode():
-        hess = _collect_hessians(block, inputs, [i.hidden for i in inputs], linear_layers(block, "b"))
+        hess = block_hessians(block, inputs, [i.hidden for i in inputs], linear_layers(block, "b"))
     attn = "b.self_attn."
     assert hess[attn + "q_proj"] is hess[attn + "k_proj"] is hess[attn + "v_proj"]
     assert hess["b.mlp.gate_proj"] is hess["b.mlp.up_proj"]

@@ -124,9 +124,9 @@ def quantize_model(model: nn.Module, scheme_or_plan: SchemeOrPlan, method: str =
 
 def _kind(model: nn.Module) -> str:
     """causal_lm | encoder for Hugging Face models (they have a config), module for anything else."""
-    from .models.loader import _infer_kind
+    from .models.loader import infer_kind
 
-    return _infer_kind(model) if getattr(model, "config", None) is not None else "module"
+    return infer_kind(model) if getattr(model, "config", None) is not None else "module"
 
 
 def save(model: nn.Module, path: Union[str, os.PathLike], *, tokenizer=None,

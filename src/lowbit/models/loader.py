@@ -210,7 +210,7 @@ def _summary(model: nn.Module, kind: str) -> Dict[str, Any]:
     return out
 
 
-def _infer_kind(model: nn.Module) -> str:
+def infer_kind(model: nn.Module) -> str:
     """A module with an LM head (or a ``...ForCausalLM``/``...LMHeadModel`` class) is a causal LM;
     anything else is treated as an encoder."""
     archs = list(getattr(getattr(model, "config", None), "architectures", None) or [])
@@ -421,7 +421,7 @@ def load_model(spec: Union[str, os.PathLike, nn.Module, None] = None, dtype=torc
     t0 = time.perf_counter()
     dtype = _dtype(dtype)
     if isinstance(spec, nn.Module):
-        kind = _infer_kind(spec)
+        kind = infer_kind(spec)
         name = getattr(getattr(spec, "config", None), "name_or_path", None) or type(spec).__name__
         return LoadedModel(spec, tokenizer, kind, str(name), "module", _summary(spec, kind),
                            time.perf_counter() - t0)

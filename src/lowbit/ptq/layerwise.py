@@ -32,7 +32,7 @@ from ..quant.weight import GroupParams, WeightQuantizer
 from .gptq import HessianAccumulator, gptq
 from .layer_progress import fingerprint, load_progress, save_progress
 from ..models.blocks import replace_module
-from .pipeline import METHODS, LayerResult, QuantizationResult, _progress_bar
+from .pipeline import METHODS, LayerResult, QuantizationResult, progress_bar
 
 LAYER_TYPES = (nn.Linear,) + CONV_TYPES
 
@@ -146,7 +146,7 @@ def quantize_layerwise(
         done, saved, packed = load_progress(progress_dir, fp)
         if done >= 0:
             _restore(model, plan, list(layers.items())[:done + 1], saved, packed, result)
-    bar = _progress_bar(len(layers), progress, initial=done + 1, desc="layers")
+    bar = progress_bar(len(layers), progress, initial=done + 1, desc="layers")
     for i, (name, layer) in enumerate(layers.items()):
         if i <= done:
             continue

@@ -75,7 +75,7 @@ class QuantizationResult:
         return d
 
 
-def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
+def block_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Dict[str, HessianAccumulator]:
     """Run the block on every batch, accumulating each layer's input Hessian. Layers fed the very
     same input tensor (q/k/v, gate/up) share one accumulator: X^T X is computed once."""
     hess: Dict[str, HessianAccumulator] = {}
@@ -101,7 +101,7 @@ def _collect_hessians(block, inputs, hidden, layers: Dict[str, nn.Linear]) -> Di
     return hess
 
 
-def _input_hessian(lin: nn.Module, H: torch.Tensor) -> torch.Tensor:
+def input_hessian(lin: nn.Module, H: torch.Tensor) -> torch.Tensor:
     """The Hessian of what the stored weight multiplies: a layer with an online input transform
     (rotation/smoothing, lowbit.transforms) stores W T and sees x T, so GPTQ needs T^T H T."""
     tf = getattr(lin, "input_transform", None)
@@ -204,7 +204,7 @@ def quantize_model(
                              dict(block_size=block_size, percdamp=percdamp, act_order=act_order))
 
     groups = None  # which layers of a block read the same tensor, as seen in the previous block
-    bar = _progress_bar(len(blocks), progress, initial=done + 1)
+    bar = progress_bar(len(blocks), progress, initial=done + 1)
     with torch.inference_mode(), reuse_freed_memory():
         for bi in range(done + 1, len(blocks)):
             block = blocks[bi]
@@ -234,7 +234,7 @@ def quantize_model(
                 out, groups = run_sequential(block, merged, todo, blockq.quantize_group, prefix, groups)
                 hidden = list(out.split([h.shape[0] for h in hidden]))
             else:
-                hess = _collect_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
+                hess = block_hessians(block, inputs, hidden, {n: lin for n, (lin, _) in todo.items()}) \
                     if calibrated else {}
                 blockq.quantize_block(todo, hess)
                 hidden = [run_block(block, inp, h) for inp, h in zip(inputs, hidden)] if calibrated else []
@@ -281,7 +281,7 @@ class _BlockQuantizer:
             if self.method == "gptq" and self.retain is None and H is not None:
                 ts = time.time()
                 qs = [WeightQuantizer(spec) for _, _, spec in part]
-                res = gptq_shared([lin.weight.detach().float() for _, lin, _ in part], _input_hessian(part[0][1], H),
+                res = gptq_shared([lin.weight.detach().float() for _, lin, _ in part], input_hessian(part[0][1], H),
                                   qs, **self.gptq_kw)
                 took = (time.time() - ts) / len(part)
                 for (name, lin, spec), r, q in zip(part, res, qs):
@@ -296,7 +296,7 @@ class _BlockQuantizer:
         ts = time.time()
         q = WeightQuantizer(wspec)
         W = lin.weight.detach().float()
-        H = _input_hessian(lin, H_raw) if H_raw is not None else None
+        H = input_hessian(lin, H_raw) if H_raw is not None else None
         if self.retain is not None:
             from .retention import retain_layer
 
@@ -389,7 +389,7 @@ def _prepare_retention(model, plan, batches, retain, progress, gptq_kw=None):
 
 # --- progress / resume -------------------------------------------------------------------------
 
-def _progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "blocks"):
+def progress_bar(total: int, enabled: bool, initial: int = 0, desc: str = "blocks"):
     try:
         from tqdm.auto import tqdm
 

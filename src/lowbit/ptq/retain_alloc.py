@@ -198,7 +198,7 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                    gptq_kw: Optional[dict] = None, fisher_seqs: int = 8):
     """(curves, pairs): per-layer error curves in the objective's units, and the measured
     correlation of neighbouring layers' block-output errors. The model is left unchanged."""
-    from .pipeline import _collect_hessians, _input_hessian, _progress_bar
+    from .pipeline import block_hessians, input_hessian, progress_bar
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown retention objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
@@ -216,13 +216,13 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
     hidden = [i.hidden for i in inputs]
     curves_out: List[LayerCurve] = []
     pairs: List[Tuple[str, str, float]] = []
-    bar = _progress_bar(len(blocks), progress)
+    bar = progress_bar(len(blocks), progress)
     with torch.inference_mode():
         for bi, block in enumerate(blocks):
             layers = {n: l for n, l in linear_layers(block, f"{blocks_path}.{bi}").items()
                       if plan.weight_spec(n) is not None
                       and WeightQuantizer(plan.weight_spec(n)).check(tuple(l.weight.shape)) is None}
-            hess = _collect_hessians(block, inputs, hidden, layers)
+            hess = block_hessians(block, inputs, hidden, layers)
             s_in, s_h = _sensitivity_slice(inputs, hidden, sens_seqs)
             ref = [run_block(block, i, h) for i, h in zip(s_in, s_h)]
             rtn = {}
@@ -231,7 +231,7 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                 W = lin.weight.detach().float()
                 # a layer with an online input transform (rotation/smoothing) stores W T and sees
                 # x T: its output error needs T^T H T, as GPTQ gets it in the pipeline
-                c = layer_curve(n, W, _input_hessian(lin, hess[n].H), plan.weight_spec(n), rfmt, grid,
+                c = layer_curve(n, W, input_hessian(lin, hess[n].H), plan.weight_spec(n), rfmt, grid,
                                 None if scores is None else scores[n], saliency,
                                 None if fisher is None else fisher[n], curves, gptq_kw)
                 rtn[n] = WeightQuantizer(plan.weight_spec(n)).rtn(W)[0].to(lin.weight.dtype)
@@ -242,7 +242,7 @@ def measure_curves(model: nn.Module, plan, batches: List[dict], rfmt: RetainForm
                 layers[c.name].weight.data = rtn[c.name]
                 alone[c.name] = _block_rel_err(block, s_in, s_h, ref)
                 layers[c.name].weight.data = orig[c.name]
-                e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), _input_hessian(layers[c.name], hess[c.name].H))
+                e0 = _out_err(orig[c.name].float(), rtn[c.name].float(), input_hessian(layers[c.name], hess[c.name].H))
                 c.block_sensitivity = alone[c.name] / e0 if e0 > 0 else 0.0
                 if objective == "block":
                     c.sensitivity = c.block_sensitivity
@@ -282,7 +282,6 @@ def solve_allocation(curves: List[LayerCurve], pairs: List[Tuple[str, str, float
     """Choose one grid ratio per layer minimising the modelled error under the fixed ratio's bits
     (the exact allocator of :mod:`lowbit.optimize`)."""
     t0 = time.time()
-    L = len(curves)
     idx = {c.name: i for i, c in enumerate(curves)}
     a = [np.array(c.errors) * c.sensitivity for c in curves]
     scale = sum(x[0] for x in a) or 1.0

@@ -380,8 +380,6 @@ def gptq_retained(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, quantize
 def retain_layer(name: str, W: torch.Tensor, H: torch.Tensor, quantizer: WeightQuantizer, cfg: RetainConfig,
                  method: str, scores: Optional[Dict[str, torch.Tensor]], gptq_options: dict):
     """Quantize one layer with retention: (weight, params, packed tensors, side bits per weight, info)."""
-    from .gptq import gptq
-
     ratio = cfg.ratio_for(name)
     score = scores[name] if scores is not None else hessian_saliency(W, H, WeightQuantizer(quantizer.spec),
                                                                       cfg.saliency, gptq_options.get("percdamp", 0.01))

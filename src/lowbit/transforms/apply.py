@@ -6,7 +6,7 @@ quantization, in the one order in which they compose:
 3. online rotations: down_proj's input (Llama, ``hadamard``), every block linear (other models,
    ``hadamard``), or every quantized linear at its format's group/block size (``--rotate block``:
    the MR-GPTQ recipe for FP4/MX/NVFP4; GPTQ then runs on ``W R`` with the Hessian ``R^T H R``, see
-   ptq.pipeline._input_hessian).
+   ptq.pipeline.input_hessian).
 
 ``hadamard`` rotates the full width wherever a Hadamard matrix of that order is available
 (powers of two, and Paley/Kronecker sizes such as 384 = 12·32, 576 = 36·16, 1536 = 12·128; see
@@ -35,7 +35,7 @@ from torch import nn
 
 from ..quant.plan import Plan
 from .hadamard import default_block, hadamard_block, is_power_of_two
-from .rotation import _logits, online_rotate, rotate_llama
+from .rotation import batch_logits, online_rotate, rotate_llama
 from .smooth import apply_smoothing
 
 ROTATIONS = ("none", "hadamard", "hadamard-pow2", "block", "auto")
@@ -127,13 +127,13 @@ def apply_outlier_transforms(model: nn.Module, plan: Plan, batches: List[dict], 
         return record
     check = _check_batch(batches)
     model.eval()
-    before = _logits(model, check).float() if check is not None else None
+    before = batch_logits(model, check).float() if check is not None else None
     if rotate == "auto":
         _chosen_transforms(model, plan, batches, record, smooth, seed, smooth_grid, smooth_tokens)
     else:
         _fixed_transforms(model, plan, batches, record, rotate, smooth, seed, smooth_grid, smooth_tokens)
     if before is not None:
-        after = _logits(model, check).float()
+        after = batch_logits(model, check).float()
         record["float_check"] = {"max_abs_diff": float((after - before).abs().max()),
                                  "max_abs_output": float(before.abs().max()),
                                  "tokens": int(check["input_ids"].numel()) if "input_ids" in check else None}

@@ -176,7 +176,7 @@ def rotate_llama(model: nn.Module, seed: int = 0, block: Optional[int] = None, *
 
 # --- checks --------------------------------------------------------------------------------------
 
-def _logits(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_logits(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**batch)
     if hasattr(out, "logits"):
         return out.logits
@@ -191,8 +191,8 @@ def max_logit_diff(model: nn.Module, rewrite: Callable[[nn.Module], object], bat
     max |logits before|) on ``batch`` (last hidden state for encoders)."""
     was = model.training
     model.eval()
-    before = _logits(model, batch).float()
+    before = batch_logits(model, batch).float()
     res = rewrite(model)
-    after = _logits(model, batch).float()
+    after = batch_logits(model, batch).float()
     model.train(was)
     return res, float((after - before).abs().max()), float(before.abs().max())

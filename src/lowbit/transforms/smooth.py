@@ -25,7 +25,7 @@ calibration tokens cost as much as a third of GPTQ's own time (SmolLM2-135M, 16 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
