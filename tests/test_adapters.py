@@ -136,7 +136,7 @@ def test_adapters_swap_on_one_base_and_damage_is_caught(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["32bit", "4bit"])
 def test_peft_loads_the_export_and_gives_lowbits_outputs(fmt, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="the PEFT interop check needs peft (test extra)")
     m = adapted(fmt, rules=("*proj=4", "*v_proj=2:6"))
     export_peft(m, tmp_path / "p", None)
     pm = peft.PeftModel.from_pretrained(byte_llama(), str(tmp_path / "p"))

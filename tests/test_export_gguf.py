@@ -15,7 +15,7 @@ from _tiny_lm import save_byte_llama  # noqa: E402
 from lowbit.export.gguf_blocks import encode, exact_type
 from lowbit.quant.spec import QuantSpec
 
-gguf = pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf", reason="the GGUF round trip is read back by the gguf package (test extra)")
 
 
 def _dequant(blocks: np.ndarray, gtype: str) -> torch.Tensor:

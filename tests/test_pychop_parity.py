@@ -20,7 +20,7 @@ import pytest
 import lowbit
 from lowbit import arith
 
-pychop_fp = pytest.importorskip("pychop.np.float_point")
+pychop_fp = pytest.importorskip("pychop.np.float_point", reason="the parity test runs Pychop itself (test extra)")
 from test_arith_elementary import Rounder, _same, _true  # noqa: E402
 
 FORMATS = {"q43": "e4m3", "q52": "e5m2", "h": "fp16", "b": "bf16", "s": "e8m23"}

@@ -94,26 +94,25 @@ def _empty_identity(t, value):
     return torch.full(t.shape[1:], value, dtype=torch.float64, device=t.device)
 
 
-def cumsum(x, fmt, axis: int = -1, accum_every: Optional[int] = 1, rounding: str = "nearest_even",
-           overflow: Optional[str] = None, *, generator=None, sr_bits: Optional[int] = None):
-    """Running sums along ``axis``, each rounded to ``fmt`` (sequential; see the module doc)."""
+def _running(x, fmt, axis, accum_every, rounding, overflow, generator, sr_bits, odd_op, exact_scan):
     t, kind, dtype = _prepare(x, axis)
     _check_args(t, axis, accum_every, "sequential")
     ctx = _Ctx(fmt, rounding, overflow, generator, sr_bits, t.device)
     with torch.no_grad():
-        y = _scan(t.movedim(axis, 0), ctx, odd_add, torch.cumsum, accum_every).movedim(0, axis)
+        y = _scan(t.movedim(axis, 0), ctx, odd_op, exact_scan, accum_every).movedim(0, axis)
     return finish(y, kind, dtype, ctx.f)
+
+
+def cumsum(x, fmt, axis: int = -1, accum_every: Optional[int] = 1, rounding: str = "nearest_even",
+           overflow: Optional[str] = None, *, generator=None, sr_bits: Optional[int] = None):
+    """Running sums along ``axis``, each rounded to ``fmt`` (sequential; see the module doc)."""
+    return _running(x, fmt, axis, accum_every, rounding, overflow, generator, sr_bits, odd_add, torch.cumsum)
 
 
 def cumprod(x, fmt, axis: int = -1, accum_every: Optional[int] = 1, rounding: str = "nearest_even",
             overflow: Optional[str] = None, *, generator=None, sr_bits: Optional[int] = None):
     """Running products along ``axis``, each rounded to ``fmt`` (sequential; see the module doc)."""
-    t, kind, dtype = _prepare(x, axis)
-    _check_args(t, axis, accum_every, "sequential")
-    ctx = _Ctx(fmt, rounding, overflow, generator, sr_bits, t.device)
-    with torch.no_grad():
-        y = _scan(t.movedim(axis, 0), ctx, odd_mul, torch.cumprod, accum_every).movedim(0, axis)
-    return finish(y, kind, dtype, ctx.f)
+    return _running(x, fmt, axis, accum_every, rounding, overflow, generator, sr_bits, odd_mul, torch.cumprod)
 
 
 def _sum0(t, ctx, accum_every, order):
