@@ -47,9 +47,16 @@ def test_cuda_kernel_path_matches_emulation(text):
         assert y.dtype == torch.bfloat16
         y.backward(gy)
         outs.append((y.float(), xv.grad.float(), wv.grad))
+    xf, wf, gf = x.float(), w.float(), gy.float()
+    # The scale of each output's terms, ||row|| * ||column|| (>= sum |a_i b_i|, and unchanged by the
+    # rotations): where a sum cancels, the tensor cores' accumulation order (FP8 partial sums are
+    # promoted to float32 in blocks) moves the result by a small multiple of its terms, not of itself.
+    terms = {"y": xf.norm(dim=1, keepdim=True) * wf.norm(dim=1)[None, :],
+             "x.grad": gf.norm(dim=1, keepdim=True) * wf.norm(dim=0)[None, :],
+             "w.grad": gf.norm(dim=0)[:, None] * xf.norm(dim=0)[None, :]}
     for name, a, b in zip(("y", "x.grad", "w.grad"), *outs):
-        # bf16 outputs: one rounding of float32 sums accumulated in different orders
-        bad = (a - b).abs() > 2 ** -7 * b.abs() + 1e-4 * b.abs().max()
+        # bf16 outputs: one rounding of sums accumulated in different orders
+        bad = (a - b).abs() > 2 ** -7 * b.abs() + 2 ** -9 * terms[name]
         assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} outside tolerance, max abs diff "
                                f"{float((a - b).abs().max()):.3g}, max |ref| {float(b.abs().max()):.3g}")
 

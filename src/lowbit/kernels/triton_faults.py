@@ -134,7 +134,7 @@ def _group_flips(grp, w0, k0, k1, T, POS, NB: tl.constexpr, U: tl.constexpr, LOG
     return gx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 would otherwise arrive as a constexpr
 def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.constexpr, U: tl.constexpr,
                    LOGU: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, WIDE: tl.constexpr,
                    CALLS: tl.constexpr, CH: tl.constexpr, LOGNG: tl.constexpr, NR: tl.constexpr):
@@ -153,7 +153,7 @@ def _faults_kernel(x_ptr, out_ptr, n, ngroups, seed, gate, T, POS, NB: tl.conste
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0)
 
-    s64 = tl.to_tensor(seed).to(tl.uint64)
+    s64 = seed.to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     w = _gate_word(k0, k1, call[:, None], lane, NR)
