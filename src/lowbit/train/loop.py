@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,26 @@ import torch
 from torch import nn
 
 STATE_FILE = "train_state.pt"
+STATE_DIR = ".train"   # under a command's --out: the state of its unfinished run
+
+
+def run_state_dir(out_dir: Optional[os.PathLike]) -> Optional[Path]:
+    """Where a command writing to ``out_dir`` keeps its training state (None without ``out_dir``:
+    such a run cannot resume)."""
+    return Path(out_dir) / STATE_DIR if out_dir else None
+
+
+def has_saved_state(out_dir: Optional[os.PathLike]) -> bool:
+    """Whether ``out_dir`` holds the saved state of an interrupted run (which a rerun resumes)."""
+    state_dir = run_state_dir(out_dir)
+    return state_dir is not None and (state_dir / STATE_FILE).is_file()
+
+
+def discard_state(out_dir: os.PathLike) -> None:
+    """Remove a finished run's training state: its results are written, so a rerun starts over."""
+    state_dir = Path(out_dir) / STATE_DIR
+    if state_dir.is_dir():
+        shutil.rmtree(state_dir)
 
 
 @dataclass
