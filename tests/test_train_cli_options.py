@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import re
 
 import pytest
@@ -178,3 +179,27 @@ def test_options_a_command_lacks_are_rejected(argv, capsys):
         cli.build_parser().parse_args(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_print_report_drops_the_history_from_json_and_otherwise_prints_the_summary(capsys):
+    from lowbit.train.cli_options import print_report
+
+    report = {"steps": 3, "history": [{"step": 0, "loss": 1.0}]}
+    print_report(report, True, lambda r: ["unused"])
+    assert json.loads(capsys.readouterr().out) == {"steps": 3}
+    print_report(report, False, lambda r: [f"{r['steps']} steps", "done"])
+    assert capsys.readouterr().out == "3 steps\ndone\n"
+
+
+def test_saved_state_location_and_removal(tmp_path):
+    from lowbit.train.loop import STATE_FILE, discard_state, has_saved_state, run_state_dir
+
+    assert run_state_dir(None) is None and not has_saved_state(None)
+    state_dir = run_state_dir(tmp_path)
+    assert state_dir == tmp_path / ".train" and not has_saved_state(tmp_path)
+    state_dir.mkdir()
+    (state_dir / STATE_FILE).write_bytes(b"")
+    assert has_saved_state(str(tmp_path))
+    discard_state(tmp_path)
+    assert not state_dir.exists() and not has_saved_state(tmp_path)
+    discard_state(tmp_path)   # nothing left to remove is fine

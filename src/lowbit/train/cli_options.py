@@ -29,7 +29,8 @@ def add_training_options(parser: argparse.ArgumentParser, *, lr: float, lr_help:
     if scale_lr_help is not None:
         parser.add_argument("--scale-lr", type=float, default=None, help=scale_lr_help)
     if weight_decay:
-        parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+        parser.add_argument("--weight-decay", type=float, default=0.0,
+                            help="AdamW weight decay of the weights (default 0)")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up before the cosine decay")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     if grad_checkpointing:
@@ -40,7 +41,7 @@ def add_training_options(parser: argparse.ArgumentParser, *, lr: float, lr_help:
     parser.add_argument("--save-every", type=int, default=50,
                         help="steps between saved training states (default 50)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of the data order, initialisations and every step (default 0)")
+                        help="random seed of the run: the data order and every random draw (default 0)")
 
 
 def add_eval_options(parser: argparse.ArgumentParser, *, sentences: bool) -> None:
