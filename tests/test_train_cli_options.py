@@ -203,3 +203,13 @@ def test_saved_state_location_and_removal(tmp_path):
     discard_state(tmp_path)
     assert not state_dir.exists() and not has_saved_state(tmp_path)
     discard_state(tmp_path)   # nothing left to remove is fine
+
+
+@pytest.mark.parametrize("autocast, device, expected", [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("bf16", "cpu", True), ("none", "cuda", False)])
+def test_autocast_bf16_follows_the_option_and_the_device(autocast, device, expected):
+    import torch
+
+    from lowbit.train.loop import TrainConfig
+
+    assert TrainConfig(autocast=autocast).autocast_bf16(torch.device(device)) is expected

@@ -95,8 +95,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
 
         shard_model(student, gather=gather)
     device_name = str(next(student.parameters()).device)
-    device_type = next(student.parameters()).device.type
-    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device_type == "cuda")
+    bf16 = cfg.autocast_bf16(next(student.parameters()).device)
     val = validation_batches(tokenizer, seq_len, batch_size, val_batches)
     before = held_out_loss(student, val, bf16)
     log(f"{loaded.name}: {len(layers)} linear layers in {recipe.describe() if recipe else 'bf16/fp32'}; held-out "

@@ -77,6 +77,10 @@ class TrainConfig:
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
 
+    def autocast_bf16(self, device: torch.device) -> bool:
+        """Whether a model on ``device`` trains (and is measured) under bf16 autocast."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at ``step`` (0-based)."""
         if self.warmup and step < self.warmup:
@@ -116,10 +120,6 @@ def optimizer_for(groups: Dict[str, list], cfg: TrainConfig) -> torch.optim.Opti
     for p in params:
         p["base_lr"] = p["lr"]
     return torch.optim.AdamW(params, betas=(0.9, 0.95), eps=1e-8)
-
-
-def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
 
 def _save_state(path: Path, model: nn.Module, opt, step: int, result: TrainResult, parallel=None) -> None:
@@ -177,7 +177,7 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
     model.train(cfg.dropout or cfg.grad_checkpointing)
     if teacher is not None:
         teacher.eval()
-    bf16 = _use_bf16(cfg, device)
+    bf16 = cfg.autocast_bf16(device)
     from tqdm.auto import tqdm
 
     quiet_rank = parallel is not None and not parallel.is_main
