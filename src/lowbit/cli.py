@@ -230,38 +230,30 @@ def cmd_search(args) -> int:
 def cmd_train(args) -> int:
     from .jobs import EvalSettings
     from .quant.plan import Plan
+    from .train.cli_options import print_report, train_config
     from .train.job import run_train
-    from .train.loop import TrainConfig
+    from .train.loop import has_saved_state
+    from .train.report import summary_lines
 
     if args.scheme and args.plan:
         raise ValueError("give --scheme or --plan, not both")
     plan = Plan.load(args.plan) if args.plan else None
     scheme = args.scheme if args.scheme or plan is not None or args.init not in ("rtn", "gptq") else "w3g64"
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, weight_decay=args.weight_decay,
-                      warmup=args.warmup, grad_accum=args.grad_accum, save_every=args.save_every, seed=args.seed,
-                      autocast=args.autocast, grad_checkpointing=args.grad_checkpointing)
+    cfg = train_config(args)
     settings = EvalSettings(eval_tokens=args.eval_tokens or None, context=args.context, sentences=args.sentences)
-    if args.resume:
-        from pathlib import Path
-
-        if not args.out or not (Path(args.out) / ".train" / "train_state.pt").is_file():
-            raise ValueError(f"--resume: no interrupted training run in --out {args.out!r} (a rerun of the same "
-                             "command resumes by itself when there is one)")
+    if args.resume and not has_saved_state(args.out):
+        raise ValueError(f"--resume: no interrupted training run in --out {args.out!r} (a rerun of the same "
+                         "command resumes by itself when there is one)")
     report = run_train(args.model, scheme, args.out, plan=plan, init=args.init, config=cfg,
                        batch_size=args.batch_size, seq_len=args.seq_len, teacher=args.teacher,
                        objective=args.objective, hidden_mse=args.hidden_mse, scaling=args.scaling,
                        gradient=args.gradient, act_scaling=args.act_scaling, act_clip_init=args.act_clip_init,
                        calib=args.calib, settings=settings, device=args.device,
                        quiet=args.quiet)
-    if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
-    else:
-        from .train.report import summary_lines
-
-        print("\n".join(summary_lines(report)))
-        if args.out:
-            print(f"wrote {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png and the checkpoint "
-                  f"{args.out}/model.safetensors (lowbit eval {args.out} measures it again)")
+    print_report(report, args.json, summary_lines)
+    if args.out and not args.json:
+        print(f"wrote {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png and the checkpoint "
+              f"{args.out}/model.safetensors (lowbit eval {args.out} measures it again)")
     return 0
 
 
@@ -402,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_search)
 
+    from .train.cli_options import add_eval_options, add_run_options, add_training_options
+
     t = sub.add_parser("train", help="quantization-aware training: start from a PTQ result, distil from the fp32 "
                                      "model, write the same packed checkpoint `quantize` writes")
     t.add_argument("model", nargs="?", help="smollm2 (default), minilm, or a path; with --init DIR, the checkpoint's own")
@@ -409,14 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plan", help="a plan.json (per-layer specs, e.g. from lowbit search)")
     t.add_argument("--init", default="gptq", help="rtn | gptq (quantize first, kept in OUT/init) | DIR (a lowbit "
                                                   "quantize checkpoint: its specs, scales and transforms)")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=512)
-    t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of the weights")
-    t.add_argument("--scale-lr", type=float, default=None, help="peak learning rate of the scales (default 10 x --lr)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up before the cosine decay")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add_training_options(t, lr=1e-5, lr_help="peak learning rate of the weights",
+                         scale_lr_help="peak learning rate of the scales (default 10 x --lr)")
     t.add_argument("--teacher", default="fp32", choices=("fp32", "none"))
     t.add_argument("--objective", default="kl", choices=("kl", "ce", "kl+ce"),
                    help="kl: distil next-token distributions from the teacher; ce: next-token loss")
@@ -431,20 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--act-clip-init", default="mse", choices=("mse", "one"),
                    help="start of the learned clipping ratios: mse (the least squared error of the quantized inputs "
                         "over a few batches) or one (no clipping)")
-    t.add_argument("--grad-checkpointing", action="store_true")
-    t.add_argument("--autocast", default="auto", choices=("auto", "bf16", "none"), help="auto: bf16 on CUDA")
     t.add_argument("--calib", type=int, default=128, help="calibration sequences of --init gptq")
-    t.add_argument("--save-every", type=int, default=50, help="steps between saved training states")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-tokens", type=int, default=8192)
-    t.add_argument("--context", type=int, default=512)
-    t.add_argument("--sentences", type=int, default=256)
-    t.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, default), cpu, cuda, cuda:N")
+    add_eval_options(t, sentences=True)
     t.add_argument("--resume", action="store_true", help="insist on continuing an interrupted run in --out (a rerun "
                                                              "resumes by itself; this fails when there is none)")
-    t.add_argument("--out", help="directory for the checkpoint, report.json, report.html, loss.png")
-    t.add_argument("--json", action="store_true")
-    t.add_argument("--quiet", action="store_true")
+    add_run_options(t, out_help="directory for the checkpoint, report.json, report.html, loss.png")
     t.set_defaults(func=cmd_train)
 
     # each of these commands lives with its package and registers its own parser

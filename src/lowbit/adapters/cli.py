@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..train.cli_options import add_eval_options, add_run_options, add_training_options, print_report, train_config
+
 
 def add_finetune_parser(sub) -> None:
     f = sub.add_parser("finetune", help="adapt a (quantized) model to a task with adapters: LoRA (down to 1-bit "
@@ -21,45 +23,29 @@ def add_finetune_parser(sub) -> None:
     f.add_argument("--alpha", type=float, default=None, help="alpha of targets without their own (default 2 x rank)")
     f.add_argument("--scheme", help="quantize a float base on the fly with this scheme (e.g. w3g64)")
     f.add_argument("--method", default="rtn", choices=("rtn", "gptq"), help="PTQ method for --scheme (default rtn)")
-    f.add_argument("--steps", type=int, default=100)
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--seq-len", type=int, default=512)
-    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the adapters")
-    f.add_argument("--scale-lr", type=float, default=None, help="LR-QAT: learning rate of the scales (default 10 x --lr)")
-    f.add_argument("--warmup", type=int, default=0)
-    f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--save-every", type=int, default=50, help="steps between saved training states")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens measured (0: all)")
-    f.add_argument("--context", type=int, default=512)
+    add_training_options(f, lr=1e-4, lr_help="peak learning rate of the adapters",
+                         scale_lr_help="LR-QAT: learning rate of the scales (default 10 x --lr)",
+                         weight_decay=False, grad_checkpointing=False)
+    add_eval_options(f, sentences=False)
     f.add_argument("--peft", action="store_true", help="also export the (dequantized) adapters in PEFT's format")
-    f.add_argument("--autocast", default="auto", choices=("auto", "bf16", "none"))
-    f.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, default), cpu, cuda, cuda:N")
-    f.add_argument("--out", help="directory for the adapter (OUT/adapter) or LR-QAT checkpoint, report.json, "
-                                 "report.html, loss.png")
-    f.add_argument("--json", action="store_true")
-    f.add_argument("--quiet", action="store_true")
+    add_run_options(f, out_help="directory for the adapter (OUT/adapter) or LR-QAT checkpoint, report.json, "
+                                "report.html, loss.png")
     f.set_defaults(func=cmd_finetune)
 
 
 def cmd_finetune(args) -> int:
-    from ..train.loop import TrainConfig
     from .job import DEFAULT_TARGETS, run_finetune
     from .report import summary_lines
 
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, scale_lr=args.scale_lr, warmup=args.warmup,
-                      grad_accum=args.grad_accum, save_every=args.save_every, seed=args.seed, autocast=args.autocast)
     report = run_finetune(args.base, args.adapter, args.out, task=args.task, targets=args.target or DEFAULT_TARGETS,
-                          rank=args.rank, alpha=args.alpha, scheme=args.scheme, method=args.method, config=cfg,
-                          batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens or None,
-                          context=args.context, peft=args.peft, device=args.device, quiet=args.quiet or args.json)
-    if args.json:
-        print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
-    else:
-        print("\n".join(summary_lines(report)))
-        if args.out:
-            what = f"{args.out}/adapter" if report["method"] == "lora" else f"the checkpoint {args.out}"
-            print(f"wrote {what}, {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png")
+                          rank=args.rank, alpha=args.alpha, scheme=args.scheme, method=args.method,
+                          config=train_config(args), batch_size=args.batch_size, seq_len=args.seq_len,
+                          eval_tokens=args.eval_tokens or None, context=args.context, peft=args.peft,
+                          device=args.device, quiet=args.quiet or args.json)
+    print_report(report, args.json, summary_lines)
+    if args.out and not args.json:
+        what = f"{args.out}/adapter" if report["method"] == "lora" else f"the checkpoint {args.out}"
+        print(f"wrote {what}, {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png")
     return 0
 
 

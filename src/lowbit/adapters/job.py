@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 
 from ..job_common import log
 from ..jobs import resolve_device
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, discard_state, run_state_dir, train
 from ..train.objectives import causal_lm_objective
 from . import tasks as task_data
 from .adapter_quant import AdapterFormat
@@ -169,7 +168,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
          f"tokens of {task}", quiet)
     out_dir = Path(out) if out else None
     res = train(model, task_data.task_batches(corpus, tok, seq_len, batch_size, cfg.seed), causal_lm_objective("ce"),
-                groups, cfg, state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
+                groups, cfg, state_dir=run_state_dir(out_dir), progress=not quiet)
     report = {
         "base": info, "adapter": adapter, "method": kind, "format": fmt.name if kind == "lora" else None,
         "targets": [str(r) for r in rules], "task": task_data.describe(corpus, task),
@@ -217,8 +216,7 @@ def run_finetune(base: Optional[str] = None, adapter: str = "lora", out: Optiona
         report["wall_seconds"] = time.time() - t_start
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
         write_finetune_html(report, out_dir)
-        if (out_dir / ".train").is_dir():
-            shutil.rmtree(out_dir / ".train")
+        discard_state(out_dir)
     report["wall_seconds"] = time.time() - t_start
     return report
 

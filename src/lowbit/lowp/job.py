@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from ..job_common import log
 from ..jobs import resolve_device
 from ..train.job import training_data
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, discard_state, run_state_dir, train
 from ..train.objectives import causal_lm_objective
 from .recipe import parse_recipe
 from .surgery import prepare_lowp, set_lowp
@@ -96,8 +95,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
 
         shard_model(student, gather=gather)
     device_name = str(next(student.parameters()).device)
-    device_type = next(student.parameters()).device.type
-    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device_type == "cuda")
+    bf16 = cfg.autocast_bf16(next(student.parameters()).device)
     val = validation_batches(tokenizer, seq_len, batch_size, val_batches)
     before = held_out_loss(student, val, bf16)
     log(f"{loaded.name}: {len(layers)} linear layers in {recipe.describe() if recipe else 'bf16/fp32'}; held-out "
@@ -106,7 +104,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     weights = [p for p in student.parameters() if p.requires_grad]
     res = train(student, training_data("causal_lm", tokenizer, batch_size, seq_len, cfg.seed),
                 causal_lm_objective(objective), {"weights": weights}, cfg, teacher=teacher,
-                state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet, parallel=parallel)
+                state_dir=run_state_dir(out_dir), progress=not quiet, parallel=parallel)
     after_lowp = held_out_loss(student, val, bf16)
     if parallel is not None:
         # the master weights, gathered in full: the sharded model all-gathers low-precision codes
@@ -140,9 +138,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
             student.save_pretrained(out_dir)
             tokenizer.save_pretrained(out_dir)
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
-        state = out_dir / ".train"
-        if state.is_dir():
-            shutil.rmtree(state)
+        discard_state(out_dir)
     if parallel is not None:
         parallel.barrier()
     return report

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from ..job_common import log
 from ..jobs import EvalSettings, dense_bytes, evaluate_model, resolve_device, run_quantize
 from ..quant.plan import Plan
 from .act_quant import ACT_SCALINGS, calibrate_act_clips, clip_summary
-from .loop import TrainConfig, train
+from .loop import TrainConfig, discard_state, run_state_dir, train
 from .objectives import causal_lm_objective, encoder_objective
 from .qat import convert, packed_weights, prepare_qat, trainable_groups
 
@@ -154,7 +153,7 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
     obj = (causal_lm_objective(objective, hidden_mse=hidden_mse) if kind == "causal_lm" else encoder_objective())
     res = train(student, batches, obj, trainable_groups(student),
                 cfg, teacher=ref if teacher == "fp32" else None,
-                state_dir=(out_dir / ".train") if out_dir else None, progress=not quiet)
+                state_dir=run_state_dir(out_dir), progress=not quiet)
     convert(student)
     from ..export.float_storage import round_to_storage
 
@@ -201,8 +200,6 @@ def run_train(model: Optional[str] = None, scheme: Optional[str] = None, out: Op
         report["quantized"] = report["after"]  # the key `lowbit eval` and quantize's reports share
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
         write_train_html(report, out_dir)
-        state = out_dir / ".train"
-        if state.is_dir():
-            shutil.rmtree(state)
+        discard_state(out_dir)
     report["wall_seconds"] = time.time() - t_start
     return report

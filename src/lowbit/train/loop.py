@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,26 @@ import torch
 from torch import nn
 
 STATE_FILE = "train_state.pt"
+STATE_DIR = ".train"   # under a command's --out: the state of its unfinished run
+
+
+def run_state_dir(out_dir: Optional[os.PathLike]) -> Optional[Path]:
+    """Where a command writing to ``out_dir`` keeps its training state (None without ``out_dir``:
+    such a run cannot resume)."""
+    return Path(out_dir) / STATE_DIR if out_dir else None
+
+
+def has_saved_state(out_dir: Optional[os.PathLike]) -> bool:
+    """Whether ``out_dir`` holds the saved state of an interrupted run (which a rerun resumes)."""
+    state_dir = run_state_dir(out_dir)
+    return state_dir is not None and (state_dir / STATE_FILE).is_file()
+
+
+def discard_state(out_dir: os.PathLike) -> None:
+    """Remove a finished run's training state: its results are written, so a rerun starts over."""
+    state_dir = Path(out_dir) / STATE_DIR
+    if state_dir.is_dir():
+        shutil.rmtree(state_dir)
 
 
 @dataclass
@@ -55,6 +76,10 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, steps), got {self.warmup} for {self.steps} steps")
         if self.autocast not in ("auto", "bf16", "none"):
             raise ValueError(f"autocast must be auto, bf16 or none, got {self.autocast!r}")
+
+    def autocast_bf16(self, device: torch.device) -> bool:
+        """Whether a model on ``device`` trains (and is measured) under bf16 autocast."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at ``step`` (0-based)."""
@@ -95,10 +120,6 @@ def optimizer_for(groups: Dict[str, list], cfg: TrainConfig) -> torch.optim.Opti
     for p in params:
         p["base_lr"] = p["lr"]
     return torch.optim.AdamW(params, betas=(0.9, 0.95), eps=1e-8)
-
-
-def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
 
 def _save_state(path: Path, model: nn.Module, opt, step: int, result: TrainResult, parallel=None) -> None:
@@ -156,7 +177,7 @@ def train(model: nn.Module, batches: Callable[[int], Dict[str, torch.Tensor]], o
     model.train(cfg.dropout or cfg.grad_checkpointing)
     if teacher is not None:
         teacher.eval()
-    bf16 = _use_bf16(cfg, device)
+    bf16 = cfg.autocast_bf16(device)
     from tqdm.auto import tqdm
 
     quiet_rank = parallel is not None and not parallel.is_main
