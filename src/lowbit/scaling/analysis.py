@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .fit import ACT_PART, UNQUANTIZED, WEIGHT_PART, by_precision, fit_sweep, observed_penalty
+from .fit import ACT_PART, WEIGHT_PART, by_precision, fit_sweep
 from .sweep import read_runs, select_runs
+from .trends import matched_penalties, trend_checks
 
 W4A4, FC2_FIX = "w4a4", "w4a4-fc2a8"
 
@@ -46,19 +47,6 @@ def trends(fit: dict) -> List[dict]:
                          "value": e["params"][param], "interval": iv,
                          "verdict": _verdict(e["params"][param], iv, sign)})
     return rows
-
-
-def matched_penalties(runs: Sequence[dict]) -> List[dict]:
-    """Observed delta_p = L_q - L_bf16 of every quantized run that has its bf16 partner."""
-    out = []
-    for r in runs:
-        if r["precision"] == UNQUANTIZED:
-            continue
-        dp = observed_penalty(r, runs)
-        if dp is not None:
-            out.append({"key": r["key"], "precision": r["precision"], "width": r["width"], "seed": r["seed"], "N": r["N"],
-                        "N_no_emb": r["N_no_emb"], "D": r["D"], "G": r.get("G"), "loss": r["loss"], "delta_p": dp})
-    return out
 
 
 def _partner(pens: List[dict], r: dict, precision: str, group) -> Optional[dict]:
@@ -139,7 +127,7 @@ def run_table(runs: Sequence[dict]) -> List[dict]:
 def analyse(runs: Sequence[dict], fit: dict) -> dict:
     pens = matched_penalties(runs)
     stats = linear_inputs(runs)
-    return {"trends": trends(fit), "fc2": fc2_comparison(pens), "parts": parts_comparison(pens),
+    return {"trends": trends(fit), "trend_check": trend_checks(runs), "fc2": fc2_comparison(pens), "parts": parts_comparison(pens),
             "linear_inputs": stats,
             "fc2_dominates": {p: fc2_dominates(s) for p, s in stats.items()},
             "cost": {"runs": len(runs), "train_seconds": float(sum(r["seconds"] for r in runs)),
@@ -148,36 +136,57 @@ def analyse(runs: Sequence[dict], fit: dict) -> dict:
             "table": run_table(runs)}
 
 
-def load_or_fit(out: Path, runs: Sequence[dict], n_count: str, bootstrap: int, min_tokens: int = 0) -> dict:
+def fit_selected(runs: Sequence[dict], n_in_dir: int, n_count: str, bootstrap: int, min_tokens: int = 0,
+                 min_tokens_per_param: float = 0.0, seed: int = 0) -> dict:
+    """fit_sweep of the selected ``runs`` (``n_in_dir`` before the selection), with the selection
+    recorded; a fit the selection leaves too few runs for says which filter left how many."""
+    try:
+        fit = fit_sweep(runs, n_count=n_count, bootstrap_samples=bootstrap, seed=seed)
+    except ValueError as e:
+        if len(runs) == n_in_dir:
+            raise
+        raise ValueError(f"{e} (--min-tokens {min_tokens} --min-tokens-per-param {min_tokens_per_param:g} kept "
+                         f"{len(runs)} of {n_in_dir} runs)") from None
+    return {**fit, "min_tokens": min_tokens, "min_tokens_per_param": min_tokens_per_param,
+            "runs_left_out": n_in_dir - len(runs)}
+
+
+def load_or_fit(out: Path, runs: Sequence[dict], n_count: str, bootstrap: int, min_tokens: int = 0,
+                min_tokens_per_param: float = 0.0, n_in_dir: Optional[int] = None) -> dict:
     """OUT/fit.json when it was made from these runs with these settings, else a new fit (saved)."""
     path = out / "fit.json"
     if path.is_file():
         fit = json.loads(path.read_text(encoding="utf-8"))
         if (fit.get("n_runs") == len(runs) and fit.get("n_count") == n_count and fit.get("bootstrap") == bootstrap
-                and fit.get("min_tokens", 0) == min_tokens):
+                and fit.get("min_tokens", 0) == min_tokens
+                and fit.get("min_tokens_per_param", 0) == min_tokens_per_param):
             return fit
-    fit = {**fit_sweep(runs, n_count=n_count, bootstrap_samples=bootstrap), "min_tokens": min_tokens}
+    fit = fit_selected(runs, len(runs) if n_in_dir is None else n_in_dir, n_count, bootstrap, min_tokens,
+                       min_tokens_per_param)
     path.write_text(json.dumps(fit, indent=1), encoding="utf-8")
     return fit
 
 
 def write_report(directory, n_count: str = "no_emb", bootstrap: int = 200, min_tokens: int = 0,
-                 out=None) -> List[Path]:
+                 min_tokens_per_param: float = 0.0, out=None) -> Tuple[List[Path], dict]:
     """Fit (or reuse OUT/fit.json), analyse and write report.json, report.html and the plots to
-    ``out`` (default: the sweep's directory), from the runs of at least ``min_tokens`` tokens."""
+    ``out`` (default: the sweep's directory), from the runs of at least ``min_tokens`` tokens and
+    ``min_tokens_per_param`` tokens per parameter; returns (the files, the report)."""
     from . import plots
     from .report import write_html
 
-    runs = select_runs(read_runs(directory), min_tokens)
+    every = read_runs(directory)
+    runs = select_runs(every, min_tokens, min_tokens_per_param, n_count)
     if not runs:
-        raise ValueError(f"{directory}: no runs (*.jsonl) to report on")
+        raise ValueError(f"{directory}: no runs (*.jsonl) to report on"
+                         + (f" ({len(every)} before --min-tokens/--min-tokens-per-param)" if every else ""))
     out = Path(out or directory)
     out.mkdir(parents=True, exist_ok=True)
-    fit = load_or_fit(out, runs, n_count, bootstrap, min_tokens)
+    fit = load_or_fit(out, runs, n_count, bootstrap, min_tokens, min_tokens_per_param, len(every))
     report = {"fit": json.loads(json.dumps(fit)), **analyse(runs, fit)}
     for entry in [report["fit"]["base"], *report["fit"]["penalty"].values()]:
         entry.pop("samples", None)  # in fit.json; the report keeps the intervals
     images = plots.write_plots(out, runs, fit, report)
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     html = write_html(out, report, images)
-    return [out / "fit.json", out / "report.json", html, *images]
+    return [out / "fit.json", out / "report.json", html, *images], report

@@ -52,19 +52,34 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _count(text: str, name: str) -> int:
+    """One token count, with the suffixes ``run --tokens`` accepts (96k, 2m)."""
+    values = _ints(text, name)
+    if len(values) != 1 or values[0] < 0:
+        raise ValueError(f"--{name}: expected one integer >= 0 (96k and 2m accepted), got {text!r}")
+    return values[0]
+
+
 def cmd_fit(args) -> int:
-    from .fit import fit_sweep, summary_lines
+    from .analysis import fit_selected
+    from .fit import summary_lines
     from .sweep import read_runs, select_runs
 
-    runs = select_runs(read_runs(args.dir), args.min_tokens)
-    if not runs:
+    min_tokens, ratio = _count(args.min_tokens, "min-tokens"), args.min_tokens_per_param
+    every = read_runs(args.dir)
+    runs = select_runs(every, min_tokens, ratio, args.n_count)
+    if not every:
         raise ValueError(f"{args.dir}: no runs (*.jsonl) to fit; run `lowbit scaling run --out {args.dir}` first")
-    result = {**fit_sweep(runs, n_count=args.n_count, bootstrap_samples=args.bootstrap, seed=args.seed),
-              "min_tokens": args.min_tokens}
+    if not runs:
+        raise ValueError(f"{args.dir}: --min-tokens {args.min_tokens} --min-tokens-per-param {ratio:g} leave none "
+                         f"of its {len(every)} runs")
+    result = fit_selected(runs, len(every), args.n_count, args.bootstrap, min_tokens, ratio, args.seed)
     out = Path(args.out or args.dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fit.json"
     path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if min_tokens or ratio:
+        print(f"fitted {len(runs)} of {len(every)} runs (D >= {min_tokens:,}, D / N >= {ratio:g})")
     print("\n".join(summary_lines(result)))
     print(f"wrote {path}")
     return 0
@@ -72,9 +87,12 @@ def cmd_fit(args) -> int:
 
 def cmd_report(args) -> int:
     from .analysis import write_report
+    from .trends import trend_lines
 
-    paths = write_report(args.dir, n_count=args.n_count, bootstrap=args.bootstrap, min_tokens=args.min_tokens,
-                         out=args.out)
+    paths, report = write_report(args.dir, n_count=args.n_count, bootstrap=args.bootstrap,
+                                 min_tokens=_count(args.min_tokens, "min-tokens"),
+                                 min_tokens_per_param=args.min_tokens_per_param, out=args.out)
+    print("\n".join(trend_lines(report["trend_check"])))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -129,8 +147,12 @@ def add_scaling_parser(sub) -> None:
         f.add_argument("--n-count", default="no_emb", choices=("no_emb", "total"),
                        help="N in the law: parameters without the embedding (default) or all of them")
         f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
-        f.add_argument("--min-tokens", type=int, default=0,
-                       help="leave out runs trained on fewer tokens (the first steps' plateau is no law)")
+        f.add_argument("--min-tokens", default="0",
+                       help="leave out runs trained on fewer tokens, e.g. 2m or 96k (the first steps' plateau "
+                            "is no law)")
+        f.add_argument("--min-tokens-per-param", type=float, default=0.0, metavar="R",
+                       help="leave out runs with fewer than R training tokens per parameter (D / N, N as "
+                            "--n-count says): the law describes models trained on many tokens each")
         f.add_argument("--out", help="where to write (default: DIR)")
         if name == "fit":
             f.add_argument("--seed", type=int, default=0)

@@ -17,14 +17,15 @@ WEIGHT_PART, ACT_PART = "w4a16", "w16a4"
 INTERVAL = 0.95
 
 
-def _n(rec: dict, n_count: str) -> float:
+def param_count(rec: dict, n_count: str) -> float:
+    """N of a run as the law counts it: without the embedding (``no_emb``) or all parameters (``total``)."""
     if n_count not in ("no_emb", "total"):
         raise ValueError(f"n_count must be no_emb or total; got {n_count!r}")
     return float(rec["N_no_emb"] if n_count == "no_emb" else rec["N"])
 
 
 def _arrays(runs: Sequence[dict], n_count: str):
-    n = np.array([_n(r, n_count) for r in runs])
+    n = np.array([param_count(r, n_count) for r in runs])
     d = np.array([float(r["D"]) for r in runs])
     g = [r.get("G") for r in runs]
     loss = np.array([float(r["loss"]) for r in runs])
@@ -102,7 +103,7 @@ def _rel(pred: float, obs: float) -> float:
 def holdout(runs: Sequence[dict], axis: str, n_count: str) -> dict:
     """Fit without the runs at the largest N (``axis="N"``) or D, predict those: per run, the
     relative error of the loss and (where the bf16 partner was run) of delta_p."""
-    value = (lambda r: _n(r, n_count)) if axis == "N" else (lambda r: float(r["D"]))
+    value = (lambda r: param_count(r, n_count)) if axis == "N" else (lambda r: float(r["D"]))
     top = max(value(r) for r in runs)
     train = [r for r in runs if value(r) < top]
     test = [r for r in runs if value(r) == top]
@@ -112,7 +113,7 @@ def holdout(runs: Sequence[dict], axis: str, n_count: str) -> dict:
         return {"held_out": f"largest {axis} = {top:g}", "error": str(e)}
     rows = []
     for r in test:
-        n, d = _n(r, n_count), float(r["D"])
+        n, d = param_count(r, n_count), float(r["D"])
         lb = float(np.exp(base.log_loss([n], [d])[0]))
         row = {"key": r["key"], "precision": r["precision"], "loss": r["loss"]}
         if r["precision"] == UNQUANTIZED:
@@ -181,7 +182,7 @@ def fit_sweep(runs: Sequence[dict], n_count: str = "no_emb", bootstrap_samples: 
     out["holdout"] = {"largest_N": holdout(runs, "N", n_count), "largest_D": holdout(runs, "D", n_count)}
     if WEIGHT_PART in pens and ACT_PART in pens:
         w, a = pens[WEIGHT_PART].theta, pens[ACT_PART].theta
-        sizes = sorted({_n(r, n_count) for r in runs})
+        sizes = sorted({param_count(r, n_count) for r in runs})
         gs = sorted({r["G"] for r in groups[WEIGHT_PART] if r.get("G")}) or [None]
         out["decomposition"] = {
             "weight": WEIGHT_PART, "activation": ACT_PART,

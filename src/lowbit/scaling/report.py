@@ -68,6 +68,19 @@ def _trends(report: dict) -> str:
     return "<h2>Against the paper</h2>" + table(["runs", "paper", "here", "verdict"], rows)
 
 
+def _trend_check(report: dict) -> str:
+    rows = [[r["precision"], r["paper"], f"{r['k']}/{r['n']}" + (f" ({r['ties']} ties)" if r["ties"] else ""),
+             "-" if r["share"] is None else f"{r['share']:.0%}", num(r["median_change"], "+.4f"),
+             "-" if r["p_value"] is None else f"{r['p_value']:.3g}",
+             "-" if r["p_other_side"] is None else f"{r['p_other_side']:.3g}", r["verdict"]]
+            for r in report["trend_check"]]
+    return ("<h2>Model-free trends (no law: observed delta_p of runs adjacent along one axis)</h2>"
+            "<p>Pairs of runs that differ in one of N, D, G only (same seed); k of n move delta_p = L_q - L_bf16 "
+            "the paper's way; p: one-sided sign test toward the paper, p other: toward the opposite. Pairs "
+            "along one axis share runs, so p is a guide, not an exact level.</p>"
+            + table(["runs", "paper", "k/n", "share", "median change", "p", "p other", "verdict"], rows))
+
+
 def _share_verdict(share, point: bool) -> str:
     """agrees / disagrees when at least 97.5% of the bootstrap resamples say so, else inconclusive."""
     if share is None:
@@ -86,10 +99,12 @@ def _runs(report: dict) -> str:
 
 def write_html(out: Path, report: dict, images: List[Path]) -> Path:
     cost = report["cost"]
-    sections = [_fit_tables(report["fit"]), _holdout(report["fit"]), _trends(report),
+    sections = [_fit_tables(report["fit"]), _holdout(report["fit"]), _trends(report), _trend_check(report),
                 "<h2>Figures</h2>" + "".join(image(p) for p in images), _runs(report)]
     sub = (f"{cost['runs']} runs, {cost['train_seconds']:.0f} s of training on {', '.join(cost['devices'])}"
-           + (f"; runs of D >= {report['fit']['min_tokens']:,} tokens" if report["fit"].get("min_tokens") else ""))
+           + (f"; runs of D >= {report['fit']['min_tokens']:,} tokens" if report["fit"].get("min_tokens") else "")
+           + (f"; runs of D / N >= {report['fit']['min_tokens_per_param']:g}"
+              if report["fit"].get("min_tokens_per_param") else ""))
     path = out / "report.html"
     path.write_text(page("lowbit scaling: QAT scaling law", sub, sections), encoding="utf-8")
     return path

@@ -172,11 +172,20 @@ def read_runs(out: os.PathLike) -> List[dict]:
     return list(recs.values())
 
 
-def select_runs(runs: Sequence[dict], min_tokens: int = 0) -> List[dict]:
-    """The runs trained on at least ``min_tokens`` tokens."""
+def select_runs(runs: Sequence[dict], min_tokens: int = 0, min_tokens_per_param: float = 0.0,
+                n_count: str = "no_emb") -> List[dict]:
+    """The runs trained on at least ``min_tokens`` tokens and at least ``min_tokens_per_param``
+    tokens per parameter (D / N, N counted as ``n_count`` says: the law's regime is many tokens per
+    parameter, not a model far larger than its data)."""
+    from .fit import param_count
+
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise ValueError(f"min_tokens must be an int >= 0; got {min_tokens!r}")
-    return [r for r in runs if r["D"] >= min_tokens]
+    if (isinstance(min_tokens_per_param, bool) or not isinstance(min_tokens_per_param, (int, float))
+            or not min_tokens_per_param >= 0 or min_tokens_per_param == float("inf")):
+        raise ValueError(f"min_tokens_per_param must be a finite number >= 0; got {min_tokens_per_param!r}")
+    return [r for r in runs
+            if r["D"] >= min_tokens and r["D"] >= min_tokens_per_param * param_count(r, n_count)]
 
 
 def append_run(out: os.PathLike, rec: dict) -> None:
