@@ -18,7 +18,7 @@ from torch import nn
 
 from .gather import GatheredLowpWeight
 from .matmul import emulated_mm, kernel_for, kernel_mm
-from .operand import NATIVE_DTYPES, Operand, quantize_operand, rotate
+from .operand import NATIVE_DTYPES, Operand, prepare_operand
 from .recipe import LowpRecipe, parse_recipe
 
 ALIGN = 16
@@ -55,19 +55,15 @@ def lowp_mm(a: torch.Tensor, b: Union[torch.Tensor, Operand], recipe: LowpRecipe
     dimension, ``a`` in the format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``;
     ``R`` the +-1 block Hadamard matrix of the inner dimension when the recipe's level is at least
     ``level``. ``b`` may be an operand quantized before (reused as it is)."""
-    gain = 1
-    if recipe.level >= level:
-        a, gain = rotate(a, recipe.block)
-        if not isinstance(b, Operand):
-            b, _ = rotate(b, recipe.block)
+    block = recipe.block if recipe.level >= level else 1
     b_shape = b.values.shape if isinstance(b, Operand) else b.shape
     kind = choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
     fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
-    qa = quantize_operand(a, recipe.spec(a_role), codes=kind is not None, gain=gain, fast=fast)
+    qa = prepare_operand(a, recipe.spec(a_role), block, codes=kind is not None, fast=fast)
     if isinstance(b, Operand):
         qb = _as_codes(b, kind is not None)
     else:
-        qb = quantize_operand(b, recipe.spec(b_role), codes=kind is not None, gain=gain, fast=fast)
+        qb = prepare_operand(b, recipe.spec(b_role), block, codes=kind is not None, fast=fast)
     y = emulated_mm(qa, qb).to(out_dtype) if kind is None else kernel_mm(qa, qb, kind, out_dtype)
     return y, qa, qb
 
