@@ -205,9 +205,25 @@ def test_linear_same_bits_fused_or_not(fused_here, monkeypatch, text):
         outs.append((y, xv.grad, wv.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-    # forward X and W; backward E_Y and W^T (input gradient), E_Y^T and X^T (weight gradient), except
-    # at HALO-0 where the per-tensor forward codes of X and W are reused
-    assert len(fused_here) == (4 if text.endswith(":0") else 6)
+    # forward X and W; backward E_Y and W^T (input gradient), E_Y^T and X^T (weight gradient); at
+    # HALO-0 (per-tensor scales, no rotation) one pass each for X, W and E_Y writes both layouts
+    assert len(fused_here) == (3 if text.endswith(":0") else 6)
+
+
+@pytest.mark.parametrize("spec", ["e4m3fn:tensor", "e5m2:tensor", "int8:tensor"])
+def test_prepare_pair_fused_or_not(fused_here, monkeypatch, spec):
+    from lowbit.lowp.operand import prepare_pair
+
+    a = _operand(40, 48, torch.bfloat16, False, seed=9)
+    s = QuantSpec.parse(spec)
+    fused, fused_t = prepare_pair(a, s)
+    monkeypatch.setattr(op_mod, "FUSED_ON", ())
+    ref, ref_t = prepare_pair(a, s)
+    for f, r in ((fused, ref), (fused_t, ref_t)):
+        assert torch.equal(f.values.view(torch.uint8), r.values.view(torch.uint8)) and torch.equal(f.scale, r.scale)
+    assert fused_t.values.shape == (48, 40) and len(fused_here) == 1
+    with pytest.raises(ValueError, match="one scale"):
+        prepare_pair(a, QuantSpec.parse("int8:channel"))
 
 
 @pytest.mark.gpu

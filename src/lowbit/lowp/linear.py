@@ -18,7 +18,7 @@ from torch import nn
 
 from .gather import GatheredLowpWeight
 from .matmul import emulated_mm, kernel_for, kernel_mm
-from .operand import NATIVE_DTYPES, Operand, prepare_operand
+from .operand import NATIVE_DTYPES, Operand, prepare_operand, prepare_pair
 from .recipe import LowpRecipe, parse_recipe
 
 ALIGN = 16
@@ -49,21 +49,20 @@ def _as_codes(op: Operand, codes: bool) -> Operand:
     return replace(op, values=op.values.to(dtype) if codes else op.values.float())
 
 
-def lowp_mm(a: torch.Tensor, b: Union[torch.Tensor, Operand], recipe: LowpRecipe, a_role: str, b_role: str,
-            level: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, Operand, Operand]:
+def lowp_mm(a: Union[torch.Tensor, Operand], b: Union[torch.Tensor, Operand], recipe: LowpRecipe, a_role: str,
+            b_role: str, level: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, Operand, Operand]:
     """``(Q(a R) Q(b R)^T / b, Q(a R), Q(b R))`` for operands (rows, inner) sharing the inner
     dimension, ``a`` in the format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``;
     ``R`` the +-1 block Hadamard matrix of the inner dimension when the recipe's level is at least
-    ``level``. ``b`` may be an operand quantized before (reused as it is)."""
+    ``level``. Either may be an operand quantized before (reused as it is)."""
     block = recipe.block if recipe.level >= level else 1
+    a_t = a.values if isinstance(a, Operand) else a
     b_shape = b.values.shape if isinstance(b, Operand) else b.shape
-    kind = choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
+    kind = choose_kernel(recipe, a_role, b_role, a_t, b_shape, out_dtype)
     fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
-    qa = prepare_operand(a, recipe.spec(a_role), block, codes=kind is not None, fast=fast)
-    if isinstance(b, Operand):
-        qb = _as_codes(b, kind is not None)
-    else:
-        qb = prepare_operand(b, recipe.spec(b_role), block, codes=kind is not None, fast=fast)
+    qa, qb = (_as_codes(t, kind is not None) if isinstance(t, Operand)
+              else prepare_operand(t, recipe.spec(role), block, codes=kind is not None, fast=fast)
+              for t, role in ((a, a_role), (b, b_role)))
     y = emulated_mm(qa, qb).to(out_dtype) if kind is None else kernel_mm(qa, qb, kind, out_dtype)
     return y, qa, qb
 
@@ -74,10 +73,6 @@ def _reusable(recipe: LowpRecipe, role: str) -> bool:
     rounding; the backward then transposes the codes instead of quantizing again."""
     spec = recipe.spec(role)
     return recipe.level == 0 and spec.granularity == "tensor" and "stochastic" not in spec.rounding
-
-
-def _transposed(op: Operand) -> Operand:
-    return replace(op, values=op.values.t().contiguous())
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -107,10 +102,18 @@ class LowpMatmuls(torch.autograd.Function):
         else:
             w = weight.to(compute_dtype)
         rows = padded_tokens(x.shape[0], recipe)
-        y, qx, qw = lowp_mm(_pad_rows(x, rows), w, recipe, "x", "w", 1, compute_dtype)
-        # keep what the backward needs: the quantized operand where it is reusable (smaller, too)
-        ctx.qx = _transposed(qx) if _reusable(recipe, "x") else None
-        ctx.qw = _transposed(qw) if _reusable(recipe, "w") else None
+        fast = recipe.backend != "emulate"
+        # where the backward reuses the forward's codes (smaller than x and w, too), quantize them in
+        # both layouts at once: (tokens, in) for Y, (in, tokens) for E_W; (out, in) and (in, out) for W
+        a, ctx.qx = _pad_rows(x, rows), None
+        if _reusable(recipe, "x"):
+            a, ctx.qx = prepare_pair(a, recipe.spec("x"), fast)
+        b, ctx.qw = w, None
+        if _reusable(recipe, "w") and not isinstance(w, Operand):
+            b, ctx.qw = prepare_pair(w, recipe.spec("w"), fast)
+        y, qx, qw = lowp_mm(a, b, recipe, "x", "w", 1, compute_dtype)
+        if ctx.qw is None and _reusable(recipe, "w"):   # the all-gathered codes
+            ctx.qw = replace(qw, values=qw.values.t().contiguous())
         if isinstance(weight, GatheredLowpWeight) and ctx.qw is None:
             # FSDP frees the gathered codes after the forward and gathers them again for the backward
             ctx.gathered, w = weight, None
@@ -125,14 +128,17 @@ class LowpMatmuls(torch.autograd.Function):
         recipe = ctx.recipe
         gy = _pad_rows(gy.to(ctx.dtype), padded_tokens(ctx.tokens, recipe))
         gx = gw = None
+        g, g_t = gy, gy.t()
+        if all(ctx.needs_input_grad[:2]) and _reusable(recipe, "g"):
+            g, g_t = prepare_pair(gy, recipe.spec("g"), recipe.backend != "emulate")   # E_Y for both
         if ctx.needs_input_grad[0]:
             # E_X = E_Y W: inner dimension = the output features
             b = ctx.qw if ctx.qw is not None else w.t()
-            gx = lowp_mm(gy, b, recipe, "g", "w", 1, ctx.dtype)[0][: ctx.tokens]
+            gx = lowp_mm(g, b, recipe, "g", "w", 1, ctx.dtype)[0][: ctx.tokens]
         if ctx.needs_input_grad[1]:
             # E_W = E_Y^T X: inner dimension = the tokens
             b = ctx.qx if ctx.qx is not None else _pad_rows(x, gy.shape[0]).t()
-            gw = lowp_mm(gy.t(), b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
+            gw = lowp_mm(g_t, b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
         ctx.qx = ctx.qw = ctx.gathered = None
         return gx, gw, None, None
 

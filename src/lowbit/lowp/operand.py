@@ -4,7 +4,7 @@
 Pure tensor functions; no autograd (the linear layer's Function calls them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import math
 from typing import Optional, Tuple
 
@@ -175,3 +175,19 @@ def prepare_operand(a: torch.Tensor, spec: QuantSpec, block: int = 1, codes: boo
     if b > 1:
         a, b = rotate(a, b)
     return quantize_operand(a, spec, codes=codes, gain=b, fast=fast)
+
+
+def prepare_pair(a: torch.Tensor, spec: QuantSpec, fast: bool = True) -> Tuple[Operand, Operand]:
+    """The unrotated operand ``a`` (rows, inner) with a per-tensor scale and its transpose (inner,
+    rows), one operand of two matmuls (HALO-0: X of the forward and of the weight gradient, E_Y of
+    both gradients): hardware codes for E4M3/E5M2/INT8 (``fast``), float32 grid values otherwise.
+    On CUDA one fused pass writes both layouts; elsewhere the codes are quantized once and copied."""
+    if spec.granularity != "tensor":
+        raise ValueError(f"an operand shared by two matmuls needs one scale for the whole tensor, got {spec}")
+    codes = fast and str(spec.fmt) in NATIVE_DTYPES
+    if codes and fusable(a, spec, 1):
+        c, s, ct = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], 1,
+                                                 emit_transposed=True)
+        return Operand(c, s, spec), Operand(ct, s, spec)
+    op = prepare_operand(a, spec, 1, codes=codes, fast=fast)
+    return op, replace(op, values=op.values.t().contiguous())
