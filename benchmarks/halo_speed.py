@@ -170,16 +170,38 @@ def summarize_layers(rows: list) -> dict:
     return summary
 
 
-def _prep_operands(x, w, gy):
-    """(role, operand view, HALO level from which it is rotated) of one step's six preparations:
-    transposed views, as the linear layer passes them."""
-    return (("x", x, 1), ("w", w, 1), ("g", gy, 1), ("w", w.t(), 1), ("g", gy.t(), 2), ("x", x.t(), 2))
+def step_preparations(recipe, x, w, gy, rotated: bool) -> list:
+    """The operand preparations of one training step as ``LowpMatmuls`` makes them: (function,
+    operand, spec, block, bytes moved by the fused kernel), transposed views as the layer passes
+    them; X and E_Y (and W at HALO-0) in one pass for both of their matmuls where ``paired``."""
+    from lowbit.lowp.linear import paired
+    from lowbit.lowp.operand import prepare_operand, prepare_pair
+
+    b1 = recipe.block if rotated and recipe.level >= 1 else 1
+    b2 = recipe.block if rotated and recipe.level >= 2 else 1
+    ops = []
+    for role, t, block in (("x", x, b1), ("w", w, b1 if recipe.level >= 1 else 1), ("g", gy, b1)):
+        spec, size = recipe.spec(role), t.numel()
+        if paired(recipe, role):
+            ops.append((prepare_pair, t, spec, block if role != "w" else 1, size * (2 * t.element_size() + 2)))
+        else:
+            other = b2 if role in ("x", "g") else b1
+            ops.append((prepare_operand, t, spec, block, size * (2 * t.element_size() + 1)))
+            ops.append((prepare_operand, t.t(), spec, other, size * (2 * t.element_size() + 1)))
+    return ops
+
+
+def _run_preparations(ops) -> None:
+    for fn, t, spec, block, _ in ops:
+        if fn.__name__ == "prepare_pair":
+            fn(t, spec, block)
+        else:
+            fn(t, spec, block, codes=True)
 
 
 def prep_table(args, dev, layers: list) -> list:
     """Operand preparation of one training step, fused vs unfused, rotated vs not (ms)."""
     from lowbit.lowp import parse_recipe
-    from lowbit.lowp.operand import prepare_operand
 
     if not _fused_available(dev):
         print("operand preparation table skipped: the fused kernel needs CUDA and Triton (or TRITON_INTERPRET=1)")
@@ -191,25 +213,20 @@ def prep_table(args, dev, layers: list) -> list:
         x[:, :4] *= 20
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         gy = torch.randn(args.tokens, n, device=dev, dtype=torch.bfloat16) * 1e-2
-        ops = _prep_operands(x, w, gy)
-        moved = sum(a.numel() * (2 * a.element_size() + 1) for _, a, _ in ops)   # 2 reads + 1 code write
         step_ms = {r["name"]: r["ms"] for r in layers if r["shape"] == shape}
         for label, text in PREP_RECIPES:
             recipe = parse_recipe(text, block=args.block)
             row = {"shape": shape, "recipe": label}
+            moved = sum(op[-1] for op in step_preparations(recipe, x, w, gy, True))
             for fused in (True, False):
                 for rotated in (True, False):
-                    def prep():
-                        for role, a, level in ops:
-                            block = recipe.block if rotated and recipe.level >= level else 1
-                            prepare_operand(a, recipe.spec(role), block, codes=True)
-
+                    ops = step_preparations(recipe, x, w, gy, rotated)
                     with fused_preparation(fused, dev):
                         row[f"{'fused' if fused else 'unfused'} {'rotated' if rotated else 'plain'} ms"] = \
-                            time_step(prep, dev, args.warmup, args.iters)
+                            time_step(lambda: _run_preparations(ops), dev, args.warmup, args.iters)
             f_rot, f_plain = row["fused rotated ms"], row["fused plain ms"]
             row["fused speed-up over unfused"] = row["unfused rotated ms"] / f_rot
-            row["fused GB/s (2 reads + 1 code write)"] = moved / (f_rot / 1e3) / 1e9
+            row["fused GB/s (2 reads + code writes)"] = moved / (f_rot / 1e3) / 1e9
             row["fused rotation ms"] = f_rot - f_plain
             step = step_ms.get(f"lowbit {label}")
             if step:
@@ -218,7 +235,7 @@ def prep_table(args, dev, layers: list) -> list:
             out.append(row)
             print(f"{shape:<12} {label:<12} prep fused {f_rot:7.3f} ms (plain {f_plain:6.3f}) | unfused "
                   f"{row['unfused rotated ms']:7.3f} ms (plain {row['unfused plain ms']:6.3f}) | x"
-                  f"{row['fused speed-up over unfused']:.2f} | {row['fused GB/s (2 reads + 1 code write)']:6.0f} GB/s"
+                  f"{row['fused speed-up over unfused']:.2f} | {row['fused GB/s (2 reads + code writes)']:6.0f} GB/s"
                   + (f" | rotation {100 * row['fused rotation share of the step']:.1f}% of the step" if step else ""),
                   flush=True)
         del x, w, gy
@@ -304,7 +321,7 @@ def main() -> None:
             print(f"  {k:<46} {v:6.3f}")
     prep = []
     if args.fused_compare:
-        print("\noperand preparation of one step (6 operands), median ms:")
+        print("\noperand preparation of one step (X, W, E_Y for the three matmuls), median ms:")
         prep = prep_table(args, dev, rows)
     e2e = [] if args.skip_e2e else end_to_end(args, dev)
     targets = {}

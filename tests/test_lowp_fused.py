@@ -109,10 +109,10 @@ def test_fused_codes_equal_unfused(tk, spec, dtype):
     s = QuantSpec.parse(spec)
     for i, (rows, inner, block, transposed) in enumerate(SHAPES):
         a = _operand(rows, inner, dtype, transposed, seed=i)
-        codes, scale, none = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
-                                              per_row=s.granularity != "tensor", tile=256)
+        codes, scale, none, none_s = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
+                                                      per_row=s.granularity != "tensor", tile=256)
         ref, lowbit_ref, _ = _reference(a, s, block)
-        assert none is None
+        assert none is None and none_s is None
         _assert_same(codes, scale, ref, lowbit_ref)
 
 
@@ -126,19 +126,39 @@ def test_fused_codes_property(rows, blocks, log_b, spec, transposed, seed, mag):
     from lowbit.kernels import triton_operand as tk
     s, block = QuantSpec.parse(spec), 1 << log_b
     a = _operand(rows, blocks * block, torch.bfloat16, transposed, seed) * 2.0 ** mag
-    codes, scale, _ = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
-                                       per_row=s.granularity != "tensor", tile=256)
+    codes, scale, _, _ = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
+                                          per_row=s.granularity != "tensor", tile=256)
     ref, lowbit_ref, _ = _reference(a, s, block)
     _assert_same(codes, scale, ref, lowbit_ref)
 
 
-def test_emit_transposed_codes(tk):
+@pytest.mark.parametrize("spec", ["e4m3fn:tensor", "e5m2:tensor", "int8:tensor"])
+@pytest.mark.parametrize("block", [1, 16])
+def test_plain_transposed_codes(tk, spec, block):
+    """One pass also writes the unrotated operand's codes, transposed, under their own scale: those
+    of the unfused path for the transposed view."""
+    s = QuantSpec.parse(spec)
     a = _operand(24, 64, torch.bfloat16, False, seed=3)
-    codes, scale, codes_t = tk.prepare_codes(a, 448.0, torch.float8_e4m3fn, 1, emit_transposed=True, tile=256)
-    assert codes_t.shape == (64, 24) and codes_t.is_contiguous()
-    assert torch.equal(codes_t.view(torch.uint8), codes.t().contiguous().view(torch.uint8))
+    codes, scale, codes_t, scale_t = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
+                                                      emit_plain_transposed=True, tile=256)
+    ref, lowbit_ref, _ = _reference(a, s, block)
+    _assert_same(codes, scale, ref, lowbit_ref)
+    ref_t, lowbit_ref_t, _ = _reference(a.t(), s, 1)
+    _assert_same(codes_t, scale_t, ref_t, lowbit_ref_t)
+    if block == 1:
+        assert torch.equal(codes_t.view(torch.uint8), codes.t().contiguous().view(torch.uint8))
     with pytest.raises(ValueError, match="per-tensor"):
-        tk.prepare_codes(a, 448.0, torch.float8_e4m3fn, 1, per_row=True, emit_transposed=True)
+        tk.prepare_codes(a, 448.0, torch.float8_e4m3fn, 1, per_row=True, emit_plain_transposed=True)
+
+
+def test_rotation_pass_equals_butterfly(tk, monkeypatch):
+    """The rotation on its own (emulated formats' path): the butterfly's bits, via lowp's rotate."""
+    for i, (rows, inner, block, transposed) in enumerate(SHAPES):
+        a = _operand(rows, inner, torch.bfloat16, transposed, seed=20 + i)
+        assert torch.equal(tk.rotate(a, block, tile=256), butterfly(a, block))
+    monkeypatch.setattr(op_mod, "ROTATE_ON", (DEV,))
+    a = _operand(24, 64, torch.float32, True, seed=1)
+    assert torch.equal(rotate(a, 32)[0], butterfly(a, 32))
 
 
 def test_bad_input_is_named(tk):
@@ -205,22 +225,25 @@ def test_linear_same_bits_fused_or_not(fused_here, monkeypatch, text):
         outs.append((y, xv.grad, wv.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
-    # forward X and W; backward E_Y and W^T (input gradient), E_Y^T and X^T (weight gradient); at
-    # HALO-0 (per-tensor scales, no rotation) one pass each for X, W and E_Y writes both layouts
-    assert len(fused_here) == (3 if text.endswith(":0") else 6)
+    # forward X and W; backward E_Y and W^T (input gradient), E_Y^T and X^T (weight gradient); one
+    # pass writes both of X's and both of E_Y's operands at HALO-0/1, both of W's at HALO-0
+    assert len(fused_here) == {"fp8:0": 3, "fp8:1": 4}.get(text, 6)
 
 
 @pytest.mark.parametrize("spec", ["e4m3fn:tensor", "e5m2:tensor", "int8:tensor"])
-def test_prepare_pair_fused_or_not(fused_here, monkeypatch, spec):
+@pytest.mark.parametrize("block", [1, 64])
+def test_prepare_pair_fused_or_not(fused_here, monkeypatch, spec, block):
     from lowbit.lowp.operand import prepare_pair
 
     a = _operand(40, 48, torch.bfloat16, False, seed=9)
     s = QuantSpec.parse(spec)
-    fused, fused_t = prepare_pair(a, s)
+    fused, fused_t = prepare_pair(a, s, block)
     monkeypatch.setattr(op_mod, "FUSED_ON", ())
-    ref, ref_t = prepare_pair(a, s)
+    ref, ref_t = prepare_pair(a, s, block)
     for f, r in ((fused, ref), (fused_t, ref_t)):
         assert torch.equal(f.values.view(torch.uint8), r.values.view(torch.uint8)) and torch.equal(f.scale, r.scale)
+        assert f.gain == r.gain
+    assert fused.gain == (16 if block > 1 else 1) and fused_t.gain == 1
     assert fused_t.values.shape == (48, 40) and len(fused_here) == 1
     with pytest.raises(ValueError, match="one scale"):
         prepare_pair(a, QuantSpec.parse("int8:channel"))
@@ -236,7 +259,7 @@ def test_cuda_fused_codes_at_llm_sizes(spec, block):
     s = QuantSpec.parse(spec)
     for transposed in (False, True):
         a = _operand(1040, 2048, torch.bfloat16, transposed, seed=11)
-        codes, scale, _ = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
-                                           per_row=s.granularity != "tensor")
+        codes, scale, _, _ = tk.prepare_codes(a, float(s.fmt.max), NATIVE_DTYPES[str(s.fmt)], block,
+                                              per_row=s.granularity != "tensor")
         ref, lowbit_ref, _ = _reference(a, s, block)
         _assert_same(codes, scale, ref, lowbit_ref)

@@ -3,8 +3,9 @@ scale and scale-and-cast to FP8 (E4M3/E5M2) or INT8 codes, in one or two passes 
 
 The operand is a 2-D view ``a`` (rows, inner) with any strides (the backward's ``W^T``, ``E_Y^T``
 and ``X^T`` are read through their transposed strides, never copied); the codes are written
-row-major (rows, inner), the layout ``torch._scaled_mm`` / ``torch._int_mm`` take, and optionally
-also transposed (inner, rows) for an operand that feeds a second matmul with the same codes.
+row-major (rows, inner), the layout ``torch._scaled_mm`` / ``torch._int_mm`` take; optionally the
+same pass also writes the unrotated operand's codes transposed (inner, rows), under their own
+per-tensor scale, for the second matmul that operand feeds (X: forward and weight gradient).
 
 Arithmetic (``lowp.operand.rotate`` / ``quantize_operand`` compute the same bits in torch):
   * rotation: the unnormalised Sylvester ``H_b`` on each block of ``b`` inner elements as log2(b)
@@ -16,7 +17,7 @@ Arithmetic (``lowp.operand.rotate`` / ``quantize_operand`` compute the same bits
 
 Per tensor: pass 1 writes each tile's rotated absmax, torch reduces the partials, pass 2 recomputes
 the rotation from the input and writes the codes (read 2 x 2 bytes + write 1 byte per bf16 element:
-fewer bytes than storing the rotated values). Per row: one program owns ``BR`` whole rows and loops
+fewer bytes than storing the rotated values; the transposed plain codes add one byte). Per row: one program owns ``BR`` whole rows and loops
 over their inner dimension twice (absmax, then codes; the second read mostly hits L2).
 """
 from __future__ import annotations
@@ -44,15 +45,26 @@ def _stage(x, BR: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR: tl.constexpr, BI: tl.constexpr,
-                  LOG_B: tl.constexpr):
-    """The float32 tile ``a[r, i]`` with ``H_b`` applied to each run of ``2**LOG_B`` columns."""
+def _load_tile(a_ptr, r, i, R, I, stride_r, stride_i):
+    """The float32 tile ``a[r, i]`` (zero outside the operand) and its mask."""
     mask = (r < R)[:, None] & (i < I)[None, :]
     offs = r.to(tl.int64)[:, None] * stride_r + i.to(tl.int64)[None, :] * stride_i
-    x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _rotate(x, BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr):
+    """``H_b`` applied to each run of ``b = 2**LOG_B`` columns of the (BR, BI) tile."""
     for k in tl.static_range(LOG_B):
         x = _stage(x, BR, BI >> (k + 1), 1 << k)
-    return x, mask
+    return x
+
+
+@triton.jit
+def _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR: tl.constexpr, BI: tl.constexpr,
+                  LOG_B: tl.constexpr):
+    x, mask = _load_tile(a_ptr, r, i, R, I, stride_r, stride_i)
+    return _rotate(x, BR, BI, LOG_B), mask
 
 
 @triton.jit
@@ -79,29 +91,41 @@ def _codes(v, s, fmax, IS_INT: tl.constexpr, MAN: tl.constexpr, EMIN: tl.constex
 
 @triton.jit
 def _tile_amax_kernel(a_ptr, part_ptr, R, I, stride_r, stride_i,
-                      BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr):
+                      BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr, PLAIN: tl.constexpr):
+    # PLAIN: also the absmax of the unrotated tile, after the rotated ones
     pr, pi = tl.program_id(0), tl.program_id(1)
+    pid = pr * tl.num_programs(1) + pi
     r = pr * BR + tl.arange(0, BR)
     i = pi * BI + tl.arange(0, BI)
-    x, _ = _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR, BI, LOG_B)
-    tl.store(part_ptr + pr * tl.num_programs(1) + pi, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    x, _ = _load_tile(a_ptr, r, i, R, I, stride_r, stride_i)
+    if PLAIN:
+        tl.store(part_ptr + tl.num_programs(0) * tl.num_programs(1) + pid,
+                 tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    x = _rotate(x, BR, BI, LOG_B)
+    tl.store(part_ptr + pid, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
 
 
 @triton.jit
-def _tensor_codes_kernel(a_ptr, amax_ptr, c_ptr, ct_ptr, s_ptr, R, I, stride_r, stride_i, fmax,
+def _tensor_codes_kernel(a_ptr, amax_ptr, c_ptr, ct_ptr, s_ptr, st_ptr, R, I, stride_r, stride_i, fmax,
                          BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr, IS_INT: tl.constexpr,
-                         MAN: tl.constexpr, EMIN: tl.constexpr, EMIT_T: tl.constexpr):
+                         MAN: tl.constexpr, EMIN: tl.constexpr, PLAIN: tl.constexpr):
+    # PLAIN: also the codes of the unrotated tile under their own scale, written transposed
     pr, pi = tl.program_id(0), tl.program_id(1)
-    s = _scale(tl.load(amax_ptr), fmax)
     r = pr * BR + tl.arange(0, BR)
     i = pi * BI + tl.arange(0, BI)
-    x, mask = _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR, BI, LOG_B)
-    c = _codes(x, s, fmax, IS_INT, MAN, EMIN).to(c_ptr.dtype.element_ty)
+    x, mask = _load_tile(a_ptr, r, i, R, I, stride_r, stride_i)
     r64, i64 = r.to(tl.int64), i.to(tl.int64)
+    first = (pr == 0) & (pi == 0)
+    if PLAIN:
+        s_t = _scale(tl.load(amax_ptr + 1), fmax)
+        c_t = _codes(x, s_t, fmax, IS_INT, MAN, EMIN).to(ct_ptr.dtype.element_ty)
+        tl.store(ct_ptr + i64[None, :] * R + r64[:, None], c_t, mask=mask)
+        if first:
+            tl.store(st_ptr, s_t)
+    s = _scale(tl.load(amax_ptr), fmax)
+    c = _codes(_rotate(x, BR, BI, LOG_B), s, fmax, IS_INT, MAN, EMIN).to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + r64[:, None] * I + i64[None, :], c, mask=mask)
-    if EMIT_T:
-        tl.store(ct_ptr + i64[None, :] * R + r64[:, None], c, mask=mask)
-    if pr == 0 and pi == 0:
+    if first:
         tl.store(s_ptr, s)
 
 
@@ -128,6 +152,14 @@ def _row_codes_kernel(a_ptr, c_ptr, s_ptr, R, I, stride_r, stride_i, fmax,
 ROW_PROGRAMS = 512   # per-row scales: fewer rows per program until about this many programs run
 
 
+@triton.jit
+def _rotate_kernel(a_ptr, y_ptr, R, I, stride_r, stride_i, BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr):
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    x, mask = _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR, BI, LOG_B)
+    tl.store(y_ptr + r.to(tl.int64)[:, None] * I + i.to(tl.int64)[None, :], x, mask=mask)
+
+
 def _tile(rows: int, inner: int, block: int, contiguous_rows: bool, tile: int, per_row: bool) -> Tuple[int, int]:
     """(BR, BI): a tile of about ``tile`` elements, ``BI`` a multiple of the Hadamard block; inputs
     read through transposed strides (rows contiguous) get at least 32 rows (16 per row-scaled
@@ -151,21 +183,25 @@ def supports(a: torch.Tensor, block: int) -> bool:
 
 
 def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int = 1, per_row: bool = False,
-                  emit_transposed: bool = False, tile: int = TILE
-                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(codes, scale, codes_t)`` of the operand ``a`` (rows, inner; any strides) rotated by
-    ``blockdiag(H_block)`` along the inner dimension (unnormalised; ``block`` 1: no rotation) and
+                  emit_plain_transposed: bool = False, tile: int = TILE
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(codes, scale, codes_t, scale_t)`` of the operand ``a`` (rows, inner; any strides) rotated
+    by ``blockdiag(H_block)`` along the inner dimension (unnormalised; ``block`` 1: no rotation) and
     scaled by its absmax over ``fmax``: ``codes`` (rows, inner) row-major in ``dtype`` (float8 or
-    int8), ``scale`` float32, ``()`` per tensor or ``(rows, 1)`` per row, ``codes_t`` the codes
-    transposed (inner, rows) row-major when ``emit_transposed`` (per-tensor scales only), else None."""
+    int8), ``scale`` float32, ``()`` per tensor or ``(rows, 1)`` per row. With
+    ``emit_plain_transposed`` (per-tensor scales only) the same pass also writes the unrotated
+    operand's codes transposed, ``codes_t`` (inner, rows) row-major, under their own per-tensor
+    ``scale_t`` (the operand of a second matmul reducing over the rows: X and E_Y at HALO-0/1; at
+    ``block`` 1 they are ``codes`` transposed); else both are None."""
     if dtype not in CODE_DTYPES:
         raise ValueError(f"code dtype must be one of {CODE_DTYPES}, got {dtype}")
     if not supports(a, block):
         raise ValueError(f"the fused operand kernel needs a non-empty 2-D float32/bfloat16/float16 tensor whose "
                          f"inner dimension a power-of-two block of 1..{MAX_BLOCK} divides; got {tuple(a.shape)} "
                          f"{a.dtype}, block {block}")
-    if emit_transposed and per_row:
-        raise ValueError("emit_transposed needs a per-tensor scale (per-row scales differ along the other dimension)")
+    if emit_plain_transposed and per_row:
+        raise ValueError("emit_plain_transposed needs per-tensor scales (per-row scales differ along the other "
+                         "dimension)")
     rows, inner = a.shape
     is_int = dtype == torch.int8
     man, emin = _FLOAT8.get(dtype, (0, 0))
@@ -178,14 +214,33 @@ def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int =
         scale = torch.empty(rows, 1, dtype=torch.float32, device=a.device)
         _row_codes_kernel[(triton.cdiv(rows, br),)](a, codes, scale, rows, inner, a.stride(0), a.stride(1),
                                                      float(fmax), num_warps=warps, **consts)
-        return codes, scale, None
+        return codes, scale, None, None
+    plain = bool(emit_plain_transposed)
     grid = (triton.cdiv(rows, br), triton.cdiv(inner, bi))
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
+    partial = torch.empty(2 if plain else 1, grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _tile_amax_kernel[grid](a, partial, rows, inner, a.stride(0), a.stride(1), BR=br, BI=bi, LOG_B=log_b,
-                            num_warps=warps)
-    amax = partial.amax()
+                            PLAIN=plain, num_warps=warps)
+    amax = partial.amax(dim=1)
     scale = torch.empty((), dtype=torch.float32, device=a.device)
-    codes_t = torch.empty(inner, rows, dtype=dtype, device=a.device) if emit_transposed else codes
-    _tensor_codes_kernel[grid](a, amax, codes, codes_t, scale, rows, inner, a.stride(0), a.stride(1), float(fmax),
-                               EMIT_T=emit_transposed, num_warps=warps, **consts)
-    return codes, scale, codes_t if emit_transposed else None
+    scale_t = torch.empty((), dtype=torch.float32, device=a.device) if plain else scale
+    codes_t = torch.empty(inner, rows, dtype=dtype, device=a.device) if plain else codes
+    _tensor_codes_kernel[grid](a, amax, codes, codes_t, scale, scale_t, rows, inner, a.stride(0), a.stride(1),
+                               float(fmax), PLAIN=plain, num_warps=warps, **consts)
+    return (codes, scale, codes_t, scale_t) if plain else (codes, scale, None, None)
+
+
+def rotate(a: torch.Tensor, block: int, tile: int = TILE) -> torch.Tensor:
+    """``a @ blockdiag(H_block)`` (unnormalised) along the inner dimension of ``a`` (rows, inner; any
+    strides) in float32, row-major: the rotation ``prepare_codes`` applies, on its own (one read, one
+    float32 write), for the paths that quantize in torch afterwards (emulated formats)."""
+    if not supports(a, block):
+        raise ValueError(f"the fused rotation needs a non-empty 2-D float32/bfloat16/float16 tensor whose inner "
+                         f"dimension a power-of-two block of 1..{MAX_BLOCK} divides; got {tuple(a.shape)} {a.dtype}, "
+                         f"block {block}")
+    rows, inner = a.shape
+    br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile, False)
+    y = torch.empty(rows, inner, dtype=torch.float32, device=a.device)
+    _rotate_kernel[(triton.cdiv(rows, br), triton.cdiv(inner, bi))](
+        a, y, rows, inner, a.stride(0), a.stride(1), BR=br, BI=bi, LOG_B=block.bit_length() - 1,
+        num_warps=8 if br * bi >= 8192 else 4)
+    return y

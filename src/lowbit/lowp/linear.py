@@ -67,12 +67,14 @@ def lowp_mm(a: Union[torch.Tensor, Operand], b: Union[torch.Tensor, Operand], re
     return y, qa, qb
 
 
-def _reusable(recipe: LowpRecipe, role: str) -> bool:
-    """Whether the forward's quantized X or W serves the backward as it is: no rotation anywhere
-    (HALO-0), one scale for the whole tensor (the same along either dimension) and a deterministic
-    rounding; the backward then transposes the codes instead of quantizing again."""
+def paired(recipe: LowpRecipe, role: str) -> bool:
+    """Whether X, W or E_Y is quantized once for both matmuls it feeds (``operand.prepare_pair``):
+    one deterministic scale for the whole tensor, and the second matmul takes it unrotated (X and
+    E_Y at HALO-0/1: the weight gradient rotates only at HALO-2; W at HALO-0: HALO-1 rotates the
+    input gradient's W along the other dimension)."""
     spec = recipe.spec(role)
-    return recipe.level == 0 and spec.granularity == "tensor" and "stochastic" not in spec.rounding
+    top = 0 if role == "w" else 1
+    return recipe.level <= top and spec.granularity == "tensor" and "stochastic" not in spec.rounding
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -102,17 +104,17 @@ class LowpMatmuls(torch.autograd.Function):
         else:
             w = weight.to(compute_dtype)
         rows = padded_tokens(x.shape[0], recipe)
-        fast = recipe.backend != "emulate"
-        # where the backward reuses the forward's codes (smaller than x and w, too), quantize them in
-        # both layouts at once: (tokens, in) for Y, (in, tokens) for E_W; (out, in) and (in, out) for W
+        fast, block = recipe.backend != "emulate", recipe.block if recipe.level >= 1 else 1
+        # X (and W at HALO-0) quantized for the backward in the same pass as for the forward
+        # (``paired``); the codes are kept instead of the tensor (smaller, too)
         a, ctx.qx = _pad_rows(x, rows), None
-        if _reusable(recipe, "x"):
-            a, ctx.qx = prepare_pair(a, recipe.spec("x"), fast)
+        if paired(recipe, "x") and ctx.needs_input_grad[1]:
+            a, ctx.qx = prepare_pair(a, recipe.spec("x"), block, fast)
         b, ctx.qw = w, None
-        if _reusable(recipe, "w") and not isinstance(w, Operand):
-            b, ctx.qw = prepare_pair(w, recipe.spec("w"), fast)
-        y, qx, qw = lowp_mm(a, b, recipe, "x", "w", 1, compute_dtype)
-        if ctx.qw is None and _reusable(recipe, "w"):   # the all-gathered codes
+        if paired(recipe, "w") and ctx.needs_input_grad[0] and not isinstance(w, Operand):
+            b, ctx.qw = prepare_pair(w, recipe.spec("w"), 1, fast)
+        y, _, qw = lowp_mm(a, b, recipe, "x", "w", 1, compute_dtype)
+        if isinstance(w, Operand) and paired(recipe, "w"):   # the all-gathered codes, transposed
             ctx.qw = replace(qw, values=qw.values.t().contiguous())
         if isinstance(weight, GatheredLowpWeight) and ctx.qw is None:
             # FSDP frees the gathered codes after the forward and gathers them again for the backward
@@ -129,8 +131,9 @@ class LowpMatmuls(torch.autograd.Function):
         gy = _pad_rows(gy.to(ctx.dtype), padded_tokens(ctx.tokens, recipe))
         gx = gw = None
         g, g_t = gy, gy.t()
-        if all(ctx.needs_input_grad[:2]) and _reusable(recipe, "g"):
-            g, g_t = prepare_pair(gy, recipe.spec("g"), recipe.backend != "emulate")   # E_Y for both
+        if all(ctx.needs_input_grad[:2]) and paired(recipe, "g"):   # E_Y for both gradients in one pass
+            g, g_t = prepare_pair(gy, recipe.spec("g"), recipe.block if recipe.level >= 1 else 1,
+                                  recipe.backend != "emulate")
         if ctx.needs_input_grad[0]:
             # E_X = E_Y W: inner dimension = the output features
             b = ctx.qw if ctx.qw is not None else w.t()
@@ -138,7 +141,9 @@ class LowpMatmuls(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # E_W = E_Y^T X: inner dimension = the tokens
             b = ctx.qx if ctx.qx is not None else _pad_rows(x, gy.shape[0]).t()
-            gw = lowp_mm(g_t, b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
+            # written in the weight's dtype where the kernels write it (no float32 round trip)
+            out = ctx.weight_dtype if ctx.weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+            gw = lowp_mm(g_t, b, recipe, "g", "x", 2, out)[0].to(ctx.weight_dtype)
         ctx.qx = ctx.qw = ctx.gathered = None
         return gx, gw, None, None
 

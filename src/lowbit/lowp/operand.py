@@ -20,6 +20,7 @@ from ..transforms.hadamard import hadamard_matrix
 # element formats the hardware multiplies natively, by name
 NATIVE_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
 FUSED_ON = ("cuda",)   # device types whose operands go to the fused Triton kernel (tests add "cpu" interpreted)
+ROTATE_ON = ("cuda",)  # device types whose rotations alone (emulated formats) run as one Triton pass
 
 
 def inner_block(n: int, block: int) -> int:
@@ -58,12 +59,17 @@ def butterfly(a: torch.Tensor, b: int) -> torch.Tensor:
 
 def rotate(a: torch.Tensor, block: int) -> Tuple[torch.Tensor, int]:
     """``(a @ blockdiag(H_b), b)`` over the last dimension with ``H_b`` the +-1 Hadamard matrix of
-    order ``b = inner_block(n, block)``, in float32 (``butterfly``; ``a`` unchanged when b < 2).
+    order ``b = inner_block(n, block)``, in float32 (``butterfly``, or the same stages in one Triton
+    pass on the devices of ``ROTATE_ON``; ``a`` unchanged when b < 2).
     ``H_b H_b^T = b I``: rotating both operands of a matmul multiplies the product by ``b``, which
     the matmul divides out exactly (a power of two)."""
     b = inner_block(a.shape[-1], block)
     if b < 2:
         return a.contiguous(), 1
+    if a.dim() == 2 and a.device.type in ROTATE_ON:
+        mod = fused_kernels()
+        if mod is not None and mod.supports(a, b):
+            return mod.rotate(a, b), b   # the same stages in one Triton pass
     return butterfly(a, b), b
 
 
@@ -169,25 +175,30 @@ def prepare_operand(a: torch.Tensor, spec: QuantSpec, block: int = 1, codes: boo
     b = inner_block(a.shape[1], block) if block > 1 else 1
     b = b if b >= 2 else 1
     if codes and fast and fusable(a, spec, b):
-        c, s, _ = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
-                                                per_row=spec.granularity != "tensor")
+        c, s, _, _ = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
+                                                   per_row=spec.granularity != "tensor")
         return Operand(c, s, spec, None, b)
     if b > 1:
         a, b = rotate(a, b)
     return quantize_operand(a, spec, codes=codes, gain=b, fast=fast)
 
 
-def prepare_pair(a: torch.Tensor, spec: QuantSpec, fast: bool = True) -> Tuple[Operand, Operand]:
-    """The unrotated operand ``a`` (rows, inner) with a per-tensor scale and its transpose (inner,
-    rows), one operand of two matmuls (HALO-0: X of the forward and of the weight gradient, E_Y of
-    both gradients): hardware codes for E4M3/E5M2/INT8 (``fast``), float32 grid values otherwise.
-    On CUDA one fused pass writes both layouts; elsewhere the codes are quantized once and copied."""
+def prepare_pair(a: torch.Tensor, spec: QuantSpec, block: int = 1, fast: bool = True) -> Tuple[Operand, Operand]:
+    """The two operands made from ``a`` (rows, inner) with per-tensor scales when it feeds two
+    matmuls: ``prepare_operand(a, spec, block)`` (rotated along the inner dimension) and the
+    unrotated ``a`` transposed (inner, rows), for the matmul reducing over the rows (X for Y and E_W,
+    E_Y for E_X and E_W, at HALO-0/1; at block 1 the same codes, transposed). Hardware codes for
+    E4M3/E5M2/INT8 (``fast``), float32 grid values otherwise. On CUDA one fused pass writes both."""
     if spec.granularity != "tensor":
         raise ValueError(f"an operand shared by two matmuls needs one scale for the whole tensor, got {spec}")
     codes = fast and str(spec.fmt) in NATIVE_DTYPES
-    if codes and fusable(a, spec, 1):
-        c, s, ct = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], 1,
-                                                 emit_transposed=True)
-        return Operand(c, s, spec), Operand(ct, s, spec)
-    op = prepare_operand(a, spec, 1, codes=codes, fast=fast)
+    b = inner_block(a.shape[1], block) if block > 1 else 1
+    b = b if b >= 2 else 1
+    if codes and fusable(a, spec, b):
+        c, s, ct, st = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
+                                                     emit_plain_transposed=True)
+        return Operand(c, s, spec, None, b), Operand(ct, st, spec)
+    op = prepare_operand(a, spec, b, codes=codes, fast=fast)
+    if b > 1:
+        return op, prepare_operand(a.t(), spec, 1, codes=codes, fast=fast)
     return op, replace(op, values=op.values.t().contiguous())
