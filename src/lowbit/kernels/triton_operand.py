@@ -11,14 +11,15 @@ Arithmetic (``lowp.operand.rotate`` / ``quantize_operand`` compute the same bits
   * rotation: the unnormalised Sylvester ``H_b`` on each block of ``b`` inner elements as log2(b)
     float32 add/subtract stages, half-width 1, 2, ..., b/2 (lower ``a + c``, upper ``a - c``);
   * scale ``s = amax / fmax`` correctly rounded (1 for an all-zero slice), per tensor or per row;
-  * codes: ``v / s`` correctly rounded (``div_rn``: Triton's ``/`` is approximate on NVIDIA GPUs),
-    clamped to +-fmax, rounded to the nearest grid point, ties to even, by float32 bit arithmetic;
-    the final cast to the code dtype is then exact (the interpreter's float8 casts truncate).
+  * codes: ``v / s`` correctly rounded (``div_rn``, as torch divides), clamped to +-fmax, rounded
+    to the nearest grid point, ties to even, by float32 bit arithmetic; the final cast to the code
+    dtype is then exact (the interpreter's float8 casts truncate). NaN inputs are not handled.
 
 Per tensor: pass 1 writes each tile's rotated absmax, torch reduces the partials, pass 2 recomputes
-the rotation from the input and writes the codes (read 2 x 2 bytes + write 1 byte per bf16 element:
-fewer bytes than storing the rotated values; the transposed plain codes add one byte). Per row: one program owns ``BR`` whole rows and loops
-over their inner dimension twice (absmax, then codes; the second read mostly hits L2).
+the rotation from the input and writes the codes (read 2 x 2 bytes + write 1 byte per bf16
+element: fewer bytes than storing the rotated values; the transposed plain codes add one byte).
+Per row: one program owns ``BR`` whole rows and loops over their inner dimension twice (absmax,
+then codes; the second read mostly hits L2).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def _scale(amax, fmax):
 @triton.jit
 def _codes(v, s, fmax, IS_INT: tl.constexpr, MAN: tl.constexpr, EMIN: tl.constexpr):
     """``v / s`` clamped to +-fmax and rounded to the code grid (nearest, ties to even), float32."""
-    y = tl.math.div_rn(v, s)
+    y = tl.math.div_rn(v, s + tl.zeros_like(v))   # div_rn does not broadcast (Triton 3.6); s > 0, so s + 0 is s
     y = tl.minimum(tl.maximum(y, -fmax), fmax)
     # (t + 1.5 * 2^23) - 1.5 * 2^23 rounds |t| < 2^22 to an integer, ties to even (IEEE adds)
     if IS_INT:
