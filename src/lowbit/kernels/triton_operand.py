@@ -161,14 +161,15 @@ def _rotate_kernel(a_ptr, y_ptr, R, I, stride_r, stride_i, BR: tl.constexpr, BI:
     tl.store(y_ptr + r.to(tl.int64)[:, None] * I + i.to(tl.int64)[None, :], x, mask=mask)
 
 
-def _tile(rows: int, inner: int, block: int, contiguous_rows: bool, tile: int, per_row: bool) -> Tuple[int, int]:
+def _tile(rows: int, inner: int, block: int, contiguous_rows: bool, tile: int, per_row: bool,
+          transposed_out: bool = False) -> Tuple[int, int]:
     """(BR, BI): a tile of about ``tile`` elements, ``BI`` a multiple of the Hadamard block; inputs
-    read through transposed strides (rows contiguous) get at least 32 rows (16 per row-scaled
-    program) for coalesced loads. A row-scaled program owns whole rows: fewer of them per program
-    when that leaves the GPU with too few programs."""
+    read through transposed strides (rows contiguous) and codes written transposed get at least 32
+    rows (16 per row-scaled program) for coalesced accesses. A row-scaled program owns whole rows:
+    fewer of them per program when that leaves the GPU with too few programs."""
     bi = max(block, min(128, triton.next_power_of_2(inner)))
     br = max(1, tile // bi)
-    low = (16 if per_row else 32) if contiguous_rows else 1
+    low = (16 if per_row else 32) if contiguous_rows or transposed_out else 1
     br = max(br, low)
     if per_row:
         while br > low and triton.cdiv(rows, br) < ROW_PROGRAMS:
@@ -207,7 +208,7 @@ def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int =
     is_int = dtype == torch.int8
     man, emin = _FLOAT8.get(dtype, (0, 0))
     log_b = block.bit_length() - 1
-    br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile, per_row)
+    br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile, per_row, emit_plain_transposed)
     codes = torch.empty(rows, inner, dtype=dtype, device=a.device)
     warps = 8 if br * bi >= 8192 else 4
     consts = dict(BR=br, BI=bi, LOG_B=log_b, IS_INT=is_int, MAN=man, EMIN=emin)
