@@ -263,3 +263,49 @@ def test_cuda_fused_codes_at_llm_sizes(spec, block):
                                               per_row=s.granularity != "tensor")
         ref, lowbit_ref, _ = _reference(a, s, block)
         _assert_same(codes, scale, ref, lowbit_ref)
+
+
+def _hopper_compiler():
+    """(triton, GPUTarget, ASTSource) where Triton's NVIDIA backend with its ptxas is installed: the
+    kernels compile for sm_90 without a GPU. Not under the interpreter (its kernels are not JIT ones)."""
+    if not HAS_TRITON or INTERPRET:
+        pytest.skip("needs triton, not interpreted")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90)
+    except Exception as e:  # no NVIDIA backend or no ptxas in this triton
+        pytest.skip(f"Triton's NVIDIA backend is not usable here ({type(e).__name__})")
+    return triton, GPUTarget, ASTSource
+
+
+@pytest.mark.parametrize("kernel,dtype,is_int,man,emin", [("tensor", "fp8e4nv", False, 3, -6),
+                                                         ("tensor", "fp8e5", False, 2, -14), ("row", "i8", True, 0, 0)])
+def test_kernels_compile_for_hopper_with_exact_division(kernel, dtype, is_int, man, emin):
+    """The codes kernels compile for an H100 (sm_90) and divide with ``div.rn.f32`` (correctly
+    rounded), never an approximate division; every fused multiply-add is the exact power-of-two
+    scaling plus the rounding constant (so contraction changes no bits)."""
+    import re
+
+    triton, GPUTarget, ASTSource = _hopper_compiler()
+    from lowbit.kernels import triton_operand as tk
+
+    ints = {"R": "i32", "I": "i32", "stride_r": "i32", "stride_i": "i32"}
+    codes = {"BR": 16, "BI": 256, "LOG_B": 8, "IS_INT": is_int, "MAN": man, "EMIN": emin}
+    if kernel == "tensor":
+        fn, consts = tk._tensor_codes_kernel, {**codes, "PLAIN": True}
+        sig = {"a_ptr": "*bf16", "amax_ptr": "*fp32", "c_ptr": "*" + dtype, "ct_ptr": "*" + dtype, "s_ptr": "*fp32",
+               "st_ptr": "*fp32", **ints, "fmax": "fp32"}
+    else:
+        fn, consts = tk._row_codes_kernel, codes
+        sig = {"a_ptr": "*bf16", "c_ptr": "*" + dtype, "s_ptr": "*fp32", **ints, "fmax": "fp32"}
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    ptx = k.asm["ptx"]
+    divs = set(re.findall(r"\bdiv\.[a-z0-9.]+", ptx))
+    assert divs == {"div.rn.f32"}, divs
+    fmas = re.findall(r"fma\.rn\.f32[^;]*;", ptx)
+    assert all("0f4B400000" in line for line in fmas), fmas   # 1.5 * 2^23: t * 2^-e + M, t * 2^-e exact
