@@ -172,8 +172,7 @@ def prepare_operand(a: torch.Tensor, spec: QuantSpec, block: int = 1, codes: boo
     ``a`` through its strides (a transposed view is not copied) and gives the same bits."""
     if a.dim() != 2:
         raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
-    b = inner_block(a.shape[1], block) if block > 1 else 1
-    b = b if b >= 2 else 1
+    b = max(1, inner_block(a.shape[1], block))
     if codes and fast and fusable(a, spec, b):
         c, s, _, _ = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
                                                    per_row=spec.granularity != "tensor")
@@ -192,8 +191,7 @@ def prepare_pair(a: torch.Tensor, spec: QuantSpec, block: int = 1, fast: bool = 
     if spec.granularity != "tensor":
         raise ValueError(f"an operand shared by two matmuls needs one scale for the whole tensor, got {spec}")
     codes = fast and str(spec.fmt) in NATIVE_DTYPES
-    b = inner_block(a.shape[1], block) if block > 1 else 1
-    b = b if b >= 2 else 1
+    b = max(1, inner_block(a.shape[1], block))
     if codes and fusable(a, spec, b):
         c, s, ct, st = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
                                                      emit_plain_transposed=True)
