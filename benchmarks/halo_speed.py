@@ -191,12 +191,25 @@ def step_preparations(recipe, x, w, gy, rotated: bool) -> list:
     return ops
 
 
-def _run_preparations(ops) -> None:
+def _run_preparations(ops) -> list:
+    """The operands of ``ops`` (prepare_pair gives two)."""
+    out = []
     for fn, t, spec, block, _ in ops:
         if fn.__name__ == "prepare_pair":
-            fn(t, spec, block)
+            out += fn(t, spec, block)
         else:
-            fn(t, spec, block, codes=True)
+            out.append(fn(t, spec, block, codes=True))
+    return out
+
+
+def _same_codes(ops, dev) -> bool:
+    """Whether the fused kernel's codes and scales are the unfused path's, bit for bit, at this size."""
+    with fused_preparation(True, dev):
+        fused = _run_preparations(ops)
+    with fused_preparation(False, dev):
+        plain = _run_preparations(ops)
+    return all(torch.equal(f.values.view(torch.uint8), p.values.view(torch.uint8)) and torch.equal(f.scale, p.scale)
+               for f, p in zip(fused, plain))
 
 
 def prep_table(args, dev, layers: list) -> list:
@@ -218,6 +231,7 @@ def prep_table(args, dev, layers: list) -> list:
             recipe = parse_recipe(text, block=args.block)
             row = {"shape": shape, "recipe": label}
             moved = sum(op[-1] for op in step_preparations(recipe, x, w, gy, True))
+            row["codes identical to the unfused path"] = _same_codes(step_preparations(recipe, x, w, gy, True), dev)
             for fused in (True, False):
                 for rotated in (True, False):
                     ops = step_preparations(recipe, x, w, gy, rotated)
@@ -236,8 +250,8 @@ def prep_table(args, dev, layers: list) -> list:
             print(f"{shape:<12} {label:<12} prep fused {f_rot:7.3f} ms (plain {f_plain:6.3f}) | unfused "
                   f"{row['unfused rotated ms']:7.3f} ms (plain {row['unfused plain ms']:6.3f}) | x"
                   f"{row['fused speed-up over unfused']:.2f} | {row['fused GB/s (2 reads + code writes)']:6.0f} GB/s"
-                  + (f" | rotation {100 * row['fused rotation share of the step']:.1f}% of the step" if step else ""),
-                  flush=True)
+                  + (f" | rotation {100 * row['fused rotation share of the step']:.1f}% of the step" if step else "")
+                  + f" | codes {'identical' if row['codes identical to the unfused path'] else 'DIFFER'}", flush=True)
         del x, w, gy
     return out
 
@@ -333,6 +347,8 @@ def main() -> None:
         if "emulated fp8 / bf16 time" in s:
             targets[f"{shape} emulated fp8 <= 2x bf16"] = s["emulated fp8 / bf16 time"] <= 2.0
         for p in prep:
+            if p["shape"] == shape:
+                targets[f"{shape} {p['recipe']} fused codes = unfused codes"] = p["codes identical to the unfused path"]
             if p["shape"] == shape and "fused rotation share of the step" in p:
                 targets[f"{shape} {p['recipe']} fused rotations <= 15% of the step"] = \
                     p["fused rotation share of the step"] <= 0.15
