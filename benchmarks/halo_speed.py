@@ -364,7 +364,8 @@ def main() -> None:
         print(f"  {'met   ' if v else 'MISSED'} {k}")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "layers": rows,
-                                               "summary": summary, "preparation": prep, "end_to_end": e2e, "targets": targets}, indent=1))
+                                               "summary": summary, "preparation": prep, "end_to_end": e2e,
+                                               "targets": targets}, indent=1))
 
 
 if __name__ == "__main__":
