@@ -47,13 +47,15 @@ def butterfly(a: torch.Tensor, b: int) -> torch.Tensor:
     power of two dividing it) in float32 as log2(b) add/subtract stages of half-width 1, 2, ..., b/2
     (lower half ``a + c``, upper ``a - c``): a fixed order of float32 roundings, the one the fused
     kernel (``kernels/triton_operand.py``) performs, so both give the same bits."""
-    y = a.float().reshape(-1, b)
-    h = 1
+    y = a.float().reshape(-1, b).contiguous()
+    spare, h = None, 1
     while h < b:
-        y = y.reshape(-1, b // (2 * h), 2, h)
-        lo, hi = y[:, :, 0], y[:, :, 1]
-        y = torch.stack((lo + hi, lo - hi), dim=2)
-        h *= 2
+        out = torch.empty_like(y) if spare is None else spare
+        v, o = y.view(-1, b // (2 * h), 2, h), out.view(-1, b // (2 * h), 2, h)
+        torch.add(v[:, :, 0], v[:, :, 1], out=o[:, :, 0])
+        torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
+        spare = None if h == 1 else y   # two buffers in turn, never ``a``'s own storage
+        y, h = out, 2 * h
     return y.reshape(a.shape)
 
 
