@@ -47,7 +47,7 @@ def butterfly(a: torch.Tensor, b: int) -> torch.Tensor:
     power of two dividing it) in float32 as log2(b) add/subtract stages of half-width 1, 2, ..., b/2
     (lower half ``a + c``, upper ``a - c``): a fixed order of float32 roundings, the one the fused
     kernel (``kernels/triton_operand.py``) performs, so both give the same bits."""
-    y = a.float().reshape(-1, b).contiguous()
+    y = a.detach().float().reshape(-1, b).contiguous()   # operands carry no autograd (see the module docstring)
     spare, h = None, 1
     while h < b:
         out = torch.empty_like(y) if spare is None else spare
