@@ -170,6 +170,7 @@ def _tile(rows: int, inner: int, block: int, contiguous_rows: bool, tile: int, p
     bi = max(block, min(128, triton.next_power_of_2(inner)))
     br = max(1, tile // bi)
     low = (16 if per_row else 32) if contiguous_rows or transposed_out else 1
+    low = min(low, max(1, 2 * TILE // bi))   # blocks of 512/1024: no more than 8192 elements in registers
     br = max(br, low)
     if per_row:
         while br > low and triton.cdiv(rows, br) < ROW_PROGRAMS:
