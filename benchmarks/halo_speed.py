@@ -12,13 +12,23 @@
    AdamW on fp32 master weights under bf16 autocast, batch x sequence tokens per step: bf16 vs FP8
    HALO-1 tokens/s (every decoder linear low precision; the output head stays bf16).
 
+3. ``--fused-compare``: the operand preparation of one training step (the six operands of the
+   three matmuls: X, W; E_Y, W^T; E_Y^T, X^T, each rotated, reduced and cast to codes) through the
+   fused Triton kernel (``kernels/triton_operand.py``) and through the unfused torch passes, with
+   and without the rotations (the rotations' cost), for FP8 HALO-1 and INT8 HALO-2; and the layer
+   rows of those two recipes again with the unfused preparation.
+
     python3 benchmarks/halo_speed.py --json halo_speed.json          # on the H100, about 3-4 minutes
     python3 benchmarks/halo_speed.py --skip-e2e --tokens 2048        # the layer table only
+    python3 benchmarks/halo_speed.py --fused-compare --skip-e2e --no-torchao --json halo_fused.json
+    TRITON_INTERPRET=1 python3 benchmarks/halo_speed.py --device cpu --backend kernel --fused-compare \
+        --skip-e2e --tokens 32 --shapes 64x48 --block 16 --warmup 0 --iters 1   # the script, interpreted
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +42,8 @@ SHAPES = ((4096, 14336), (14336, 4096))
 LOWBIT_ROWS = (("lowbit fp8 HALO-0", "fp8:0", "auto"), ("lowbit fp8 HALO-1", "fp8:1", "auto"),
                ("lowbit fp8 HALO-2", "fp8:2", "auto"), ("lowbit int8 HALO-0", "int8:0", "auto"),
                ("lowbit int8 HALO-2", "int8:2", "auto"), ("lowbit fp8 HALO-1 emulated", "fp8:1", "emulate"))
+UNFUSED_ROWS = (("lowbit fp8 HALO-1 unfused", "fp8:1", "auto"), ("lowbit int8 HALO-2 unfused", "int8:2", "auto"))
+PREP_RECIPES = (("fp8 HALO-1", "fp8:1"), ("int8 HALO-2", "int8:2"))
 
 
 def _sync(dev):
@@ -54,6 +66,31 @@ def time_step(fn, dev, warmup: int, iters: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
+class fused_preparation:
+    """Within the block, lowp's operands go to the fused kernel on ``dev`` (``on``) or the unfused
+    torch passes (not ``on``); the CPU takes the kernel under TRITON_INTERPRET=1 only."""
+
+    def __init__(self, on: bool, dev):
+        self.on, self.dev = on, dev
+
+    def __enter__(self):
+        from lowbit.lowp import operand
+
+        self.saved = operand.FUSED_ON
+        operand.FUSED_ON = (self.dev.type,) if self.on and _fused_available(self.dev) else ()
+
+    def __exit__(self, *exc):
+        from lowbit.lowp import operand
+
+        operand.FUSED_ON = self.saved
+
+
+def _fused_available(dev) -> bool:
+    from lowbit.lowp.operand import fused_kernels
+
+    return (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1") and fused_kernels() is not None
+
+
 def _layer(kind: str, k: int, n: int, dev, block: int):
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False).to(dev, torch.bfloat16)
@@ -66,19 +103,29 @@ def _layer(kind: str, k: int, n: int, dev, block: int):
         return torch.compile(model) if kind.endswith("compiled") else model
     from lowbit.lowp import LowpLinear, parse_recipe
 
-    text, backend = kind.split("|")
+    text, backend = kind.split("|")[:2]
     return LowpLinear.from_linear(lin, parse_recipe(text, block=block, backend=backend))
 
 
+def _backend(b: str, args) -> str:
+    return args.backend if b == "auto" else b
+
+
 def layer_table(args, dev) -> list:
-    rows = [("bf16 nn.Linear", "bf16")] + [(name, f"{t}|{b}") for name, t, b in LOWBIT_ROWS]
+    fused = _fused_available(dev)
+    rows = [("bf16 nn.Linear", "bf16")] + [(name, f"{t}|{_backend(b, args)}|fused") for name, t, b in LOWBIT_ROWS]
+    if args.fused_compare:
+        rows += [(name, f"{t}|{_backend(b, args)}|unfused") for name, t, b in UNFUSED_ROWS]
+    print(f"operand preparation: {'fused Triton kernel' if fused else 'unfused torch passes (no Triton here)'}")
     try:
+        if args.no_torchao:
+            raise ImportError("--no-torchao")
         import torchao  # noqa: F401
 
         rows += [("torchao Float8Linear tensorwise", "torchao"),
                  ("torchao Float8Linear tensorwise compiled", "torchao-compiled")]
-    except ImportError:
-        print("torchao is not importable: its rows are left out")
+    except ImportError as e:
+        print(f"torchao rows left out ({e})")
     out = []
     for k, n in args.shapes:
         x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
@@ -95,7 +142,8 @@ def layer_table(args, dev) -> list:
                     p.grad = None
 
             try:
-                ms = time_step(step, dev, args.warmup, args.iters)
+                with fused_preparation(not kind.endswith("|unfused"), dev):
+                    ms = time_step(step, dev, args.warmup, args.iters)
             except Exception as e:  # a peer's failure is a row, not the end of the run
                 print(f"{k}->{n} {name}: failed ({type(e).__name__}: {e})")
                 continue
@@ -112,11 +160,100 @@ def summarize_layers(rows: list) -> dict:
         t = {r["name"]: r["ms"] for r in rows if r["shape"] == shape}
         bf16 = t.get("bf16 nn.Linear")
         s = {name: bf16 / ms for name, ms in t.items() if bf16}
-        s["rotation share fp8 HALO-1"] = (t["lowbit fp8 HALO-1"] - t["lowbit fp8 HALO-0"]) / t["lowbit fp8 HALO-1"]
-        s["rotation share int8 HALO-2"] = (t["lowbit int8 HALO-2"] - t["lowbit int8 HALO-0"]) / t["lowbit int8 HALO-2"]
-        s["emulated fp8 / bf16 time"] = t["lowbit fp8 HALO-1 emulated"] / bf16
+        for name, rotated, plain in (("fp8 HALO-1", "lowbit fp8 HALO-1", "lowbit fp8 HALO-0"),
+                                     ("int8 HALO-2", "lowbit int8 HALO-2", "lowbit int8 HALO-0")):
+            if rotated in t and plain in t:
+                s[f"rotation share {name} (step vs HALO-0)"] = (t[rotated] - t[plain]) / t[rotated]
+        if bf16 and "lowbit fp8 HALO-1 emulated" in t:
+            s["emulated fp8 / bf16 time"] = t["lowbit fp8 HALO-1 emulated"] / bf16
         summary[shape] = s
     return summary
+
+
+def step_preparations(recipe, x, w, gy, rotated: bool) -> list:
+    """The operand preparations of one training step as ``LowpMatmuls`` makes them: (function,
+    operand, spec, block, bytes moved by the fused kernel), transposed views as the layer passes
+    them; X and E_Y (and W at HALO-0) in one pass for both of their matmuls where ``paired``."""
+    from lowbit.lowp.linear import paired
+    from lowbit.lowp.operand import prepare_operand, prepare_pair
+
+    b1 = recipe.block if rotated and recipe.level >= 1 else 1
+    b2 = recipe.block if rotated and recipe.level >= 2 else 1
+    ops = []
+    for role, t, block in (("x", x, b1), ("w", w, b1 if recipe.level >= 1 else 1), ("g", gy, b1)):
+        spec, size = recipe.spec(role), t.numel()
+        if paired(recipe, role):
+            ops.append((prepare_pair, t, spec, block if role != "w" else 1, size * (2 * t.element_size() + 2)))
+        else:
+            other = b2 if role in ("x", "g") else b1
+            ops.append((prepare_operand, t, spec, block, size * (2 * t.element_size() + 1)))
+            ops.append((prepare_operand, t.t(), spec, other, size * (2 * t.element_size() + 1)))
+    return ops
+
+
+def _run_preparations(ops) -> list:
+    """The operands of ``ops`` (prepare_pair gives two)."""
+    out = []
+    for fn, t, spec, block, _ in ops:
+        if fn.__name__ == "prepare_pair":
+            out += fn(t, spec, block)
+        else:
+            out.append(fn(t, spec, block, codes=True))
+    return out
+
+
+def _same_codes(ops, dev) -> bool:
+    """Whether the fused kernel's codes and scales are the unfused path's, bit for bit, at this size."""
+    with fused_preparation(True, dev):
+        fused = _run_preparations(ops)
+    with fused_preparation(False, dev):
+        plain = _run_preparations(ops)
+    return all(torch.equal(f.values.view(torch.uint8), p.values.view(torch.uint8)) and torch.equal(f.scale, p.scale)
+               for f, p in zip(fused, plain))
+
+
+def prep_table(args, dev, layers: list) -> list:
+    """Operand preparation of one training step, fused vs unfused, rotated vs not (ms)."""
+    from lowbit.lowp import parse_recipe
+
+    if not _fused_available(dev):
+        print("operand preparation table skipped: the fused kernel needs CUDA and Triton (or TRITON_INTERPRET=1)")
+        return []
+    out = []
+    for k, n in args.shapes:
+        shape = f"{k}->{n}"
+        x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
+        x[:, :4] *= 20
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        gy = torch.randn(args.tokens, n, device=dev, dtype=torch.bfloat16) * 1e-2
+        step_ms = {r["name"]: r["ms"] for r in layers if r["shape"] == shape}
+        for label, text in PREP_RECIPES:
+            recipe = parse_recipe(text, block=args.block)
+            row = {"shape": shape, "recipe": label}
+            moved = sum(op[-1] for op in step_preparations(recipe, x, w, gy, True))
+            row["codes identical to the unfused path"] = _same_codes(step_preparations(recipe, x, w, gy, True), dev)
+            for fused in (True, False):
+                for rotated in (True, False):
+                    ops = step_preparations(recipe, x, w, gy, rotated)
+                    with fused_preparation(fused, dev):
+                        row[f"{'fused' if fused else 'unfused'} {'rotated' if rotated else 'plain'} ms"] = \
+                            time_step(lambda: _run_preparations(ops), dev, args.warmup, args.iters)
+            f_rot, f_plain = row["fused rotated ms"], row["fused plain ms"]
+            row["fused speed-up over unfused"] = row["unfused rotated ms"] / f_rot
+            row["fused GB/s (2 reads + code writes)"] = moved / (f_rot / 1e3) / 1e9
+            row["fused rotation ms"] = f_rot - f_plain
+            step = step_ms.get(f"lowbit {label}")
+            if step:
+                row["fused rotation share of the step"] = (f_rot - f_plain) / step
+                row["fused preparation share of the step"] = f_rot / step
+            out.append(row)
+            print(f"{shape:<12} {label:<12} prep fused {f_rot:7.3f} ms (plain {f_plain:6.3f}) | unfused "
+                  f"{row['unfused rotated ms']:7.3f} ms (plain {row['unfused plain ms']:6.3f}) | x"
+                  f"{row['fused speed-up over unfused']:.2f} | {row['fused GB/s (2 reads + code writes)']:6.0f} GB/s"
+                  + (f" | rotation {100 * row['fused rotation share of the step']:.1f}% of the step" if step else "")
+                  + f" | codes {'identical' if row['codes identical to the unfused path'] else 'DIFFER'}", flush=True)
+        del x, w, gy
+    return out
 
 
 def llama_1b(vocab: int, dev):
@@ -180,6 +317,11 @@ def main() -> None:
     ap.add_argument("--e2e-seq", type=int, default=2048)
     ap.add_argument("--e2e-warmup", type=int, default=3)
     ap.add_argument("--e2e-iters", type=int, default=8)
+    ap.add_argument("--backend", default="auto", choices=("auto", "kernel"),
+                    help="lowbit rows' backend (kernel: the FP8/INT8 kernels on any device that has them)")
+    ap.add_argument("--fused-compare", action="store_true",
+                    help="operand preparation fused vs unfused, and the target rows with the unfused preparation")
+    ap.add_argument("--no-torchao", action="store_true", help="leave the torchao rows out")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -191,16 +333,28 @@ def main() -> None:
         print(f"\n{shape}: speed-up over bf16 nn.Linear (fwd+bwd)")
         for k, v in s.items():
             print(f"  {k:<46} {v:6.3f}")
+    prep = []
+    if args.fused_compare:
+        print("\noperand preparation of one step (X, W, E_Y for the three matmuls), median ms:")
+        prep = prep_table(args, dev, rows)
     e2e = [] if args.skip_e2e else end_to_end(args, dev)
     targets = {}
     for shape, s in summary.items():
         targets[f"{shape} fp8 HALO-1 >= 1.4x"] = s.get("lowbit fp8 HALO-1", 0) >= 1.4
         targets[f"{shape} int8 HALO-2 >= 1.5x"] = s.get("lowbit int8 HALO-2", 0) >= 1.5
-        targets[f"{shape} rotations <= 15% (fp8 HALO-1)"] = s["rotation share fp8 HALO-1"] <= 0.15
-        targets[f"{shape} emulated fp8 <= 2x bf16"] = s["emulated fp8 / bf16 time"] <= 2.0
+        if "rotation share fp8 HALO-1 (step vs HALO-0)" in s:
+            targets[f"{shape} rotations <= 15% (fp8 HALO-1)"] = s["rotation share fp8 HALO-1 (step vs HALO-0)"] <= 0.15
+        if "emulated fp8 / bf16 time" in s:
+            targets[f"{shape} emulated fp8 <= 2x bf16"] = s["emulated fp8 / bf16 time"] <= 2.0
+        for p in prep:
+            if p["shape"] == shape:
+                targets[f"{shape} {p['recipe']} fused codes = unfused codes"] = p["codes identical to the unfused path"]
+            if p["shape"] == shape and "fused rotation share of the step" in p:
+                targets[f"{shape} {p['recipe']} fused rotations <= 15% of the step"] = \
+                    p["fused rotation share of the step"] <= 0.15
         ao = s.get("torchao Float8Linear tensorwise compiled") or s.get("torchao Float8Linear tensorwise")
         if ao:
-            targets[f"{shape} lowbit fp8 HALO-0 >= torchao"] = s["lowbit fp8 HALO-0"] >= ao
+            targets[f"{shape} lowbit fp8 HALO-0 >= torchao"] = s.get("lowbit fp8 HALO-0", 0) >= ao
     if len(e2e) == 2:
         ratio = e2e[1]["tokens_per_second"] / e2e[0]["tokens_per_second"]
         print(f"\nend to end fp8 HALO-1 / bf16 tokens/s: {ratio:.3f}")
@@ -210,7 +364,8 @@ def main() -> None:
         print(f"  {'met   ' if v else 'MISSED'} {k}")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "args": vars(args), "layers": rows,
-                                               "summary": summary, "end_to_end": e2e, "targets": targets}, indent=1))
+                                               "summary": summary, "preparation": prep, "end_to_end": e2e,
+                                               "targets": targets}, indent=1))
 
 
 if __name__ == "__main__":

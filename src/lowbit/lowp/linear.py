@@ -18,7 +18,7 @@ from torch import nn
 
 from .gather import GatheredLowpWeight
 from .matmul import emulated_mm, kernel_for, kernel_mm
-from .operand import NATIVE_DTYPES, Operand, quantize_operand, rotate
+from .operand import NATIVE_DTYPES, Operand, prepare_operand, prepare_pair
 from .recipe import LowpRecipe, parse_recipe
 
 ALIGN = 16
@@ -49,39 +49,32 @@ def _as_codes(op: Operand, codes: bool) -> Operand:
     return replace(op, values=op.values.to(dtype) if codes else op.values.float())
 
 
-def lowp_mm(a: torch.Tensor, b: Union[torch.Tensor, Operand], recipe: LowpRecipe, a_role: str, b_role: str,
-            level: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, Operand, Operand]:
+def lowp_mm(a: Union[torch.Tensor, Operand], b: Union[torch.Tensor, Operand], recipe: LowpRecipe, a_role: str,
+            b_role: str, level: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, Operand, Operand]:
     """``(Q(a R) Q(b R)^T / b, Q(a R), Q(b R))`` for operands (rows, inner) sharing the inner
     dimension, ``a`` in the format of ``a_role`` ('x', 'w' or 'g') and ``b`` in that of ``b_role``;
     ``R`` the +-1 block Hadamard matrix of the inner dimension when the recipe's level is at least
-    ``level``. ``b`` may be an operand quantized before (reused as it is)."""
-    gain = 1
-    if recipe.level >= level:
-        a, gain = rotate(a, recipe.block)
-        if not isinstance(b, Operand):
-            b, _ = rotate(b, recipe.block)
+    ``level``. Either may be an operand quantized before (reused as it is)."""
+    block = recipe.block if recipe.level >= level else 1
+    a_t = a.values if isinstance(a, Operand) else a
     b_shape = b.values.shape if isinstance(b, Operand) else b.shape
-    kind = choose_kernel(recipe, a_role, b_role, a, b_shape, out_dtype)
+    kind = choose_kernel(recipe, a_role, b_role, a_t, b_shape, out_dtype)
     fast = recipe.backend != "emulate"   # emulate: lowbit's quantizers for every format
-    qa = quantize_operand(a, recipe.spec(a_role), codes=kind is not None, gain=gain, fast=fast)
-    if isinstance(b, Operand):
-        qb = _as_codes(b, kind is not None)
-    else:
-        qb = quantize_operand(b, recipe.spec(b_role), codes=kind is not None, gain=gain, fast=fast)
+    qa, qb = (_as_codes(t, kind is not None) if isinstance(t, Operand)
+              else prepare_operand(t, recipe.spec(role), block, codes=kind is not None, fast=fast)
+              for t, role in ((a, a_role), (b, b_role)))
     y = emulated_mm(qa, qb).to(out_dtype) if kind is None else kernel_mm(qa, qb, kind, out_dtype)
     return y, qa, qb
 
 
-def _reusable(recipe: LowpRecipe, role: str) -> bool:
-    """Whether the forward's quantized X or W serves the backward as it is: no rotation anywhere
-    (HALO-0), one scale for the whole tensor (the same along either dimension) and a deterministic
-    rounding; the backward then transposes the codes instead of quantizing again."""
+def paired(recipe: LowpRecipe, role: str) -> bool:
+    """Whether X, W or E_Y is quantized once for both matmuls it feeds (``operand.prepare_pair``):
+    one deterministic scale for the whole tensor, and the second matmul takes it unrotated (X and
+    E_Y at HALO-0/1: the weight gradient rotates only at HALO-2; W at HALO-0: HALO-1 rotates the
+    input gradient's W along the other dimension)."""
     spec = recipe.spec(role)
-    return recipe.level == 0 and spec.granularity == "tensor" and "stochastic" not in spec.rounding
-
-
-def _transposed(op: Operand) -> Operand:
-    return replace(op, values=op.values.t().contiguous())
+    top = 0 if role == "w" else 1
+    return recipe.level <= top and spec.granularity == "tensor" and "stochastic" not in spec.rounding
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,10 +104,18 @@ class LowpMatmuls(torch.autograd.Function):
         else:
             w = weight.to(compute_dtype)
         rows = padded_tokens(x.shape[0], recipe)
-        y, qx, qw = lowp_mm(_pad_rows(x, rows), w, recipe, "x", "w", 1, compute_dtype)
-        # keep what the backward needs: the quantized operand where it is reusable (smaller, too)
-        ctx.qx = _transposed(qx) if _reusable(recipe, "x") else None
-        ctx.qw = _transposed(qw) if _reusable(recipe, "w") else None
+        fast, block = recipe.backend != "emulate", recipe.block if recipe.level >= 1 else 1
+        # X (and W at HALO-0) quantized for the backward in the same pass as for the forward
+        # (``paired``); the codes are kept instead of the tensor (smaller, too)
+        a, ctx.qx = _pad_rows(x, rows), None
+        if paired(recipe, "x") and ctx.needs_input_grad[1]:
+            a, ctx.qx = prepare_pair(a, recipe.spec("x"), block, fast)
+        b, ctx.qw = w, None
+        if paired(recipe, "w") and ctx.needs_input_grad[0] and not isinstance(w, Operand):
+            b, ctx.qw = prepare_pair(w, recipe.spec("w"), 1, fast)
+        y, _, qw = lowp_mm(a, b, recipe, "x", "w", 1, compute_dtype)
+        if isinstance(w, Operand) and paired(recipe, "w"):   # the all-gathered codes, transposed
+            ctx.qw = replace(qw, values=qw.values.t().contiguous())
         if isinstance(weight, GatheredLowpWeight) and ctx.qw is None:
             # FSDP frees the gathered codes after the forward and gathers them again for the backward
             ctx.gathered, w = weight, None
@@ -129,14 +130,20 @@ class LowpMatmuls(torch.autograd.Function):
         recipe = ctx.recipe
         gy = _pad_rows(gy.to(ctx.dtype), padded_tokens(ctx.tokens, recipe))
         gx = gw = None
+        g, g_t = gy, gy.t()
+        if all(ctx.needs_input_grad[:2]) and paired(recipe, "g"):   # E_Y for both gradients in one pass
+            g, g_t = prepare_pair(gy, recipe.spec("g"), recipe.block if recipe.level >= 1 else 1,
+                                  recipe.backend != "emulate")
         if ctx.needs_input_grad[0]:
             # E_X = E_Y W: inner dimension = the output features
             b = ctx.qw if ctx.qw is not None else w.t()
-            gx = lowp_mm(gy, b, recipe, "g", "w", 1, ctx.dtype)[0][: ctx.tokens]
+            gx = lowp_mm(g, b, recipe, "g", "w", 1, ctx.dtype)[0][: ctx.tokens]
         if ctx.needs_input_grad[1]:
             # E_W = E_Y^T X: inner dimension = the tokens
             b = ctx.qx if ctx.qx is not None else _pad_rows(x, gy.shape[0]).t()
-            gw = lowp_mm(gy.t(), b, recipe, "g", "x", 2, torch.float32)[0].to(ctx.weight_dtype)
+            # written in the weight's dtype where the kernels write it (no float32 round trip)
+            out = ctx.weight_dtype if ctx.weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+            gw = lowp_mm(g_t, b, recipe, "g", "x", 2, out)[0].to(ctx.weight_dtype)
         ctx.qx = ctx.qw = ctx.gathered = None
         return gx, gw, None, None
 

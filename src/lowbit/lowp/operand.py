@@ -4,7 +4,7 @@
 Pure tensor functions; no autograd (the linear layer's Function calls them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import math
 from typing import Optional, Tuple
 
@@ -19,6 +19,8 @@ from ..transforms.hadamard import hadamard_matrix
 
 # element formats the hardware multiplies natively, by name
 NATIVE_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "int8": torch.int8}
+FUSED_ON = ("cuda",)   # device types whose operands go to the fused Triton kernel (tests add "cpu" interpreted)
+ROTATE_ON = ("cuda",)  # device types whose rotations alone (emulated formats) run as one Triton pass
 
 
 def inner_block(n: int, block: int) -> int:
@@ -40,17 +42,37 @@ def sign_hadamard(b: int, dtype: torch.dtype, device) -> torch.Tensor:
     return _SIGN_MATRICES[key]
 
 
+def butterfly(a: torch.Tensor, b: int) -> torch.Tensor:
+    """``a @ blockdiag(H_b)`` over the last dimension (``H_b`` the unnormalised Sylvester matrix, b a
+    power of two dividing it) in float32 as log2(b) add/subtract stages of half-width 1, 2, ..., b/2
+    (lower half ``a + c``, upper ``a - c``): a fixed order of float32 roundings, the one the fused
+    kernel (``kernels/triton_operand.py``) performs, so both give the same bits."""
+    y = a.detach().float().reshape(-1, b).contiguous()   # operands carry no autograd (see the module docstring)
+    spare, h = None, 1
+    while h < b:
+        out = torch.empty_like(y) if spare is None else spare
+        v, o = y.view(-1, b // (2 * h), 2, h), out.view(-1, b // (2 * h), 2, h)
+        torch.add(v[:, :, 0], v[:, :, 1], out=o[:, :, 0])
+        torch.sub(v[:, :, 0], v[:, :, 1], out=o[:, :, 1])
+        spare = None if h == 1 else y   # two buffers in turn, never ``a``'s own storage
+        y, h = out, 2 * h
+    return y.reshape(a.shape)
+
+
 def rotate(a: torch.Tensor, block: int) -> Tuple[torch.Tensor, int]:
     """``(a @ blockdiag(H_b), b)`` over the last dimension with ``H_b`` the +-1 Hadamard matrix of
-    order ``b = inner_block(n, block)``, as one matmul in ``a``'s dtype (float32 accumulation on
-    tensor cores for bf16). ``H_b H_b^T = b I``: rotating both operands of a matmul multiplies the
-    product by ``b``, which the matmul divides out exactly (a power of two)."""
-    n = a.shape[-1]
-    b = inner_block(n, block)
-    a = a.contiguous()
+    order ``b = inner_block(n, block)``, in float32 (``butterfly``, or the same stages in one Triton
+    pass on the devices of ``ROTATE_ON``; ``a`` unchanged when b < 2).
+    ``H_b H_b^T = b I``: rotating both operands of a matmul multiplies the product by ``b``, which
+    the matmul divides out exactly (a power of two)."""
+    b = inner_block(a.shape[-1], block)
     if b < 2:
-        return a, 1
-    return (a.reshape(-1, b) @ sign_hadamard(b, a.dtype, a.device)).reshape(a.shape), b
+        return a.contiguous(), 1
+    if a.dim() == 2 and a.device.type in ROTATE_ON:
+        mod = fused_kernels()
+        if mod is not None and mod.supports(a, b):
+            return mod.rotate(a, b), b   # the same stages in one Triton pass
+    return butterfly(a, b), b
 
 
 @dataclass
@@ -118,3 +140,65 @@ def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain
     y = a / s if group is None else (a.reshape(rows, -1, group) / s.unsqueeze(-1)).reshape(rows, n)
     q = quantize(y, fmt, spec.rounding)
     return Operand(q.to(dtype) if codes and dtype is not None else q, s, spec, group, gain)
+
+
+_fused_state: dict = {}
+
+
+def fused_kernels():
+    """``kernels.triton_operand``, imported on first use; None where Triton does not import."""
+    if "mod" not in _fused_state:
+        try:
+            from ..kernels import triton_operand
+            _fused_state["mod"] = triton_operand
+        except Exception:  # ImportError, a Triton without a backend for this machine, ...
+            _fused_state["mod"] = None
+    return _fused_state["mod"]
+
+
+def fusable(a: torch.Tensor, spec: QuantSpec, block: int) -> bool:
+    """Whether ``prepare_operand`` sends this operand to the fused kernel: a device of ``FUSED_ON``
+    with Triton, a format of ``NATIVE_DTYPES`` in nearest-even rounding, per-tensor or per-row scales."""
+    if a.device.type not in FUSED_ON or str(spec.fmt) not in NATIVE_DTYPES or spec.rounding != "nearest_even":
+        return False
+    if spec.granularity not in ("tensor", "channel", "token"):
+        return False
+    mod = fused_kernels()
+    return mod is not None and mod.supports(a, block)
+
+
+def prepare_operand(a: torch.Tensor, spec: QuantSpec, block: int = 1, codes: bool = False,
+                    fast: bool = True) -> Operand:
+    """``quantize_operand(rotate(a, block))`` (``block`` 1: no rotation): on CUDA, for hardware
+    codes of E4M3/E5M2/INT8 with per-tensor or per-row scales, one fused Triton kernel that reads
+    ``a`` through its strides (a transposed view is not copied) and gives the same bits."""
+    if a.dim() != 2:
+        raise ValueError(f"a matmul operand is 2-D (rows, inner), got shape {tuple(a.shape)}")
+    b = max(1, inner_block(a.shape[1], block))
+    if codes and fast and fusable(a, spec, b):
+        c, s, _, _ = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
+                                                   per_row=spec.granularity != "tensor")
+        return Operand(c, s, spec, None, b)
+    if b > 1:
+        a, b = rotate(a, b)
+    return quantize_operand(a, spec, codes=codes, gain=b, fast=fast)
+
+
+def prepare_pair(a: torch.Tensor, spec: QuantSpec, block: int = 1, fast: bool = True) -> Tuple[Operand, Operand]:
+    """The two operands made from ``a`` (rows, inner) with per-tensor scales when it feeds two
+    matmuls: ``prepare_operand(a, spec, block)`` (rotated along the inner dimension) and the
+    unrotated ``a`` transposed (inner, rows), for the matmul reducing over the rows (X for Y and E_W,
+    E_Y for E_X and E_W, at HALO-0/1; at block 1 the same codes, transposed). Hardware codes for
+    E4M3/E5M2/INT8 (``fast``), float32 grid values otherwise. On CUDA one fused pass writes both."""
+    if spec.granularity != "tensor":
+        raise ValueError(f"an operand shared by two matmuls needs one scale for the whole tensor, got {spec}")
+    codes = fast and str(spec.fmt) in NATIVE_DTYPES
+    b = max(1, inner_block(a.shape[1], block))
+    if codes and fusable(a, spec, b):
+        c, s, ct, st = fused_kernels().prepare_codes(a, float(spec.fmt.max), NATIVE_DTYPES[str(spec.fmt)], b,
+                                                     emit_plain_transposed=True)
+        return Operand(c, s, spec, None, b), Operand(ct, st, spec)
+    op = prepare_operand(a, spec, b, codes=codes, fast=fast)
+    if b > 1:
+        return op, prepare_operand(a.t(), spec, 1, codes=codes, fast=fast)
+    return op, replace(op, values=op.values.t().contiguous())
