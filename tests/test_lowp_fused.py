@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +16,8 @@ from hypothesis import given, settings, strategies as st
 from lowbit.lowp import operand as op_mod
 from lowbit.lowp.operand import NATIVE_DTYPES, butterfly, prepare_operand, quantize_operand, rotate
 from lowbit.quant.spec import QuantSpec
+
+from _interpreter import rerun_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -52,12 +51,7 @@ def test_interpreter_run():
     """Without CUDA and without the interpreter on: this file again in a process that has it on."""
     if CUDA or INTERPRET:
         pytest.skip("the kernel tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
-                                                      env.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    rerun_under_interpreter(__file__)
 
 
 def _sylvester_recursive(x: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,7 @@ def _dot_h(a, H, PREC: tl.constexpr):
 
 
 @triton.jit
-def _butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
+def butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
     """One radix-2 stage on ``x`` viewed as ``(ROWS, G, 2, H)``: combine the two halves of axis 2."""
     y = tl.permute(tl.reshape(x, (ROWS, G, 2, H)), (0, 1, 3, 2))
     a, c = tl.split(y)
@@ -136,7 +136,7 @@ def _butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
 def _butterfly(x, ROWS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr):
     """``H_B`` (unnormalised) on each row of ``x`` (ROWS, B) as log2(B) add/subtract stages."""
     for k in tl.static_range(LOG_B):
-        x = _butterfly_stage(x, ROWS, B >> (k + 1), 1 << k)
+        x = butterfly_stage(x, ROWS, B >> (k + 1), 1 << k)
     return x
 
 

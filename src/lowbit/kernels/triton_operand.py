@@ -29,20 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_hadamard import butterfly_stage
+
 CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
 # (mantissa bits, smallest normal exponent) of each float8 code dtype
 _FLOAT8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 TILE = 4096          # elements per tile
 MAX_BLOCK = 1024     # largest Hadamard block held by one tile row
-
-
-@triton.jit
-def _stage(x, BR: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
-    """One butterfly stage on ``x`` viewed as (BR, G, 2, H): lower half a + c, upper half a - c."""
-    y = tl.permute(tl.reshape(x, (BR, G, 2, H)), (0, 1, 3, 2))
-    a, c = tl.split(y)
-    y = tl.permute(tl.join(a + c, a - c), (0, 1, 3, 2))
-    return tl.reshape(y, (BR, G * 2 * H))
 
 
 @triton.jit
@@ -57,7 +50,7 @@ def _load_tile(a_ptr, r, i, R, I, stride_r, stride_i):
 def _rotate(x, BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr):
     """``H_b`` applied to each run of ``b = 2**LOG_B`` columns of the (BR, BI) tile."""
     for k in tl.static_range(LOG_B):
-        x = _stage(x, BR, BI >> (k + 1), 1 << k)
+        x = butterfly_stage(x, BR, BI >> (k + 1), 1 << k)
     return x
 
 
