@@ -47,7 +47,7 @@ def _row(name, ours, theirs, note=""):
     print(f"{name:<24}{ours:9.3f}{th}{ratio}  {note}", flush=True)
 
 
-def run_functions(n: int, fmt: str, mode: int, repeat: int):
+def run_functions(n: int, fmt: str, mode: int, repeat: int, only=None):
     import gc
 
     import pychop.np.float_point as pfp
@@ -62,6 +62,8 @@ def run_functions(n: int, fmt: str, mode: int, repeat: int):
         ratios = []
         names = arith.elementary.UNARY + arith.elementary.EXACT_UNARY + arith.elementary.BINARY
         for name in names:
+            if only and name not in only:
+                continue
             lo, hi = DOMAINS.get(name, (-10, 10))
             x = lowbit.quantize(rng.uniform(lo, hi, n), fmt)
             args = (x,)
@@ -83,12 +85,17 @@ def run_functions(n: int, fmt: str, mode: int, repeat: int):
             _row(name, ours, theirs, f"({first:.1f} s)  identical: {100 * same:.4f}%")
         x = lowbit.quantize(rng.uniform(0.5, 1.5, n), fmt)
         for name in ("cumsum", "cumprod", "prod", "mean", "var", "std"):
+            if only and name not in only:
+                continue
             fn = getattr(arith, name)
             fn(x, fmt, accum_every=None, rounding=rounding)
             ours = _best(lambda: fn(x, fmt, accum_every=None, rounding=rounding), repeat)
             theirs = _best(lambda: getattr(pc, name)(x.copy()), repeat)
             ratios.append(theirs / ours)
             _row(name + " (one rounding)", ours, theirs)
+        if only:
+            print(f"ratio over Pychop: min {min(ratios):.1f}x, median {float(np.median(ratios)):.1f}x")
+            return
         xm = x[: (n // 2048) * 2048].reshape(2048, -1)
         for name in ("cumsum", "prod", "mean", "var"):
             fn = getattr(arith, name)
@@ -154,6 +161,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--faults-only", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated functions/reductions to time (no "
+                    "sequential/pairwise rows, no fault injection): for iterating on a few")
     ap.add_argument("--public-api-only", action="store_true", help="only exp through pychop.exp(x, pychop.Chop)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fault-n", type=int, default=None, help="codes for fault injection (default: --n; "
@@ -164,8 +173,11 @@ def main():
     torch.set_num_threads(a.threads)
     if a.public_api_only:
         return run_public_api(a.n, a.format, a.repeat)
+    only = set(a.only.split(",")) if a.only else None
     if not a.faults_only:
-        run_functions(a.n, a.format, a.rmode, a.repeat)
+        run_functions(a.n, a.format, a.rmode, a.repeat, only)
+        if only:
+            return
     run_faults(a.fault_n or (2**28 if a.device == "cuda" else a.n), a.device, max(a.repeat, 3))
 
 

@@ -96,3 +96,48 @@ def test_fused_equals_exact_path(monkeypatch, name, compiled):
     same = (got == want) | (np.isnan(got) & np.isnan(want))
     bad = np.flatnonzero(~same)
     assert not bad.size, [(tuple(a[i] for a in args), got[i], want[i]) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_float32_first_pass_exhaustive(monkeypatch, fmt):
+    """The float32 first pass (decided where the float32 value, widened by 2**-20 on each side,
+    rounds to one value) against the float64 exact path on every value of the format up to 1024
+    (bf16: from 2**-12; power: 20000 sampled pairs); eager, which runs the same SLEEF float32
+    routines as the compiled loop."""
+    monkeypatch.setenv("LOWBIT_CPU_COMPILE", "0")
+    vals = lowbit.format(fmt).values().numpy()
+    # above 1024 exp/sinh/cosh overflow and trig needs mpmath's slow reduction; bf16 below 2**-12: f(x)
+    # is within float32 ulps of 0, 1 or x, left by the float32 pass to mpmath (slow, tested elsewhere)
+    vals = vals[(vals <= 1024) & ((vals >= 2.0**-12) | (fmt == "fp16"))]
+    vals = np.concatenate([vals, -vals, [np.inf, -np.inf, np.nan]])
+    rng = np.random.default_rng(3)
+    modes = ("nearest_even", "down") if fmt == "fp16" else ("up",)
+    for name in elementary._FLOAT32_FIRST:
+        if name == "power":
+            args = [np.abs(rng.choice(vals, 20000)), rng.choice(vals[np.abs(vals) < 8], 20000)]
+        else:  # past these the float32 value is inf or 1 and the float64 path (tested above) takes
+            # over, mostly through mpmath (slow)
+            big = {"tanh": 12, "exp": 128, "sinh": 128, "cosh": 128}.get(name, np.inf)
+            args = [vals[~(np.abs(vals) > big)]]
+        for mode in modes:
+            with np.errstate(all="ignore"):
+                got = getattr(arith, name)(*args, fmt, mode)
+            f, m, ov, gen = setup(fmt, mode, None, None, torch.device("cpu"))
+            want = elementary._exact_path(name, [torch.from_numpy(a) for a in args], f, m, ov, gen, None).numpy()
+            same = ((got == want) & (np.signbit(got) == np.signbit(want))) | (np.isnan(got) & np.isnan(want))
+            bad = np.flatnonzero(~same)
+            assert not bad.size, (name, mode, [(tuple(a[i] for a in args), got[i], want[i]) for i in bad[:5]])
+
+
+@pytest.mark.parametrize("name", ["expm1", "arctanh"])
+def test_compiled_small_arguments(name):
+    """Inductor's vector code computes expm1 as exp(x) - 1 and atanh as 0.5 log((1 + x) / (1 - x)),
+    ~2**-53 absolute near 0; lowbit's own formulas keep the relative bound there. Directed rounding
+    of f(x) for small bf16 x: f(x) = x + x**2/2 or x + x**3/3 lies above x, so "down" gives x."""
+    x = np.array([2.0**-20, 2.0**-9, 3 * 2.0**-12, 2.0**-30, 2.0**-126, 1e-3 + 2.0**-40])
+    xs = np.tile(x, -(-BIG // len(x)))
+    got = getattr(arith, name)(xs, "bf16", "down")[: len(x)]
+    f, m, ov, gen = setup("bf16", "down", None, None, torch.device("cpu"))
+    want = elementary._exact_path(name, [torch.from_numpy(x)], f, m, ov, gen, None).numpy()
+    assert np.array_equal(got, want), (got, want)
+    assert got[0] == 2.0**-20

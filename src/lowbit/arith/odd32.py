@@ -78,13 +78,14 @@ def _rounded(y, P, *, static):
 _compiled: dict = {}
 
 
-def run_fused(fn, static, *args):
-    """``fn(*args, static=static)``, compiled with torch.compile for large CPU tensors (one variant
-    per static key; eager where compiling is off or fails: LOWBIT_CPU_COMPILE=0 forces eager)."""
+def run_fused(fn, static, *args, compile_min=None):
+    """``fn(*args, static=static)``, compiled with torch.compile for CPU tensors of at least
+    ``compile_min`` elements (default 2**16; one variant per static key; eager where compiling is off
+    or fails: LOWBIT_CPU_COMPILE=0 forces eager)."""
     y = args[0]
     flag = os.environ.get("LOWBIT_CPU_COMPILE", "auto").lower()
     key = (fn.__name__, static)
-    if y.device.type == "cpu" and y.numel() >= _COMPILE_MIN and flag not in ("0", "false", "no", "off") \
+    if y.device.type == "cpu" and y.numel() >= (compile_min or _COMPILE_MIN) and flag not in ("0", "false", "no", "off") \
             and _compiled.get(key, True) is not False:
         cfn = _compiled.get(key)
         if cfn is None:
