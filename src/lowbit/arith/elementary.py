@@ -25,8 +25,8 @@ On the CPU, for deterministic modes and odd32 formats, steps 1-2 and the roundin
 (:func:`_fast`, compiled by torch.compile for large tensors) whose only output is the float64 result;
 elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and floor_divide's NumPy
 special cases) come out as a marker nan and go through the generic path (:func:`_exact_path`) alone.
-For exp, log, log1p, log2, log10, the trigonometric functions and their inverses, sinh, cosh, tanh
-and power a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
+For power (``_FLOAT32_FIRST``; the rule holds for every function of ``FLOAT32_DECIDABLE``, but
+ends slower for the others) a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
 evaluates the function in float32 (SLEEF's u10 routines, at most 1 float32 ulp, twice as wide a
 vector) and decides an element when y * (1 -+ 2**-20), an interval that holds the true value, rounds
 to one value of the format; the rest (~0.3% of in-format fp16 data, every element of data that is not

@@ -124,7 +124,7 @@ def _dot_h(a, H, PREC: tl.constexpr):
 
 
 @triton.jit
-def butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
+def _butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
     """One radix-2 stage on ``x`` viewed as ``(ROWS, G, 2, H)``: combine the two halves of axis 2."""
     y = tl.permute(tl.reshape(x, (ROWS, G, 2, H)), (0, 1, 3, 2))
     a, c = tl.split(y)
@@ -133,10 +133,11 @@ def butterfly_stage(x, ROWS: tl.constexpr, G: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _butterfly(x, ROWS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr):
-    """``H_B`` (unnormalised) on each row of ``x`` (ROWS, B) as log2(B) add/subtract stages."""
+def butterfly(x, ROWS: tl.constexpr, B: tl.constexpr, LOG_B: tl.constexpr):
+    """``H_b`` (unnormalised, ``b = 2**LOG_B``) on each run of b columns of ``x`` (ROWS, B) as
+    log2(b) add/subtract stages (b = B: the whole row)."""
     for k in tl.static_range(LOG_B):
-        x = butterfly_stage(x, ROWS, B >> (k + 1), 1 << k)
+        x = _butterfly_stage(x, ROWS, B >> (k + 1), 1 << k)
     return x
 
 
@@ -156,7 +157,7 @@ def _hadamard_kernel(x_ptr, s_ptr, y_ptr, n_blocks, blocks_per_row, scale,
     if SIGNS == 1:
         x = x * s
     if BUTTERFLY:
-        x = _butterfly(x, ROWS, B, LOG_B)
+        x = butterfly(x, ROWS, B, LOG_B)
     else:
         # inner factor over contiguous groups of F2 (K2 = max(F2, 16) columns per dot row)
         x = _dot_h(tl.reshape(x, (ROWS * B // K2, K2)), _factor(F2, LOG_F2, K2), PREC)
@@ -251,7 +252,7 @@ def _paley_kernel(x_ptr, s_ptr, h_ptr, y_ptr, n_blocks, blocks_per_row, scale,
     if SIGNS == 1:
         x = x * s
     # H_p on each run of P contiguous features: the same add/subtract stages as the block kernel
-    x = _butterfly(tl.reshape(x, (ROWS * MP, P)), ROWS * MP, P, LOG_P)
+    x = butterfly(tl.reshape(x, (ROWS * MP, P)), ROWS * MP, P, LOG_P)
     # H_m mixing the M runs: out[a, j] = sum_i Hop[i, a] x[i, j], Hop = H_m (or H_m^T for the
     # transpose) padded with zeros to MP x MP; ±1 entries, so only x is split for the tensor cores
     ii = tl.arange(0, MP)
@@ -288,7 +289,7 @@ def _paley_prep(x, s_ptr, sbase, col, mask, MT: tl.constexpr, P: tl.constexpr, L
         s = tl.load(s_ptr + sbase + col, mask=mask, other=0.0)
     if SIGNS == 1:
         x = x * s
-    return _butterfly(x, MT, P, LOG_P), s
+    return butterfly(x, MT, P, LOG_P), s
 
 
 @triton.jit
@@ -379,7 +380,7 @@ def _paley_fma_step(x_ptr, s_ptr, h_ptr, acc1, acc2, i, r, srow, rmask, M: tl.co
     xi = tl.load(x_ptr + (r[:, None] * (M * P) + i * P + j), mask=rmask, other=0.0)
     if SIGNS == 1:
         xi = xi * tl.load(s_ptr + (srow[:, None] * (M * P) + i * P + j), mask=rmask, other=0.0)
-    xi = _butterfly(xi, ROWS, P, LOG_P)[:, None, :]
+    xi = butterfly(xi, ROWS, P, LOG_P)[:, None, :]
     acc1 += tl.load(h_ptr + i * LD + tl.arange(0, MA))[None, :, None] * xi
     if MB > 0:
         acc2 += tl.load(h_ptr + i * LD + MA + tl.arange(0, MB))[None, :, None] * xi
@@ -521,7 +522,7 @@ def _adds_in(x_ptr, s_ptr, offs, soffs, rmask, off, ROWS: tl.constexpr, P: tl.co
     x = tl.load(x_ptr + offs + off, mask=rmask, other=0.0)
     if SIGNS == 1:
         x = x * tl.load(s_ptr + soffs + off, mask=rmask, other=0.0)
-    return _butterfly(x, ROWS, P, LOG_P)
+    return butterfly(x, ROWS, P, LOG_P)
 
 
 @triton.jit
@@ -534,7 +535,7 @@ def _tree_in(x_ptr, s_ptr, blk, blocks_per_row, M: tl.constexpr, MP: tl.constexp
     x = tl.load(x_ptr + blk * (M * P) + col, mask=i < M, other=0.0)
     if SIGNS == 1:
         x = x * tl.load(s_ptr + (blk % blocks_per_row) * (M * P) + col, mask=i < M, other=0.0)
-    return tl.permute(_butterfly(x, MP, P, LOG_P), (1, 0))
+    return tl.permute(butterfly(x, MP, P, LOG_P), (1, 0))
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_hadamard import butterfly_stage
+from .triton_hadamard import butterfly
 
 CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
 # (mantissa bits, smallest normal exponent) of each float8 code dtype
@@ -47,18 +47,10 @@ def _load_tile(a_ptr, r, i, R, I, stride_r, stride_i):
 
 
 @triton.jit
-def _rotate(x, BR: tl.constexpr, BI: tl.constexpr, LOG_B: tl.constexpr):
-    """``H_b`` applied to each run of ``b = 2**LOG_B`` columns of the (BR, BI) tile."""
-    for k in tl.static_range(LOG_B):
-        x = butterfly_stage(x, BR, BI >> (k + 1), 1 << k)
-    return x
-
-
-@triton.jit
 def _rotated_tile(a_ptr, r, i, R, I, stride_r, stride_i, BR: tl.constexpr, BI: tl.constexpr,
                   LOG_B: tl.constexpr):
     x, mask = _load_tile(a_ptr, r, i, R, I, stride_r, stride_i)
-    return _rotate(x, BR, BI, LOG_B), mask
+    return butterfly(x, BR, BI, LOG_B), mask
 
 
 @triton.jit
@@ -95,7 +87,7 @@ def _tile_amax_kernel(a_ptr, part_ptr, R, I, stride_r, stride_i,
     if PLAIN:
         tl.store(part_ptr + tl.num_programs(0) * tl.num_programs(1) + pid,
                  tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-    x = _rotate(x, BR, BI, LOG_B)
+    x = butterfly(x, BR, BI, LOG_B)
     tl.store(part_ptr + pid, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
 
 
@@ -117,7 +109,7 @@ def _tensor_codes_kernel(a_ptr, amax_ptr, c_ptr, ct_ptr, s_ptr, st_ptr, R, I, st
         if first:
             tl.store(st_ptr, s_t)
     s = _scale(tl.load(amax_ptr), fmax)
-    c = _codes(_rotate(x, BR, BI, LOG_B), s, fmax, IS_INT, MAN, EMIN).to(c_ptr.dtype.element_ty)
+    c = _codes(butterfly(x, BR, BI, LOG_B), s, fmax, IS_INT, MAN, EMIN).to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + r64[:, None] * I + i64[None, :], c, mask=mask)
     if first:
         tl.store(s_ptr, s)

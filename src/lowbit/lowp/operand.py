@@ -5,6 +5,7 @@ Pure tensor functions; no autograd (the linear layer's Function calls them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -142,18 +143,14 @@ def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain
     return Operand(q.to(dtype) if codes and dtype is not None else q, s, spec, group, gain)
 
 
-_fused_state: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def fused_kernels():
     """``kernels.triton_operand``, imported on first use; None where Triton does not import."""
-    if "mod" not in _fused_state:
-        try:
-            from ..kernels import triton_operand
-            _fused_state["mod"] = triton_operand
-        except Exception:  # ImportError, a Triton without a backend for this machine, ...
-            _fused_state["mod"] = None
-    return _fused_state["mod"]
+    try:
+        from ..kernels import triton_operand
+    except Exception:  # ImportError, a Triton without a backend for this machine, ...
+        return None
+    return triton_operand
 
 
 def fusable(a: torch.Tensor, spec: QuantSpec, block: int) -> bool:

@@ -44,8 +44,8 @@ def has_saved_state(out_dir: Optional[os.PathLike]) -> bool:
 
 def discard_state(out_dir: os.PathLike) -> None:
     """Remove a finished run's training state: its results are written, so a rerun starts over."""
-    state_dir = Path(out_dir) / STATE_DIR
-    if state_dir.is_dir():
+    state_dir = run_state_dir(out_dir)
+    if state_dir is not None and state_dir.is_dir():
         shutil.rmtree(state_dir)
 
 
