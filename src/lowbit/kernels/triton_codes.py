@@ -19,10 +19,10 @@ from ..formats import BlockFormat, Codebook
 from . import reference
 from .codes import block_code_claims, code_dtype, code_spec, table
 from .cpu_fast import element_spec
-from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, _DTYPES, _MODES, _OVF, _amax_bits_kernel,
-                           _amax_rule_block, _amax_rule_constants, _block_amax, _block_offsets, _block_random, _flags,
-                           _elem_tile, _mx_block, _nan_where, _on_device, _params, _pow2, _pow2ceil, _round_bits,
-                           _seed)
+from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, DTYPES, MODES, OVERFLOWS, amax_bits_kernel,
+                           amax_rule_block, amax_rule_constants, block_amax, block_offsets, block_random, spec_flags,
+                           elem_tile, mx_block, nan_where, on_device, spec_params, pow2, pow2ceil, round_bits,
+                           kernel_seed)
 
 
 @triton.jit
@@ -69,10 +69,10 @@ def _elem_encode_kernel(x_ptr, code_ptr, flag_ptr, n, P, C, seed, MODE: tl.const
                         BLOCK: tl.constexpr, NR: tl.constexpr):
     """triton_quant._elem_kernel with codes out; CHECK_NAN: flag a nan input (formats without a
     nan code refuse it) with one atomic per program that saw one."""
-    offs, rb = _elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
+    offs, rb = elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    q = _round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, False)
+    q = round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, False)
     code = _codes(q, C, C_FLOAT, C_NEG_ZERO, C_HAS_INF, C_HAS_NAN)
     tl.store(code_ptr + offs, code.to(code_ptr.dtype.element_ty), mask=m)
     if CHECK_NAN:
@@ -86,7 +86,7 @@ def _elem_encode_kernel(x_ptr, code_ptr, flag_ptr, n, P, C, seed, MODE: tl.const
 
 @triton.jit
 def _block_rows(pid, nrows, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
-    """Block index of each position of the amax shape (_block_amax) and a mask that keeps one
+    """Block index of each position of the amax shape (block_amax) and a mask that keeps one
     position per block, for storing one scale code per block."""
     if LAYOUT == 2:
         q = tl.arange(0, ROWS * SIZE // 4)[:, None]
@@ -110,10 +110,10 @@ def _mx_encode_kernel(x_ptr, code_ptr, sc_ptr, nrows, size, P, C, seed, emax_ele
                       ROWS: tl.constexpr, SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """triton_quant._mx_kernel with element codes and scale codes (exponent + bias) out."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    q, s1, s2, shared, amax = _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
-                                        HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
-                                        NR, LAYOUT)
+    offs, m = block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, s1, s2, shared, amax = mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
+                                       HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
+                                       NR, LAYOUT)
     bad = amax >= C_INF
     code = tl.where(bad, 0, _codes(q, C, C_FLOAT, C_NEG_ZERO, C_HAS_INF, C_HAS_NAN))
     tl.store(code_ptr + offs, code.to(code_ptr.dtype.element_ty), mask=m)
@@ -136,11 +136,11 @@ def _amax_rule_encode_kernel(x_ptr, code_ptr, sc_ptr, nrows, size, P, Ps, C, Cs,
                              NR: tl.constexpr, LAYOUT: tl.constexpr):
     """triton_quant._amax_rule_kernel with element codes and scale codes out."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    q, scale, d = _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
-                                   MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
-                                   S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
-                                   ROWS, SIZE, NR, LAYOUT)
+    offs, m = block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, scale, d = amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                                  MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
+                                  S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
+                                  ROWS, SIZE, NR, LAYOUT)
     code = tl.where(scale != scale, 0, _codes(q, C, C_FLOAT, C_NEG_ZERO, C_HAS_INF, C_HAS_NAN))
     tl.store(code_ptr + offs, code.to(code_ptr.dtype.element_ty), mask=m)
     rows, keep = _block_rows(pid, nrows, ROWS, SIZE, LAYOUT)
@@ -242,7 +242,7 @@ def _codebook_table(fmt, device):
 def codebook(x: torch.Tensor, fmt, mode: str, encode: bool) -> Optional[tuple]:
     """Codebook quantize (values) or encode (codes, nan seen) on CUDA; None where not claimed."""
     from .codebook_fast import MODES
-    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK or mode not in MODES \
+    if not on_device(x) or x.dtype not in DTYPES or x.numel() >= 2**31 - BLOCK or mode not in MODES \
             or len(fmt.table) > 64:
         return None
     tab = _codebook_table(fmt, x.device)
@@ -253,7 +253,7 @@ def codebook(x: torch.Tensor, fmt, mode: str, encode: bool) -> Optional[tuple]:
     flag = torch.zeros(1, dtype=torch.int32, device=x.device) if encode else out
     n = xc.numel()
     if n:
-        _codebook_kernel[(triton.cdiv(n, BLOCK),)](xc, out, flag, tab, n, N=len(fmt.table), MODE=_MODES[mode],
+        _codebook_kernel[(triton.cdiv(n, BLOCK),)](xc, out, flag, tab, n, N=len(fmt.table), MODE=MODES[mode],
                                                    ENCODE=encode, CHECK_NAN=encode, BLOCK=BLOCK, num_warps=8)
     if encode:
         return out, bool(flag.item()) if n else False
@@ -282,7 +282,7 @@ def _cflags(cs, prefix: str = "C") -> dict:
 def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=None,
                    sr_bits: Optional[int] = None) -> Optional[tuple]:
     """(codes in x's shape, whether x holds nan: checked only for formats without a nan code)."""
-    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK:
+    if not on_device(x) or x.dtype not in DTYPES or x.numel() >= 2**31 - BLOCK:
         return None
     if isinstance(fmt, Codebook):
         return codebook(x, fmt, mode, encode=True)
@@ -298,16 +298,16 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
     check = not cs.has_nan
     flag = torch.zeros(1, dtype=torch.int32, device=x.device) if check else codes
     _elem_encode_kernel[(triton.cdiv(n, BLOCK),)](
-        xc, codes, flag, n, _params(spec, x.device), _cparams(cs, x.device), _seed(spec, generator, x.device),
-        OVF=_OVF[spec.overflow], CHECK_NAN=check, BLOCK=BLOCK, NR=N_ROUNDS, num_warps=8,
-        **_flags(spec), **_cflags(cs))
+        xc, codes, flag, n, spec_params(spec, x.device), _cparams(cs, x.device), kernel_seed(spec, generator, x.device),
+        OVF=OVERFLOWS[spec.overflow], CHECK_NAN=check, BLOCK=BLOCK, NR=N_ROUNDS, num_warps=8,
+        **spec_flags(spec), **_cflags(cs))
     return codes, (bool(flag.item()) if check else False)
 
 
 def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
                  sr_bits: Optional[int] = None, tensor_amax=None) -> Optional[tuple]:
     """(element codes in x's shape, scale codes, tensor scale or None), or None where not claimed."""
-    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - TILE or not x.numel():
+    if not on_device(x) or x.dtype not in DTYPES or x.numel() >= 2**31 - TILE or not x.numel():
         return None
     claim = block_code_claims(fmt, mode, sr_bits)
     xt = x.movedim(axis, -1)
@@ -320,13 +320,13 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
     nrows = n // size
     codes = torch.empty(xb.shape, dtype=code_dtype(cs.bits), device=x.device)
     scodes = torch.empty(nrows, dtype=torch.uint8, device=x.device)
-    SIZE = max(4, _pow2ceil(size))
+    SIZE = max(4, pow2ceil(size))
     ROWS = max(1, TILE // SIZE)
     grid = (triton.cdiv(nrows, ROWS),)
-    P = _params(espec, x.device)
-    seed = _seed(espec, generator, x.device)
+    P = spec_params(espec, x.device)
+    seed = kernel_seed(espec, generator, x.device)
     layout = 0 if not espec.stochastic else (2 if SIZE == size else 1)
-    common = dict(ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout, num_warps=8, **_flags(espec), **_cflags(cs))
+    common = dict(ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout, num_warps=8, **spec_flags(espec), **_cflags(cs))
     ts = None
     if sspec is None:
         el, sc = fmt.element, fmt.scale
@@ -339,11 +339,11 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
         else:
             amax_t = torch.zeros(1, dtype=torch.int32, device=x.device)
         if fmt.tensor_scale and tensor_amax is None:
-            _amax_bits_kernel[(triton.cdiv(n, BLOCK * AMAX_ITERS),)](xb, amax_t, n, BLOCK=BLOCK,
-                                                                     ITERS=AMAX_ITERS, num_warps=8)
-        ts_den, elem_max = _amax_rule_constants(fmt)
+            amax_bits_kernel[(triton.cdiv(n, BLOCK * AMAX_ITERS),)](xb, amax_t, n, BLOCK=BLOCK,
+                                                                    ITERS=AMAX_ITERS, num_warps=8)
+        ts_den, elem_max = amax_rule_constants(fmt)
         _amax_rule_encode_kernel[grid](
-            xb, codes, scodes, nrows, size, P, _params(sspec, x.device), _cparams(cs, x.device),
+            xb, codes, scodes, nrows, size, P, spec_params(sspec, x.device), _cparams(cs, x.device),
             _cparams(css, x.device), seed, elem_max, ts_den, amax_t, float(tensor_amax) if scalar else 0.0,
             S_HAS_INF=sspec.has_inf, S_NEG_ZERO=sspec.neg_zero, S_MAN0=sspec.man0,
             S_VAR_SHIFT=sspec.var_shift, S_ZERO_SHIFT=sspec.s_lo == 0, HAS_TS=bool(fmt.tensor_scale),
@@ -357,7 +357,7 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
 
 
 def decode_element(codes: torch.Tensor, fmt, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    if not _on_device(codes) or dtype not in _DTYPES or codes.numel() >= 2**31 - BLOCK:
+    if not on_device(codes) or dtype not in DTYPES or codes.numel() >= 2**31 - BLOCK:
         return None
     tab = table(fmt, codes.device)
     if tab is None:
@@ -372,7 +372,7 @@ def decode_element(codes: torch.Tensor, fmt, dtype: torch.dtype) -> Optional[tor
 
 def decode_block(codes: torch.Tensor, scodes: torch.Tensor, ts: Optional[torch.Tensor], fmt: BlockFormat,
                  axis: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    if not _on_device(codes) or dtype not in _DTYPES or codes.numel() >= 2**31 - TILE or fmt.size > 1024:
+    if not on_device(codes) or dtype not in DTYPES or codes.numel() >= 2**31 - TILE or fmt.size > 1024:
         return None
     et, st = table(fmt.element, codes.device), table(fmt.scale, codes.device)
     if et is None or st is None or (fmt.pow2_scale and fmt.tensor_scale):
@@ -384,10 +384,10 @@ def decode_block(codes: torch.Tensor, scodes: torch.Tensor, ts: Optional[torch.T
     if n:
         size = fmt.size
         nrows = n // size
-        SIZE = max(4, _pow2ceil(size))
+        SIZE = max(4, pow2ceil(size))
         ROWS = max(1, TILE // SIZE)
         has_ts = ts is not None and not fmt.pow2_scale
         tsv = ts.to(device=codes.device, dtype=torch.float32).reshape(1) if has_ts else st
         _block_decode_kernel[(triton.cdiv(nrows, ROWS),)](ct, sc, out, et, st, tsv, nrows, size, HAS_TS=has_ts,
-                                                           ROWS=ROWS, SIZE=SIZE, num_warps=8)
+                                                          ROWS=ROWS, SIZE=SIZE, num_warps=8)
     return out.movedim(-1, axis)

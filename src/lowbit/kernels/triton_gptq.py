@@ -4,7 +4,7 @@ Inside a block, row r of the weights evolves on its own: quantizing column i cha
 columns by ``-err[r] * Hinv[i, i:]`` and nothing else. So each program takes a tile of rows, keeps
 the block's columns of those rows in registers and runs the whole loop over the block's columns:
 extract column i, quantize it with its per-row divisor d and zero z (``q = (round(w / d + z) - z)
-* d``, the element rounding being the bit arithmetic of ``triton_quant._round_bits``), write q and
+* d``, the element rounding being the bit arithmetic of ``triton_quant.round_bits``), write q and
 the scaled error, and update the tile. The caller does the trailing update of the columns after the
 block (one matmul) and, for groups fitted as the loop reaches them, launches the kernel once per
 group segment, fitting the next group's (d, z) in between.
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .cpu_fast import element_spec
-from .triton_quant import _flags, _params, _round_bits
+from .triton_quant import spec_flags, spec_params, round_bits
 
 BLOCK_COLS = 128    # widest block one launch holds (the tile's column extent)
 
@@ -51,8 +51,8 @@ def _gptq_block_kernel(W, Q, E, Hinv, D, Z, K, P, rows, ncols, c0, c1, ldw, lde,
         if HAS_Z:
             z = tl.load(Z + r * ldw + i, mask=rm, other=0.0)
             y = y + z
-        q = _round_bits(y, P, 0, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
-                        False)
+        q = round_bits(y, P, 0, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
+                       False)
         if HAS_Z:
             q = (q - z) * d
         else:
@@ -98,11 +98,11 @@ def block_loop(W1: torch.Tensor, Q1: torch.Tensor, E1: torch.Tensor, Hinv1: torc
     for t in (Q1, D1) + tuple(x for x in (Z1, K1) if x is not None):
         assert t.stride(0) == ld and t.stride(1) == 1
     assert W1.stride(1) == 1 and E1.stride(1) == 1 and Hinv1.stride(1) == 1
-    fl = _flags(spec)
+    fl = spec_flags(spec)
     fl.pop("STOCH")
     BR = rows_per_program or _row_tile(rows)
     BC = max(16, triton.next_power_of_2(ncols))
     _gptq_block_kernel[(triton.cdiv(rows, BR),)](
         W1, Q1, E1, Hinv1, D1, D1 if Z1 is None else Z1, D1 if K1 is None else K1,
-        _params(spec, W1.device), rows, ncols, c0, c1, ld, E1.stride(0), Hinv1.stride(0),
+        spec_params(spec, W1.device), rows, ncols, c0, c1, ld, E1.stride(0), Hinv1.stride(0),
         HAS_Z=Z1 is not None, HAS_K=K1 is not None, BR=BR, BC=BC, num_warps=num_warps, **fl)

@@ -27,14 +27,14 @@ import triton.language as tl
 from ..formats import BlockFormat, Codebook
 from .cpu_fast import ABS, INF_BITS, NAN_BITS, QNAN_BIT, SIGN, block_claims, draw_seeds, element_spec
 
-_MODES = {"nearest_even": 0, "nearest_away": 1, "nearest_zero": 2, "toward_zero": 3, "up": 4,
-          "down": 5, "odd": 6, "stochastic": 7, "stochastic_half": 8}
-_OVF = {"saturate": 0, "inf": 1, "nan": 2}
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MODES = {"nearest_even": 0, "nearest_away": 1, "nearest_zero": 2, "toward_zero": 3, "up": 4,
+         "down": 5, "odd": 6, "stochastic": 7, "stochastic_half": 8}
+OVERFLOWS = {"saturate": 0, "inf": 1, "nan": 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (tests without a GPU)
 
 
-def _on_device(x: torch.Tensor) -> bool:
+def on_device(x: torch.Tensor) -> bool:
     return x.is_cuda or _INTERPRET
 
 # module constants used inside kernels must be tl.constexpr
@@ -51,9 +51,9 @@ AMAX_ITERS = 8      # tiles per program in the per-tensor amax pass (one atomic 
 
 
 @triton.jit
-def _round_bits(x, P, rb, nz, MODE: tl.constexpr, OVF: tl.constexpr, HAS_INF: tl.constexpr,
-                NEG_ZERO: tl.constexpr, MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr,
-                ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr, USE_NZ: tl.constexpr):
+def round_bits(x, P, rb, nz, MODE: tl.constexpr, OVF: tl.constexpr, HAS_INF: tl.constexpr,
+               NEG_ZERO: tl.constexpr, MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr,
+               ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr, USE_NZ: tl.constexpr):
     """Triton twin of cpu_fast.round_bits: float32 in, float32 out, P = Spec.numbers()."""
     K = tl.load(P + 0)
     s_lo = tl.load(P + 1)
@@ -171,7 +171,7 @@ def _pick4(r0, r1, r2, r3, lane):
 
 
 @triton.jit
-def _elem_tile(pid, seed, STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
+def elem_tile(pid, seed, STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
     """Offsets of program ``pid``'s tile and, when STOCH, each element's 32 random bits."""
     if STOCH:
         # the tile as (BLOCK/4, 4): one Philox call per row gives the four words of its four
@@ -192,27 +192,27 @@ def _elem_kernel(x_ptr, out_ptr, n, P, seed, MODE: tl.constexpr, OVF: tl.constex
                  HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr,
                  VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr,
                  STOCH: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
-    offs, rb = _elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
+    offs, rb = elem_tile(tl.program_id(0), seed, STOCH, BLOCK, NR)
     m = offs < n
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    q = _round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
-                    False)
+    q = round_bits(x, P, rb, 0, MODE, OVF, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
+                   False)
     tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _pow2(e):
+def pow2(e):
     """2.0**e (float32) for int32 e in [-126, 127]."""
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _nan_where(cond, v):
+def nan_where(cond, v):
     return tl.where(cond, tl.full(v.shape, C_NAN, tl.int32).to(tl.float32, bitcast=True), v)
 
 
 @triton.jit
-def _block_offsets(pid, nrows, size, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
+def block_offsets(pid, nrows, size, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
     """Element offsets of this program's ROWS blocks and their mask, in one of three tile shapes:
     0: (ROWS, SIZE), the deterministic modes;
     1: (ROWS, SIZE/4, 4), stochastic modes, any block size (last axis: the four words of one
@@ -240,8 +240,8 @@ def _block_offsets(pid, nrows, size, ROWS: tl.constexpr, SIZE: tl.constexpr, LAY
 
 
 @triton.jit
-def _block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr,
-                  NR: tl.constexpr):
+def block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr,
+                 NR: tl.constexpr):
     if LAYOUT == 2:
         q = tl.arange(0, ROWS * SIZE // 4)
         r0, r1, r2, r3 = tl.randint4x(seed, pid * (ROWS * SIZE // 4) + q, NR)
@@ -258,7 +258,7 @@ def _block_random(pid, seed, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.
 
 
 @triton.jit
-def _block_amax(ab, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
+def block_amax(ab, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr):
     """Largest pattern of each block, shaped to broadcast against the tile."""
     if LAYOUT == 2:
         aq = tl.max(ab, axis=1)                                       # per quad
@@ -272,23 +272,23 @@ def _block_amax(ab, ROWS: tl.constexpr, SIZE: tl.constexpr, LAYOUT: tl.constexpr
 
 
 @triton.jit
-def _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE: tl.constexpr,
-              HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr,
-              ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr, ROWS: tl.constexpr, SIZE: tl.constexpr,
-              NR: tl.constexpr, LAYOUT: tl.constexpr):
+def mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE: tl.constexpr,
+             HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr, MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr,
+             ASYM: tl.constexpr, ZERO_SHIFT: tl.constexpr, ROWS: tl.constexpr, SIZE: tl.constexpr,
+             NR: tl.constexpr, LAYOUT: tl.constexpr):
     """One tile of blocks with a power-of-two (E8M0-style) shared scale: amax reduction, exponent
     arithmetic, rounded elements. Returns (elements in the scaled domain, the scale exponents split
     in two halves s1 + s2, the amax bits); shared by the quantize and encode kernels."""
-    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
+    rb = block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax = _block_amax(ab, ROWS, SIZE, LAYOUT)
+    amax = block_amax(ab, ROWS, SIZE, LAYOUT)
     shared = tl.minimum(tl.maximum((amax >> 23) - 127 - emax_elem, sc_emin), sc_emax)
     s1 = shared >> 1                 # floor(shared / 2)
     s2 = shared - s1
-    y = (x * _pow2(-s1)) * _pow2(-s2)
-    q = _round_bits(y, P, rb, ab > 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM,
-                    ZERO_SHIFT, True)
+    y = (x * pow2(-s1)) * pow2(-s2)
+    q = round_bits(y, P, rb, ab > 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM,
+                   ZERO_SHIFT, True)
     return q, s1, s2, shared, amax
 
 
@@ -300,17 +300,17 @@ def _mx_kernel(x_ptr, out_ptr, nrows, size, P, seed, emax_elem, sc_emin, sc_emax
                SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """Power-of-two (E8M0-style) shared scale: amax reduction, exponent arithmetic, elements."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    q, s1, s2, shared, amax = _mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
-                                        HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
-                                        NR, LAYOUT)
-    out = (q * _pow2(s2)) * _pow2(s1)
-    out = _nan_where(amax >= C_INF, out)
+    offs, m = block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, s1, s2, shared, amax = mx_block(x_ptr, offs, m, pid, seed, P, emax_elem, sc_emin, sc_emax, MODE,
+                                       HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, ROWS, SIZE,
+                                       NR, LAYOUT)
+    out = (q * pow2(s2)) * pow2(s1)
+    out = nan_where(amax >= C_INF, out)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _amax_bits_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def amax_bits_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Largest finite |x| as float32 bits (positive patterns are ordered like their values); nan
     and inf are left out, as in reference.tensor_scale. ITERS tiles per program, one atomic each."""
     pid = tl.program_id(0)
@@ -324,23 +324,23 @@ def _amax_bits_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constex
 
 
 @triton.jit
-def _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
-                     MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
-                     MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
-                     ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
-                     S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
-                     HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr, ROWS: tl.constexpr,
-                     SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
+def amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                    MODE: tl.constexpr, HAS_INF: tl.constexpr, NEG_ZERO: tl.constexpr,
+                    MAN0: tl.constexpr, VAR_SHIFT: tl.constexpr, ASYM: tl.constexpr,
+                    ZERO_SHIFT: tl.constexpr, S_HAS_INF: tl.constexpr, S_NEG_ZERO: tl.constexpr,
+                    S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
+                    HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr, ROWS: tl.constexpr,
+                    SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
     """One tile of blocks with scale = amax / max_elem [/ tensor scale], rounded to the scale
     format (NVFP4: E4M3), in float32 with correctly rounded division as the reference does it.
     The tensor amax comes from ``amax_t_ptr`` (float32 bits: the amax pass, or a caller's tensor)
     or, with AMAX_SCALAR, from the float32 argument ``amax_s`` (a caller's number: no device memory
     read). Returns (rounded elements, the block scale, the full divisor); shared by the quantize and
     encode kernels."""
-    rb = _block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
+    rb = block_random(pid, seed, ROWS, SIZE, LAYOUT, NR)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    amax_bits = _block_amax(ab, ROWS, SIZE, LAYOUT)
+    amax_bits = block_amax(ab, ROWS, SIZE, LAYOUT)
     amax = amax_bits.to(tl.float32, bitcast=True)
     s32 = tl.math.div_rn(amax, tl.zeros_like(amax) + elem_max)
     if HAS_TS:
@@ -351,17 +351,17 @@ def _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_
         ts = tl.math.div_rn(amax_t, ts_den)
         ts = tl.where((ts > 0) & (ts < C_INFF), ts, 1.0)
         s32 = tl.math.div_rn(s32, tl.zeros_like(s32) + ts)
-    scale = _round_bits(s32, Ps, 0, 0, 0, 0, S_HAS_INF, S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, False,
-                        S_ZERO_SHIFT, False)
-    scale = _nan_where(amax_bits >= C_INF, scale)
+    scale = round_bits(s32, Ps, 0, 0, 0, 0, S_HAS_INF, S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, False,
+                       S_ZERO_SHIFT, False)
+    scale = nan_where(amax_bits >= C_INF, scale)
     if HAS_TS:
         d = scale * ts
     else:
         d = scale
     y = tl.math.div_rn(x, tl.broadcast_to(d, x.shape))
     y = tl.where(scale > 0, y, 0.0)
-    q = _round_bits(y, P, rb, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
-                    False)
+    q = round_bits(y, P, rb, 0, MODE, 0, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT,
+                   False)
     return q, scale, d
 
 
@@ -373,13 +373,13 @@ def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den
                       S_MAN0: tl.constexpr, S_VAR_SHIFT: tl.constexpr, S_ZERO_SHIFT: tl.constexpr,
                       STOCH: tl.constexpr, HAS_TS: tl.constexpr, AMAX_SCALAR: tl.constexpr,
                       ROWS: tl.constexpr, SIZE: tl.constexpr, NR: tl.constexpr, LAYOUT: tl.constexpr):
-    """Blocks scaled by the amax rule (NVFP4), values out: see _amax_rule_block."""
+    """Blocks scaled by the amax rule (NVFP4), values out: see amax_rule_block."""
     pid = tl.program_id(0)
-    offs, m = _block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
-    q, scale, d = _amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
-                                   MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
-                                   S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
-                                   ROWS, SIZE, NR, LAYOUT)
+    offs, m = block_offsets(pid, nrows, size, ROWS, SIZE, LAYOUT)
+    q, scale, d = amax_rule_block(x_ptr, offs, m, pid, seed, P, Ps, elem_max, ts_den, amax_t_ptr, amax_s,
+                                  MODE, HAS_INF, NEG_ZERO, MAN0, VAR_SHIFT, ASYM, ZERO_SHIFT, S_HAS_INF,
+                                  S_NEG_ZERO, S_MAN0, S_VAR_SHIFT, S_ZERO_SHIFT, HAS_TS, AMAX_SCALAR,
+                                  ROWS, SIZE, NR, LAYOUT)
     q = tl.where(scale != scale, scale, q)
     out = q * d
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
@@ -390,7 +390,7 @@ def _amax_rule_kernel(x_ptr, out_ptr, nrows, size, P, Ps, seed, elem_max, ts_den
 _P_CACHE: dict = {}
 
 
-def _params(spec, device) -> torch.Tensor:
+def spec_params(spec, device) -> torch.Tensor:
     key = (spec, device)
     p = _P_CACHE.get(key)
     if p is None:
@@ -399,13 +399,13 @@ def _params(spec, device) -> torch.Tensor:
     return p
 
 
-def _flags(spec) -> dict:
-    return dict(MODE=_MODES[spec.mode], HAS_INF=spec.has_inf, NEG_ZERO=spec.neg_zero,
+def spec_flags(spec) -> dict:
+    return dict(MODE=MODES[spec.mode], HAS_INF=spec.has_inf, NEG_ZERO=spec.neg_zero,
                 MAN0=spec.man0, VAR_SHIFT=spec.var_shift, ASYM=spec.asym,
                 ZERO_SHIFT=spec.s_lo == 0, STOCH=spec.stochastic)
 
 
-def _seed(spec, generator, device) -> int:
+def kernel_seed(spec, generator, device) -> int:
     if not spec.stochastic:
         return 0
     a, b = draw_seeds(generator, device)
@@ -414,7 +414,7 @@ def _seed(spec, generator, device) -> int:
 
 def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=None,
                      sr_bits: Optional[int] = None, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - BLOCK:
+    if not on_device(x) or x.dtype not in DTYPES or x.numel() >= 2**31 - BLOCK:
         return None
     if isinstance(fmt, Codebook):   # fused kernel in triton_codes (imported here: it imports this module)
         from .triton_codes import codebook
@@ -430,13 +430,13 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
     if n == 0:
         return out
     grid = (triton.cdiv(n, BLOCK),)
-    _elem_kernel[grid](xc, out, n, _params(spec, x.device), _seed(spec, generator, x.device),
-                       OVF=_OVF[spec.overflow], BLOCK=BLOCK, NR=N_ROUNDS, num_warps=8,
-                       **_flags(spec))
+    _elem_kernel[grid](xc, out, n, spec_params(spec, x.device), kernel_seed(spec, generator, x.device),
+                       OVF=OVERFLOWS[spec.overflow], BLOCK=BLOCK, NR=N_ROUNDS, num_warps=8,
+                       **spec_flags(spec))
     return out.view(x.shape)
 
 
-def _pow2ceil(n: int) -> int:
+def pow2ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -445,7 +445,7 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
     """``tensor_amax`` (NVFP4-style formats only): the tensor's largest finite magnitude when the
     caller already has it (delayed scaling), a float32 number or a one-element float32 tensor on
     x's device: the amax pass is skipped and the quantization is one pass over the tensor."""
-    if not _on_device(x) or x.dtype not in _DTYPES or x.numel() >= 2**31 - TILE:
+    if not on_device(x) or x.dtype not in DTYPES or x.numel() >= 2**31 - TILE:
         return None
     claim = block_claims(fmt, mode, sr_bits)
     if claim is None:
@@ -461,12 +461,12 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
     if n == 0:
         return out.movedim(-1, axis)
     nrows = n // size
-    SIZE = max(4, _pow2ceil(size))
+    SIZE = max(4, pow2ceil(size))
     ROWS = max(1, TILE // SIZE)
     grid = (triton.cdiv(nrows, ROWS),)
-    P = _params(espec, x.device)
-    seed = _seed(espec, generator, x.device)
-    fl = _flags(espec)
+    P = spec_params(espec, x.device)
+    seed = kernel_seed(espec, generator, x.device)
+    fl = spec_flags(espec)
     layout = 0 if not espec.stochastic else (2 if SIZE == size else 1)
     if sspec is None:
         el = fmt.element
@@ -480,11 +480,11 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         else:
             amax_t = torch.zeros(1, dtype=torch.int32, device=x.device)
         if fmt.tensor_scale and tensor_amax is None:
-            _amax_bits_kernel[(triton.cdiv(n, BLOCK * AMAX_ITERS),)](xb, amax_t, n, BLOCK=BLOCK,
-                                                                     ITERS=AMAX_ITERS, num_warps=8)
-        ts_den, elem_max = _amax_rule_constants(fmt)
+            amax_bits_kernel[(triton.cdiv(n, BLOCK * AMAX_ITERS),)](xb, amax_t, n, BLOCK=BLOCK,
+                                                                    ITERS=AMAX_ITERS, num_warps=8)
+        ts_den, elem_max = amax_rule_constants(fmt)
         _amax_rule_kernel[grid](
-            xb, out, nrows, size, P, _params(sspec, x.device), seed, elem_max, ts_den, amax_t,
+            xb, out, nrows, size, P, spec_params(sspec, x.device), seed, elem_max, ts_den, amax_t,
             float(tensor_amax) if scalar else 0.0, AMAX_SCALAR=scalar, S_HAS_INF=sspec.has_inf, S_NEG_ZERO=sspec.neg_zero, S_MAN0=sspec.man0,
             S_VAR_SHIFT=sspec.var_shift, S_ZERO_SHIFT=sspec.s_lo == 0, HAS_TS=bool(fmt.tensor_scale),
             ROWS=ROWS, SIZE=SIZE, NR=N_ROUNDS, LAYOUT=layout, num_warps=8, **fl)
@@ -492,7 +492,7 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
 
 
 @lru_cache(maxsize=256)
-def _amax_rule_constants(fmt: BlockFormat) -> tuple:
+def amax_rule_constants(fmt: BlockFormat) -> tuple:
     """float32 values of max_elem * max_scale (NVFP4's tensor-scale divisor) and of max_elem, as
     the reference builds them (torch.tensor(..., dtype=float32))."""
     ts_den = float(torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32))
