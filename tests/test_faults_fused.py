@@ -1,4 +1,4 @@
-"""The fused fault-injection kernel (kernels/triton_faults.py): bit for bit against a torch reference
+"""The CUDA fault-injection kernel (kernels/triton_faults.py): bit for bit against a torch reference
 of the same construction on the same Philox words, and the law of the flips by chi-square tests
 (which a perturbed law fails). On CUDA the real kernel runs; without CUDA, Triton's interpreter."""
 from __future__ import annotations
@@ -7,7 +7,6 @@ import importlib.util
 import math
 import os
 import time
-from fractions import Fraction
 
 import pytest
 import torch
@@ -369,9 +368,10 @@ def test_gpu_per_element_law():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_fused_runs_near_copy_speed():
-    """Fault injection at >= 0.8 of a copy's throughput (issue 21), 2^28 uint8 codes at p = 1e-5:
-    the printed ratios at every rate come from benchmarks/numerics_vs_pychop.py --faults-only."""
+def test_gpu_injection_runs_near_copy_speed():
+    """Fault injection (the copy and the kernel) at >= 0.8 of a copy's throughput (issue 21), 2^28
+    uint8 codes at p = 1e-5: the ratios at every rate come from benchmarks/numerics_vs_pychop.py
+    --faults-only --device cuda."""
     from lowbit.kernels import triton_faults as tf
     codes = torch.randint(0, 256, (2**28,), device="cuda", dtype=torch.uint8)
 

@@ -27,7 +27,8 @@ Construction (tests/_faults_ref.py recomputes it in torch and must agree bit for
 
 Precision of the law: w is uniform on a grid of step 2^-96 in (0, 1/2), rounded to float64 (relative
 2^-53), and E is computed to a few ulps (float64 ``log``, ``div.rn``; d / v is the exact correction of
-v's rounding to 2^-106). So each probability P(gap >= j) (u = w side: small tail probabilities) and
+v's rounding to 2^-106; every product is by a power of two, so contracting one into an FMA changes no
+bit, and the kernel and tests/_faults_ref.py differ only where float64 ``log`` differs by an ulp). So each probability P(gap >= j) (u = w side: small tail probabilities) and
 P(gap < j) (u = 1 - w side: small probabilities of short gaps, p itself included) is realised with
 relative error about (2 + ln(1/P)) 2^-52 plus an absolute 2^-96 from the grid, i.e. ~2^-50 relative
 for every probability above 2^-45 (p = 1e-12: P(gap = 0) = p within 2^-50 p + 2^-96). Gap overflow:
@@ -164,9 +165,14 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
                          f"bit positions inside the code and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, "
                          f"positions {tuple(positions)}, p={p})")
     n, size = codes.numel(), codes.element_size()
-    words = torch.empty(-(-n * size // 4), dtype=torch.int32, device=codes.device)
-    out = words.view(torch.uint8)[:n * size].view(codes.dtype).view(codes.shape)
-    out.copy_(codes)                                      # first: the copy runs while the host launches
+    # the copy first (it runs while the host prepares the launch), then the kernel flips its words
+    if codes.is_contiguous() and n * size % 4 == 0:
+        out = codes.clone()                               # a fresh allocation: aligned whole words
+        words = out.view(-1).view(torch.int32)
+    else:           # a ragged tail or strided codes: a buffer of whole words, the codes at its head
+        words = torch.empty(-(-n * size // 4), dtype=torch.int32, device=codes.device)
+        out = words.view(torch.uint8)[:n * size].view(codes.dtype).view(codes.shape)
+        out.copy_(codes)
     if n == 0:
         return out
     nb = len(positions)
