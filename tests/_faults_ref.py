@@ -34,7 +34,7 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi32, lo32
 
 
-def draws(key: int, chunks: torch.Tensor, step: int, lam: float, rounds: int = 7):
+def draws(key: int, chunks: torch.Tensor, step: int, inv_lam: float, rounds: int = 7):
     """(E / lambda, w2) of step ``step`` of every chunk, as the kernel's _draw computes them."""
     w0, w1, w2, w3 = philox4x32(key, chunks, step, 0, 0, rounds)
     m = ((w0 & 0x7FFFFFFF) << 32) | w1
@@ -42,13 +42,14 @@ def draws(key: int, chunks: torch.Tensor, step: int, lam: float, rounds: int = 7
     upper = (w0 >> 31) != 0
     v = 1.0 - w
     d = (1.0 - v) - w
-    e = -(torch.log(torch.where(upper, v, w)) + torch.where(upper, d / v, torch.zeros_like(d)))
-    return e / lam, w2
+    e = -(torch.log(torch.where(upper, v, w)) + torch.where(upper, d, torch.zeros_like(d)))
+    return e * inv_lam, w2
 
 
 def failures(key: int, nunits: int, p: float, chunk: int, rounds: int = 7):
     """(unit index, w2) of every failing unit: each chunk walked by its gaps until it leaves."""
     lam = -math.log1p(-p)
+    inv_lam = 1.0 / lam if lam > 2.0**-1022 else math.inf
     nchunks = -(-nunits // chunk)
     chunks = torch.arange(nchunks, dtype=torch.int64)
     end = torch.clamp((chunks + 1) * chunk, max=nunits)
@@ -57,7 +58,7 @@ def failures(key: int, nunits: int, p: float, chunk: int, rounds: int = 7):
     units, words = [], []
     s = 0
     while bool(live.any()):
-        x, w2 = draws(key, chunks, s, lam, rounds)
+        x, w2 = draws(key, chunks, s, inv_lam, rounds)
         q = q + 1 + torch.clamp(x, max=float(chunk)).to(torch.int64)
         live &= q < end
         units.append(q[live])

@@ -17,23 +17,25 @@ Construction (tests/_faults_ref.py recomputes it in torch and must agree bit for
 * Step s of chunk c draws Philox4x32 (N_ROUNDS rounds, the project's count from triton_quant; key =
   the 63-bit seed) at counter (c, s, 0, 0): words w0..w3. A uniform u in (0, 1) is built from w0, w1,
   w3: w = (m + (w3 + 1/2) 2^-32) 2^-64 with m the 63 low bits of (w0 << 32 | w1), and u = w if the
-  top bit of w0 is 0, else u = 1 - w. Then E = -log(u) (exponential) and gap = floor(E / lambda),
-  lambda = -log1p(-p) (float64, host), so P(gap >= j) = P(E >= j lambda) = (1-p)^j. For u = 1 - w,
-  E = -log1p(-w) is computed as -(log(v) + d / v) with v = 1 - w and d = (1 - v) - w, both exact in
-  float64: log1p's accuracy from ``log`` alone (Triton's interpreter has no log1p).
+  top bit of w0 is 0, else u = 1 - w. Then E = -log(u) (exponential) and gap = floor(E * (1/lambda)),
+  lambda = -log1p(-p) and 1/lambda rounded once on the host (float64), so P(gap >= j) =
+  P(E >= j lambda) = (1-p)^j. For u = 1 - w, E = -log1p(-w) is computed as -(log(v) + d) with
+  v = 1 - w and d = (1 - v) - w, both exact in float64: log(1 - w) = log(v) + log1p(d / v), and
+  log1p(d / v) = d up to |d| (1 - v) / v, i.e. 2^-53 of E (|d| <= 2^-54): log1p's accuracy from
+  ``log`` alone (Triton's interpreter has no log1p) and no division.
   per="element": the failing element flips bit ``positions[(w2 * nb) >> 32]``.
 * Counters depend on (chunk, step) only, so the flips depend on the seed, p and the codes' length,
   not on the block size, the warps or the grid.
 
 Precision of the law: w is uniform on a grid of step 2^-96 in (0, 1/2), rounded to float64 (relative
-2^-53), and E is computed to a few ulps (float64 ``log``, ``div.rn``; d / v is the exact correction of
-v's rounding to 2^-106; every product is by a power of two, so contracting one into an FMA changes no
+2^-53), and E / lambda is computed to a few ulps (float64 ``log``, the correction d, the rounded
+1/lambda; every product but the last is by a power of two, so contracting one into an FMA changes no
 bit, and the kernel and tests/_faults_ref.py differ only where float64 ``log`` differs by an ulp). So each probability P(gap >= j) (u = w side: small tail probabilities) and
 P(gap < j) (u = 1 - w side: small probabilities of short gaps, p itself included) is realised with
 relative error about (2 + ln(1/P)) 2^-52 plus an absolute 2^-96 from the grid, i.e. ~2^-50 relative
 for every probability above 2^-45 (p = 1e-12: P(gap = 0) = p within 2^-50 p + 2^-96). Gap overflow:
-E / lambda is at most ~67 / lambda (finite for any p > 0, inf only below ~1e-306, and min(inf, C)
-is C); it is clamped to C before the conversion to int64, and a gap of C already leaves the chunk.
+E / lambda is at most ~67 / lambda (finite for p above ~1e-306; 1/lambda = inf below, and
+min(inf, C) is C; E = 0 cannot occur as u < 1); it is clamped to C before the conversion to int64, and a gap of C already leaves the chunk.
 p up to 1/16 (the dense path of arith.faults takes larger p).
 
 Applying the flips: the copy is a buffer of int32 words (the codes' bytes, rounded up to whole words,
@@ -82,7 +84,7 @@ def _philox(k0, k1, c0, c1, c2, c3, NR: tl.constexpr):
 
 
 @triton.jit
-def _draw(k0, k1, chunk, step, lam, NR: tl.constexpr):
+def _draw(k0, k1, chunk, step, inv_lam, NR: tl.constexpr):
     """(E / lambda, w2) of step ``step`` of each chunk: the gap before its floor, and the word that
     chooses the bit of a per="element" failure (construction in the module doc)."""
     z = chunk * 0
@@ -93,12 +95,12 @@ def _draw(k0, k1, chunk, step, lam, NR: tl.constexpr):
     upper = (w0 >> 31) != 0                     # u = 1 - w: E = -log1p(-w), see the module doc
     v = 1.0 - w
     d = (1.0 - v) - w
-    e = -(tl.log(tl.where(upper, v, w)) + tl.where(upper, d / v, 0.0))
-    return e / lam, w2
+    e = -(tl.log(tl.where(upper, v, w)) + tl.where(upper, d, 0.0))
+    return e * inv_lam, w2
 
 
-@triton.jit(do_not_specialize=["nunits", "nchunks", "seed", "lam_bits"])
-def _faults_kernel(words_ptr, nunits, nchunks, seed, lam_bits, POS, NB: tl.constexpr, BITS: tl.constexpr,
+@triton.jit(do_not_specialize=["nunits", "nchunks", "seed", "inv_lam_bits"])
+def _faults_kernel(words_ptr, nunits, nchunks, seed, inv_lam_bits, POS, NB: tl.constexpr, BITS: tl.constexpr,
                    PER_ELEMENT: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
     """BLOCK chunks of C units, one a lane, walked by geometric gaps until every lane has left its
     chunk; each failure XORs one bit into the int32 words of the copy."""
@@ -109,12 +111,12 @@ def _faults_kernel(words_ptr, nunits, nchunks, seed, lam_bits, POS, NB: tl.const
     s64 = seed.to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    lam = lam_bits.to(tl.int64).to(tl.float64, bitcast=True)   # a float argument would be float32
+    inv_lam = inv_lam_bits.to(tl.int64).to(tl.float64, bitcast=True)   # a float argument would be float32
     c32 = chunk.to(tl.uint32)
     q = start - 1
     step = 0
     while tl.max(live.to(tl.int32), axis=0) > 0:
-        x, wbit = _draw(k0, k1, c32, step, lam, NR)
+        x, wbit = _draw(k0, k1, c32, step, inv_lam, NR)
         q = q + 1 + tl.minimum(x, C * 1.0).to(tl.int64)      # x >= 0; a gap of C leaves the chunk
         live = live & (q < end)
         if PER_ELEMENT:
@@ -132,13 +134,16 @@ def _faults_kernel(words_ptr, nunits, nchunks, seed, lam_bits, POS, NB: tl.const
 def chunk_units(p: float) -> int:
     """Units per chunk for rate p: the largest power of two with at most MEAN_FLIPS expected
     failures, within [MIN_CHUNK, MAX_CHUNK] (few lanes for tiny p, short lanes for large p)."""
-    c = 1 << max(0, math.floor(math.log2(MEAN_FLIPS / p)))
-    return min(MAX_CHUNK, max(MIN_CHUNK, c))
+    if p * MAX_CHUNK <= MEAN_FLIPS:      # also where MEAN_FLIPS / p overflows
+        return MAX_CHUNK
+    return max(MIN_CHUNK, 1 << math.floor(math.log2(MEAN_FLIPS / p)))
 
 
-def gap_scale(p: float) -> float:
-    """lambda = -log1p(-p): gap = floor(E / lambda) for an exponential E."""
-    return -math.log1p(-p)
+def inverse_lambda(p: float) -> float:
+    """1 / lambda, lambda = -log1p(-p): gap = floor(E * (1 / lambda)) for an exponential E (inf for
+    p below ~1e-308, where every gap leaves its chunk)."""
+    lam = -math.log1p(-p)
+    return 1.0 / lam if lam > 2.0**-1022 else math.inf
 
 
 @lru_cache(maxsize=64)
@@ -179,9 +184,9 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     nunits = n * nb if per == "bit" else n
     c = chunk_ or chunk_units(p)
     nchunks = -(-nunits // c)
-    lam_bits = struct.unpack("<q", struct.pack("<d", gap_scale(float(p))))[0]
+    inv_lam_bits = struct.unpack("<q", struct.pack("<d", inverse_lambda(float(p))))[0]
     grid = (triton.cdiv(nchunks, BLOCK),)
-    _faults_kernel[grid](words, nunits, nchunks, int(seed), lam_bits, _positions(tuple(positions), str(codes.device)),
+    _faults_kernel[grid](words, nunits, nchunks, int(seed), inv_lam_bits, _positions(tuple(positions), str(codes.device)),
                          NB=nb, BITS=8 * size, PER_ELEMENT=per == "element", C=c, BLOCK=BLOCK, NR=N_ROUNDS,
                          num_warps=WARPS)
     return out
