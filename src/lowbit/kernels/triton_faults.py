@@ -28,15 +28,16 @@ Construction (tests/_faults_ref.py recomputes it in torch and must agree bit for
   not on the block size, the warps or the grid.
 
 Precision of the law: w is uniform on a grid of step 2^-96 in (0, 1/2), rounded to float64 (relative
-2^-53), and E / lambda is computed to a few ulps (float64 ``log``, the correction d, the rounded
-1/lambda; every product but the last is by a power of two, so contracting one into an FMA changes no
-bit, and the kernel and tests/_faults_ref.py differ only where float64 ``log`` differs by an ulp). So each probability P(gap >= j) (u = w side: small tail probabilities) and
-P(gap < j) (u = 1 - w side: small probabilities of short gaps, p itself included) is realised with
-relative error about (2 + ln(1/P)) 2^-52 plus an absolute 2^-96 from the grid, i.e. ~2^-50 relative
-for every probability above 2^-45 (p = 1e-12: P(gap = 0) = p within 2^-50 p + 2^-96). Gap overflow:
-E / lambda is at most ~67 / lambda (finite for p above ~1e-306; 1/lambda = inf below, and
-min(inf, C) is C; E = 0 cannot occur as u < 1); it is clamped to C before the conversion to int64, and a gap of C already leaves the chunk.
-p up to 1/16 (the dense path of arith.faults takes larger p).
+2^-53), and x = E / lambda is computed with a relative error delta of a few ulps, ~2^-51 (float64
+``log``, the correction d, the rounded 1/lambda; every product but the last is by a power of two, so
+contracting one into an FMA changes no bit). Moving x by x delta moves P(gap < j) = 1 - e^(-j lambda)
+by at most j lambda e^(-j lambda) delta, so: every short-gap probability P(gap < j) (p itself among
+them) is realised to ~2^-51 relative plus 2^-96 absolute (p = 1e-12: P(gap = 0) = p (1 +- 2^-50)),
+and every tail P(gap >= j) = P to (1 + ln(1/P)) 2^-51 relative (2^-46 at P = 2^-45). The kernel and
+tests/_faults_ref.py compute the same float64 operations and differ only where ``log`` differs by an
+ulp. Gap overflow: x is at most ~67 / lambda (1/lambda is inf below p ~ 1e-308, and E > 0 as u < 1,
+so x = inf there); x is clamped to C before the conversion to int64, and a gap of C already leaves
+the chunk. p up to 1/16 (the dense path of arith.faults takes larger p).
 
 Applying the flips: the copy is a buffer of int32 words (the codes' bytes, rounded up to whole words,
 so the ragged tail of 1- and 2-byte codes has a word of its own); bit b of element e is bit B =
@@ -186,7 +187,8 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     nchunks = -(-nunits // c)
     inv_lam_bits = struct.unpack("<q", struct.pack("<d", inverse_lambda(float(p))))[0]
     grid = (triton.cdiv(nchunks, BLOCK),)
-    _faults_kernel[grid](words, nunits, nchunks, int(seed), inv_lam_bits, _positions(tuple(positions), str(codes.device)),
+    pos = _positions(tuple(positions), str(codes.device))
+    _faults_kernel[grid](words, nunits, nchunks, int(seed), inv_lam_bits, pos,
                          NB=nb, BITS=8 * size, PER_ELEMENT=per == "element", C=c, BLOCK=BLOCK, NR=N_ROUNDS,
                          num_warps=WARPS)
     return out
