@@ -10,8 +10,9 @@ format), same format and rounding mode; the first lowbit call of each function, 
 fused kernel, is timed apart. Reductions: lowbit with accum_every=None (float64 then one rounding, as
 Pychop) against Pychop; lowbit's sequential (every addition rounded, along axis 0 of a 2048-row
 matrix) and pairwise orders are listed for their cost, Pychop has no equivalent. Fault injection:
-flipping bits of the codes at several bit error rates against a copy of the codes (on CUDA the fused
-Triton pass of kernels/triton_faults; best of --repeat, at least 3).
+flipping bits of the codes at several bit error rates against a copy of the codes (on CUDA: a copy and
+the sparse Triton kernel of kernels/triton_faults; best of --repeat, at least 3); each row also gives
+the flips made (bits changed), their expected number and the chunks of units the kernel walks.
 """
 from __future__ import annotations
 
@@ -123,10 +124,11 @@ def run_public_api(n: int, fmt: str, repeat: int):
 
 
 def run_faults(n: int, device: str, repeat: int):
-    """arith.flip_bits (on CUDA: the fused Triton pass for 0 < p <= 1/16) against codes.clone()."""
+    """arith.flip_bits (on CUDA: a copy plus the Triton kernel for 0 < p <= 1/16) against codes.clone()."""
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nfault injection on {n:,} codes ({where}): time against a copy of the codes")
-    print(f"{'format / rate':<32}{'inject s':>10}{'copy s':>10}{'copy/inject':>12}")
+    print(f"{'format / rate':<32}{'inject s':>10}{'copy s':>10}{'copy/inject':>12}{'flips':>12}{'expected':>12}"
+          f"{'chunks':>10}")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rows = [("e4m3fn", torch.uint8, p, "bit") for p in (1e-9, 1e-7, 1e-5, 1e-3)]
     rows += [("e4m3fn", torch.uint8, 1e-3, "element")]
@@ -138,7 +140,12 @@ def run_faults(n: int, device: str, repeat: int):
             codes = None    # free the previous codes first (2^28 int32 codes are 1 GiB)
             codes = torch.randint(0, 2**f.bits, (n,), device=device, dtype=torch.int64).to(dtype)
         mask = arith.field_mask(f, ("sign", "exponent", "mantissa"))
-        arith.flip_bits(codes, p, mask, per=per, seed=0)
+        diff = arith.flip_bits(codes, p, mask, per=per, seed=0) ^ codes
+        pos = [b for b in range(mask.bit_length()) if mask >> b & 1]
+        flips = sum(int(((diff >> b) & 1).sum()) for b in pos)
+        del diff
+        units = n * len(pos) if per == "bit" else n
+        chunks = _fused_chunks(codes, p, units)
         sync()
 
         def inject():
@@ -150,7 +157,17 @@ def run_faults(n: int, device: str, repeat: int):
             sync()
         ti, tc = _best(inject, repeat), _best(copy, repeat)
         label = f"{fmt} p={p:g}" + (" per element" if per == "element" else "")
-        print(f"{label:<32}{ti:10.5f}{tc:10.5f}{tc / ti:12.2f}", flush=True)
+        print(f"{label:<32}{ti:10.5f}{tc:10.5f}{tc / ti:12.2f}{flips:12,}{p * units:12,.0f}{chunks:>10}", flush=True)
+
+
+def _fused_chunks(codes, p: float, units: int) -> str:
+    """Chunks of units the CUDA kernel walks (one lane each), or '-' where the sparse path runs."""
+    if not codes.is_cuda:
+        return "-"
+    from lowbit.kernels import triton_faults
+    if not triton_faults.claims(codes, p):
+        return "-"
+    return f"{-(-units // triton_faults.chunk_units(p)):,}"
 
 
 def main():

@@ -1,6 +1,9 @@
-"""Pure-torch reference of kernels/triton_faults: the same Philox words, the same construction,
-written directly (full 63-bit uniforms for every comparison, no binary search, no lazy draws)."""
+"""Pure-torch reference of kernels/triton_faults: the same Philox words, the same chunks and
+geometric gaps, the flips applied element by element in int64 (not through the kernel's int32 words),
+so the kernel's word/bit mapping is checked too."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -31,53 +34,49 @@ def _mulhilo(a: int, b: torch.Tensor):
     return hi32, lo32
 
 
-def gate_words(key: int, ngroups: int, rounds: int = 7) -> torch.Tensor:
-    """The gate word w0 of every group: word group % 4 of Philox(group // 4, 0, 0, 0)."""
-    calls = torch.arange((ngroups + 3) // 4, dtype=torch.int64)
-    return torch.stack(philox4x32(key, calls, 0, 0, 0, rounds), 1).reshape(-1)[:ngroups]
+def draws(key: int, chunks: torch.Tensor, step: int, inv_lam: float, rounds: int = 7):
+    """(E / lambda, w2) of step ``step`` of every chunk, as the kernel's _draw computes them."""
+    w0, w1, w2, w3 = philox4x32(key, chunks, step, 0, 0, rounds)
+    m = ((w0 & 0x7FFFFFFF) << 32) | w1
+    w = (m.to(torch.float64) + (w3.to(torch.float64) + 0.5) * 2.0**-32) * 2.0**-64
+    upper = (w0 >> 31) != 0
+    v = 1.0 - w
+    d = (1.0 - v) - w
+    e = -(torch.log(torch.where(upper, v, w)) + torch.where(upper, d, torch.zeros_like(d)))
+    return e * inv_lam, w2
 
 
-def group_words(key: int, ngroups: int, stream: int, step: int, rounds: int = 7) -> list:
-    """The four words of Philox(group, stream, step, 0) of every group."""
-    return philox4x32(key, torch.arange(ngroups, dtype=torch.int64), stream, step, 0, rounds)
-
-
-def first_below(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """#{m : t[m] <= u} for every u."""
-    return (t[None, :] <= u[:, None]).sum(1)
-
-
-def flip_reference(codes: torch.Tensor, positions, per: str, key: int, t, group: int,
-                   rounds: int = 7, chain: bool = True) -> torch.Tensor:
-    """Codes with the flips of the kernel's construction; t: the 63-bit thresholds (len = units).
-    chain=False stops after the first failure of each group (a wrong law, for the tests)."""
-    t = torch.tensor(t, dtype=torch.int64)
-    flat = codes.reshape(-1).to(torch.int64)
-    n = flat.numel()
-    ng = -(-n // group)
-    nb = len(positions)
-    units = group * nb if per == "bit" else group
-    pos = torch.tensor(positions, dtype=torch.int64)
-    padded = torch.zeros(ng * group, dtype=torch.int64)
-    padded[:n] = flat
-
-    def flip(k, live, wbit):
-        if per == "element":
-            e, slot = k, (wbit * nb) >> 32
-        else:
-            e, slot = k // nb, k % nb
-        idx = torch.arange(ng)[live] * group + e[live]
-        padded[idx] ^= 1 << pos[slot[live]]
-
-    first = group_words(key, ng, 1, 0, rounds)
-    k = first_below((gate_words(key, ng, rounds) << 31) | (first[0] >> 1), t)
-    live = k < units
-    flip(k, live, first[1])
+def failures(key: int, nunits: int, p: float, chunk: int, rounds: int = 7):
+    """(unit index, w2) of every failing unit: each chunk walked by its gaps until it leaves."""
+    lam = -math.log1p(-p)
+    inv_lam = 1.0 / lam if lam > 2.0**-1022 else math.inf
+    nchunks = -(-nunits // chunk)
+    chunks = torch.arange(nchunks, dtype=torch.int64)
+    end = torch.clamp((chunks + 1) * chunk, max=nunits)
+    q = chunks * chunk - 1
+    live = torch.ones(nchunks, dtype=torch.bool)
+    units, words = [], []
     s = 0
-    while chain and bool(live.any()):
-        r = group_words(key, ng, 2, s, rounds)
-        k = k + 1 + first_below((r[0] << 31) | (r[1] >> 1), t)
-        live &= k < units
-        flip(k, live, r[2])
+    while bool(live.any()):
+        x, w2 = draws(key, chunks, s, inv_lam, rounds)
+        q = q + 1 + torch.clamp(x, max=float(chunk)).to(torch.int64)
+        live &= q < end
+        units.append(q[live])
+        words.append(w2[live])
         s += 1
-    return padded[:n].to(codes.dtype).reshape(codes.shape)
+    return torch.cat(units), torch.cat(words)
+
+
+def flip_reference(codes: torch.Tensor, positions, per: str, key: int, p: float, chunk: int,
+                   rounds: int = 7) -> torch.Tensor:
+    """Codes with the flips of the kernel's construction (C = ``chunk`` units per chunk)."""
+    flat = codes.reshape(-1).to(torch.int64)
+    nb = len(positions)
+    units, w2 = failures(key, flat.numel() * nb if per == "bit" else flat.numel(), p, chunk, rounds)
+    if per == "element":
+        elem, slot = units, (w2 * nb) >> 32
+    else:
+        elem, slot = units // nb, units % nb
+    bits = torch.tensor([1 << b if b < 63 else -(1 << 63) for b in positions], dtype=torch.int64)
+    xor = torch.zeros_like(flat).index_add_(0, elem, bits[slot])    # distinct bits: the sum is the XOR
+    return (flat ^ xor).to(codes.dtype).reshape(codes.shape)
