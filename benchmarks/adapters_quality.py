@@ -10,7 +10,9 @@ and the issue's ratios; --json writes every row.
 CPU, small (about 15 min on 2 cores):
   python3 benchmarks/adapters_quality.py --tasks docs --bits 1,4,16,32 --steps 30 --batch-size 2 \
       --seq-len 128 --eval-tokens 2048 --context 256 --calib 16 --threads 2
-GPU (full scale): see docs/adapters.md.
+GPU (full scale): see docs/adapters.md. A run split over processes (one per task and base, each with
+its own --json) is put together, with the quantized bases' share of the fp32 perplexity recovered:
+  python3 benchmarks/adapters_quality.py --merge docs_fp32.json docs_w3g64.json ... --json all.json
 """
 from __future__ import annotations
 
@@ -134,7 +136,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="put together the --json files of a split run "
+                   "(no training): one table, the ratios, and --json")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -192,6 +198,23 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "environment": env}, indent=1))
     print(f"{env['seconds']:.0f} s on {env['gpu'] or 'cpu'} ({env['threads']} threads)")
+    return 0
+
+
+def merge(paths, out=None) -> int:
+    """One table and the ratios from the --json files of runs split by task and base; rows of a
+    quantized base get the fp32 perplexity of their task from the fp32 run's rows."""
+    runs = [json.loads(Path(f).read_text()) for f in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    fp32 = {r["task"]: r["perplexity"] for r in rows if r["base"] == "fp32" and r["adapter"] == "none"}
+    rows = [{**r, "fp32_perplexity": r.get("fp32_perplexity") or fp32.get(r["task"])} for r in rows]
+    print_table(rows)
+    summary = ratios(rows)
+    for line in summary:
+        print(line)
+    if out:
+        Path(out).write_text(json.dumps({"rows": rows, "summary": summary, "merged_from": [str(f) for f in paths],
+                                         "environments": [run["environment"] for run in runs]}, indent=1))
     return 0
 
 
