@@ -46,15 +46,21 @@ def _odd32(y: torch.Tensor, want_near: bool):
     # where |f| > |y| the truncation is one pattern below f's magnitude (f != 0 there; past float32's
     # range f is inf and the step gives FLT_MAX). Only comparisons and integer arithmetic: inductor
     # vectorises all of it (isinf / isnan / clamp here made it fall back to scalar code).
+    # d = y - f is exact (Sterbenz, or f = 0); the tests on it run in float32 on s = d * 2**1000,
+    # which keeps d's sign and whether it is 0 (|d| >= 2**-1074 becomes >= 2**-74; large ones
+    # inf): float32 masks convert to int32 for free, float64 ones cost ~2 ns an element.
+    # |f| > |y| where d and f have opposite signs (f * s never underflows: |d| >= 2**-53 |f| unless
+    # f = 0, where 0 * s is 0 or nan); y = inf: d is nan, both tests false.
     f = y.float()
-    g = f.double()
-    bits = (f.view(torch.int32) - (g.abs() > y.abs()).int()) | (g != y).int()
+    d = y - f.double()
+    s = (d * 2.0**1000).float()
+    bits = (f.view(torch.int32) - (f * s < 0).int()) | (s.abs() > 0).int()
     out = bits.view(torch.float32)
     if not want_near:
         return out
     # no float32 lies within the error bound of y: the float32 interval of the true value is known
     # (false for |y| past float32's range: every odd32-exact format overflows there)
-    near = (y - g).abs() <= y.abs() * NEAR_REL + NEAR_ABS
+    near = d.abs() <= y.abs() * NEAR_REL + NEAR_ABS
     return out, near
 
 
