@@ -119,14 +119,15 @@ def _value(name: str, *args):
     """(y, conditions): float64 value of the function (overflow past float64 from finite arguments
     kept as +-DBL_MAX) and (condition, role) pairs: "known" (y is exact where the condition holds),
     "known_unless" (exact where it does not hold), "mark" / "mark_unless" (left by the fused path to
-    :func:`_exact_path`: power's exponents 2, -1, 0.5; mod's and floor_divide's NumPy special cases);
+    :func:`_exact_path`: power's exponents 2, -1, 0.5; floor_divide's NumPy special cases; mod is
+    :func:`_mod_pair`'s);
     marks win over known. Single comparisons rather than bool algebra, and no isinf / isnan: the
     fused loop then applies each as one blend, which inductor vectorises."""
     if name in EXACT_UNARY:
         return _TORCH[name](args[0]), [(None, "known")]
-    if name in ("mod", "floor_divide"):
+    if name == "floor_divide":
         a, b = args
-        y = _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b)
+        y = _floor_divide_float64(a, b)
         return y, [(None, "known"), (finite(a), "mark_unless"), (finite(b), "mark_unless"), (b == 0, "mark")]
     if name == "power":
         a, b = args
@@ -284,8 +285,11 @@ def _fast(*args, static):
     element by element."""
     name, st = static
     *xs, fix, P = args
-    y, conds = _value(name, *xs)
-    ro, near = odd32_pair(y)
+    if name == "mod":
+        (y, tail), conds = _mod_pair(*xs)
+    else:
+        (y, conds), tail = _value(name, *xs), None
+    ro, near = odd32_pair(y, tail)
     out = cpu_fast.round_bits(ro, st, P).double()
     res = torch.where(near, fix, out)
     for c, role in sorted(conds, key=lambda cr: cr[1].startswith("mark")):  # marks last: they win
@@ -425,11 +429,50 @@ def _floor_divide_float64(a, b):
     return torch.where(integral, torch.where(below, step_down, q), fq)
 
 
+def _fmod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fmod(a, b), exact; on the CPU through NumPy (C's fmod): torch's vectorised CPU fmod (SLEEF)
+    returns nan where a / b overflows float64 (torch 2.13: fmod(1e10, 3e-300))."""
+    if a.device.type == "cpu":
+        with np.errstate(all="ignore"):
+            return torch.from_numpy(np.fmod(a.numpy(), b.numpy()))
+    return torch.fmod(a, b)
+
+
 def _mod_float64(a, b):
-    r = torch.fmod(a, b)
+    r = _fmod(a, b)
     wrap = (r != 0) & ((r < 0) != (b < 0))
     r = torch.where(wrap, odd_add(r, b), r)
     return torch.where(r == 0, torch.copysign(torch.zeros_like(r), b), r)
+
+
+_MOD_RANGE = 2.0**900  # |b| within 2**-+900: Dekker's product q * b is exact, its split does not overflow
+
+
+def _mod_pair(a: torch.Tensor, b: torch.Tensor):
+    """((s, tail), conditions): NumPy's mod(a, b) = s + tail exactly (s = RN(s + tail)), for the
+    fused loop, where SLEEF's fmod and :func:`_mod_float64`'s bool algebra and round-to-odd cost
+    three times the rest. Holds where |a / b| < 2**52 and 2**-900 <= |b| <= 2**900; the other
+    elements (also inf, nan, b = 0) are marked for :func:`_exact_path`.
+
+    q = trunc(fl(a / b)) is trunc(a / b) or one more in magnitude (fl is monotone and an integer
+    below 2**52 is a float; fl(a / b) errs by < 1/4 there). a - q b = (a - p) - e with
+    p + e = q b (Dekker, exact): a - p is exact (Sterbenz: p is within a factor 2 of a when q != 0)
+    and so is the second subtraction, whose result is representable (fmod's, or when q is one too
+    big, a multiple of 2**(min exponent - 52) below |a| 2**-52). Where that remainder t has the
+    sign opposite to a, q was one too big: fmod = t + sign(a) |b|, exact again. Where fmod and b
+    differ in sign, mod = t + b, rounded: s = fl(t + b), tail = t - (s - b) (Fast2Sum, |t| < |b|);
+    a zero result takes b's sign, as NumPy's."""
+    quotient = a / b
+    q = torch.trunc(quotient)
+    p, e = two_prod(q, b)
+    t = (a - p) - e
+    t = torch.where(torch.copysign(t, a) != t, t + torch.copysign(b, a), t)  # != : t != 0, other sign
+    wrap = torch.copysign(t, b) != t
+    s = torch.where(wrap, t + b, t)
+    tail = torch.where(wrap, t - (s - b), 0.0)
+    s = torch.where(s == 0, torch.copysign(torch.zeros_like(s), b), s)
+    return (s, tail), [(None, "known"), (quotient.abs() < 2.0**52, "mark_unless"),
+                       (b.abs() >= 1 / _MOD_RANGE, "mark_unless"), (b.abs() <= _MOD_RANGE, "mark_unless")]
 
 
 def _numpy_specials(name, a, b, y):
