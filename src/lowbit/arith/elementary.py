@@ -4,8 +4,12 @@ Each result is the true function value rounded once to ``fmt`` with the chosen m
 low-precision unit would return), for every element format and rounding mode lowbit has. How:
 
 1. The function is evaluated in float64 by torch (SLEEF / libm, error at most a few float64 ulps;
-   NEAR_REL = 512 ulps is assumed). Overflow past float64 from a finite argument is kept as
-   +-DBL_MAX (the true value is finite and past every format's range), not inf.
+   NEAR_REL = 512 ulps is assumed), or, where SLEEF's routine is slow, by a composition of
+   vectorised primitives whose error is bounded in its docstring far inside NEAR_REL: asinh and
+   acosh from one log (:func:`_asinh`, :func:`_acosh`, :func:`_log1p_nonneg`), cosh and tanh from
+   one exp (:func:`_cosh`, :func:`_tanh`), expm1 and atanh as below. Overflow past float64 from a
+   finite argument is kept as +-DBL_MAX (the true value is finite and past every format's range),
+   not inf.
 2. Where the format is reachable through float32 rounded to odd (:mod:`lowbit.arith.odd32`), an
    element is *safe* when no float32 lies within the error bound of its float64 value: its true value
    then has the same float32-to-odd image, which rounds to the format exactly as the true value does
@@ -16,17 +20,22 @@ low-precision unit would return), for every element format and rounding mode low
 3. The elements that are not safe (about 2**-15 of random float32-precision data; none are lost by
    underflow to 0) are re-evaluated exactly by :func:`lowbit.arith.mpref.true_odd64` (mpmath with
    Ziv's loop; exact rational arithmetic for powers), and known exact cases (exp(0) = 1, log2(2**k),
-   log10(10**k), arccos(1) = 0, f(+-0), poles, domain errors) are set directly.
+   found in float arithmetic by :func:`_is_power_of_two`, log10(10**k), arccos(1) = 0, f(+-0),
+   poles, domain errors) are set directly.
 
 floor, ceil, round (half to even), sign, mod and floor_divide are exact in float64 (mod and
-floor_divide through an exact remainder), then rounded once. Special values follow NumPy.
+floor_divide through an exact remainder; fmod through NumPy on the CPU, torch's vector fmod gives nan
+where a / b overflows), then rounded once. Special values follow NumPy.
 
 On the CPU, for deterministic modes and odd32 formats, steps 1-2 and the rounding run as one loop
-(:func:`_fast`, compiled by torch.compile for large tensors) whose only output is the float64 result;
-elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and floor_divide's NumPy
-special cases) come out as a marker nan and go through the generic path (:func:`_exact_path`) alone.
+(:func:`_fast`, compiled by torch.compile for large tensors) whose outputs are the float64 result and
+its number of nans; elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and
+floor_divide's NumPy special cases, mod's huge quotients) come out as a marker nan and go through the
+generic path (:func:`_exact_path`) alone; the scan for markers runs only where the count is not 0.
+mod there skips fmod (:func:`_mod_pair`: a Dekker remainder, then the value and its rounding error,
+whose RO32 :func:`lowbit.arith.odd32.odd32_pair` takes directly).
 For power (``_FLOAT32_FIRST``; the rule holds for every function of ``FLOAT32_DECIDABLE``, but
-ends slower for the others) a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
+ended slower for the others when measured) a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
 evaluates the function in float32 (SLEEF's u10 routines, at most 1 float32 ulp, twice as wide a
 vector) and decides an element when y * (1 -+ 2**-20), an interval that holds the true value, rounds
 to one value of the format; the rest (~0.3% of in-format fp16 data, every element of data that is not
