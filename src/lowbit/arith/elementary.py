@@ -4,8 +4,12 @@ Each result is the true function value rounded once to ``fmt`` with the chosen m
 low-precision unit would return), for every element format and rounding mode lowbit has. How:
 
 1. The function is evaluated in float64 by torch (SLEEF / libm, error at most a few float64 ulps;
-   NEAR_REL = 512 ulps is assumed). Overflow past float64 from a finite argument is kept as
-   +-DBL_MAX (the true value is finite and past every format's range), not inf.
+   NEAR_REL = 512 ulps is assumed), or, where SLEEF's routine is slow, by a composition of
+   vectorised primitives whose error is bounded in its docstring far inside NEAR_REL: asinh and
+   acosh from one log (:func:`_asinh`, :func:`_acosh`, :func:`_log1p_nonneg`), cosh and tanh from
+   one exp (:func:`_cosh`, :func:`_tanh`), expm1 and atanh as below. Overflow past float64 from a
+   finite argument is kept as +-DBL_MAX (the true value is finite and past every format's range),
+   not inf.
 2. Where the format is reachable through float32 rounded to odd (:mod:`lowbit.arith.odd32`), an
    element is *safe* when no float32 lies within the error bound of its float64 value: its true value
    then has the same float32-to-odd image, which rounds to the format exactly as the true value does
@@ -16,17 +20,22 @@ low-precision unit would return), for every element format and rounding mode low
 3. The elements that are not safe (about 2**-15 of random float32-precision data; none are lost by
    underflow to 0) are re-evaluated exactly by :func:`lowbit.arith.mpref.true_odd64` (mpmath with
    Ziv's loop; exact rational arithmetic for powers), and known exact cases (exp(0) = 1, log2(2**k),
-   log10(10**k), arccos(1) = 0, f(+-0), poles, domain errors) are set directly.
+   found in float arithmetic by :func:`_is_power_of_two`, log10(10**k), arccos(1) = 0, f(+-0),
+   poles, domain errors) are set directly.
 
 floor, ceil, round (half to even), sign, mod and floor_divide are exact in float64 (mod and
-floor_divide through an exact remainder), then rounded once. Special values follow NumPy.
+floor_divide through an exact remainder; fmod through NumPy on the CPU, torch's vector fmod gives nan
+where a / b overflows), then rounded once. Special values follow NumPy.
 
 On the CPU, for deterministic modes and odd32 formats, steps 1-2 and the rounding run as one loop
-(:func:`_fast`, compiled by torch.compile for large tensors) whose only output is the float64 result;
-elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and floor_divide's NumPy
-special cases) come out as a marker nan and go through the generic path (:func:`_exact_path`) alone.
+(:func:`_fast`, compiled by torch.compile for large tensors) whose outputs are the float64 result and
+its number of nans; elements it cannot decide (not safe, power's exponents 2, -1, 0.5, mod's and
+floor_divide's NumPy special cases, mod's huge quotients) come out as a marker nan and go through the
+generic path (:func:`_exact_path`) alone; the scan for markers runs only where the count is not 0.
+mod there skips fmod (:func:`_mod_pair`: a Dekker remainder, then the value and its rounding error,
+whose RO32 :func:`lowbit.arith.odd32.odd32_pair` takes directly).
 For power (``_FLOAT32_FIRST``; the rule holds for every function of ``FLOAT32_DECIDABLE``, but
-ends slower for the others) a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
+ended slower for the others when measured) a float32 loop (:func:`_fast32`) runs first: where the operands are float32 values it
 evaluates the function in float32 (SLEEF's u10 routines, at most 1 float32 ulp, twice as wide a
 vector) and decides an element when y * (1 -+ 2**-20), an interval that holds the true value, rounds
 to one value of the format; the rest (~0.3% of in-format fp16 data, every element of data that is not
@@ -92,12 +101,9 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         one = x == 1
         y = torch.where(one, 0.0, y)
         conds.append((one, "known"))
-    elif name == "log2":  # powers of two, from the bits (subnormals scaled up by 2**64 first)
-        sub = x.abs() < 2.0**-1022
-        bits = torch.where(sub, x * 2.0**64, x).view(torch.int64)
-        pow2 = (x > 0) & ((bits & ((1 << 52) - 1)) == 0)
-        e = (bits >> 52) - 1023 - torch.where(sub, 64, 0)
-        y = torch.where(pow2, e.double(), y)
+    elif name == "log2":  # powers of two: y is within ulps of the integer log2(x) there
+        pow2 = _is_power_of_two(x)
+        y = torch.where(pow2, y.round(), y)
         conds.append((pow2, "known"))
     elif name == "log10":  # 10**k for k = 0..22 (the exact ones): y is within ulps of k there
         k = torch.where(finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
@@ -107,18 +113,30 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
     return y, conds
 
 
+def _is_power_of_two(x: torch.Tensor) -> torch.Tensor:
+    """Whether |x| is a power of two (also true for 0; false for inf and nan), in float arithmetic,
+    which inductor vectorises (int64 bit casts and shifts it does not). For m * 2**k with m in
+    [1, 2), k >= -1021 (smaller |x| are scaled by 2**64 first): x (1 - 2**-53) is exact for m = 1
+    (the binade below has spacing 2**(k-53)), and rounds to x - 2**(k-52) for m > 1 (the removed
+    m 2**(k-53) is more than half a spacing); so x - x (1 - 2**-53), exact by Sterbenz, times 2**53
+    equals x only for m = 1 (for m > 1 it is 2**(k+1) > x, or inf)."""
+    xs = torch.where(x.abs() < 2.0**-1000, x * 2.0**64, x)
+    return (xs - xs * (1.0 - 2.0**-53)) * 2.0**53 == xs
+
+
 def _value(name: str, *args):
     """(y, conditions): float64 value of the function (overflow past float64 from finite arguments
     kept as +-DBL_MAX) and (condition, role) pairs: "known" (y is exact where the condition holds),
     "known_unless" (exact where it does not hold), "mark" / "mark_unless" (left by the fused path to
-    :func:`_exact_path`: power's exponents 2, -1, 0.5; mod's and floor_divide's NumPy special cases);
+    :func:`_exact_path`: power's exponents 2, -1, 0.5; floor_divide's NumPy special cases; mod is
+    :func:`_mod_pair`'s);
     marks win over known. Single comparisons rather than bool algebra, and no isinf / isnan: the
     fused loop then applies each as one blend, which inductor vectorises."""
     if name in EXACT_UNARY:
         return _TORCH[name](args[0]), [(None, "known")]
-    if name in ("mod", "floor_divide"):
+    if name == "floor_divide":
         a, b = args
-        y = _floor_divide_float64(a, b) if name == "floor_divide" else _mod_float64(a, b)
+        y = _floor_divide_float64(a, b)
         return y, [(None, "known"), (finite(a), "mark_unless"), (finite(b), "mark_unless"), (b == 0, "mark")]
     if name == "power":
         a, b = args
@@ -156,7 +174,93 @@ def _atanh(t: torch.Tensor) -> torch.Tensor:
     return torch.copysign(0.5 * torch.log1p((a + a) / (1.0 - a)), t)
 
 
-_ACCURATE = {"expm1": _expm1, "arctanh": _atanh}
+# Below: faster compositions of vectorised primitives (SLEEF exp / log / log1p, IEEE sqrt and
+# division) for functions whose SLEEF routine is slow (double-double inside). Each comment bounds the
+# relative error in units of u = 2**-53 (one IEEE rounding) and e (the libm error of exp / log /
+# log1p: SLEEF u10, 1 ulp = at most 2u); NEAR_REL = 2**-44 = 512u leaves every bound far inside.
+_LN2 = math.log(2.0)  # ln 2 (1 + 2**-55.6): 2**-60 relative after adding to a value >= 42
+_HUGE = 2.0**60  # past it asinh(a) = log(a) + ln 2 + 1/(4a^2) and log1p(a) = log(a) + 1/a - ...
+
+
+def _log1p_nonneg(v: torch.Tensor) -> torch.Tensor:
+    """log1p(v) for v >= 0 (nan for nan) from one log, <= 2e + 6u relative (SLEEF's log1p costs ~1.3
+    logs). w = fl(1 + v) and c = v - (w - 1) is its rounding error, exactly (w - 1 is exact for
+    w <= 2, then v - (w - 1) by Sterbenz), |c| <= u w; log1p(v) = log(w) + log1p(c / w).
+    log(w) errs by e relative to log(w) <= 2 log1p(v) (the worst case is w = 1 + 2u against
+    1 + v >= 1 + u; w = 1 gives 0). For w < 2 the correction c / w is taken as c (2 - w) =
+    (c / w)(1 - (w - 1)**2): off by u (w - 1)**2, at most 3u (w - 1) of log1p(v) >= (w - 1) ln 2 / 2.
+    For w >= 2 (also v = inf) it is dropped: < u, against log1p(v) >= ln 2."""
+    w = 1.0 + v
+    lw = torch.log(w)
+    return torch.where(w < 2.0, lw + (v - (w - 1.0)) * (2.0 - w), lw)
+
+
+def _asinh(t: torch.Tensor) -> torch.Tensor:
+    """asinh, <= 2e + 12u relative (SLEEF's asinh, ~3 logs' time, replaced by one log). For
+    a = |t| < 2**60: asinh(a) = log1p(v), v = a + a^2 / (1 + sqrt(1 + a^2)) (= a + sqrt(1 + a^2) - 1
+    without the cancellation): every operation adds or divides positive terms, so v carries at most
+    6u, and log1p passes a relative error of v on damped by v / ((1 + v) log1p(v)) <= 1. For a >= 2**60:
+    log(a) + ln 2, off by 1/a < 2**-60 absolute on a value >= 42. Subnormal a: a^2 underflows to 0,
+    v = a (asinh(a) = a (1 - a^2/6))."""
+    a = t.abs()
+    big = a >= _HUGE
+    v = torch.where(big, a, a + (a * a) / (1.0 + torch.sqrt(1.0 + a * a)))
+    r = _log1p_nonneg(v)
+    return torch.copysign(torch.where(big, r + _LN2, r), t)
+
+
+def _acosh(t: torch.Tensor) -> torch.Tensor:
+    """acosh, <= 2e + 11u relative (SLEEF's acosh, ~2 logs' time, replaced by one log). For
+    1 <= t < 2**60: s = t - 1 is exact (Sterbenz below 2, a multiple of ulp(t) above) and
+    acosh(t) = log1p(s + sqrt(s (s + 2))): positive terms only (<= 4u on the log1p argument), damped
+    by log1p as in :func:`_asinh`; near 1, acosh(1 + s) ~ sqrt(2s) is computed from the exact s. For
+    t >= 2**60: log(t) + ln 2, off by 1/t absolute on a value >= 42. nan below 1."""
+    big = t >= _HUGE
+    s = t - 1.0
+    r = _log1p_nonneg(torch.where(big, t, s + torch.sqrt(s * (s + 2.0))))
+    return torch.where(t >= 1.0, torch.where(big, r + _LN2, r), float("nan"))
+
+
+_COSH_TAIL = 22.0  # for |x| >= 22, e**-|x| / 2 is below 2**-63 of cosh(x)
+
+
+def _cosh(t: torch.Tensor) -> torch.Tensor:
+    """cosh from one exp, <= 2e + 3u relative (SLEEF's cosh costs two exps' time). h = exp(|x| / 2)
+    (the halving is exact but for subnormals, where h = 1 anyway), e = h * h (<= 2e + u):
+    (e + 1/e) / 2 for |x| < 22 (positive terms, <= 2e + 3u); (h / 2) * h = e**|x| / 2 beyond
+    (drops e**-|x| / 2 < 2**-63 relative), which overflows only when cosh does, up to 1419
+    (|x| / 2 past exp's range: h = inf, cosh overflows too)."""
+    a = t.abs()
+    h = torch.exp(0.5 * a)
+    e = h * h
+    return torch.where(a < _COSH_TAIL, 0.5 * e + 0.5 / e, (0.5 * h) * h)
+
+
+# tanh's Taylor coefficients from x**5 to x**13 (the x**15 term is below 2**-65 of tanh(x) for
+# |x| < 1/16)
+_TANH_TAYLOR = (2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075)
+
+
+def _tanh(t: torch.Tensor) -> torch.Tensor:
+    """tanh from one exp, <= 9e + 3u relative (SLEEF's tanh costs ~2 exps' time). a = |x|. For
+    a < 1/16 the Taylor polynomial a + a s (-1/3 + s (2/15 + ...)), s = a**2 (the part after a is
+    below 2**-9.6 of the result, so its roundings add < 0.01u to the final addition's 0.5u). Else
+    E = exp(-2a) and (1 - E) / (1 + E): E <= e**(-1/8), so 1 - E amplifies E's error by
+    E / (1 - E) <= 7.6 (the subtraction is exact for E >= 1/2, one rounding below); 1 + E and the
+    division add e + 2u. Large a: E = 0 and the result 1 (true value within 2e**-2a of it);
+    subnormal a: s = 0 and the result a (true value a (1 - a**2 / 3))."""
+    a = t.abs()
+    s = a * a
+    p = torch.full_like(t, _TANH_TAYLOR[-1])
+    for c in _TANH_TAYLOR[-2::-1]:
+        p = p * s + c
+    small = a + (a * s) * (p * s - 1.0 / 3.0)
+    e = torch.exp(-2.0 * a)
+    return torch.copysign(torch.where(a < 0.0625, small, (1.0 - e) / (1.0 + e)), t)
+
+
+_ACCURATE = {"expm1": _expm1, "arctanh": _atanh, "arcsinh": _asinh, "arccosh": _acosh, "cosh": _cosh,
+             "tanh": _tanh}
 
 
 def _overflow_kept_finite(y: torch.Tensor, conditions) -> torch.Tensor:
@@ -182,14 +286,19 @@ def _masks(y: torch.Tensor, conds):
 
 
 def _fast(*args, static):
-    """The value rounded to the format through RO32 and cpu_fast's bit arithmetic, as float64, with
-    the elements needing :func:`_exact_path` set to FIX (args: operands, FIX, P). One loop under
+    """(values, nans): the value rounded to the format through RO32 and cpu_fast's bit arithmetic,
+    as float64, with the elements needing :func:`_exact_path` set to FIX (args: operands, FIX, P),
+    and the number of nan outputs, an upper bound on the FIX ones (inductor sums it in the same
+    loop, where a scan for FIX afterwards costs a fifth of the loop's time). One loop under
     torch.compile on large CPU tensors; a single float64 output because inductor stores bool masks
     element by element."""
     name, st = static
     *xs, fix, P = args
-    y, conds = _value(name, *xs)
-    ro, near = odd32_pair(y)
+    if name == "mod":
+        (y, tail), conds = _mod_pair(*xs)
+    else:
+        (y, conds), tail = _value(name, *xs), None
+    ro, near = odd32_pair(y, tail)
     out = cpu_fast.round_bits(ro, st, P).double()
     res = torch.where(near, fix, out)
     for c, role in sorted(conds, key=lambda cr: cr[1].startswith("mark")):  # marks last: they win
@@ -198,7 +307,7 @@ def _fast(*args, static):
             res = hit
         else:
             res = torch.where(c, miss, hit) if role.endswith("_unless") else torch.where(c, hit, miss)
-    return res
+    return res, (res != res).sum()
 
 
 # Functions whose float32 evaluation (torch / inductor: SLEEF's u10 routines, at most 1 float32 ulp,
@@ -244,7 +353,9 @@ def _fast32(*args, static):
 
 def _fused64(name, flat, f, mode, ov, gen, sr_bits, spec, P, compile_min=None):
     """The float64 loop (:func:`_fast`), then the generic exact path for what it leaves."""
-    out = run_fused(_fast, (name, spec.static_key()), *flat, _FIX, P, compile_min=compile_min)
+    out, nans = run_fused(_fast, (name, spec.static_key()), *flat, _FIX, P, compile_min=compile_min)
+    if not nans:
+        return out
     idx = _marked(out)
     if idx.numel():
         out[idx] = _exact_path(name, [a[idx] for a in flat], f, mode, ov, gen, sr_bits)
@@ -327,11 +438,50 @@ def _floor_divide_float64(a, b):
     return torch.where(integral, torch.where(below, step_down, q), fq)
 
 
+def _fmod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fmod(a, b), exact; on the CPU through NumPy (C's fmod): torch's vectorised CPU fmod (SLEEF)
+    returns nan where a / b overflows float64 (torch 2.13: fmod(1e10, 3e-300))."""
+    if a.device.type == "cpu":
+        with np.errstate(all="ignore"):
+            return torch.from_numpy(np.fmod(a.numpy(), b.numpy()))
+    return torch.fmod(a, b)
+
+
 def _mod_float64(a, b):
-    r = torch.fmod(a, b)
+    r = _fmod(a, b)
     wrap = (r != 0) & ((r < 0) != (b < 0))
     r = torch.where(wrap, odd_add(r, b), r)
     return torch.where(r == 0, torch.copysign(torch.zeros_like(r), b), r)
+
+
+_MOD_RANGE = 2.0**900  # |b| within 2**-+900: Dekker's product q * b is exact, its split does not overflow
+
+
+def _mod_pair(a: torch.Tensor, b: torch.Tensor):
+    """((s, tail), conditions): NumPy's mod(a, b) = s + tail exactly (s = RN(s + tail)), for the
+    fused loop, where SLEEF's fmod and :func:`_mod_float64`'s bool algebra and round-to-odd cost
+    three times the rest. Holds where |a / b| < 2**52 and 2**-900 <= |b| <= 2**900; the other
+    elements (also inf, nan, b = 0) are marked for :func:`_exact_path`.
+
+    q = trunc(fl(a / b)) is trunc(a / b) or one more in magnitude (fl is monotone and an integer
+    below 2**52 is a float; fl(a / b) errs by < 1/4 there). a - q b = (a - p) - e with
+    p + e = q b (Dekker, exact): a - p is exact (Sterbenz: p is within a factor 2 of a when q != 0)
+    and so is the second subtraction, whose result is representable (fmod's, or when q is one too
+    big, a multiple of 2**(min exponent - 52) below |a| 2**-52). Where that remainder t has the
+    sign opposite to a, q was one too big: fmod = t + sign(a) |b|, exact again. Where fmod and b
+    differ in sign, mod = t + b, rounded: s = fl(t + b), tail = t - (s - b) (Fast2Sum, |t| < |b|);
+    a zero result takes b's sign, as NumPy's."""
+    quotient = a / b
+    q = torch.trunc(quotient)
+    p, e = two_prod(q, b)
+    t = (a - p) - e
+    t = torch.where(torch.copysign(t, a) != t, t + torch.copysign(b, a), t)  # != : t != 0, other sign
+    wrap = torch.copysign(t, b) != t
+    s = torch.where(wrap, t + b, t)
+    tail = torch.where(wrap, t - (s - b), 0.0)
+    s = torch.where(s == 0, torch.copysign(torch.zeros_like(s), b), s)
+    return (s, tail), [(None, "known"), (quotient.abs() < 2.0**52, "mark_unless"),
+                       (b.abs() >= 1 / _MOD_RANGE, "mark_unless"), (b.abs() <= _MOD_RANGE, "mark_unless")]
 
 
 def _numpy_specials(name, a, b, y):

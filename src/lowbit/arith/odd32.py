@@ -16,6 +16,7 @@ error-free transformations may go through this path too.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -41,26 +42,38 @@ def odd32_exact(fmt: ElementFormat) -> bool:
     return False
 
 
-def _odd32(y: torch.Tensor, want_near: bool):
+def _odd32(y: torch.Tensor, want_near: bool, tail=None):
     # RO32 = float32 truncation of y with the sticky bit ORed into the last bit. From f = RN32(y):
     # where |f| > |y| the truncation is one pattern below f's magnitude (f != 0 there; past float32's
     # range f is inf and the step gives FLT_MAX). Only comparisons and integer arithmetic: inductor
     # vectorises all of it (isinf / isnan / clamp here made it fall back to scalar code).
+    # d = y - f is exact (Sterbenz, or f = 0); the tests on it run in float32 on s = d * 2**1000,
+    # which keeps d's sign and whether it is 0 (|d| >= 2**-1074 becomes >= 2**-74; large ones
+    # inf): float32 masks convert to int32 for free, float64 ones cost ~2 ns an element.
+    # |f| > |y| where d and f have opposite signs (f * s never underflows: |d| >= 2**-53 |f| unless
+    # f = 0, where 0 * s is 0 or nan); y = inf: d is nan, both tests false.
+    # With a tail (y = RN(y + tail), the value being y + tail): d + tail has the sign of the exact
+    # y + tail - f and is 0 only with it (|tail| < |d| unless d = 0: y is the float64 nearest to
+    # y + tail, f is another float64).
     f = y.float()
-    g = f.double()
-    bits = (f.view(torch.int32) - (g.abs() > y.abs()).int()) | (g != y).int()
+    d = y - f.double()
+    if tail is not None:
+        d = d + tail
+    s = (d * 2.0**1000).float()
+    bits = (f.view(torch.int32) - (f * s < 0).int()) | (s.abs() > 0).int()
     out = bits.view(torch.float32)
     if not want_near:
         return out
     # no float32 lies within the error bound of y: the float32 interval of the true value is known
     # (false for |y| past float32's range: every odd32-exact format overflows there)
-    near = (y - g).abs() <= y.abs() * NEAR_REL + NEAR_ABS
+    near = d.abs() <= y.abs() * NEAR_REL + NEAR_ABS
     return out, near
 
 
-def odd32_pair(y: torch.Tensor):
-    """(RO32(y), near), for use inside fused functions (see :func:`to_odd32_near`)."""
-    return _odd32(y, True)
+def odd32_pair(y: torch.Tensor, tail: Optional[torch.Tensor] = None):
+    """(RO32(y), near), for use inside fused functions (see :func:`to_odd32_near`); with ``tail``,
+    RO32 of the exact y + tail where y = RN(y + tail) (``near`` then means nothing)."""
+    return _odd32(y, True, tail)
 
 
 def _plain(y, *, static=None):
