@@ -1,6 +1,6 @@
-"""The faster formulas of lowbit.arith.elementary (asinh, acosh, cosh and tanh from one exp or log,
+"""The faster formulas of lowbit.arith.elementary (asinh, acosh, cosh, sinh and tanh from one exp or log,
 log2's powers of two tested in float arithmetic, mod without fmod) in their hard regions: tiny and
-subnormal arguments, huge ones, acosh near 1, cosh's overflow boundary, tanh's branch point, mod's
+subnormal arguments, huge ones, acosh near 1, cosh's and sinh's overflow boundary, the branch points, mod's
 huge quotients and zero signs. Results are compared bit for bit (with the sign of zero) with the
 mpmath reference of test_arith_elementary (true value at 300 bits, rounded by exact rational
 arithmetic), in every rounding mode: eager for three formats, compiled (the fused loop) for fp16."""
@@ -27,6 +27,8 @@ HARD = {
                 2.0, 3.0, 65504.0, 0.5, 0.0, -1.0, -3.0] + HUGE,
     "cosh": TINY + [0.0625, 1.0, 11.0898, 21.99, 22.0, 22.01, 88.72, 89.42, 709.78, 709.79, 710.47,
                     710.4758600739439, 710.4758600739440, 710.48, 1419.0, 1420.0, 1e300],
+    "sinh": TINY + [0.0624, 0.0625, 0.0626, 0.25, 1.0, 11.0898, 21.99, 22.0, 22.01, 88.72, 89.42, 709.78,
+                    709.79, 710.4758600739439, 710.4758600739440, 710.48, 1419.0, 1420.0, 1e300],
     "tanh": TINY + [0.0624, 0.0625, 0.0626, 0.25, 1.0, 4.5, 9.0, 10.0, 19.0, 20.0, 400.0, 1e300],
     "log2": [5e-324, 2.0**-1074 * 3, 2.0**-1073, 2.0**-1040, 2.0**-1023, 2.0**-1022, 2.0**-1001, 2.0**-1000,
              2.0**-999, 2.0**-149, 2.0**-24, 0.5, 1.0, 1.0 + 2.0**-52, 1.0 - 2.0**-53, 2.0, 3.0, 1024.0,
@@ -35,7 +37,7 @@ HARD = {
 FORMATS = ("fp16", "bf16", "e4m3")
 
 
-_MP = {"arcsinh": mpmath.asinh, "tanh": mpmath.tanh, "cosh": mpmath.cosh}
+_MP = {"arcsinh": mpmath.asinh, "tanh": mpmath.tanh, "cosh": mpmath.cosh, "sinh": mpmath.sinh}
 
 
 def _reference(name, x):
@@ -70,7 +72,7 @@ def test_identities_hard_regions(monkeypatch, name):
         rnd = Rounder(fmt)
         for mode in MODES:
             want = np.array([rnd(q, mode) for q in exact])
-            if name in ("arcsinh", "tanh"):  # odd: f(-0) = -0 (the reference has no signed zero)
+            if name in ("arcsinh", "sinh", "tanh"):  # odd: f(-0) = -0 (the reference has no signed zero)
                 want = np.where(xs == 0, xs, want)
             monkeypatch.setenv("LOWBIT_CPU_COMPILE", "0")
             with np.errstate(all="ignore"):
