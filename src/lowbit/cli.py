@@ -250,10 +250,9 @@ def cmd_train(args) -> int:
                        gradient=args.gradient, act_scaling=args.act_scaling, act_clip_init=args.act_clip_init,
                        calib=args.calib, settings=settings, device=args.device,
                        quiet=args.quiet)
-    print_report(report, args.json, summary_lines)
-    if args.out and not args.json:
-        print(f"wrote {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png and the checkpoint "
-              f"{args.out}/model.safetensors (lowbit eval {args.out} measures it again)")
+    print_report(report, args.json, summary_lines,
+                 written=args.out and f"{args.out}/report.json, {args.out}/report.html, {args.out}/loss.png and the "
+                                      f"checkpoint {args.out}/model.safetensors (lowbit eval {args.out} measures it again)")
     return 0
 
 

@@ -42,10 +42,9 @@ def cmd_finetune(args) -> int:
                           config=train_config(args), batch_size=args.batch_size, seq_len=args.seq_len,
                           eval_tokens=args.eval_tokens or None, context=args.context, peft=args.peft,
                           device=args.device, quiet=args.quiet or args.json)
-    print_report(report, args.json, summary_lines)
-    if args.out and not args.json:
-        what = f"{args.out}/adapter" if report["method"] == "lora" else f"the checkpoint {args.out}"
-        print(f"wrote {what}, {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png")
+    what = f"{args.out}/adapter" if report["method"] == "lora" else f"the checkpoint {args.out}"
+    print_report(report, args.json, summary_lines,
+                 written=args.out and f"{what}, {args.out}/report.json, {args.out}/report.html, {args.out}/loss.png")
     return 0
 
 

@@ -236,6 +236,14 @@ def _cosh(t: torch.Tensor) -> torch.Tensor:
     return torch.where(a < _COSH_TAIL, 0.5 * e + 0.5 / e, (0.5 * h) * h)
 
 
+def _odd_taylor(a: torch.Tensor, s: torch.Tensor, coeffs) -> torch.Tensor:
+    """coeffs[0] + s (coeffs[1] + s (...)) by Horner's rule: the series after a of an odd function."""
+    p = torch.full_like(a, coeffs[-1])
+    for c in coeffs[-2::-1]:
+        p = p * s + c
+    return p
+
+
 # sinh's Taylor coefficients from x**3 to x**11 (the x**13 term is below 2**-70 of sinh(x) for
 # |x| < 1/16)
 _SINH_TAYLOR = (1 / 6, 1 / 120, 1 / 5040, 1 / 362880, 1 / 39916800)
@@ -251,10 +259,7 @@ def _sinh(t: torch.Tensor) -> torch.Tensor:
     which overflows only where sinh does, as in :func:`_cosh`. Subnormal a: s = 0 and the result a."""
     a = t.abs()
     s = a * a
-    p = torch.full_like(t, _SINH_TAYLOR[-1])
-    for c in _SINH_TAYLOR[-2::-1]:
-        p = p * s + c
-    small = a + (a * s) * p
+    small = a + (a * s) * _odd_taylor(a, s, _SINH_TAYLOR)
     h = torch.exp(0.5 * a)
     e = h * h
     mid = 0.5 * e - 0.5 / e
@@ -276,10 +281,7 @@ def _tanh(t: torch.Tensor) -> torch.Tensor:
     subnormal a: s = 0 and the result a (true value a (1 - a**2 / 3))."""
     a = t.abs()
     s = a * a
-    p = torch.full_like(t, _TANH_TAYLOR[-1])
-    for c in _TANH_TAYLOR[-2::-1]:
-        p = p * s + c
-    small = a + (a * s) * (p * s - 1.0 / 3.0)
+    small = a + (a * s) * (_odd_taylor(a, s, _TANH_TAYLOR) * s - 1.0 / 3.0)
     e = torch.exp(-2.0 * a)
     return torch.copysign(torch.where(a < 0.0625, small, (1.0 - e) / (1.0 + e)), t)
 

@@ -127,7 +127,7 @@ def run_table(runs: Sequence[dict]) -> List[dict]:
 def analyse(runs: Sequence[dict], fit: dict) -> dict:
     pens = matched_penalties(runs)
     stats = linear_inputs(runs)
-    return {"trends": trends(fit), "trend_check": trend_checks(runs), "fc2": fc2_comparison(pens), "parts": parts_comparison(pens),
+    return {"trends": trends(fit), "trend_check": trend_checks(runs, pens), "fc2": fc2_comparison(pens), "parts": parts_comparison(pens),
             "linear_inputs": stats,
             "fc2_dominates": {p: fc2_dominates(s) for p, s in stats.items()},
             "cost": {"runs": len(runs), "train_seconds": float(sum(r["seconds"] for r in runs)),

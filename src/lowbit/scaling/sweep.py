@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from . import models
+from .fit import param_count
 from .tokenizer import EOT, corpus_tokenizer, load_tokenizer, save_tokenizer, tokenizer_sha256
 
 RUNS_FILE = "runs.jsonl"
@@ -177,8 +178,6 @@ def select_runs(runs: Sequence[dict], min_tokens: int = 0, min_tokens_per_param:
     """The runs trained on at least ``min_tokens`` tokens and at least ``min_tokens_per_param``
     tokens per parameter (D / N, N counted as ``n_count`` says: the law's regime is many tokens per
     parameter, not a model far larger than its data)."""
-    from .fit import param_count
-
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise ValueError(f"min_tokens must be an int >= 0; got {min_tokens!r}")
     if (isinstance(min_tokens_per_param, bool) or not isinstance(min_tokens_per_param, (int, float))

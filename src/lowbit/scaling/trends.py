@@ -101,11 +101,11 @@ def part_differences(points: Sequence[dict]) -> List[dict]:
     return out
 
 
-def trend_checks(runs: Sequence[dict]) -> List[dict]:
+def trend_checks(runs: Sequence[dict], points: Optional[List[dict]] = None) -> List[dict]:
     """One row per (quantized precision, axis) with pairs, and one for the weight part against the
     activation part along D: the paper's direction, k of n pairs, share, median change, sign-test
-    p-values and verdict."""
-    points = matched_penalties(runs)
+    p-values and verdict. ``points``: the runs' matched_penalties, where the caller has them."""
+    points = matched_penalties(runs) if points is None else points
     rows = []
     for precision in sorted({p["precision"] for p in points}):
         mine = [p for p in points if p["precision"] == precision]

@@ -69,9 +69,13 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{name: getattr(args, name) for name in CONFIG_OPTIONS if hasattr(args, name)})
 
 
-def print_report(report: dict, as_json: bool, summary_lines: Callable[[dict], List[str]]) -> None:
-    """The report as JSON without its per-step history, or the command's summary lines."""
+def print_report(report: dict, as_json: bool, summary_lines: Callable[[dict], List[str]],
+                 written: Optional[str] = None) -> None:
+    """The report as JSON without its per-step history, or the command's summary lines followed by
+    ``wrote {written}`` (what the run left in its --out, if anything)."""
     if as_json:
         print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))
-    else:
-        print("\n".join(summary_lines(report)))
+        return
+    print("\n".join(summary_lines(report)))
+    if written:
+        print(f"wrote {written}")
