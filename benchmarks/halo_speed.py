@@ -16,7 +16,8 @@
    three matmuls: X, W; E_Y, W^T; E_Y^T, X^T, each rotated, reduced and cast to codes) through the
    fused Triton kernel (``kernels/triton_operand.py``) and through the unfused torch passes, with
    and without the rotations (the rotations' cost), for FP8 HALO-1 and INT8 HALO-2; and the layer
-   rows of those two recipes again with the unfused preparation.
+   rows of those two recipes again with the unfused preparation, and the INT8 rows with
+   ``torch._int_mm`` and a separate dequantizing pass instead of lowbit's fused INT8 GEMM.
 
     python3 benchmarks/halo_speed.py --json halo_speed.json          # on the H100, about 3-4 minutes
     python3 benchmarks/halo_speed.py --skip-e2e --tokens 2048        # the layer table only
@@ -43,6 +44,8 @@ LOWBIT_ROWS = (("lowbit fp8 HALO-0", "fp8:0", "auto"), ("lowbit fp8 HALO-1", "fp
                ("lowbit fp8 HALO-2", "fp8:2", "auto"), ("lowbit int8 HALO-0", "int8:0", "auto"),
                ("lowbit int8 HALO-2", "int8:2", "auto"), ("lowbit fp8 HALO-1 emulated", "fp8:1", "emulate"))
 UNFUSED_ROWS = (("lowbit fp8 HALO-1 unfused", "fp8:1", "auto"), ("lowbit int8 HALO-2 unfused", "int8:2", "auto"))
+# the INT8 rows again with torch._int_mm and a separate dequantizing pass instead of the fused Triton GEMM
+INT_MM_ROWS = (("lowbit int8 HALO-0 _int_mm", "int8:0", "auto"), ("lowbit int8 HALO-2 _int_mm", "int8:2", "auto"))
 PREP_RECIPES = (("fp8 HALO-1", "fp8:1"), ("int8 HALO-2", "int8:2"))
 
 
@@ -116,6 +119,7 @@ def layer_table(args, dev) -> list:
     rows = [("bf16 nn.Linear", "bf16")] + [(name, f"{t}|{_backend(b, args)}|fused") for name, t, b in LOWBIT_ROWS]
     if args.fused_compare:
         rows += [(name, f"{t}|{_backend(b, args)}|unfused") for name, t, b in UNFUSED_ROWS]
+        rows += [(name, f"{t}|{_backend(b, args)}|intmm") for name, t, b in INT_MM_ROWS]
     print(f"operand preparation: {'fused Triton kernel' if fused else 'unfused torch passes (no Triton here)'}")
     try:
         if args.no_torchao:
@@ -141,12 +145,19 @@ def layer_table(args, dev) -> list:
                 for p in layer.parameters():
                     p.grad = None
 
+            from lowbit.lowp import matmul
+
+            saved = matmul.INT8_FUSED_ON
             try:
+                if kind.endswith("|intmm"):
+                    matmul.INT8_FUSED_ON = ()
                 with fused_preparation(not kind.endswith("|unfused"), dev):
                     ms = time_step(step, dev, args.warmup, args.iters)
             except Exception as e:  # a peer's failure is a row, not the end of the run
                 print(f"{k}->{n} {name}: failed ({type(e).__name__}: {e})")
                 continue
+            finally:
+                matmul.INT8_FUSED_ON = saved
             out.append({"shape": f"{k}->{n}", "name": name, "ms": ms})
             print(f"{k}->{n:<6} {name:<42} {ms:8.3f} ms", flush=True)
             del layer

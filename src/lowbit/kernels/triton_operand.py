@@ -35,6 +35,7 @@ CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
 # (mantissa bits, smallest normal exponent) of each float8 code dtype
 _FLOAT8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 TILE = 4096          # elements per tile
+WARPS = None         # warps per program; None: 8 for tiles of >= 8192 elements, else 4
 MAX_BLOCK = 1024     # largest Hadamard block held by one tile row
 
 
@@ -171,7 +172,7 @@ def supports(a: torch.Tensor, block: int) -> bool:
 
 
 def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int = 1, per_row: bool = False,
-                  emit_plain_transposed: bool = False, tile: int = TILE
+                  emit_plain_transposed: bool = False, tile: Optional[int] = None
                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(codes, scale, codes_t, scale_t)`` of the operand ``a`` (rows, inner; any strides) rotated
     by ``blockdiag(H_block)`` along the inner dimension (unnormalised; ``block`` 1: no rotation) and
@@ -194,9 +195,9 @@ def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int =
     is_int = dtype == torch.int8
     man, emin = _FLOAT8.get(dtype, (0, 0))
     log_b = block.bit_length() - 1
-    br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile, per_row, emit_plain_transposed)
+    br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile or TILE, per_row, emit_plain_transposed)
     codes = torch.empty(rows, inner, dtype=dtype, device=a.device)
-    warps = 8 if br * bi >= 8192 else 4
+    warps = WARPS or (8 if br * bi >= 8192 else 4)
     consts = dict(BR=br, BI=bi, LOG_B=log_b, IS_INT=is_int, MAN=man, EMIN=emin)
     if per_row:
         scale = torch.empty(rows, 1, dtype=torch.float32, device=a.device)
