@@ -260,6 +260,24 @@ def test_floor_ceil_round_sign_mod_floor_divide():
         assert _same(arith.floor_divide(sp_a, sp_b, "fp16"), np.floor_divide(sp_a, sp_b)).all()
 
 
+def test_mod_floor_divide_huge_quotients():
+    """Quotients far past 2**53 (and past the format's range) and remainders near the smallest
+    subnormal: where float64's own mod rounds (NumPy's mod is then off after rounding to bf16) and
+    where a / b overflows float64."""
+    rng = np.random.default_rng(5)
+    a = lowbit.quantize(rng.standard_normal(300) * 2.0 ** rng.integers(-133, 127, 300), "bf16")
+    b = lowbit.quantize(rng.standard_normal(300) * 2.0 ** rng.integers(-133, 127, 300), "bf16")
+    b[b == 0] = 1.0
+    assert (np.abs(a / b) > 2.0**53).sum() > 50
+    rnd = Rounder("bf16")
+    for mode in ("nearest_even", "up", "down"):
+        got = arith.floor_divide(a, b, "bf16", mode)
+        assert _same(got, [rnd(_exact_floor_div(x, y), mode) for x, y in zip(a, b)]).all()
+        got = arith.mod(a, b, "bf16", mode)
+        want = [rnd(Fraction(x) - _exact_floor_div(x, y) * Fraction(y), mode) for x, y in zip(a, b)]
+        assert _same(np.abs(got), np.abs(want)).all()
+
+
 def test_stochastic_picks_a_neighbour_with_the_right_odds():
     x = np.full(20000, 0.3)
     y = arith.exp(x, "bf16", "stochastic", generator=0)
