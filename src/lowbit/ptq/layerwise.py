@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..export.packing import pack_weight, unpack_weight
+from ..quant.packed import pack_weight
+from .retention import unpack_weight
 from ..formats import BlockFormat
 from ..quant.conv import CONV_TYPES, conv_weight_matrix, quant_conv_from, unfold_conv_input
 from ..quant.linear import QuantLinear

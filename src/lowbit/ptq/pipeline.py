@@ -26,7 +26,8 @@ from ..quant.linear import QuantLinear
 from ..quant.plan import Plan
 from ..quant.spec import QuantSpec
 from ..quant.weight import WeightQuantizer
-from ..export.packing import pack_weight, unpack_weight
+from ..quant.packed import pack_weight
+from .retention import unpack_weight
 from ..heap import reuse_freed_memory
 from .gptq import HessianAccumulator, gptq_shared
 from .sequential import run_sequential

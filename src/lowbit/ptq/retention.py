@@ -36,7 +36,8 @@ from ..formats.block import BlockFormat
 from .. import kernels
 from ..kernels.scalar_div import div_scalar
 from ..quant.weight import WeightQuantizer
-from ..quant.packed import pack_bits, pack_weight, unpack_bits
+from ..quant.packed import pack_bits, pack_weight, unpack_bits, unpack_dense
+from ..quant.spec import QuantSpec
 
 SALIENCIES = ("obs", "magnitude", "fisher", "diag")
 SCALE_BITS = 16  # per-row scales are stored as fp16
@@ -260,6 +261,15 @@ def apply_retained(W: torch.Tensor, t: Dict[str, torch.Tensor], rfmt: Optional[R
     keep, values = unpack_retained(t, rfmt, W.shape)
     W = W.clone()
     W.reshape(-1)[keep.reshape(-1).nonzero().reshape(-1)] = values
+    return W
+
+
+def unpack_weight(t: Dict[str, torch.Tensor], spec: QuantSpec, shape, retain=None) -> torch.Tensor:
+    """The float32 weight stored by ``pack_weight``; with ``retain`` (a retain format name) the
+    retained high-impact values stored beside the codes are written over their positions."""
+    W = unpack_dense(t, spec, shape)
+    if retain:
+        W = apply_retained(W, t, RetainFormat.parse(retain))
     return W
 
 
