@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--shapes", type=lambda t: [tuple(int(v) for v in p.split("x")) for p in t.split(",")],
                     default=[(4096, 14336), (14336, 4096)])
     ap.add_argument("--block", type=int, default=256)
-    ap.add_argument("--tiles", type=lambda t: [int(v) for v in t.split(",")], default=[2048, 4096, 8192, 16384])
+    ap.add_argument("--tiles", type=lambda t: [int(v) for v in t.split(",")], default=[4096, 8192, 16384])
     ap.add_argument("--warps", type=lambda t: [int(v) for v in t.split(",")], default=[4, 8, 16])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -119,12 +119,13 @@ def main() -> None:
     dev = torch.device("cuda")
     out = {"environment": {"torch": torch.__version__, "device": torch.cuda.get_device_name()},
            "args": {k: v for k, v in vars(args).items()}}
-    if not args.skip_matmuls:
-        out["matmuls"] = matmul_rows(args, dev)
-    if not args.skip_prep:
-        out["preparation"] = prep_rows(args, dev)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    sections = (("matmuls", matmul_rows, args.skip_matmuls), ("preparation", prep_rows, args.skip_prep))
+    for key, fn, skip in sections:
+        if skip:
+            continue
+        out[key] = fn(args, dev)
+        if args.json:   # after each section: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -313,6 +313,19 @@ def end_to_end(args, dev) -> list:
     return out
 
 
+def _apply_tuning(args) -> None:
+    """The kernel tunings given on the command line, set where the kernels read them."""
+    if args.operand_tile or args.operand_warps:
+        from lowbit.kernels import triton_operand
+
+        triton_operand.TILE = args.operand_tile or triton_operand.TILE
+        triton_operand.WARPS = args.operand_warps or triton_operand.WARPS
+    if args.int8_config:
+        from lowbit.kernels import triton_int8_mm
+
+        triton_int8_mm.DEFAULT_CONFIG = args.int8_config
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -333,9 +346,15 @@ def main() -> None:
     ap.add_argument("--fused-compare", action="store_true",
                     help="operand preparation fused vs unfused, and the target rows with the unfused preparation")
     ap.add_argument("--no-torchao", action="store_true", help="leave the torchao rows out")
+    ap.add_argument("--operand-tile", type=int, help="elements per program of the operand kernel (a tuning "
+                    "that halo_breakdown.py measures; default: the kernel's)")
+    ap.add_argument("--operand-warps", type=int, help="warps per program of the operand kernel")
+    ap.add_argument("--int8-config", type=lambda t: tuple(int(v) for v in t.split(",")),
+                    help="BM,BN,BK,stages,warps of the fused INT8 GEMM (default: the kernel's)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    _apply_tuning(args)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     print(f"{env['device']}, torch {env['torch']}, {args.tokens} tokens, Hadamard block {args.block}", flush=True)
     rows = layer_table(args, dev)
