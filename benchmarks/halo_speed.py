@@ -336,6 +336,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true", help="the end-to-end run only")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--e2e-batch", type=int, default=4)
     ap.add_argument("--e2e-seq", type=int, default=2048)
@@ -357,7 +358,7 @@ def main() -> None:
     _apply_tuning(args)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     print(f"{env['device']}, torch {env['torch']}, {args.tokens} tokens, Hadamard block {args.block}", flush=True)
-    rows = layer_table(args, dev)
+    rows = [] if args.skip_layers else layer_table(args, dev)
     summary = summarize_layers(rows)
     for shape, s in summary.items():
         print(f"\n{shape}: speed-up over bf16 nn.Linear (fwd+bwd)")

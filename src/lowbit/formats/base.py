@@ -39,7 +39,11 @@ class ElementFormat:
         raise NotImplementedError
 
     def __str__(self) -> str:
-        return self.name
+        # formats are immutable and str() runs on hot paths (per matmul operand): built once
+        name = self.__dict__.get("_str")
+        if name is None:
+            name = self.__dict__["_str"] = self.name
+        return name
 
     def __repr__(self) -> str:
         return f"lowbit.format({self.name!r})"

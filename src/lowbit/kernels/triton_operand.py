@@ -35,7 +35,8 @@ CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
 # (mantissa bits, smallest normal exponent) of each float8 code dtype
 _FLOAT8 = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 TILE = 4096          # elements per tile
-WARPS = None         # warps per program; None: 8 for tiles of >= 8192 elements, else 4
+WARPS = 4            # warps per program (benchmarks/halo_breakdown.py: on an H200, 4096-element tiles
+                     # at 4 warps beat 8 warps by 5-12% and 8192/16384-element tiles at either)
 MAX_BLOCK = 1024     # largest Hadamard block held by one tile row
 
 
@@ -197,7 +198,7 @@ def prepare_codes(a: torch.Tensor, fmax: float, dtype: torch.dtype, block: int =
     log_b = block.bit_length() - 1
     br, bi = _tile(rows, inner, block, a.stride(0) == 1 and inner > 1, tile or TILE, per_row, emit_plain_transposed)
     codes = torch.empty(rows, inner, dtype=dtype, device=a.device)
-    warps = WARPS or (8 if br * bi >= 8192 else 4)
+    warps = WARPS
     consts = dict(BR=br, BI=bi, LOG_B=log_b, IS_INT=is_int, MAN=man, EMIN=emin)
     if per_row:
         scale = torch.empty(rows, 1, dtype=torch.float32, device=a.device)

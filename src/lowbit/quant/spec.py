@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Optional
 
 from ..formats import BlockFormat, FormatError, IntFormat, format
@@ -102,6 +103,10 @@ class QuantSpec:
             return cls.from_dict(text)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a quant spec is a string like 'int4:g64', got {text!r}")
+        return _parse_text(cls, text)
+
+    @classmethod
+    def _from_text(cls, text: str) -> "QuantSpec":
         fmt_name, *opts = text.strip().split(":")
         kw: dict = {"format": fmt_name}
         for o in opts:
@@ -175,3 +180,9 @@ def scheme(name: str) -> tuple:
             ) from None
         w, a = key, None
     return QuantSpec.parse(w), (QuantSpec.parse(a) if a else None)
+
+
+@lru_cache(maxsize=1024)
+def _parse_text(cls, text: str) -> QuantSpec:
+    # specs are immutable and parsed again on hot paths (each matmul of a low-precision layer)
+    return cls._from_text(text)
