@@ -14,7 +14,7 @@ import lowbit
 from lowbit import arith
 
 import _faults_ref as ref
-from _interpreter import rerun_under_interpreter
+from _interpreter import interpreter_rerun, kernel_module
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -28,19 +28,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @pytest.fixture
 def tf():
-    """kernels.triton_faults on CUDA, or under Triton's interpreter (which must be on before triton
-    is imported: test_interpreter_run below runs this file so when neither holds)."""
-    if not (CUDA or INTERPRET):
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (test_interpreter_run covers it)")
-    from lowbit.kernels import triton_faults
-    return triton_faults
+    return kernel_module("triton_faults")
 
 
-def test_interpreter_run():
-    """Without CUDA and without the interpreter on: this file again in a process that has it on."""
-    if CUDA or INTERPRET:
-        pytest.skip("the kernel tests run in this process")
-    rerun_under_interpreter(__file__)
+test_interpreter_run = interpreter_rerun(__file__)
 
 
 def _codes(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

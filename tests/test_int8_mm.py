@@ -6,34 +6,23 @@ interpreter."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 from lowbit.lowp.fused import _int8_epilogue
 
-from _interpreter import rerun_under_interpreter
+from _interpreter import interpreter_rerun, kernel_module
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+test_interpreter_run = interpreter_rerun(__file__)
 
 
 @pytest.fixture
 def mm():
-    if not (CUDA or INTERPRET):
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (test_interpreter_run covers it)")
-    from lowbit.kernels import triton_int8_mm
-    return triton_int8_mm
-
-
-def test_interpreter_run():
-    """Without CUDA and without the interpreter on: this file again in a process that has it on."""
-    if CUDA or INTERPRET:
-        pytest.skip("the kernel tests run directly here")
-    rerun_under_interpreter(__file__)
+    return kernel_module("triton_int8_mm")
 
 
 def _reference(a, b, sa, sb, dtype):

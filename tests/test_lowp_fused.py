@@ -17,7 +17,7 @@ from lowbit.lowp import operand as op_mod
 from lowbit.lowp.operand import NATIVE_DTYPES, butterfly, prepare_operand, quantize_operand, rotate
 from lowbit.quant.spec import QuantSpec
 
-from _interpreter import rerun_under_interpreter
+from _interpreter import interpreter_rerun
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -46,12 +46,7 @@ def tk():
     return _kernels()
 
 
-@needs_triton
-def test_interpreter_run():
-    """Without CUDA and without the interpreter on: this file again in a process that has it on."""
-    if CUDA or INTERPRET:
-        pytest.skip("the kernel tests run in this process")
-    rerun_under_interpreter(__file__)
+test_interpreter_run = needs_triton(interpreter_rerun(__file__))
 
 
 def _sylvester_recursive(x: torch.Tensor) -> torch.Tensor:
