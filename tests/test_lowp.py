@@ -345,3 +345,56 @@ def test_bf16_exact_grid_values(spec, exact):
     assert bf16_exact(op) == exact
     if exact:
         assert torch.equal(op.values.bfloat16().float(), op.values)
+
+
+def test_lptrain_lora_over_a_low_precision_base(tmp_path):
+    """``lptrain --lora``: adapters train over the frozen FP8 HALO-1 base (the base's weights do not
+    move, its matmuls stay low precision); the saved adapter on a fresh low-precision base gives the
+    trained model's outputs."""
+    from _tiny_lm import save_byte_llama
+
+    from lowbit.adapters.io import load_adapter
+    from lowbit.lowp.job import run_lptrain
+    from lowbit.models.loader import load_model
+    from lowbit.train.loop import TrainConfig
+
+    model_dir = save_byte_llama(tmp_path / "model", blocks=1)
+    loaded = load_model(model_dir)
+    model = loaded.model
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    report = run_lptrain(model, "fp8:1", str(tmp_path / "out"), config=TrainConfig(steps=4, lr=1e-2, warmup=1),
+                         batch_size=2, seq_len=32, block=16, backend="emulate", val_batches=1, device="cpu",
+                         tokenizer=loaded.tokenizer, save_model=True, quiet=True, lora="*q_proj,*v_proj", lora_rank=4)
+    lora = report["lora"]
+    assert lora["layers"] == 2 and lora["rank"] == 4 and report["lowp_layers"] == 7
+    assert lora["trained_parameters"] == sum(4 * (m.in_features + m.out_features)
+                                             for n, m in model.named_modules() if isinstance(m, LowpLinear)
+                                             and n.endswith(("q_proj.base", "v_proj.base")))
+    assert lora["adapter_bytes"] == 4 * lora["trained_parameters"]   # float32 adapters
+    after = model.state_dict()
+    for k, v in base.items():   # the base, under its new names inside the adapter wrappers
+        k2 = k if k in after else k.replace(".weight", ".base.weight")
+        assert torch.equal(after[k2], v), k
+    wrapped = [m for m in model.modules() if hasattr(m, "lora_B")]
+    assert all(isinstance(m.base, LowpLinear) and m.base.lowp for m in wrapped)
+    assert any(float(m.lora_B.detach().abs().max()) > 0 for m in wrapped)
+    assert all(math.isfinite(h["loss"]) for h in report["history"])
+    from lowbit.lowp.job import summary_lines
+
+    assert "LoRA rank 4 on 2 layers" in summary_lines(report)[0]
+    fresh = load_model(model_dir).model
+    prepare_lowp(fresh, parse_recipe("fp8:1", block=16, backend="emulate"))
+    load_adapter(fresh, tmp_path / "out")
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_lptrain_lora_bad_input():
+    from lowbit.lowp.job import run_lptrain
+
+    with pytest.raises(ValueError, match="PATTERN=RANK"):
+        run_lptrain("smollm2", "fp8:1", lora="*q_proj=x")
+    with pytest.raises(ValueError, match="lora with fsdp"):
+        run_lptrain("smollm2", "fp8:1", lora="*q_proj", fsdp=True)

@@ -128,11 +128,11 @@ def test_lptrain_defaults(monkeypatch):
     ns, (args, kwargs) = parse_and_call(monkeypatch, ["lptrain"])
     assert ns == dict(command="lptrain", model=None, halo="fp8:2", block=256, backend="auto", grad_rounding=None,
                       lr=1e-5, weight_decay=0.0, objective="ce", val_batches=8, grad_checkpointing=False,
-                      save_model=False, fsdp=False, gather="bf16", **SHARED_DEFAULTS)
+                      save_model=False, fsdp=False, gather="bf16", lora=None, lora_rank=16, **SHARED_DEFAULTS)
     assert args == [None, "fp8:2", None]
     assert kwargs == dict(config=train_config(), batch_size=8, seq_len=512, objective="ce", block=256,
                           backend="auto", grad_rounding=None, val_batches=8, device="auto", save_model=False,
-                          quiet=False, fsdp=False, gather="bf16")
+                          quiet=False, fsdp=False, gather="bf16", lora=None, lora_rank=16)
 
 
 def test_lptrain_explicit(monkeypatch, tmp_path):
@@ -165,7 +165,8 @@ SHARED_OPTIONS = {"--steps", "--batch-size", "--seq-len", "--lr", "--warmup", "-
     ("finetune", {"--adapter", "--task", "--target", "--rank", "--alpha", "--scheme", "--method", "--scale-lr",
                   "--eval-tokens", "--context", "--peft"}),
     ("lptrain", {"--halo", "--block", "--backend", "--grad-rounding", "--weight-decay", "--objective",
-                 "--val-batches", "--grad-checkpointing", "--save-model", "--fsdp", "--gather"}),
+                 "--val-batches", "--grad-checkpointing", "--save-model", "--fsdp", "--gather",
+                 "--lora", "--lora-rank"}),
 ])
 def test_option_names(command, own, capsys):
     assert options_of(command, capsys) == SHARED_OPTIONS | own

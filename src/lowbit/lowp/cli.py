@@ -26,6 +26,10 @@ def add_parser(sub) -> None:
     t.add_argument("--gather", default="bf16",
                    help="with --fsdp: all-gather format of the low-precision linears' weights: bf16 (default), "
                         "fp8 (E4M3 per tensor), fp8row (E4M3 per row), int8 (per row) or a quant spec (HQ-FSDP)")
+    t.add_argument("--lora", metavar="TARGETS", default=None,
+                   help="train LoRA adapters on these linears (globs, e.g. '*q_proj,*v_proj' or '*q_proj=16:32') "
+                        "over the frozen low-precision base, instead of all weights")
+    t.add_argument("--lora-rank", type=int, default=16, help="adapter rank where a target gives none (default 16)")
     add_run_options(t, out_help="directory for report.json, loss.png (and the model); a rerun resumes there")
     t.set_defaults(func=cmd_lptrain)
 
@@ -36,7 +40,8 @@ def cmd_lptrain(args) -> int:
     report = run_lptrain(args.model, args.halo, args.out, config=train_config(args), batch_size=args.batch_size,
                          seq_len=args.seq_len, objective=args.objective, block=args.block, backend=args.backend,
                          grad_rounding=args.grad_rounding, val_batches=args.val_batches, device=args.device,
-                         save_model=args.save_model, quiet=args.quiet, fsdp=args.fsdp, gather=args.gather)
+                         save_model=args.save_model, quiet=args.quiet, fsdp=args.fsdp, gather=args.gather,
+                         lora=args.lora, lora_rank=args.lora_rank)
     if args.fsdp:
         import torch.distributed as dist
 

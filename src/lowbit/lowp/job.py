@@ -50,10 +50,13 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
                 batch_size: int = 8, seq_len: int = 512, objective: str = "ce", block: int = 256,
                 backend: str = "auto", grad_rounding: Optional[str] = None, val_batches: int = 8,
                 device: Optional[str] = "auto", save_model: bool = False, tokenizer=None,
-                quiet: bool = False, fsdp: bool = False, gather: str = "bf16") -> dict:
+                quiet: bool = False, fsdp: bool = False, gather: str = "bf16", lora: Optional[str] = None,
+                lora_rank: int = 16) -> dict:
     """Fine-tune ``model`` (a causal LM spec, or a module with ``tokenizer``; a module is trained in
     place) under the recipe ``halo`` (``fp8:2``, ``int8:0``, ``e3m2:1``, ``mxfp4:1``, ``bf16`` ...);
-    returns the report (also written to ``out``)."""
+    returns the report (also written to ``out``). ``lora`` (adapter targets, e.g. ``*q_proj,*v_proj``
+    or ``*q_proj=16:32``): train LoRA adapters of rank ``lora_rank`` on the frozen base instead of all
+    weights; the base's matmuls (forward and input gradient) stay in the recipe's precision."""
     from ..data.train_corpus import validation_batches
     from ..models.loader import load_model
 
@@ -63,6 +66,13 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     if batch_size < 1 or seq_len < 2 or val_batches < 1:
         raise ValueError(f"need a batch of 1+ sequences of 2+ tokens and 1+ validation batches, got {batch_size} x "
                          f"{seq_len}, {val_batches}")
+    if lora is not None and fsdp:
+        raise ValueError("lora with fsdp is not supported: the adapters train on one process (drop --fsdp)")
+    rules = None
+    if lora is not None:
+        from ..adapters import parse_targets
+
+        rules = parse_targets(lora, lora_rank)   # bad text: fail before loading
     parallel = None
     if fsdp:
         from ..train.distributed import init_distributed
@@ -86,6 +96,11 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         raise ValueError(f"{loaded.name} has no tokenizer: the training corpus needs one")
     teacher = copy.deepcopy(student) if objective != "ce" else None
     layers = [] if recipe is None else prepare_lowp(student, recipe)
+    adapters = {}
+    if rules is not None:
+        from ..adapters import add_lora
+
+        adapters = add_lora(student, rules, seed=cfg.seed)   # freezes the base
     if dev is not None:
         student.to(dev)
         if teacher is not None:
@@ -98,8 +113,10 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     bf16 = cfg.autocast_bf16(next(student.parameters()).device)
     val = validation_batches(tokenizer, seq_len, batch_size, val_batches)
     before = held_out_loss(student, val, bf16)
+    what = f"LoRA on {len(adapters)} layers (rank {lora_rank}), frozen base" if adapters else "all weights"
     log(f"{loaded.name}: {len(layers)} linear layers in {recipe.describe() if recipe else 'bf16/fp32'}; held-out "
-         f"loss {before:.4f}; training {cfg.steps} steps of {batch_size} x {seq_len} tokens ({objective})", quiet)
+         f"loss {before:.4f}; training {what}: {cfg.steps} steps of {batch_size} x {seq_len} tokens ({objective})",
+         quiet)
     out_dir = Path(out) if out else None
     weights = [p for p in student.parameters() if p.requires_grad]
     res = train(student, training_data("causal_lm", tokenizer, batch_size, seq_len, cfg.seed),
@@ -127,6 +144,7 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device_name,
                         "processes": parallel.world if parallel else 1},
         "fsdp": {"gather": gather, "processes": parallel.world} if parallel else None,
+        "lora": _lora_summary(student, lora, lora_rank, adapters) if adapters else None,
     }
     report["wall_seconds"] = time.time() - t_start
     if out_dir and student is not None:
@@ -134,7 +152,11 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
         from ..train.report import plot_loss
 
         plot_loss(res.history, out_dir / "loss.png", title=f"{loaded.name} {report['recipe_text']}")
-        if save_model:
+        if save_model and adapters:   # the adapters alone; the base is the model named above
+            from ..adapters.io import save_adapter
+
+            save_adapter(student, out_dir, base={"model": loaded.name, "halo": halo})
+        elif save_model:
             student.save_pretrained(out_dir)
             tokenizer.save_pretrained(out_dir)
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
@@ -142,6 +164,13 @@ def run_lptrain(model=None, halo: str = "fp8:2", out: Optional[str] = None, *, c
     if parallel is not None:
         parallel.barrier()
     return report
+
+
+def _lora_summary(model, targets: str, rank: int, adapters: dict) -> dict:
+    from ..adapters.io import adapter_bytes
+
+    return {"targets": targets, "rank": rank, "layers": len(adapters), "adapter_bytes": adapter_bytes(model),
+            "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def _unsharded(sharded, model, tokenizer, recipe, dev, parallel):
@@ -165,7 +194,9 @@ def _unsharded(sharded, model, tokenizer, recipe, dev, parallel):
 
 def summary_lines(report: dict) -> list:
     h = report["held_out"]
-    return [f"{report['model']} {report['recipe_text']}: held-out loss {h['before']:.4f} -> {h['after']:.4f} "
+    lora = report.get("lora")
+    head = f" + LoRA rank {lora['rank']} on {lora['layers']} layers" if lora else ""
+    return [f"{report['model']} {report['recipe_text']}{head}: held-out loss {h['before']:.4f} -> {h['after']:.4f} "
             f"(master weights; {h['after_lowp']:.4f} with the low-precision forward)",
             f"{report['steps']} steps, {report['tokens']:,} tokens in {report['seconds']:.1f} s "
             f"({report['tokens_per_second']:,.0f} tokens/s)"]
