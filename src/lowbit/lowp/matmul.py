@@ -1,5 +1,7 @@
 """``A B^T`` of two quantized operands (see ``operand.py``): emulated in float32 for any format, or on
-the hardware's low-precision units: FP8 through ``torch._scaled_mm``, INT8 through ``torch._int_mm``.
+the hardware's low-precision units: FP8 through ``torch._scaled_mm``, INT8 through lowbit's Triton GEMM
+with the scales fused (``kernels/triton_int8_mm.py``; ``torch._int_mm`` and a rescaling pass where
+Triton is missing or ``INT8_FUSED_ON`` leaves the device out: the same bits).
 
 Emulation: per-tensor and per-row scales factor out of the sum, so the element-grid values are
 multiplied and accumulated in float32 and the scales applied after, as the hardware does; group
