@@ -74,6 +74,7 @@ def prep_rows(args, dev) -> list:
     from lowbit.lowp import parse_recipe
 
     rows = []
+    saved = triton_operand.TILE, triton_operand.WARPS
     for k, n in args.shapes:
         x = torch.randn(args.tokens, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -91,7 +92,7 @@ def prep_rows(args, dev) -> list:
                         print(f"{k}->{n} {text} tile {tile} warps {warps} failed: {type(e).__name__}: {str(e)[:100]}")
                         continue
                     finally:
-                        triton_operand.TILE, triton_operand.WARPS = 4096, None
+                        triton_operand.TILE, triton_operand.WARPS = saved
                     rows.append({"shape": f"{k}->{n}", "recipe": text, "tile": tile, "warps": warps, "ms": ms,
                                  "GB/s": moved / ms / 1e6})
                     print(f"{k}->{n:<6} {text:<7} tile {tile:>6} warps {warps} {ms:7.3f} ms "

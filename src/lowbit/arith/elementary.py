@@ -236,9 +236,9 @@ def _cosh(t: torch.Tensor) -> torch.Tensor:
     return torch.where(a < _COSH_TAIL, 0.5 * e + 0.5 / e, (0.5 * h) * h)
 
 
-def _odd_taylor(a: torch.Tensor, s: torch.Tensor, coeffs) -> torch.Tensor:
+def _odd_taylor(s: torch.Tensor, coeffs) -> torch.Tensor:
     """coeffs[0] + s (coeffs[1] + s (...)) by Horner's rule: the series after a of an odd function."""
-    p = torch.full_like(a, coeffs[-1])
+    p = torch.full_like(s, coeffs[-1])
     for c in coeffs[-2::-1]:
         p = p * s + c
     return p
@@ -259,7 +259,7 @@ def _sinh(t: torch.Tensor) -> torch.Tensor:
     which overflows only where sinh does, as in :func:`_cosh`. Subnormal a: s = 0 and the result a."""
     a = t.abs()
     s = a * a
-    small = a + (a * s) * _odd_taylor(a, s, _SINH_TAYLOR)
+    small = a + (a * s) * _odd_taylor(s, _SINH_TAYLOR)
     h = torch.exp(0.5 * a)
     e = h * h
     mid = 0.5 * e - 0.5 / e
@@ -281,7 +281,7 @@ def _tanh(t: torch.Tensor) -> torch.Tensor:
     subnormal a: s = 0 and the result a (true value a (1 - a**2 / 3))."""
     a = t.abs()
     s = a * a
-    small = a + (a * s) * (_odd_taylor(a, s, _TANH_TAYLOR) * s - 1.0 / 3.0)
+    small = a + (a * s) * (_odd_taylor(s, _TANH_TAYLOR) * s - 1.0 / 3.0)
     e = torch.exp(-2.0 * a)
     return torch.copysign(torch.where(a < 0.0625, small, (1.0 - e) / (1.0 + e)), t)
 

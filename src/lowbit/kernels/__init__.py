@@ -18,6 +18,8 @@ kernel in triton_codes) handles codebooks in the deterministic modes.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Optional
 
 import torch
@@ -28,6 +30,16 @@ from . import codes, cpu_fast, reference
 BACKENDS = ("auto", "reference", "cpu_fast", "triton")
 
 _triton_state = {"mod": None, "error": None}
+
+
+@functools.lru_cache(maxsize=None)
+def optional(name: str):
+    """``lowbit.kernels.<name>``, imported on first use; None where it does not import (no Triton, a
+    Triton without a backend for this machine, ...)."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except Exception:
+        return None
 
 
 def triton_backend():

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .. import kernels
 from ..formats import FloatFormat, IntFormat
 from .fused import int8_epilogue
 from .operand import NATIVE_DTYPES, Operand
@@ -20,14 +21,6 @@ from .operand import NATIVE_DTYPES, Operand
 KERNELS = ("fp8", "fp8_row", "int8")
 INT8_FUSED_ON = ("cuda",)   # devices whose INT8 matmuls run lowbit's Triton GEMM with the scales fused
 
-
-def fused_int8_kernel():
-    """``kernels.triton_int8_mm``, or None where Triton is missing or has no backend here."""
-    try:
-        from ..kernels import triton_int8_mm
-    except Exception:  # ImportError, a Triton without a backend for this machine, ...
-        return None
-    return triton_int8_mm
 
 
 def _factored_scale(op: Operand) -> Optional[torch.Tensor]:
@@ -106,7 +99,7 @@ def kernel_mm(a: Operand, b: Operand, kind: str, out_dtype: torch.dtype) -> torc
     """``A B^T`` on the low-precision units; ``a`` and ``b`` hold hardware codes."""
     inv_gain = 1.0 / math.sqrt(a.gain * b.gain)   # exact: equal power-of-two blocks
     if kind == "int8":
-        mod = fused_int8_kernel() if a.values.device.type in INT8_FUSED_ON else None
+        mod = kernels.optional("triton_int8_mm") if a.values.device.type in INT8_FUSED_ON else None
         if mod is not None:   # the same bits as _int_mm + int8_epilogue, without the int32 round trip
             return mod.int8_scaled_mm(a.values.contiguous(), b.values.contiguous(), a.scale * inv_gain, b.scale,
                                       out_dtype)

@@ -5,12 +5,12 @@ Pure tensor functions; no autograd (the linear layer's Function calls them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-import functools
 import math
 from typing import Optional, Tuple
 
 import torch
 
+from .. import kernels
 from ..emulate import quantize
 from ..formats import BlockFormat
 from ..kernels.scalar_div import div_scalar
@@ -143,14 +143,9 @@ def quantize_operand(a: torch.Tensor, spec: QuantSpec, codes: bool = False, gain
     return Operand(q.to(dtype) if codes and dtype is not None else q, s, spec, group, gain)
 
 
-@functools.lru_cache(maxsize=None)
 def fused_kernels():
     """``kernels.triton_operand``, imported on first use; None where Triton does not import."""
-    try:
-        from ..kernels import triton_operand
-    except Exception:  # ImportError, a Triton without a backend for this machine, ...
-        return None
-    return triton_operand
+    return kernels.optional("triton_operand")
 
 
 def fusable(a: torch.Tensor, spec: QuantSpec, block: int) -> bool:
