@@ -279,34 +279,88 @@ def llama_1b(vocab: int, dev):
         return transformers.LlamaForCausalLM(cfg)
 
 
+def _graphed(step, fwd_bwd_opt, dev):
+    """``step`` warmed up on a side stream, then ``fwd_bwd_opt`` captured in one CUDA graph; its
+    replay is the timed step (what CUDA graphs save is the host's launch work)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(3):      # Triton compiles, the allocator settles
+            step()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwd_bwd_opt()
+    return graph.replay
+
+
+def _profile(step, dev, steps: int = 3) -> dict:
+    """GPU busy time per step (the sum of its kernels) against its wall time: a host-bound step has
+    a GPU idle between launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(dev)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(dev)
+    wall = (time.perf_counter() - t) / steps * 1e3
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in events) / steps / 1e3
+    launches = sum(e.count for e in events) / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    return {"wall_ms_profiled": wall, "gpu_busy_ms": busy, "kernels_per_step": launches,
+            "top_kernels": [{"name": e.key[:80], "ms_per_step": e.self_device_time_total / steps / 1e3,
+                             "count_per_step": e.count / steps} for e in top]}
+
+
 def end_to_end(args, dev) -> list:
     from lowbit.lowp import prepare_lowp
 
     out = []
+    graph = args.e2e_graph and dev.type == "cuda"
     for name, recipe in (("bf16", None), ("lowbit fp8 HALO-1", "fp8:1")):
         model = llama_1b(args.vocab, dev)
         n_params = sum(p.numel() for p in model.parameters())
         if recipe:
             prepare_lowp(model, recipe, block=args.block)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda", capturable=graph)
         ids = torch.randint(0, args.vocab, (args.e2e_batch, args.e2e_seq), device=dev,
                             generator=torch.Generator(device=dev).manual_seed(0))
         model.train()
 
-        def step():
+        def fwd_bwd_opt():
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
+
+        def step():
+            fwd_bwd_opt()
             opt.zero_grad(set_to_none=True)
 
+        row = {"name": name + (" (CUDA graph)" if graph else ""), "params": n_params}
+        if graph:
+            try:
+                step = _graphed(step, fwd_bwd_opt, dev)
+            except Exception as e:  # a host sync or an uncapturable op: reported, the row is eager
+                row["name"], row["graph_error"] = name, f"{type(e).__name__}: {str(e)[:200]}"
+                print(f"end to end {name}: CUDA graph capture failed ({row['graph_error']}); eager", flush=True)
         ms = time_step(step, dev, args.e2e_warmup, args.e2e_iters)
-        tok_s = args.e2e_batch * args.e2e_seq / (ms / 1e3)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-        out.append({"name": name, "ms_per_step": ms, "tokens_per_second": tok_s, "params": n_params, "peak_gib": peak})
-        print(f"end to end {name:<20} {n_params / 1e9:.2f}B params  {ms:8.1f} ms/step  {tok_s:10,.0f} tokens/s  "
-              f"peak {peak:.1f} GiB", flush=True)
-        del model, opt
+        row.update(ms_per_step=ms, tokens_per_second=args.e2e_batch * args.e2e_seq / (ms / 1e3),
+                   peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan"))
+        print(f"end to end {row['name']:<33} {n_params / 1e9:.2f}B params  {ms:8.1f} ms/step  "
+              f"{row['tokens_per_second']:10,.0f} tokens/s  peak {row['peak_gib']:.1f} GiB", flush=True)
+        if args.e2e_profile:
+            row["profile"] = _profile(step, dev)
+            pr = row["profile"]
+            print(f"  profiled: {pr['wall_ms_profiled']:.1f} ms/step wall, GPU busy {pr['gpu_busy_ms']:.1f} ms "
+                  f"({pr['gpu_busy_ms'] / pr['wall_ms_profiled']:.0%}), {pr['kernels_per_step']:.0f} kernels/step")
+            for k in pr["top_kernels"]:
+                print(f"    {k['ms_per_step']:8.2f} ms  x{k['count_per_step']:<5.0f} {k['name']}")
+        out.append(row)
+        del model, opt, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
@@ -342,6 +396,10 @@ def main() -> None:
     ap.add_argument("--e2e-seq", type=int, default=2048)
     ap.add_argument("--e2e-warmup", type=int, default=3)
     ap.add_argument("--e2e-iters", type=int, default=8)
+    ap.add_argument("--e2e-graph", action="store_true",
+                    help="both end-to-end rows as one CUDA graph per training step (no host launch cost)")
+    ap.add_argument("--e2e-profile", action="store_true",
+                    help="GPU busy time against wall time per end-to-end step, and the top kernels")
     ap.add_argument("--backend", default="auto", choices=("auto", "kernel"),
                     help="lowbit rows' backend (kernel: the FP8/INT8 kernels on any device that has them)")
     ap.add_argument("--fused-compare", action="store_true",

@@ -184,6 +184,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--fault-n", type=int, default=None, help="codes for fault injection (default: --n; "
                     "2**28 on cuda)")
+    ap.add_argument("--fault-tunings", default=None,
+                    help="space-separated MEAN_FLIPS,MAX_CHUNK,BLOCK,WARPS settings of kernels/triton_faults, each "
+                    "timed in turn (a sweep for the defaults; the flips follow the law whatever the setting)")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -195,7 +198,19 @@ def main():
         run_functions(a.n, a.format, a.rmode, a.repeat, only)
         if only:
             return
-    run_faults(a.fault_n or (2**28 if a.device == "cuda" else a.n), a.device, max(a.repeat, 3))
+    n = a.fault_n or (2**28 if a.device == "cuda" else a.n)
+    for tuning in (a.fault_tunings.split() if a.fault_tunings else [None]):
+        if tuning:
+            _set_fault_tuning(tuning)
+        run_faults(n, a.device, max(a.repeat, 3))
+
+
+def _set_fault_tuning(text: str) -> None:
+    from lowbit.kernels import triton_faults as tf
+
+    tf.MEAN_FLIPS, tf.MAX_CHUNK, tf.BLOCK, tf.WARPS = (int(v) for v in text.split(","))
+    print(f"\nkernels/triton_faults: MEAN_FLIPS={tf.MEAN_FLIPS} MAX_CHUNK={tf.MAX_CHUNK} BLOCK={tf.BLOCK} "
+          f"WARPS={tf.WARPS}")
 
 
 if __name__ == "__main__":
