@@ -10,8 +10,8 @@ format), same format and rounding mode; the first lowbit call of each function, 
 fused kernel, is timed apart. Reductions: lowbit with accum_every=None (float64 then one rounding, as
 Pychop) against Pychop; lowbit's sequential (every addition rounded, along axis 0 of a 2048-row
 matrix) and pairwise orders are listed for their cost, Pychop has no equivalent. Fault injection:
-flipping bits of the codes at several bit error rates against a copy of the codes (on CUDA: a copy and
-the sparse Triton kernel of kernels/triton_faults; best of --repeat, at least 3); each row also gives
+flipping bits of the codes at several bit error rates against a copy of the codes (on CUDA: the Triton
+kernel of kernels/triton_faults, which copies and flips in one pass; best of --repeat, at least 3); each row also gives
 the flips made (bits changed), their expected number and the chunks of units the kernel walks.
 """
 from __future__ import annotations
@@ -185,7 +185,7 @@ def main():
     ap.add_argument("--fault-n", type=int, default=None, help="codes for fault injection (default: --n; "
                     "2**28 on cuda)")
     ap.add_argument("--fault-tunings", default=None,
-                    help="space-separated MEAN_FLIPS,MAX_CHUNK,BLOCK,WARPS settings of kernels/triton_faults, each "
+                    help="space-separated MEAN_FLIPS,MAX_CHUNK,BLOCK,WARPS,TILE settings of kernels/triton_faults, each "
                     "timed in turn (a sweep for the defaults; the flips follow the law whatever the setting)")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -208,9 +208,9 @@ def main():
 def _set_fault_tuning(text: str) -> None:
     from lowbit.kernels import triton_faults as tf
 
-    tf.MEAN_FLIPS, tf.MAX_CHUNK, tf.BLOCK, tf.WARPS = (int(v) for v in text.split(","))
+    tf.MEAN_FLIPS, tf.MAX_CHUNK, tf.BLOCK, tf.WARPS, tf.TILE = (int(v) for v in text.split(","))
     print(f"\nkernels/triton_faults: MEAN_FLIPS={tf.MEAN_FLIPS} MAX_CHUNK={tf.MAX_CHUNK} BLOCK={tf.BLOCK} "
-          f"WARPS={tf.WARPS}")
+          f"WARPS={tf.WARPS} TILE={tf.TILE}")
 
 
 if __name__ == "__main__":

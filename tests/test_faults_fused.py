@@ -104,9 +104,22 @@ def test_tiny_rate_and_huge_gaps(tf):
 def test_chunk_sizes():
     from lowbit.kernels.triton_faults import MAX_CHUNK, MEAN_FLIPS, MIN_CHUNK, chunk_units
     assert chunk_units(1e-12) == MAX_CHUNK and chunk_units(1.0 / 16) == MIN_CHUNK
-    for p in (1e-5, 1e-3, 0.01):
+    for p in (1e-5, 1e-3, 0.01, 0.03):
         c = chunk_units(p)
-        assert c & (c - 1) == 0 and c * p <= MEAN_FLIPS < 2 * c * p
+        assert c & (c - 1) == 0 and c * p <= MEAN_FLIPS
+        assert c == MAX_CHUNK or MEAN_FLIPS < 2 * c * p
+
+
+@pytest.mark.parametrize("dtype,positions,per", [(torch.uint8, ALL8, "bit"), (torch.int16, (0, 5, 15), "bit"),
+                                                 (torch.int64, (2, 40, 63), "element")])
+def test_copy_and_flips_in_one_pass_over_many_tiles(tf, monkeypatch, dtype, positions, per):
+    """Small tiles (several per call, a ragged last one, a copy loop of several steps): every
+    program copies its tile and then flips only inside it, so no flip is lost to a later copy."""
+    monkeypatch.setattr(tf, "TILE", 512)
+    monkeypatch.setattr(tf, "COPY_WORDS", 64)
+    codes = _codes(512 * 5 + 200, dtype, 3).to(DEV)
+    out = tf.flip_bits(codes, 0.02, positions, per, 4242, chunk_=256)
+    assert torch.equal(out.cpu(), _want(codes.cpu(), positions, per, 4242, 0.02, tf, 256))
 
 
 def test_gap_draw_is_exact_to_float64_precision():
@@ -191,7 +204,8 @@ def test_sparse_path_when_the_kernel_fails(tf, monkeypatch):
 @pytest.mark.parametrize("per_element", [False, True])
 def test_kernel_compiles_for_hopper(per_element):
     """The kernel compiles for an H100 (sm_90) without a GPU with the installed Triton (3.9 here,
-    3.6 on the GPU machine: run this file with each): flips applied with a relaxed 32-bit XOR atomic,
+    3.6 on the GPU machine: run this file with each): the tile copied, then a barrier, then flips
+    applied with a relaxed 32-bit XOR atomic,
     the float64 libdevice logarithm (its ln 2 constant), no division and no float32 approximation."""
     import re
     if INTERPRET:
@@ -205,14 +219,16 @@ def test_kernel_compiles_for_hopper(per_element):
     except Exception as e:  # no NVIDIA backend or no ptxas in this triton
         pytest.skip(f"Triton's NVIDIA backend is not usable here ({type(e).__name__})")
     from lowbit.kernels import triton_faults as tf
-    consts = {"NB": 8, "BITS": 8, "PER_ELEMENT": per_element, "C": 2**14, "BLOCK": tf.BLOCK, "NR": 7}
-    sig = {"words_ptr": "*i32", "nunits": "i64", "nchunks": "i64", "seed": "i64", "inv_lam_bits": "i64",
-           "POS": "*i32", **{k: "constexpr" for k in consts}}
+    consts = {"NB": 8, "BITS": 8, "PER_ELEMENT": per_element, "C": 2**14, "LANES": 32, "BLOCK": 32,
+              "COPY": True, "TILE_WORDS": 2**14, "COPY_WORDS": tf.COPY_WORDS, "NR": 7}
+    sig = {"src_ptr": "*i32", "words_ptr": "*i32", "nwords": "i64", "nunits": "i64", "nchunks": "i64",
+           "seed": "i64", "inv_lam_bits": "i64", "POS": "*i32", **{k: "constexpr" for k in consts}}
     k = triton.compile(ASTSource(fn=tf._faults_kernel, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": tf.WARPS})
     ptx = k.asm["ptx"]
     assert not re.findall(r"\bdiv\.[a-z0-9.]+", ptx) and "0d3FE62E42FEFA39EF" in ptx
     assert re.search(r"\b(atom|red)\.global\.gpu\.relaxed\.xor\.b32", ptx)
+    assert ptx.index("bar.sync") < ptx.index("xor.b32")
     assert not re.search(r"lg2\.approx|ex2\.approx", ptx)
 
 

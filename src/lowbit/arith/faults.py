@@ -10,9 +10,9 @@ bits that may flip: sign, exponent, mantissa (integers: sign and mantissa = the 
 two's complement code; codebooks: mantissa = the index bits) and, for block formats (MX, NVFP4, BFP),
 ``scale``: the shared scale's code (its own bit error rate, ``p_scale``, defaults to p).
 
-CUDA codes (uint8, int8, int16, int32, int64) with 0 < p <= 1/16 are copied and then one Triton
-kernel (kernels/triton_faults) draws the failing units by geometric gaps over chunks of units and XORs
-them into the copy: same law, cost a copy plus O(flips). Elsewhere sampling is sparse: the number of flips is drawn from
+CUDA codes (uint8, int8, int16, int32, int64) with 0 < p <= 1/16 go to one Triton kernel
+(kernels/triton_faults) that copies them and draws the failing units by geometric gaps over chunks of
+units, XORing them into the copy: same law, cost a copy plus O(flips). Elsewhere sampling is sparse: the number of flips is drawn from
 the binomial distribution and their positions as a uniform random subset, so the cost is a copy of
 the codes plus O(flips); at rates above 1/16 per candidate bit a dense Bernoulli draw per bit is used
 instead. Seeds: the same int seed gives the same flips on the same device type (CPU and CUDA streams

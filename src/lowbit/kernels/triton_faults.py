@@ -1,16 +1,17 @@
-"""Fault injection for CUDA: a copy of the codes, then one Triton kernel that XORs the flips into it.
+"""Fault injection for CUDA: one Triton kernel copies the codes and XORs the flips into the copy.
 
 The flips have the law of ``arith.faults.flip_bits`` (read its module docstring): per="bit", every
 allowed bit flips independently with probability p; per="element", each element is hit with
-probability p and then one allowed bit, uniformly chosen, flips. The cost is a copy (torch, memory
-speed) plus O(#chunks + #flips) work in the kernel, which touches only the words it flips.
+probability p and then one allowed bit, uniformly chosen, flips. The cost is one pass: each program
+copies a tile of TILE elements at memory speed and then walks the chunks of that tile, O(#chunks +
+#flips) work that touches only the words it flips.
 
 Construction (tests/_faults_ref.py recomputes it in torch and must agree bit for bit):
 
 * *Units*: per="bit", unit e * nb + slot is allowed bit ``positions[slot]`` of element e (nb allowed
   bits); per="element", unit e is element e. Each unit fails independently with probability p.
 * The units are cut into chunks of C consecutive units (C = ``chunk_units(p)``, a power of two in
-  [2^8, 2^20] with about 16 expected failures per chunk; it depends on p only, never on the launch).
+  [2^8, 2^16] with about 16 expected failures per chunk; it depends on p only, never on the launch).
   One lane walks one chunk: with q = (first unit of the chunk) - 1, it repeats q = q + 1 + gap, and
   flips unit q while q is inside the chunk (and below the number of units). The gaps are independent
   geometric variables, P(gap >= j) = (1-p)^j: exactly the failures of independent units.
@@ -40,7 +41,11 @@ so x = inf there); x is clamped to C before the conversion to int64, and a gap o
 the chunk. p up to 1/16 (the dense path of arith.faults takes larger p).
 
 Applying the flips: the copy is a buffer of int32 words (the codes' bytes, rounded up to whole words,
-so the ragged tail of 1- and 2-byte codes has a word of its own); bit b of element e is bit B =
+so the ragged tail of 1- and 2-byte codes has a word of its own). Program t copies the words of
+elements [t TILE, (t + 1) TILE) (TILE a multiple of C, so its chunks' units are its elements' bits),
+passes a barrier, then flips: its XORs land in words it has already written. Codes that are not
+whole aligned words (a ragged tail, a strided view) are copied by torch first and the kernel only
+flips. bit b of element e is bit B =
 e * 8 * itemsize + b of the little-endian buffer, XORed with ``tl.atomic_xor`` into word B >> 5 at
 bit B & 31 (int64 codes: their two halves are two words). Distinct units are distinct bits, so the
 XORs commute and the result does not depend on their order.
@@ -63,8 +68,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpre
 
 _DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 MEAN_FLIPS = 16      # expected failures per chunk: fewer programs idle in the longest lane of a block
-MIN_CHUNK, MAX_CHUNK = 2**8, 2**20
-BLOCK = 128          # chunks (lanes) per program
+MIN_CHUNK, MAX_CHUNK = 2**8, 2**16
+TILE = 2**16         # elements a program copies (a multiple of every chunk: chunks never cross tiles)
+COPY_WORDS = 2048    # int32 words per step of a program's copy loop
+BLOCK = 128          # chunks (lanes) walked at once by a program
 WARPS = 4
 MAX_BITS = 2**40     # codes of up to 128 GiB: chunk indices fit the 32-bit counter word
 
@@ -100,36 +107,48 @@ def _draw(k0, k1, chunk, step, inv_lam, NR: tl.constexpr):
     return e * inv_lam, w2
 
 
-@triton.jit(do_not_specialize=["nunits", "nchunks", "seed", "inv_lam_bits"])
-def _faults_kernel(words_ptr, nunits, nchunks, seed, inv_lam_bits, POS, NB: tl.constexpr, BITS: tl.constexpr,
-                   PER_ELEMENT: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, NR: tl.constexpr):
-    """BLOCK chunks of C units, one a lane, walked by geometric gaps until every lane has left its
-    chunk; each failure XORs one bit into the int32 words of the copy."""
-    chunk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # up to 2^32 chunks
-    live = chunk < nchunks
-    start = chunk * C
-    end = tl.minimum(start + C, nunits)
+@triton.jit(do_not_specialize=["nwords", "nunits", "nchunks", "seed", "inv_lam_bits"])
+def _faults_kernel(src_ptr, words_ptr, nwords, nunits, nchunks, seed, inv_lam_bits, POS, NB: tl.constexpr,
+                   BITS: tl.constexpr, PER_ELEMENT: tl.constexpr, C: tl.constexpr, LANES: tl.constexpr,
+                   BLOCK: tl.constexpr, COPY: tl.constexpr, TILE_WORDS: tl.constexpr, COPY_WORDS: tl.constexpr,
+                   NR: tl.constexpr):
+    """One tile of TILE elements: its words copied from ``src_ptr`` (``COPY``), then its LANES chunks
+    of C units, BLOCK lanes at a time, walked by geometric gaps until every lane has left its chunk;
+    each failure XORs one bit into the int32 words of the copy."""
+    tile = tl.program_id(0).to(tl.int64)
+    if COPY:
+        for off in tl.range(0, TILE_WORDS, COPY_WORDS):
+            w = tile * TILE_WORDS + off + tl.arange(0, COPY_WORDS)
+            m = w < nwords
+            tl.store(words_ptr + w, tl.load(src_ptr + w, mask=m), mask=m)
+        tl.debug_barrier()      # the tile's words are written before its flips XOR into them
     s64 = seed.to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32)
     inv_lam = inv_lam_bits.to(tl.int64).to(tl.float64, bitcast=True)   # a float argument would be float32
-    c32 = chunk.to(tl.uint32)
-    q = start - 1
-    step = 0
-    while tl.max(live.to(tl.int32), axis=0) > 0:
-        x, wbit = _draw(k0, k1, c32, step, inv_lam, NR)
-        q = q + 1 + tl.minimum(x, C * 1.0).to(tl.int64)      # x >= 0; a gap of C leaves the chunk
-        live = live & (q < end)
-        if PER_ELEMENT:
-            e = q
-            slot = tl.umulhi(wbit, NB).to(tl.int32)
-        else:
-            e = q // NB
-            slot = (q % NB).to(tl.int32)
-        b = e * BITS + tl.load(POS + slot, mask=live, other=0).to(tl.int64)
-        bit = (tl.full(b.shape, 1, tl.uint32) << (b & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
-        tl.atomic_xor(words_ptr + (b >> 5), bit, mask=live, sem="relaxed")
-        step += 1
+    for lane0 in tl.range(0, LANES, BLOCK):
+        lane = lane0 + tl.arange(0, BLOCK)
+        chunk = tile * LANES + lane                                   # up to 2^32 chunks
+        live = (chunk < nchunks) & (lane < LANES)
+        start = chunk * C
+        end = tl.minimum(start + C, nunits)
+        c32 = chunk.to(tl.uint32)
+        q = start - 1
+        step = 0
+        while tl.max(live.to(tl.int32), axis=0) > 0:
+            x, wbit = _draw(k0, k1, c32, step, inv_lam, NR)
+            q = q + 1 + tl.minimum(x, C * 1.0).to(tl.int64)      # x >= 0; a gap of C leaves the chunk
+            live = live & (q < end)
+            if PER_ELEMENT:
+                e = q
+                slot = tl.umulhi(wbit, NB).to(tl.int32)
+            else:
+                e = q // NB
+                slot = (q % NB).to(tl.int32)
+            b = e * BITS + tl.load(POS + slot, mask=live, other=0).to(tl.int64)
+            bit = (tl.full(b.shape, 1, tl.uint32) << (b & 31).to(tl.uint32)).to(tl.int32, bitcast=True)
+            tl.atomic_xor(words_ptr + (b >> 5), bit, mask=live, sem="relaxed")
+            step += 1
 
 
 def chunk_units(p: float) -> int:
@@ -171,24 +190,31 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
                          f"bit positions inside the code and 0 < p <= 1/16 (got {codes.dtype} on {codes.device}, "
                          f"positions {tuple(positions)}, p={p})")
     n, size = codes.numel(), codes.element_size()
-    # the copy first (it runs while the host prepares the launch), then the kernel flips its words
-    if codes.is_contiguous() and n * size % 4 == 0:
-        out = codes.clone()                               # a fresh allocation: aligned whole words
-        words = out.view(-1).view(torch.int32)
-    else:           # a ragged tail or strided codes: a buffer of whole words, the codes at its head
+    nb = len(positions)
+    per_elem_units = nb if per == "bit" else 1
+    c = chunk_ or chunk_units(p)
+    tile = max(TILE, c)
+    # the kernel copies the codes while every chunk lies in one tile (always, but for odd ``chunk_``)
+    fuse = (codes.is_contiguous() and n * size % 4 == 0 and codes.storage_offset() * size % 4 == 0
+            and tile * per_elem_units % c == 0)
+    if fuse:
+        out = torch.empty_like(codes, memory_format=torch.contiguous_format)   # aligned whole words
+        words, src = out.view(-1).view(torch.int32), codes.view(-1).view(torch.int32)
+    else:           # a buffer of whole words (a ragged tail of its own), the codes copied to its head
         words = torch.empty(-(-n * size // 4), dtype=torch.int32, device=codes.device)
         out = words.view(torch.uint8)[:n * size].view(codes.dtype).view(codes.shape)
         out.copy_(codes)
+        src = words
     if n == 0:
         return out
-    nb = len(positions)
-    nunits = n * nb if per == "bit" else n
-    c = chunk_ or chunk_units(p)
+    nunits = n * per_elem_units
+    lanes = -(-tile * per_elem_units // c)
     nchunks = -(-nunits // c)
     inv_lam_bits = struct.unpack("<q", struct.pack("<d", inverse_lambda(float(p))))[0]
-    grid = (triton.cdiv(nchunks, BLOCK),)
     pos = _positions(tuple(positions), str(codes.device))
-    _faults_kernel[grid](words, nunits, nchunks, int(seed), inv_lam_bits, pos,
-                         NB=nb, BITS=8 * size, PER_ELEMENT=per == "element", C=c, BLOCK=BLOCK, NR=N_ROUNDS,
-                         num_warps=WARPS)
+    tile_words = tile * size // 4
+    _faults_kernel[(triton.cdiv(n, tile),)](
+        src, words, words.numel(), nunits, nchunks, int(seed), inv_lam_bits, pos, NB=nb, BITS=8 * size,
+        PER_ELEMENT=per == "element", C=c, LANES=lanes, BLOCK=min(BLOCK, triton.next_power_of_2(lanes)),
+        COPY=fuse, TILE_WORDS=tile_words, COPY_WORDS=min(COPY_WORDS, tile_words), NR=N_ROUNDS, num_warps=WARPS)
     return out
