@@ -5,7 +5,9 @@
   the quantized base and re-quantized by RTN) and HF PEFT's LoRA on the fp32 base
 
 all in one run, with the same rank, targets, steps, learning rate, data and seed. Prints one table
-and the issue's ratios; --json writes every row.
+and the issue's ratios; --json writes every row. Training tokens/s is the steady rate: the steps
+after the first tenth (at least 3), so the row that runs first does not carry the process's warm-up
+(``tokens_per_second_with_warmup`` keeps the whole run's).
 
 CPU, small (about 15 min on 2 cores):
   python3 benchmarks/adapters_quality.py --tasks docs --bits 1,4,16,32 --steps 30 --batch-size 2 \
@@ -54,7 +56,8 @@ def lora_row(base_model, corpus, tok, tokens, args, bits: int, rank: int, dev):
     res = run_training(model, corpus, tok, args, {"weights": [p for l in layers.values() for p in (l.lora_A, l.lora_B)]})
     ppl = heldout_perplexity(model, tokens, args.context)
     return model, {"adapter": f"lora {bits}-bit", "rank": rank, "perplexity": ppl, "adapter_bytes": adapter_bytes(model),
-                   "tokens_per_second": res.tokens_per_second(), "train_seconds": res.seconds}
+                   "tokens_per_second": res.steady_tokens_per_second(),
+                   "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
 
 
 def peft_row(base_model, corpus, tok, tokens, args, dev):
@@ -70,7 +73,8 @@ def peft_row(base_model, corpus, tok, tokens, args, dev):
     ppl = heldout_perplexity(pm, tokens, args.context)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     return {"adapter": f"peft {peft.__version__} lora (fp32)", "rank": args.rank, "perplexity": ppl,
-            "adapter_bytes": 4 * n, "tokens_per_second": res.tokens_per_second(), "train_seconds": res.seconds}
+            "adapter_bytes": 4 * n, "tokens_per_second": res.steady_tokens_per_second(),
+            "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
 
 
 def lora_targets(model, args):
@@ -111,7 +115,8 @@ def lrqat_row(base_model, packed, corpus, tok, tokens, args, dev):
     fold(model)
     ppl = heldout_perplexity(model, tokens, args.context)
     return {"adapter": "lr-qat (folded)", "rank": args.rank, "perplexity": ppl, "adapter_bytes": 0,
-            "tokens_per_second": res.tokens_per_second(), "train_seconds": res.seconds}
+            "tokens_per_second": res.steady_tokens_per_second(),
+            "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ import torch
 from _tiny import tiny_llama, token_ids
 from lowbit.quant.linear import QuantLinear
 from lowbit.train import QATLinear, convert, packed_weights, prepare_qat, trainable_groups
-from lowbit.train.loop import TrainConfig, train
+from lowbit.train.loop import TrainConfig, TrainResult, train
 from lowbit.train.objectives import causal_lm_objective
 
 
@@ -205,3 +205,13 @@ def test_qat_starts_exactly_from_a_rotated_and_smoothed_w4a4_checkpoint(tmp_path
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(ptq(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_steady_rate_leaves_out_warmup_steps():
+    h = [{"tokens": 100, "seconds": 10.0}] + [{"tokens": 100, "seconds": 1.0} for _ in range(9)]
+    r = TrainResult(steps=10, tokens=1000, seconds=19.0, teacher_seconds=0.0, history=h)
+    assert abs(r.tokens_per_second() - 1000 / 19) < 1e-9
+    assert r.steady_tokens_per_second() == 100.0            # the first 3 steps left out
+    assert abs(r.steady_tokens_per_second(skip=0) - 1000 / 19) < 1e-9
+    assert r.steady_tokens_per_second(skip=10) != r.steady_tokens_per_second(skip=10)   # nan: no steps left
+    assert r.to_dict()["steady_tokens_per_second"] == 100.0

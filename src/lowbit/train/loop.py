@@ -101,8 +101,18 @@ class TrainResult:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    def steady_tokens_per_second(self, skip: Optional[int] = None) -> float:
+        """Tokens/s over the steps after the first ``skip`` (default: a tenth of them, at least 3),
+        which carry the process's warm-up (CUDA context, kernel compilation, allocator growth): the
+        rate to compare between configurations run one after another."""
+        skip = max(3, len(self.history) // 10) if skip is None else skip
+        rest = self.history[skip:]
+        seconds = sum(r["seconds"] for r in rest)
+        return sum(r["tokens"] for r in rest) / seconds if rest and seconds > 0 else float("nan")
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_second": self.tokens_per_second()}
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second(),
+                "steady_tokens_per_second": self.steady_tokens_per_second()}
 
 
 # An objective maps (student, teacher or None, batch) to (loss, teacher seconds spent).
