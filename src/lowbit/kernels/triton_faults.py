@@ -117,10 +117,16 @@ def _faults_kernel(src_ptr, words_ptr, nwords, nunits, nchunks, seed, inv_lam_bi
     each failure XORs one bit into the int32 words of the copy."""
     tile = tl.program_id(0).to(tl.int64)
     if COPY:
-        for off in tl.range(0, TILE_WORDS, COPY_WORDS):
-            w = tile * TILE_WORDS + off + tl.arange(0, COPY_WORDS)
-            m = w < nwords
-            tl.store(words_ptr + w, tl.load(src_ptr + w, mask=m), mask=m)
+        base = tile * TILE_WORDS
+        if base + TILE_WORDS <= nwords:     # a whole tile: no mask, so 16-byte vector loads and stores
+            for off in tl.range(0, TILE_WORDS, COPY_WORDS):
+                w = base + off + tl.arange(0, COPY_WORDS)
+                tl.store(words_ptr + w, tl.load(src_ptr + w))
+        else:
+            for off in tl.range(0, TILE_WORDS, COPY_WORDS):
+                w = base + off + tl.arange(0, COPY_WORDS)
+                m = w < nwords
+                tl.store(words_ptr + w, tl.load(src_ptr + w, mask=m), mask=m)
         tl.debug_barrier()      # the tile's words are written before its flips XOR into them
     s64 = seed.to(tl.uint64)
     k0 = (s64 & 0xFFFFFFFF).to(tl.uint32)
