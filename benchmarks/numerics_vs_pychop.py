@@ -185,8 +185,9 @@ def main():
     ap.add_argument("--fault-n", type=int, default=None, help="codes for fault injection (default: --n; "
                     "2**28 on cuda)")
     ap.add_argument("--fault-tunings", default=None,
-                    help="space-separated MEAN_FLIPS,MAX_CHUNK,BLOCK,WARPS,TILE settings of kernels/triton_faults, each "
-                    "timed in turn (a sweep for the defaults; the flips follow the law whatever the setting)")
+                    help="space-separated MEAN_FLIPS,MAX_CHUNK,BLOCK,WARPS,TILE[,ONE_PASS] settings of kernels/triton_faults, each "
+                    "timed in turn (a sweep for the defaults; the flips follow the law whatever the setting; ONE_PASS 0: torch "
+                    "copies and the kernel only flips)")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -208,9 +209,11 @@ def main():
 def _set_fault_tuning(text: str) -> None:
     from lowbit.kernels import triton_faults as tf
 
-    tf.MEAN_FLIPS, tf.MAX_CHUNK, tf.BLOCK, tf.WARPS, tf.TILE = (int(v) for v in text.split(","))
+    values = [int(v) for v in text.split(",")]
+    tf.MEAN_FLIPS, tf.MAX_CHUNK, tf.BLOCK, tf.WARPS, tf.TILE = values[:5]
+    tf.ONE_PASS = bool(values[5]) if len(values) > 5 else True
     print(f"\nkernels/triton_faults: MEAN_FLIPS={tf.MEAN_FLIPS} MAX_CHUNK={tf.MAX_CHUNK} BLOCK={tf.BLOCK} "
-          f"WARPS={tf.WARPS} TILE={tf.TILE}")
+          f"WARPS={tf.WARPS} TILE={tf.TILE} ONE_PASS={tf.ONE_PASS}")
 
 
 if __name__ == "__main__":

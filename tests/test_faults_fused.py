@@ -112,9 +112,12 @@ def test_chunk_sizes():
 
 @pytest.mark.parametrize("dtype,positions,per", [(torch.uint8, ALL8, "bit"), (torch.int16, (0, 5, 15), "bit"),
                                                  (torch.int64, (2, 40, 63), "element")])
-def test_copy_and_flips_in_one_pass_over_many_tiles(tf, monkeypatch, dtype, positions, per):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_copy_and_flips_in_one_pass_over_many_tiles(tf, monkeypatch, dtype, positions, per, one_pass):
     """Small tiles (several per call, a ragged last one, a copy loop of several steps): every
-    program copies its tile and then flips only inside it, so no flip is lost to a later copy."""
+    program copies its tile and then flips only inside it, so no flip is lost to a later copy; the
+    two-pass design (torch copies, the kernel flips) gives the same codes."""
+    monkeypatch.setattr(tf, "ONE_PASS", one_pass)
     monkeypatch.setattr(tf, "TILE", 512)
     monkeypatch.setattr(tf, "COPY_WORDS", 64)
     codes = _codes(512 * 5 + 200, dtype, 3).to(DEV)

@@ -73,6 +73,7 @@ TILE = 2**16         # elements a program copies (a multiple of every chunk: chu
 COPY_WORDS = 2048    # int32 words per step of a program's copy loop
 BLOCK = 128          # chunks (lanes) walked at once by a program
 WARPS = 4
+ONE_PASS = True      # False: torch copies the codes and the kernel only flips (the two-pass design, to compare)
 MAX_BITS = 2**40     # codes of up to 128 GiB: chunk indices fit the 32-bit counter word
 
 
@@ -201,7 +202,7 @@ def flip_bits(codes: torch.Tensor, p: float, positions: tuple, per: str, seed: i
     c = chunk_ or chunk_units(p)
     tile = max(TILE, c)
     # the kernel copies the codes while every chunk lies in one tile (always, but for odd ``chunk_``)
-    fuse = (codes.is_contiguous() and n * size % 4 == 0 and codes.storage_offset() * size % 4 == 0
+    fuse = (ONE_PASS and codes.is_contiguous() and n * size % 4 == 0 and codes.storage_offset() * size % 4 == 0
             and tile * per_elem_units % c == 0)
     if fuse:
         out = torch.empty_like(codes, memory_format=torch.contiguous_format)   # aligned whole words
