@@ -86,6 +86,20 @@ def test_forward_is_base_plus_the_stored_low_rank_update(fmt):
         assert torch.allclose(a.abs()[:, 0], s, rtol=2e-3)
 
 
+@pytest.mark.parametrize("fmt", ["32bit", "16bit", "1bit"])
+def test_fake_quantization_passes_the_gradient_straight_through(fmt):
+    """The forward uses the stored matrix and the gradient reaches the float master unchanged; fp32
+    storage is the master itself (no copy, no extra autograd node)."""
+    f = AdapterFormat.parse(fmt)
+    w = torch.randn(4, 32, requires_grad=True)
+    q = f.fake(w)
+    assert (q is w) == (fmt == "32bit")
+    assert torch.equal(q.detach(), f.unpack(f.pack(w), (4, 32)))
+    g = torch.randn(4, 32)
+    q.backward(g)
+    assert torch.equal(w.grad, g)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_storage_is_counted_exactly(fmt):
     f = AdapterFormat.parse(fmt)

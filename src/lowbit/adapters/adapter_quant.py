@@ -111,6 +111,8 @@ class AdapterFormat:
 
     def fake(self, w: torch.Tensor) -> torch.Tensor:
         """The stored matrix (float32, rows = channels), straight-through to ``w``."""
+        if self.float_dtype == torch.float32 and w.dtype == torch.float32:
+            return w        # stored as it is: no rounding, and no autograd node in every forward
         if self.is_float:
             q = w.detach().to(self.float_dtype).float()
         else:
