@@ -2,7 +2,8 @@
 
   task x base (fp32, w3g64 GPTQ, ...) x adapter (LoRA stored at 1/2/4/8/16/32 bits at one rank; 16-bit
   LoRA at the 1-bit adapter's storage; LR-QAT folded into the base's codes; the fp32 LoRA merged into
-  the quantized base and re-quantized by RTN) and HF PEFT's LoRA on the fp32 base
+  the quantized base and re-quantized by RTN) and HF PEFT's LoRA on the fp32 base (its A matrices
+  set to lowbit's initial draw, so both start from the same adapters)
 
 all in one run, with the same rank, targets, steps, learning rate, data and seed. Prints one table
 and the issue's ratios; --json writes every row. Training tokens/s is the steady rate: the steps
@@ -63,18 +64,68 @@ def lora_row(base_model, corpus, tok, tokens, args, bits: int, rank: int, dev):
 def peft_row(base_model, corpus, tok, tokens, args, dev):
     import peft
 
-    model = copy.deepcopy(base_model)
-    names = sorted(n for n in lora_targets(model, args))
-    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=names,
-                             bias="none", task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    pm = peft.get_peft_model(model, config).to(dev)
+    pm = peft_model(base_model, args, dev)
     res = run_training(pm, corpus, tok, args, {"weights": [p for p in pm.parameters() if p.requires_grad]})
     ppl = heldout_perplexity(pm, tokens, args.context)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     return {"adapter": f"peft {peft.__version__} lora (fp32)", "rank": args.rank, "perplexity": ppl,
             "adapter_bytes": 4 * n, "tokens_per_second": res.steady_tokens_per_second(),
             "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
+
+
+def peft_model(base_model, args, dev):
+    """HF PEFT's LoRA (same targets, rank, alpha; no dropout) on a copy of the base, starting from
+    lowbit's adapters."""
+    import peft
+
+    model = copy.deepcopy(base_model)
+    names = sorted(n for n in lora_targets(model, args))
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=names,
+                             bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(model, config).to(dev)
+    _start_like_lowbit(pm, base_model, args)
+    return pm
+
+
+def speed_rounds(base_model, corpus, tok, args, dev) -> dict:
+    """lowbit's fp32 LoRA and PEFT's trained in turn, ABBA order (lowbit first, then PEFT first, ...)
+    for ``--speed-rounds`` rounds of ``--speed-steps`` steps: the steady tokens/s of each, and the
+    median of the per-round ratios, so neither side gains from running first or from drift."""
+    import statistics
+
+    short = argparse.Namespace(**{**vars(args), "steps": args.speed_steps, "quiet": True})
+    rates = {"lowbit": [], "peft": []}
+    for i in range(args.speed_rounds):
+        for who in (("lowbit", "peft") if i % 2 == 0 else ("peft", "lowbit")):
+            if who == "lowbit":
+                m = add_lora_to_copy(base_model, args).to(dev)
+                params = [p for l in lora_layers(m).values() for p in (l.lora_A, l.lora_B)]
+            else:
+                m = peft_model(base_model, args, dev)
+                params = [p for p in m.parameters() if p.requires_grad]
+            rates[who].append(run_training(m, corpus, tok, short, {"weights": params}).steady_tokens_per_second())
+            del m
+    ratios = [a / b for a, b in zip(rates["lowbit"], rates["peft"])]
+    return {"rounds": args.speed_rounds, "steps": args.speed_steps, "lowbit_tokens_per_second": rates["lowbit"],
+            "peft_tokens_per_second": rates["peft"], "ratios": ratios, "median_ratio": statistics.median(ratios)}
+
+
+def _start_like_lowbit(peft_model, base_model, args) -> None:
+    """PEFT's A matrices set to the ones lowbit's LoRA draws (seed 0; B is zero in both), so the two
+    rows start from the same adapters and differ only in how they train, not in the initial draw."""
+    ours = lora_layers(add_lora_to_copy(base_model, args))
+    modules = dict(peft_model.named_modules())
+    with torch.no_grad():
+        for name, layer in ours.items():
+            a = modules[f"base_model.model.{name}"].lora_A["default"].weight
+            a.copy_(layer.lora_A.to(a.device, a.dtype))
+
+
+def add_lora_to_copy(base_model, args):
+    model = copy.deepcopy(base_model)
+    add_lora(model, parse_targets(args.targets, args.rank), AdapterFormat.parse(BITS_NAMES[32]), seed=0)
+    return model
 
 
 def lora_targets(model, args):
@@ -128,6 +179,9 @@ def main(argv=None) -> int:
     p.add_argument("--quant-bits", default="1,16,32", help="adapter bits on the quantized bases")
     p.add_argument("--no-lrqat", dest="lrqat", action="store_false")
     p.add_argument("--no-peft", dest="peft", action="store_false")
+    p.add_argument("--speed-rounds", type=int, default=4, help="ABBA rounds timing lowbit's fp32 LoRA against PEFT "
+                   "(0: none; the quality rows' tokens/s are then the only speed figures)")
+    p.add_argument("--speed-steps", type=int, default=20, help="training steps per side and round of --speed-rounds")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="*q_proj,*v_proj", help="comma-separated globs (default PEFT's Llama targets)")
     p.add_argument("--steps", type=int, default=200)
@@ -160,7 +214,7 @@ def main(argv=None) -> int:
         model, tok, info, packed = load_base(args.model, scheme, method or "gptq", calib=args.calib,
                                              calib_seq_len=512, device=dev, quiet=args.quiet)
         bases[b] = (model.to(dev), packed)
-    rows = []
+    rows, speed = [], []
     for task in args.tasks.split(","):
         corpus = task_data.load_task(task)
         tokens = task_data.heldout_tokens(corpus, tok, args.eval_tokens, args.context)
@@ -193,15 +247,22 @@ def main(argv=None) -> int:
             elif args.peft:
                 rows.append({**common, **peft_row(model, corpus, tok, tokens, args, dev)})
                 print(json.dumps(rows[-1]), flush=True)
+                if args.speed_rounds:
+                    speed.append({"task": task, **speed_rounds(model, corpus, tok, args, dev)})
+                    print(json.dumps(speed[-1]), flush=True)
     print_table(rows)
-    summary = ratios(rows)
+    summary = ratios(rows) + [
+        f"{sp['task']}/fp32: lowbit/PEFT steady tokens/s, ABBA over {sp['rounds']} rounds of {sp['steps']} steps: "
+        f"median {sp['median_ratio']:.3f} (rounds {', '.join(f'{r:.3f}' for r in sp['ratios'])}; target >= 1)"
+        for sp in speed]
     for line in summary:
         print(line)
     env = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "seconds": time.time() - t0,
            "settings": vars(args)}
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "environment": env}, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "speed": speed, "summary": summary, "environment": env},
+                                              indent=1))
     print(f"{env['seconds']:.0f} s on {env['gpu'] or 'cpu'} ({env['threads']} threads)")
     return 0
 
