@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -49,10 +50,7 @@ def run_training(model, corpus, tok, args, groups):
 
 
 def lora_row(base_model, corpus, tok, tokens, args, bits: int, rank: int, dev):
-    model = copy.deepcopy(base_model)
-    rules = parse_targets(args.targets, rank)
-    add_lora(model, rules, AdapterFormat.parse(BITS_NAMES[bits]), seed=0)
-    model.to(dev)
+    model = add_lora_to_copy(base_model, args, bits, rank).to(dev)
     layers = lora_layers(model)
     res = run_training(model, corpus, tok, args, {"weights": [p for l in layers.values() for p in (l.lora_A, l.lora_B)]})
     ppl = heldout_perplexity(model, tokens, args.context)
@@ -64,7 +62,7 @@ def lora_row(base_model, corpus, tok, tokens, args, bits: int, rank: int, dev):
 def peft_row(base_model, corpus, tok, tokens, args, dev):
     import peft
 
-    pm = peft_model(base_model, args, dev)
+    pm = peft_model(base_model, args, dev, initial_adapters(base_model, args))
     res = run_training(pm, corpus, tok, args, {"weights": [p for p in pm.parameters() if p.requires_grad]})
     ppl = heldout_perplexity(pm, tokens, args.context)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
@@ -73,9 +71,10 @@ def peft_row(base_model, corpus, tok, tokens, args, dev):
             "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
 
 
-def peft_model(base_model, args, dev):
-    """HF PEFT's LoRA (same targets, rank, alpha; no dropout) on a copy of the base, starting from
-    lowbit's adapters."""
+def peft_model(base_model, args, dev, start: dict):
+    """HF PEFT's LoRA (same targets, rank, alpha; no dropout) on a copy of the base, its A matrices
+    set to ``start`` (``initial_adapters``: lowbit's draw; B is zero in both), so the two libraries
+    start from the same adapters and differ only in how they train."""
     import peft
 
     model = copy.deepcopy(base_model)
@@ -84,7 +83,11 @@ def peft_model(base_model, args, dev):
                              bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(0)
     pm = peft.get_peft_model(model, config).to(dev)
-    _start_like_lowbit(pm, base_model, args)
+    modules = dict(pm.named_modules())
+    with torch.no_grad():
+        for name, a in start.items():
+            w = modules[f"base_model.model.{name}"].lora_A["default"].weight
+            w.copy_(a.to(w.device, w.dtype))
     return pm
 
 
@@ -96,13 +99,14 @@ def speed_rounds(base_model, corpus, tok, args, dev) -> dict:
 
     short = argparse.Namespace(**{**vars(args), "steps": args.speed_steps, "quiet": True})
     rates = {"lowbit": [], "peft": []}
+    start = initial_adapters(base_model, args)
     for i in range(args.speed_rounds):
         for who in (("lowbit", "peft") if i % 2 == 0 else ("peft", "lowbit")):
             if who == "lowbit":
                 m = add_lora_to_copy(base_model, args).to(dev)
                 params = [p for l in lora_layers(m).values() for p in (l.lora_A, l.lora_B)]
             else:
-                m = peft_model(base_model, args, dev)
+                m = peft_model(base_model, args, dev, start)
                 params = [p for p in m.parameters() if p.requires_grad]
             rates[who].append(run_training(m, corpus, tok, short, {"weights": params}).steady_tokens_per_second())
             del m
@@ -111,20 +115,15 @@ def speed_rounds(base_model, corpus, tok, args, dev) -> dict:
             "peft_tokens_per_second": rates["peft"], "ratios": ratios, "median_ratio": statistics.median(ratios)}
 
 
-def _start_like_lowbit(peft_model, base_model, args) -> None:
-    """PEFT's A matrices set to the ones lowbit's LoRA draws (seed 0; B is zero in both), so the two
-    rows start from the same adapters and differ only in how they train, not in the initial draw."""
-    ours = lora_layers(add_lora_to_copy(base_model, args))
-    modules = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for name, layer in ours.items():
-            a = modules[f"base_model.model.{name}"].lora_A["default"].weight
-            a.copy_(layer.lora_A.to(a.device, a.dtype))
+def initial_adapters(base_model, args) -> dict:
+    """The A matrices lowbit's fp32 LoRA starts from (seed 0), by layer name."""
+    return {name: layer.lora_A.detach() for name, layer in lora_layers(add_lora_to_copy(base_model, args)).items()}
 
 
-def add_lora_to_copy(base_model, args):
+def add_lora_to_copy(base_model, args, bits: int = 32, rank: Optional[int] = None):
+    """A copy of the base with lowbit's LoRA (rank ``rank``, default --rank; stored at ``bits``) on the targets."""
     model = copy.deepcopy(base_model)
-    add_lora(model, parse_targets(args.targets, args.rank), AdapterFormat.parse(BITS_NAMES[32]), seed=0)
+    add_lora(model, parse_targets(args.targets, rank or args.rank), AdapterFormat.parse(BITS_NAMES[bits]), seed=0)
     return model
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import lowbit
 from lowbit import arith
 
 import _faults_ref as ref
-from _interpreter import interpreter_rerun, kernel_module
+from _interpreter import INTERPRET, interpreter_rerun, kernel_module
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -22,8 +21,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 ALL8 = tuple(range(8))
 
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture
