@@ -142,3 +142,20 @@ def test_compiled_small_arguments(name):
     want = elementary._exact_path(name, [torch.from_numpy(x)], f, m, ov, gen, None).numpy()
     assert np.array_equal(got, want), (got, want)
     assert got[0] == 2.0**-20
+
+
+@pytest.mark.parametrize("mode", ["down", "up"])
+def test_log10_of_every_exact_power_of_ten_is_its_exponent(mode):
+    # the fused loop recognises 10**k arithmetically; its neighbours must not be taken for powers
+    # (log10 of them is just below / above k, which directed rounding tells apart from k)
+    k = np.arange(23.0)
+    p = np.array([10.0**int(i) for i in k])
+    below, above = np.nextafter(p, 0), np.nextafter(p, np.inf)
+    x = np.tile(np.concatenate([p, below, above]), -(-BIG // 69))[:BIG]
+    got = arith.log10(x, "e8m23", mode)[:69]
+    assert (got[:23] == k).all()
+    lo, hi = got[23:46], got[46:]
+    if mode == "down":
+        assert (lo[1:] < k[1:]).all() and (hi >= k).all()
+    else:
+        assert (lo <= k).all() and (hi[1:] > k[1:]).all()
