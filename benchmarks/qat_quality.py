@@ -43,11 +43,10 @@ RUNS = {  # name -> (scheme, init, PTQ transforms of the start)
 
 def control(model: str, steps: int, batch_size: int, seq_len: int, lr: float, device: str, quiet: bool) -> dict:
     """The fp32 model trained exactly as QAT trains (same data, objective, teacher, schedule)."""
-    import torch
-
     from lowbit.data.corpus import evaluation_tokens
     from lowbit.evaluate.kl import token_kl_divergence
-    from lowbit.jobs import EvalSettings, evaluate_model, resolve_device
+    from lowbit.job_common import resolve_device
+    from lowbit.jobs import EvalSettings, evaluate_model
     from lowbit.models.loader import load_model
     from lowbit.train.job import training_data
     from lowbit.train.loop import TrainConfig, train

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lowbit.cli import main
-from lowbit.jobs import resolve_device
+from lowbit.job_common import resolve_device
 
 
 def test_device_names_resolve_or_fail_clearly():

@@ -1,10 +1,12 @@
-"""Pieces both end-to-end jobs share: ``jobs`` (Hugging Face models by name) and ``module_job``
-(a user's own ``nn.Module`` from a factory). Kept apart so that neither job imports the other's
-internals."""
+"""Pieces the jobs share: ``jobs`` (Hugging Face models by name), ``module_job`` (a user's own
+``nn.Module`` from a factory) and the search, training, fine-tuning and sweep jobs (``--device``).
+Kept apart so that no job imports another's internals, and no package imports back into ``jobs``."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 
 def log(msg: str, quiet: bool) -> None:
@@ -60,3 +62,26 @@ def reported_bits(path) -> Optional[float]:
     if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, float))):
         raise CheckpointError(f"{rep}: quantized.bits_per_weight: expected a number, found {bits!r}")
     return bits
+
+
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
+def resolve_device(device: Optional[str]) -> Optional[torch.device]:
+    """``auto``: the GPU when torch sees one, else the CPU; None: leave the model where it is."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here; accepted: {DEVICES}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev

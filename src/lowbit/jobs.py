@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .job_common import clear_progress, dense_bytes, estimated_bytes, log as _log, reported_bits
+from .job_common import clear_progress, dense_bytes, estimated_bytes, log as _log, reported_bits, resolve_device
 from .quant.plan import Plan
 
 DEFAULT_CALIB = 128
@@ -84,29 +84,6 @@ def _cached_baseline(loaded, settings: EvalSettings, quiet: bool) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res))
     return res
-
-
-DEVICES = "auto, cpu, cuda, cuda:N"
-
-
-def resolve_device(device: Optional[str]) -> Optional[torch.device]:
-    """``auto``: the GPU when torch sees one, else the CPU; None: leave the model where it is."""
-    if device is None:
-        return None
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; accepted: {DEVICES}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: torch sees no CUDA device here; accepted: {DEVICES}")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
 
 
 def calibration_batches(loaded, n: int, seq_len: int, batch_size: int = 8, seed: int = 0):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..job_common import log
-from ..jobs import resolve_device
+from ..job_common import resolve_device
 from ..train.loop import TrainConfig, discard_state, run_state_dir, train
 from ..train.objectives import causal_lm_objective
 from . import tasks as task_data

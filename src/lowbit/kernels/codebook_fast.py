@@ -81,23 +81,23 @@ def _encode_fn(x, tab, *, static):
 
 def quantize_element(x: torch.Tensor, fmt, mode: str) -> Optional[torch.Tensor]:
     """Rounded copy of CPU tensor ``x`` (same dtype), or None where not claimed."""
-    if x.device.type != "cpu" or x.dtype not in cpu_fast._DTYPES or not claims(fmt, mode):
+    if x.device.type != "cpu" or x.dtype not in cpu_fast.DTYPES or not claims(fmt, mode):
         return None
     x32 = x.float().contiguous()
     if not x32.numel():
         return x.clone()
-    out = cpu_fast._run("cb", _quantize_fn, mode, (x32.view(-1), table_f32(fmt)), x32.numel())
+    out = cpu_fast.run_kernel("cb", _quantize_fn, mode, (x32.view(-1), table_f32(fmt)), x32.numel())
     return out.view(x.shape).to(x.dtype)
 
 
 def encode_element(x: torch.Tensor, fmt, mode: str) -> Optional[tuple]:
     """(indices as codes, whether x holds nan) for CPU tensor ``x``, or None."""
     from .codes import code_dtype
-    if x.device.type != "cpu" or x.dtype not in cpu_fast._DTYPES or not claims(fmt, mode):
+    if x.device.type != "cpu" or x.dtype not in cpu_fast.DTYPES or not claims(fmt, mode):
         return None
     x32 = x.float().contiguous()
     cdt = code_dtype(fmt.bits)
     if not x32.numel():
         return torch.zeros(x.shape, dtype=cdt), False
-    codes, has_nan = cpu_fast._run("cb_enc", _encode_fn, (mode, cdt), (x32.view(-1), table_f32(fmt)), x32.numel())
+    codes, has_nan = cpu_fast.run_kernel("cb_enc", _encode_fn, (mode, cdt), (x32.view(-1), table_f32(fmt)), x32.numel())
     return codes.view(x.shape), bool(has_nan)

@@ -118,7 +118,7 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
                    sr_bits: Optional[int] = None) -> Optional[tuple]:
     """(codes in x's shape, whether x holds nan) on the CPU fast path, or None where it does not
     claim the work. The caller refuses nan for formats without a nan code."""
-    if x.device.type != "cpu" or x.dtype not in cpu_fast._DTYPES or x.numel() >= 2**31:
+    if x.device.type != "cpu" or x.dtype not in cpu_fast.DTYPES or x.numel() >= 2**31:
         return None
     if isinstance(fmt, Codebook):
         from . import codebook_fast
@@ -132,9 +132,9 @@ def encode_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=Non
         return torch.zeros(x.shape, dtype=code_dtype(cs.bits)), False
     P = torch.tensor(spec.numbers(), dtype=torch.int32)
     C = torch.tensor(cs.numbers(), dtype=torch.int32)
-    seeds = cpu_fast._seed_tensor(spec, generator, x.device)
+    seeds = cpu_fast.seed_tensor(spec, generator, x.device)
     static = (spec.static_key(), cs.static_key(), spec.stochastic, code_dtype(cs.bits))
-    codes, has_nan = cpu_fast._run("enc", _elem_encode_fn, static, (x32.view(-1), P, C, seeds), x32.numel())
+    codes, has_nan = cpu_fast.run_kernel("enc", _elem_encode_fn, static, (x32.view(-1), P, C, seeds), x32.numel())
     return codes.view(x.shape), bool(has_nan)
 
 
@@ -147,7 +147,7 @@ def _block_pow2_encode_fn(xb, P, C, seeds, emax_elem, sc_emin, sc_emax, sc_bias,
     shared = torch.clamp((amax >> 23) - 127 - emax_elem, sc_emin, sc_emax)
     s1 = torch.div(shared, 2, rounding_mode="floor")
     s2 = shared - s1
-    y = (xb * cpu_fast._pow2(-s1)) * cpu_fast._pow2(-s2)
+    y = (xb * cpu_fast.pow2(-s1)) * cpu_fast.pow2(-s2)
     rb = None
     if stochastic:
         idx = torch.arange(xb.numel(), dtype=torch.int32, device=xb.device).view(xb.shape)
@@ -191,7 +191,7 @@ def block_code_claims(fmt: BlockFormat, mode: str, sr_bits=None) -> Optional[tup
 def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, generator=None,
                  sr_bits: Optional[int] = None, tensor_amax: Optional[float] = None) -> Optional[tuple]:
     """(element codes in x's shape, scale codes, tensor scale or None) on the CPU fast path, or None."""
-    if x.device.type != "cpu" or x.dtype not in cpu_fast._DTYPES or x.numel() >= 2**31 or not x.numel():
+    if x.device.type != "cpu" or x.dtype not in cpu_fast.DTYPES or x.numel() >= 2**31 or not x.numel():
         return None
     claim = block_code_claims(fmt, mode, sr_bits)
     xt = x.movedim(axis, -1)
@@ -201,13 +201,13 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
     xb = xt.float().contiguous().view(-1, fmt.size)
     P = torch.tensor(espec.numbers(), dtype=torch.int32)
     C = torch.tensor(cs.numbers(), dtype=torch.int32)
-    seeds = cpu_fast._seed_tensor(espec, generator, x.device)
+    seeds = cpu_fast.seed_tensor(espec, generator, x.device)
     ts = None
     if sspec is None:
         el, sc = fmt.element, fmt.scale
         args = (xb, P, C, seeds, int(el.emax), int(sc.emin), int(sc.emax), int(sc.bias), int(sc.nan_code))
         static = (espec.static_key(), cs.static_key(), espec.stochastic, code_dtype(cs.bits))
-        codes, scodes = cpu_fast._run("mx_enc", _block_pow2_encode_fn, static, args, xb.numel())
+        codes, scodes = cpu_fast.run_kernel("mx_enc", _block_pow2_encode_fn, static, args, xb.numel())
     else:
         given = bool(fmt.tensor_scale) and tensor_amax is not None
         args = (xb, P, torch.tensor(sspec.numbers(), dtype=torch.int32), C,
@@ -217,7 +217,7 @@ def encode_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, genera
                 torch.tensor(tensor_amax if given else 0.0, dtype=torch.float32))
         static = (espec.static_key(), sspec.static_key(), cs.static_key(), css.static_key(),
                   espec.stochastic, bool(fmt.tensor_scale), given, code_dtype(cs.bits))
-        codes, scodes, ts = cpu_fast._run("amax_enc", _block_amax_encode_fn, static, args, xb.numel())
+        codes, scodes, ts = cpu_fast.run_kernel("amax_enc", _block_amax_encode_fn, static, args, xb.numel())
         ts = ts.reshape(()) if fmt.tensor_scale else None
     codes = codes.view(xt.shape).movedim(-1, axis)
     scodes = scodes.view(xt.shape[:-1] + (xt.shape[-1] // fmt.size,)).movedim(-1, axis)
@@ -265,7 +265,7 @@ def decode_element(codes: torch.Tensor, fmt, dtype: torch.dtype) -> Optional[tor
         return None
     if not codes.numel():
         return torch.empty(codes.shape, dtype=dtype)
-    out = cpu_fast._run("dec", _decode_fn, dtype, (codes.reshape(-1), tab), codes.numel())
+    out = cpu_fast.run_kernel("dec", _decode_fn, dtype, (codes.reshape(-1), tab), codes.numel())
     return out.view(codes.shape)
 
 
@@ -293,5 +293,5 @@ def decode_block(codes: torch.Tensor, scodes: torch.Tensor, ts: Optional[torch.T
     sc = scodes.movedim(axis, -1).reshape(-1)
     has_ts = ts is not None and not fmt.pow2_scale
     tsv = ts.float().reshape(()) if has_ts else torch.ones(())
-    out = cpu_fast._run("bdec", _block_decode_fn, (has_ts, dtype), (c2, sc, et, st, tsv), c2.numel())
+    out = cpu_fast.run_kernel("bdec", _block_decode_fn, (has_ts, dtype), (c2, sc, et, st, tsv), c2.numel())
     return out.view(ct.shape).movedim(-1, axis)

@@ -51,7 +51,7 @@ FP32_MAX = 3.4028234663852886e38
 MIN_FP32_SUB = 2.0**-149
 
 _FLOAT_POLICIES = ("ieee", "fn", "finite", "fnuz", "p3109")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def f32_bits(v: float) -> int:
@@ -344,7 +344,7 @@ def _fresh_function(fn, static: tuple, tag: int):
                               bound.__closure__)
 
 
-def _run(kind: str, fn, static: tuple, args: tuple, n: int):
+def run_kernel(kind: str, fn, static: tuple, args: tuple, n: int):
     """Run ``fn(*args, static=...)`` compiled (cached per kind and static key) or eagerly."""
     if _want_compile(n):
         key = (kind, static)
@@ -378,7 +378,7 @@ def _elem_fn(x, P, seeds, *, static):
     return round_bits(x, st, P, rb)
 
 
-def _seed_tensor(spec: Spec, generator, device) -> torch.Tensor:
+def seed_tensor(spec: Spec, generator, device) -> torch.Tensor:
     if spec.stochastic:
         return torch.tensor(draw_seeds(generator, device), dtype=torch.int32)
     return torch.zeros(2, dtype=torch.int32)
@@ -387,7 +387,7 @@ def _seed_tensor(spec: Spec, generator, device) -> torch.Tensor:
 def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=None,
                      sr_bits: Optional[int] = None) -> Optional[torch.Tensor]:
     """Rounded copy of ``x`` (same dtype), or None where this path does not claim the work."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+    if x.device.type != "cpu" or x.dtype not in DTYPES:
         return None
     if isinstance(fmt, Codebook):
         from . import codebook_fast
@@ -401,14 +401,14 @@ def quantize_element(x: torch.Tensor, fmt, mode: str, overflow: str, generator=N
     if x32.numel() == 0:
         return x.clone()
     P = torch.tensor(spec.numbers(), dtype=torch.int32)
-    seeds = _seed_tensor(spec, generator, x.device)
-    out = _run("elem", _elem_fn, (spec.static_key(), spec.stochastic), (x32.view(-1), P, seeds), x32.numel())
+    seeds = seed_tensor(spec, generator, x.device)
+    out = run_kernel("elem", _elem_fn, (spec.static_key(), spec.stochastic), (x32.view(-1), P, seeds), x32.numel())
     return out.view(x.shape).to(x.dtype)
 
 
 # --- block formats -----------------------------------------------------------------------------------
 
-def _pow2(e: torch.Tensor) -> torch.Tensor:
+def pow2(e: torch.Tensor) -> torch.Tensor:
     """2.0**e as float32 for int32 e in [-126, 127] (built from the bits)."""
     return ((e + 127) << 23).view(torch.float32)
 
@@ -425,13 +425,13 @@ def _block_pow2_fn(xb, P, seeds, emax_elem, sc_emin, sc_emax, *, static):
     shared = torch.clamp((amax >> 23) - 127 - emax_elem, sc_emin, sc_emax)
     s1 = torch.div(shared, 2, rounding_mode="floor")
     s2 = shared - s1
-    y = (xb * _pow2(-s1)) * _pow2(-s2)      # exact, except below 2**-126 (only 0/min_sub there)
+    y = (xb * pow2(-s1)) * pow2(-s2)      # exact, except below 2**-126 (only 0/min_sub there)
     rb = None
     if stochastic:
         idx = torch.arange(xb.numel(), dtype=torch.int32, device=xb.device).view(xb.shape)
         rb = random_bits(idx, seeds[0], seeds[1])
     q = round_bits(y, st, P, rb, nonzero=ab > 0)
-    out = (q * _pow2(s2)) * _pow2(s1)
+    out = (q * pow2(s2)) * pow2(s1)
     return torch.where(bad, float("nan"), out)
 
 
@@ -494,7 +494,7 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
                    sr_bits: Optional[int] = None, tensor_amax: Optional[float] = None
                    ) -> Optional[torch.Tensor]:
     """``tensor_amax``: a float32 number replacing the tensor's own amax in the tensor scale."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() >= 2**31:
+    if x.device.type != "cpu" or x.dtype not in DTYPES or x.numel() >= 2**31:
         return None
     claim = block_claims(fmt, mode, sr_bits)
     if claim is None:
@@ -507,11 +507,11 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         return x.clone()
     xb = xt.float().contiguous().view(-1, fmt.size)
     P = torch.tensor(espec.numbers(), dtype=torch.int32)
-    seeds = _seed_tensor(espec, generator, x.device)
+    seeds = seed_tensor(espec, generator, x.device)
     if sspec is None:
         el = fmt.element
         args = (xb, P, seeds, int(el.emax), int(fmt.scale.emin), int(fmt.scale.emax))
-        out = _run("mx", _block_pow2_fn, (espec.static_key(), espec.stochastic), args, xb.numel())
+        out = run_kernel("mx", _block_pow2_fn, (espec.static_key(), espec.stochastic), args, xb.numel())
     else:
         Ps = torch.tensor(sspec.numbers(), dtype=torch.int32)
         ts_den = torch.tensor(fmt.element.max * fmt.scale.max, dtype=torch.float32)
@@ -520,5 +520,5 @@ def quantize_block(x: torch.Tensor, fmt: BlockFormat, mode: str, axis: int, gene
         amax_given = torch.tensor(tensor_amax if given else 0.0, dtype=torch.float32)
         args = (xb, P, Ps, seeds, elem_max, ts_den, amax_given)
         static = (espec.static_key(), sspec.static_key(), espec.stochastic, bool(fmt.tensor_scale), given)
-        out = _run("amax", _block_amax_fn, static, args, xb.numel())
+        out = run_kernel("amax", _block_amax_fn, static, args, xb.numel())
     return out.view(xt.shape).movedim(-1, axis).to(x.dtype)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..job_common import log
-from ..jobs import resolve_device
+from ..job_common import resolve_device
 from ..train.job import training_data
 from ..train.loop import TrainConfig, discard_state, run_state_dir, train
 from ..train.objectives import causal_lm_objective

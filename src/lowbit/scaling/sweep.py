@@ -283,7 +283,7 @@ def _curve(history: List[dict]) -> List[List[float]]:
 def run_one(spec: RunSpec, settings: SweepSettings, tokenizer, out: os.PathLike, *,
             progress: bool = False) -> dict:
     """Train ``spec`` from scratch, measure it and return its record (not yet appended)."""
-    from ..jobs import resolve_device
+    from ..job_common import resolve_device
     from ..train.job import training_data
     from ..train.loop import TrainConfig, train
     from ..train.objectives import causal_lm_objective

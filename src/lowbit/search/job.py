@@ -65,7 +65,7 @@ def run_search(model=None, out: Optional[str] = None, *, max_loss="1%", metric: 
     score a few exactly solved plans on the calibration data and keep the best (search.portfolio),
     instead of trusting the predicted loss of one. ``device``: where the model runs (auto | cpu |
     cuda | cuda:N; None leaves it where it is); calibration and evaluation data follow the model."""
-    from ..jobs import resolve_device
+    from ..job_common import resolve_device
     from ..models.loader import load_model
 
     t0 = time.time()

@@ -17,7 +17,8 @@ from typing import Dict, Optional
 import torch
 
 from ..job_common import log
-from ..jobs import EvalSettings, dense_bytes, evaluate_model, resolve_device, run_quantize
+from ..job_common import dense_bytes, resolve_device
+from ..jobs import EvalSettings, evaluate_model, run_quantize
 from ..quant.plan import Plan
 from .act_quant import ACT_SCALINGS, calibrate_act_clips, clip_summary
 from .loop import TrainConfig, discard_state, run_state_dir, train
