@@ -19,10 +19,9 @@ from ..formats import BlockFormat, Codebook
 from . import reference
 from .codes import block_code_claims, code_dtype, code_spec, table
 from .cpu_fast import element_spec
-from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, C_INFF, N_ROUNDS, TILE, DTYPES, MODES, OVERFLOWS, amax_bits_kernel,
-                           amax_rule_block, amax_rule_constants, block_amax, block_offsets, block_random, spec_flags,
-                           elem_tile, mx_block, nan_where, on_device, spec_params, pow2, pow2ceil, round_bits,
-                           kernel_seed)
+from .triton_quant import (AMAX_ITERS, BLOCK, C_INF, N_ROUNDS, TILE, DTYPES, OVERFLOWS, amax_bits_kernel,
+                           amax_rule_block, amax_rule_constants, block_offsets, spec_flags, elem_tile, mx_block,
+                           on_device, spec_params, pow2ceil, round_bits, kernel_seed)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..formats import BlockFormat, Codebook
-from .cpu_fast import ABS, INF_BITS, NAN_BITS, QNAN_BIT, SIGN, block_claims, draw_seeds, element_spec
+from .cpu_fast import INF_BITS, NAN_BITS, QNAN_BIT, SIGN, block_claims, draw_seeds, element_spec
 
 MODES = {"nearest_even": 0, "nearest_away": 1, "nearest_zero": 2, "toward_zero": 3, "up": 4,
          "down": 5, "odd": 6, "stochastic": 7, "stochastic_half": 8}
