@@ -59,10 +59,10 @@ def lora_row(base_model, corpus, tok, tokens, args, bits: int, rank: int, dev):
                    "tokens_per_second_with_warmup": res.tokens_per_second(), "train_seconds": res.seconds}
 
 
-def peft_row(base_model, corpus, tok, tokens, args, dev):
+def peft_row(base_model, corpus, tok, tokens, args, dev, start: dict):
     import peft
 
-    pm = peft_model(base_model, args, dev, initial_adapters(base_model, args))
+    pm = peft_model(base_model, args, dev, start)
     res = run_training(pm, corpus, tok, args, {"weights": [p for p in pm.parameters() if p.requires_grad]})
     ppl = heldout_perplexity(pm, tokens, args.context)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
@@ -91,7 +91,7 @@ def peft_model(base_model, args, dev, start: dict):
     return pm
 
 
-def speed_rounds(base_model, corpus, tok, args, dev) -> dict:
+def speed_rounds(base_model, corpus, tok, args, dev, start: dict) -> dict:
     """lowbit's fp32 LoRA and PEFT's trained in turn, ABBA order (lowbit first, then PEFT first, ...)
     for ``--speed-rounds`` rounds of ``--speed-steps`` steps: the steady tokens/s of each, and the
     median of the per-round ratios, so neither side gains from running first or from drift."""
@@ -99,7 +99,6 @@ def speed_rounds(base_model, corpus, tok, args, dev) -> dict:
 
     short = argparse.Namespace(**{**vars(args), "steps": args.speed_steps, "quiet": True})
     rates = {"lowbit": [], "peft": []}
-    start = initial_adapters(base_model, args)
     for i in range(args.speed_rounds):
         for who in (("lowbit", "peft") if i % 2 == 0 else ("peft", "lowbit")):
             if who == "lowbit":
@@ -244,10 +243,11 @@ def main(argv=None) -> int:
                     rows.append({**common, **lrqat_row(model, packed, corpus, tok, tokens, args, dev)})
                     print(json.dumps(rows[-1]), flush=True)
             elif args.peft:
-                rows.append({**common, **peft_row(model, corpus, tok, tokens, args, dev)})
+                start = initial_adapters(model, args)  # both comparisons start PEFT from lowbit's draw
+                rows.append({**common, **peft_row(model, corpus, tok, tokens, args, dev, start)})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.speed_rounds:
-                    speed.append({"task": task, **speed_rounds(model, corpus, tok, args, dev)})
+                    speed.append({"task": task, **speed_rounds(model, corpus, tok, args, dev, start)})
                     print(json.dumps(speed[-1]), flush=True)
     print_table(rows)
     summary = ratios(rows) + [

@@ -72,7 +72,7 @@ _TORCH = {
 _CAN_OVERFLOW = ("exp", "expm1", "sinh", "cosh")
 _ODD_AT_ZERO = ("expm1", "log1p", "sin", "tan", "arcsin", "arctan", "sinh", "tanh", "arcsinh", "arctanh")
 _ONE_AT_ZERO = ("exp", "cos", "cosh")
-_POWERS_OF_TEN = tuple(10.0**k for k in range(23))  # the exact ones
+_MAX_EXACT_POWER_OF_TEN = 22  # 10**k is a float64 for k = 0..22
 
 
 DBL_MAX = sys.float_info.max
@@ -106,7 +106,7 @@ def _known_exact(name: str, x: torch.Tensor, y: torch.Tensor):
         y = torch.where(pow2, y.round(), y)
         conds.append((pow2, "known"))
     elif name == "log10":  # 10**k for k = 0..22 (the exact ones): y is within ulps of k there
-        k = torch.where(finite(y), y, 0.0).round().clamp(0, len(_POWERS_OF_TEN) - 1)
+        k = torch.where(finite(y), y, 0.0).round().clamp(0, _MAX_EXACT_POWER_OF_TEN)
         hit = x == _power_of_ten(k)
         y = torch.where(hit, k, y)
         conds.append((hit, "known"))
